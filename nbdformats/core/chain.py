@@ -1,0 +1,506 @@
+"""The backend chain: filters stacked over one plugin, as in nbdkit.
+
+Authors subclass `Plugin` (with a `Handle` per connection) or `Filter` (whose handle wraps
+`next`, the layer below).  Every handle is wrapped in a `Layer`, nbdkit's "backend": it
+caches get_size and the can_* answers for the connection and emulates what a layer lacks
+(FUA by flush, WRITE_ZEROES by writes, CACHE by reads, extents as all data).  A filter's
+`self.next` is the `Layer` below it.
+
+Flags and tri-state values use nbdkit's numbers so nbdkit Python plugins port unchanged.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Callable, ClassVar, Iterable, Iterator
+
+from .errors import NBDError
+from .params import apply_params
+
+# Request flags passed to pwrite/zero/trim/flush/extents/cache (nbdkit's NBDKIT_FLAG_*).
+FLAG_MAY_TRIM = 1 << 0
+FLAG_FUA = 1 << 1
+FLAG_REQ_ONE = 1 << 2
+FLAG_FAST_ZERO = 1 << 3
+
+# can_fua / can_zero / can_cache answers (NBDKIT_FUA_*, NBDKIT_ZERO_*, NBDKIT_CACHE_*).
+NONE = 0
+EMULATE = 1
+NATIVE = 2
+
+# Extent types (NBD_STATE_HOLE, NBD_STATE_ZERO of base:allocation).
+EXTENT_DATA = 0
+EXTENT_HOLE = 1
+EXTENT_ZERO = 2
+
+MAX_REQUEST_SIZE = 64 * 1024 * 1024
+EMULATION_CHUNK = 1024 * 1024
+
+
+class ThreadModel(IntEnum):
+    """How much concurrency a component allows (nbdkit's values; the chain takes the minimum)."""
+
+    SERIALIZE_CONNECTIONS = 0
+    SERIALIZE_ALL_REQUESTS = 1
+    SERIALIZE_REQUESTS = 2
+    PARALLEL = 3
+
+
+@dataclass(frozen=True)
+class Export:
+    name: str
+    description: str = ""
+
+
+class Extents:
+    """Extents a layer reports for [start, end), following nbdkit's rules.
+
+    `add(offset, length, type)` must be called in ascending, contiguous order; the first
+    extent must cover `start`.  Parts outside [start, end) are clipped, adjacent extents
+    of the same type merged.
+    """
+
+    __slots__ = ("start", "end", "items", "_next")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        self.items: list[list[int]] = []  # [offset, length, type]
+        self._next = start
+
+    def add(self, offset: int, length: int, type: int) -> None:
+        if length <= 0 or self._next >= self.end:
+            return
+        end = offset + length
+        if end <= self._next:
+            if self.items:
+                raise NBDError(errno.EINVAL, "extents must be added in ascending order")
+            return  # entirely before the range asked for
+        if offset > self._next:
+            raise NBDError(errno.EINVAL, f"extents must be contiguous (gap at {self._next})")
+        end = min(end, self.end)
+        if self.items and self.items[-1][2] == type:
+            self.items[-1][1] += end - self._next
+        else:
+            self.items.append([self._next, end - self._next, type])
+        self._next = end
+
+    @property
+    def covered(self) -> int:
+        """How far (absolute offset) the extents reach so far."""
+        return self._next
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        for offset, length, type in self.items:
+            yield offset, length, type
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class Component:
+    """What plugins and filters share: typed parameters and lifecycle hooks."""
+
+    name: ClassVar[str] = ""
+    thread_model: ClassVar[ThreadModel] = ThreadModel.PARALLEL
+    # True when callbacks may block (disk, network, heavy CPU): the server then calls them
+    # in worker threads instead of inline on the event loop.
+    blocking: ClassVar[bool] = False
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    def configure(self, pairs: Iterable[tuple[str, str]]) -> None:
+        apply_params(self, pairs, f"{self.name}")
+        self.config_complete()
+
+    def config_complete(self) -> None:
+        """Check parameters together; raise ConfigError."""
+
+    def get_ready(self) -> None:
+        """Called once before the server listens (expensive set-up goes here)."""
+
+    def cleanup(self) -> None:
+        """Called once when the server exits."""
+
+
+class PluginHandle:
+    """One connection's view of a plugin.  Override what the plugin supports."""
+
+    def get_size(self) -> int:
+        raise NotImplementedError
+
+    def block_size(self) -> tuple[int, int, int] | None:
+        """(minimum, preferred, maximum) request sizes, or None for no constraints."""
+        return None
+
+    def can_write(self) -> bool:
+        return _overrides(self, "pwrite", PluginHandle)
+
+    def can_flush(self) -> bool:
+        return _overrides(self, "flush", PluginHandle)
+
+    def is_rotational(self) -> bool:
+        return False
+
+    def can_trim(self) -> bool:
+        return _overrides(self, "trim", PluginHandle)
+
+    def can_zero(self) -> int:
+        return NATIVE if _overrides(self, "zero", PluginHandle) else EMULATE
+
+    def can_fast_zero(self) -> bool:
+        # Emulated zeroing fails fast (ENOTSUP before writing anything), so it is "fast".
+        return not _overrides(self, "zero", PluginHandle)
+
+    def can_fua(self) -> int:
+        return EMULATE if self.can_flush() else NONE
+
+    def can_multi_conn(self) -> bool:
+        return False
+
+    def can_extents(self) -> bool:
+        return _overrides(self, "extents", PluginHandle)
+
+    def can_cache(self) -> int:
+        return NATIVE if _overrides(self, "cache", PluginHandle) else NONE
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        raise NotImplementedError
+
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        raise NBDError(errno.EROFS, "read-only")
+
+    def flush(self, flags: int) -> None:
+        pass
+
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        pass
+
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        raise NBDError(errno.ENOTSUP, "zero not supported")
+
+    def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
+        extents.add(offset, count, EXTENT_DATA)
+
+    def cache(self, count: int, offset: int, flags: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _overrides(handle: Any, method: str, base: type) -> bool:
+    return getattr(type(handle), method) is not getattr(base, method)
+
+
+class Plugin(Component):
+    """Base class of plugins.  Subclasses set `name`, declare Params and define `Handle`."""
+
+    Handle: ClassVar[type[PluginHandle]]
+    # Buffers passed to pread/pwrite are aligned to this many bytes (e.g. 4096 for O_DIRECT).
+    buffer_alignment: ClassVar[int] = 1
+
+    def list_exports(self, readonly: bool, is_tls: bool) -> list[Export]:
+        return [Export(self.default_export(readonly, is_tls))]
+
+    def default_export(self, readonly: bool, is_tls: bool) -> str:
+        return ""
+
+    def open(self, readonly: bool, export_name: str) -> PluginHandle:
+        return self.Handle(self, readonly, export_name)  # type: ignore[call-arg]
+
+
+OpenNext = Callable[[bool, str], "Layer"]
+
+
+class FilterHandle:
+    """One connection's view of a filter.  By default every call goes to `self.next`."""
+
+    def __init__(self, filter: "Filter", next: "Layer", readonly: bool, export_name: str) -> None:
+        self.filter = filter
+        self.next = next
+
+    def get_size(self) -> int:
+        return self.next.get_size()
+
+    def block_size(self) -> tuple[int, int, int] | None:
+        return self.next.block_size()
+
+    def can_write(self) -> bool:
+        return self.next.can_write()
+
+    def can_flush(self) -> bool:
+        return self.next.can_flush()
+
+    def is_rotational(self) -> bool:
+        return self.next.is_rotational()
+
+    def can_trim(self) -> bool:
+        return self.next.can_trim()
+
+    def can_zero(self) -> int:
+        # The layer below emulates if needed, so to us it is native unless it cannot zero.
+        return NATIVE if self.next.can_zero() != NONE else NONE
+
+    def can_fast_zero(self) -> bool:
+        return self.next.can_fast_zero()
+
+    def can_fua(self) -> int:
+        return NATIVE if self.next.can_fua() != NONE else NONE
+
+    def can_multi_conn(self) -> bool:
+        return self.next.can_multi_conn()
+
+    def can_extents(self) -> bool:
+        return self.next.can_extents()
+
+    def can_cache(self) -> int:
+        return NATIVE if self.next.can_cache() != NONE else NONE
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        self.next.pread(buf, offset, flags)
+
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        self.next.pwrite(buf, offset, flags)
+
+    def flush(self, flags: int) -> None:
+        self.next.flush(flags)
+
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        self.next.trim(count, offset, flags)
+
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        self.next.zero(count, offset, flags)
+
+    def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
+        self.next.extents(count, offset, flags, extents)
+
+    def cache(self, count: int, offset: int, flags: int) -> None:
+        self.next.cache(count, offset, flags)
+
+    def close(self) -> None:
+        pass
+
+
+class Filter(Component):
+    """Base class of filters.  Subclasses set `name`, declare Params and define `Handle`."""
+
+    Handle: ClassVar[type[FilterHandle]] = FilterHandle
+
+    def list_exports(self, next_list: Callable[[bool, bool], list[Export]], readonly: bool,
+                     is_tls: bool) -> list[Export]:
+        return next_list(readonly, is_tls)
+
+    def default_export(self, next_default: Callable[[bool, bool], str], readonly: bool,
+                       is_tls: bool) -> str:
+        return next_default(readonly, is_tls)
+
+    def open(self, next_open: OpenNext, readonly: bool, export_name: str) -> FilterHandle:
+        """Open the layer below (possibly with another readonly flag or export name), then ours."""
+        below = next_open(readonly, export_name)
+        try:
+            return self.Handle(self, below, readonly, export_name)
+        except BaseException:
+            below.close()
+            raise
+
+
+class Layer:
+    """A handle as seen from above: cached answers, emulation, and closing of the chain below.
+
+    Data calls whose flags need no emulation go straight to the handle's bound methods.
+    """
+
+    def __init__(self, handle: PluginHandle | FilterHandle, readonly: bool) -> None:
+        self.handle = handle
+        self.readonly = readonly
+        self._size = handle.get_size()
+        if self._size < 0:
+            raise NBDError(errno.EIO, f"get_size returned a negative size {self._size}")
+        self._block_size = handle.block_size()
+        self._can_write = (not readonly) and bool(handle.can_write())
+        self._can_flush = bool(handle.can_flush())
+        self._is_rotational = bool(handle.is_rotational())
+        self._can_trim = self._can_write and bool(handle.can_trim())
+        self._can_zero = int(handle.can_zero()) if self._can_write else NONE
+        self._can_fast_zero = self._can_zero != NONE and bool(handle.can_fast_zero())
+        can_fua = int(handle.can_fua()) if self._can_write else NONE
+        if can_fua == EMULATE and not self._can_flush:
+            can_fua = NONE
+        self._can_fua = can_fua
+        self._can_multi_conn = bool(handle.can_multi_conn())
+        self._can_extents = bool(handle.can_extents())
+        self._can_cache = int(handle.can_cache())
+        self.pread = handle.pread
+        if can_fua != EMULATE:
+            self.pwrite = handle.pwrite  # type: ignore[method-assign]
+            self.trim = handle.trim  # type: ignore[method-assign]
+        if self._can_zero == NATIVE and can_fua != EMULATE:
+            self.zero = handle.zero  # type: ignore[method-assign]
+        if self._can_extents:
+            self.extents = handle.extents  # type: ignore[method-assign]
+        if self._can_cache == NATIVE:
+            self.cache = handle.cache  # type: ignore[method-assign]
+        self.flush = handle.flush
+
+    # Cached answers, as filters and the server ask for them.
+    def get_size(self) -> int:
+        return self._size
+
+    def block_size(self) -> tuple[int, int, int] | None:
+        return self._block_size
+
+    def can_write(self) -> bool:
+        return self._can_write
+
+    def can_flush(self) -> bool:
+        return self._can_flush
+
+    def is_rotational(self) -> bool:
+        return self._is_rotational
+
+    def can_trim(self) -> bool:
+        return self._can_trim
+
+    def can_zero(self) -> int:
+        return self._can_zero
+
+    def can_fast_zero(self) -> bool:
+        return self._can_fast_zero
+
+    def can_fua(self) -> int:
+        return self._can_fua
+
+    def can_multi_conn(self) -> bool:
+        return self._can_multi_conn
+
+    def can_extents(self) -> bool:
+        return self._can_extents
+
+    def can_cache(self) -> int:
+        return self._can_cache
+
+    def refresh_size(self) -> int:
+        self._size = self.handle.get_size()
+        return self._size
+
+    # Data calls with emulation; replaced in __init__ by the handle's own when none is needed.
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:  # pragma: no cover
+        self.handle.pread(buf, offset, flags)
+
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        self.handle.pwrite(buf, offset, flags & ~FLAG_FUA)
+        if flags & FLAG_FUA:
+            self.handle.flush(0)
+
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        self.handle.trim(count, offset, flags & ~FLAG_FUA)
+        if flags & FLAG_FUA:
+            self.handle.flush(0)
+
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        emulate_fua = flags & FLAG_FUA and self._can_fua == EMULATE
+        if emulate_fua:
+            flags &= ~FLAG_FUA
+        if self._can_zero == NATIVE:
+            self.handle.zero(count, offset, flags)
+        elif self._can_zero == EMULATE:
+            if flags & FLAG_FAST_ZERO:
+                raise NBDError(errno.ENOTSUP, "fast zero is not possible: zeroes would be written")
+            chunk = memoryview(bytes(min(count, EMULATION_CHUNK)))
+            while count > 0:
+                n = min(count, len(chunk))
+                self.handle.pwrite(chunk[:n], offset, flags & FLAG_FUA)
+                offset += n
+                count -= n
+        else:
+            raise NBDError(errno.EOPNOTSUPP, "write zeroes is not supported")
+        if emulate_fua:
+            self.handle.flush(0)
+
+    def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
+        extents.add(offset, count, EXTENT_DATA)
+
+    def cache(self, count: int, offset: int, flags: int) -> None:
+        if self._can_cache == EMULATE:
+            buf = bytearray(min(count, EMULATION_CHUNK))
+            while count > 0:
+                n = min(count, len(buf))
+                self.handle.pread(memoryview(buf)[:n], offset, 0)
+                offset += n
+                count -= n
+
+    def close(self) -> None:
+        try:
+            self.handle.close()
+        finally:
+            below = getattr(self.handle, "next", None)
+            if isinstance(below, Layer):
+                below.close()
+
+
+class Chain:
+    """The configured filters (outermost first) and the plugin, shared by all connections."""
+
+    def __init__(self, filters: list[Filter], plugin: Plugin) -> None:
+        self.filters = filters
+        self.plugin = plugin
+        components: list[Component] = [*filters, plugin]
+        self.thread_model = min(c.thread_model for c in components)
+        self.blocking = any(c.blocking for c in components)
+        self.buffer_alignment = plugin.buffer_alignment
+
+    def configure(self, pairs_by_component: dict[int, list[tuple[str, str]]]) -> None:
+        for index, component in enumerate([*self.filters, self.plugin]):
+            component.configure(pairs_by_component.get(index, []))
+
+    def get_ready(self) -> None:
+        # Plugin first, then filters from the innermost out, as nbdkit does.
+        self.plugin.get_ready()
+        for f in reversed(self.filters):
+            f.get_ready()
+
+    def cleanup(self) -> None:
+        for f in self.filters:
+            f.cleanup()
+        self.plugin.cleanup()
+
+    def _list(self, index: int, readonly: bool, is_tls: bool) -> list[Export]:
+        if index == len(self.filters):
+            return self.plugin.list_exports(readonly, is_tls)
+        return self.filters[index].list_exports(
+            lambda ro, tls: self._list(index + 1, ro, tls), readonly, is_tls)
+
+    def list_exports(self, readonly: bool, is_tls: bool) -> list[Export]:
+        return self._list(0, readonly, is_tls)
+
+    def _default(self, index: int, readonly: bool, is_tls: bool) -> str:
+        if index == len(self.filters):
+            return self.plugin.default_export(readonly, is_tls)
+        return self.filters[index].default_export(
+            lambda ro, tls: self._default(index + 1, ro, tls), readonly, is_tls)
+
+    def default_export(self, readonly: bool, is_tls: bool) -> str:
+        return self._default(0, readonly, is_tls)
+
+    def _open(self, index: int, readonly: bool, export_name: str) -> Layer:
+        if index == len(self.filters):
+            handle: PluginHandle | FilterHandle = self.plugin.open(readonly, export_name)
+        else:
+            handle = self.filters[index].open(
+                lambda ro, name: self._open(index + 1, ro, name), readonly, export_name)
+        try:
+            return Layer(handle, readonly)
+        except BaseException:
+            handle.close()
+            below = getattr(handle, "next", None)
+            if isinstance(below, Layer):
+                below.close()
+            raise
+
+    def open(self, readonly: bool, export_name: str) -> Layer:
+        """Open the whole chain for one connection; returns the top layer."""
+        return self._open(0, readonly, export_name)

@@ -1,0 +1,303 @@
+"""Typed parameters: declared once per plugin or filter, parsed and validated by the core.
+
+A component declares its `key=value` parameters as class attributes::
+
+    class Memory(Plugin):
+        size = Param(Size(), required=True, magic=True, help="Size of the disk")
+
+The attribute name with `_` turned into `-` is the key (`cache_min_block_size` is
+`cache-min-block-size=`); `key=` overrides it.  After configuration the attribute holds
+the parsed value on the instance.  `--help` and `--dump-plugin` print the table.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .errors import ConfigError
+
+_REQUIRED = object()
+
+
+class ParamType:
+    """Converts the text of `key=value` into a typed value; raises ValueError with a reason."""
+
+    metavar = "VALUE"
+
+    def parse(self, text: str) -> Any:
+        return text
+
+
+class String(ParamType):
+    metavar = "STRING"
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([bBsSkKmMgGtTpPeE]?)(?:i?[bB])?\s*$")
+_SIZE_SCALE = {"": 1, "b": 1, "s": 512, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30,
+               "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+
+
+def parse_size(text: str) -> int:
+    """Parse a size as nbdkit does: `1024`, `4k`, `1M`, `1G`, `2T`, `1s` (512-byte sectors)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"could not parse size {text!r} (examples: 512, 64K, 1M, 10G)")
+    value = int(match.group(1)) * _SIZE_SCALE[match.group(2).lower()]
+    if value >= 1 << 63:
+        raise ValueError(f"size {text!r} is too large")
+    return value
+
+
+class Size(ParamType):
+    """A byte count with nbdkit's suffixes; `relative=True` also accepts `+SIZE` (returned as (True, n))."""
+
+    metavar = "SIZE"
+
+    def __init__(self, minimum: int = 0, maximum: int | None = None, power_of_two: bool = False,
+                 relative: bool = False) -> None:
+        self.minimum, self.maximum, self.power_of_two, self.relative = minimum, maximum, power_of_two, relative
+
+    def parse(self, text: str) -> Any:
+        is_relative = self.relative and text.startswith("+")
+        value = parse_size(text[1:] if is_relative else text)
+        if value < self.minimum:
+            raise ValueError(f"must be at least {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"must be at most {self.maximum}")
+        if self.power_of_two and value & (value - 1):
+            raise ValueError("must be a power of two")
+        return (True, value) if self.relative and is_relative else ((False, value) if self.relative else value)
+
+
+class Int(ParamType):
+    metavar = "N"
+
+    def __init__(self, minimum: int | None = None, maximum: int | None = None) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
+    def parse(self, text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an integer") from None
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"must be at least {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"must be at most {self.maximum}")
+        return value
+
+
+class Float(ParamType):
+    metavar = "NUMBER"
+
+    def __init__(self, minimum: float | None = None) -> None:
+        self.minimum = minimum
+
+    def parse(self, text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"must be at least {self.minimum}")
+        return value
+
+
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_FALSE = {"0", "false", "f", "no", "n", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    """nbdkit_parse_bool: 1/true/t/yes/y/on and 0/false/f/no/n/off, any case."""
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true or false)")
+
+
+class Bool(ParamType):
+    metavar = "true|false"
+
+    def parse(self, text: str) -> bool:
+        return parse_bool(text)
+
+
+class Enum(ParamType):
+    def __init__(self, *choices: str) -> None:
+        self.choices = choices
+        self.metavar = "|".join(choices)
+
+    def parse(self, text: str) -> str:
+        if text not in self.choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(self.choices)}")
+        return text
+
+
+class Path(ParamType):
+    """A filesystem path made absolute (the server may chdir); `kind` checks it exists."""
+
+    metavar = "PATH"
+
+    def __init__(self, kind: str | None = "file") -> None:
+        self.kind = kind  # "file" (anything but a directory), "dir", "any", or None (need not exist)
+
+    def parse(self, text: str) -> str:
+        if not text:
+            raise ValueError("empty path")
+        path = os.path.abspath(os.path.expanduser(text))
+        if self.kind is None:
+            return path
+        if not os.path.exists(path):
+            raise ValueError(f"{text}: no such file or directory")
+        if self.kind == "dir" and not os.path.isdir(path):
+            raise ValueError(f"{text}: not a directory")
+        if self.kind == "file" and os.path.isdir(path):
+            raise ValueError(f"{text}: is a directory")
+        return path
+
+
+class SecretValue:
+    """A secret (passphrase, password); never shown by repr/str so it cannot leak into logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+
+def read_secret(text: str) -> SecretValue:
+    """nbdkit_read_password: `SECRET` literal, `+FILE` (file contents), `-` (prompt), `-FD` (read fd)."""
+    if text.startswith("+"):
+        try:
+            with open(text[1:], "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read secret file {text[1:]}: {e.strerror}") from None
+        return SecretValue(data.rstrip(b"\n") if data.endswith(b"\n") else data)
+    if text == "-":
+        if not sys.stdin.isatty():
+            raise ValueError("'-' prompts for the secret, but standard input is not a terminal")
+        return SecretValue(getpass.getpass("password: ").encode())
+    if text.startswith("-") and text[1:].isdigit():
+        fd = int(text[1:])
+        if fd <= 2:
+            raise ValueError("cannot read the secret from stdin/stdout/stderr by number; use '-'")
+        chunks = []
+        try:
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+            os.close(fd)
+        except OSError as e:
+            raise ValueError(f"cannot read secret from fd {fd}: {e.strerror}") from None
+        data = b"".join(chunks)
+        return SecretValue(data.rstrip(b"\n") if data.endswith(b"\n") else data)
+    return SecretValue(text.encode())
+
+
+class Secret(ParamType):
+    metavar = "SECRET|+FILE|-|-FD"
+
+    def parse(self, text: str) -> SecretValue:
+        return read_secret(text)
+
+
+@dataclass
+class Param:
+    """One `key=value` parameter of a plugin or filter."""
+
+    type: ParamType = field(default_factory=String)
+    default: Any = None
+    help: str = ""
+    required: bool = False
+    repeat: bool = False  # may be given several times: the value is a list
+    magic: bool = False  # a bare argument without `key=` goes here (nbdkit's magic_config_key)
+    key: str = ""
+    attr: str = ""
+    check: Callable[[Any], None] | None = None  # extra validation; raise ValueError
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = name
+        if not self.key:
+            self.key = name.replace("_", "-")
+
+    def parse(self, text: str) -> Any:
+        try:
+            value = self.type.parse(text)
+            if self.check is not None:
+                self.check(value)
+            return value
+        except ValueError as e:
+            shown = "<secret>" if isinstance(self.type, Secret) else text
+            raise ConfigError(f"{self.key}={shown}: {e}") from None
+
+    def describe(self) -> str:
+        default = ""
+        if not self.required and self.default not in (None, [], ()):
+            default = f" (default {self.default})"
+        req = " (required)" if self.required else ""
+        rep = " (repeatable)" if self.repeat else ""
+        return f"  {self.key}={self.type.metavar}{req}{rep}{default}\n      {self.help}"
+
+
+def params_of(cls: type) -> list[Param]:
+    """The declared parameters of a component class, base classes first."""
+    found: dict[str, Param] = {}
+    for klass in reversed(cls.__mro__):
+        for value in vars(klass).values():
+            if isinstance(value, Param):
+                found[value.key] = value
+    return list(found.values())
+
+
+def magic_param(cls: type) -> Param | None:
+    for param in params_of(cls):
+        if param.magic:
+            return param
+    return None
+
+
+def apply_params(instance: Any, pairs: Iterable[tuple[str, str]], component: str) -> None:
+    """Parse `pairs` into attributes of `instance`; every declared key not given gets its default."""
+    declared = {p.key: p for p in params_of(type(instance))}
+    values: dict[str, Any] = {}
+    for key, text in pairs:
+        param = declared.get(key)
+        if param is None:
+            known = ", ".join(sorted(declared)) or "none"
+            raise ConfigError(f"{component}: unknown parameter {key!r} (known: {known})")
+        value = param.parse(text)
+        if param.repeat:
+            values.setdefault(key, []).append(value)
+        elif key in values:
+            raise ConfigError(f"{component}: {key}= given more than once")
+        else:
+            values[key] = value
+    for key, param in declared.items():
+        if key not in values:
+            if param.required:
+                raise ConfigError(f"{component}: missing required parameter {key}=")
+            default = param.default
+            values[key] = list(default or []) if param.repeat else default
+        setattr(instance, param.attr, values[key])
+
+
+def describe_params(cls: type) -> str:
+    params = params_of(cls)
+    if not params:
+        return "  (no parameters)"
+    return "\n".join(p.describe() for p in params)
