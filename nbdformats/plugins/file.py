@@ -1,0 +1,237 @@
+"""file plugin: serve a regular file or block device, or every file of a directory as an export."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+
+from ..core.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATIVE,
+                          Export,
+                          Extents, Plugin, PluginHandle)
+from ..core.errors import ConfigError, NBDError
+from ..core.params import Enum, Param, Path
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+BLKGETSIZE64 = 0x80081272
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+
+try:
+    import ctypes
+    import ctypes.util
+
+    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+    def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+        if _libc.fallocate(fd, mode, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+except (OSError, AttributeError):  # pragma: no cover - every Linux libc has fallocate
+    def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "fallocate unavailable")
+
+
+class FilePlugin(Plugin):
+    """Serve a file or block device (or each file of a directory as an export)."""
+
+    name = "file"
+    blocking = True  # disk I/O: run in worker threads so a slow disk cannot stall other clients
+    file = Param(Path("any"), magic=True, help="The file or block device to serve")
+    dir = Param(Path("dir"), help="Serve every regular file in this directory as an export")
+    cache = Param(Enum("default", "none"), default="default",
+                  help="none: drop written pages from the page cache (fadvise DONTNEED) after each write")
+    fadvise = Param(Enum("normal", "random", "sequential"), default="normal",
+                    help="Access-pattern hint passed to posix_fadvise")
+
+    def config_complete(self) -> None:
+        if (self.file is None) == (self.dir is None):
+            raise ConfigError("file: give exactly one of file=PATH or dir=DIRECTORY")
+        if self.file is not None and os.path.isdir(self.file):
+            self.dir, self.file = self.file, None
+
+    def list_exports(self, readonly: bool, is_tls: bool) -> list[Export]:
+        if self.dir is None:
+            return [Export("")]
+        return [Export(name) for name in sorted(os.listdir(self.dir))
+                if os.path.isfile(os.path.join(self.dir, name))]
+
+    def default_export(self, readonly: bool, is_tls: bool) -> str:
+        if self.dir is None:
+            return ""
+        exports = self.list_exports(readonly, is_tls)
+        return exports[0].name if exports else ""
+
+    def path_for(self, export_name: str) -> str:
+        if self.dir is None:
+            return self.file
+        if not export_name:
+            export_name = self.default_export(True, False)
+        if "/" in export_name or export_name in ("", ".", ".."):
+            raise NBDError(errno.ENOENT, f"no export {export_name!r}")
+        path = os.path.join(self.dir, export_name)
+        if not os.path.isfile(path):
+            raise NBDError(errno.ENOENT, f"no export {export_name!r} in {self.dir}")
+        return path
+
+    class Handle(PluginHandle):
+        def __init__(self, plugin: "FilePlugin", readonly: bool, export_name: str) -> None:
+            self.plugin = plugin
+            path = plugin.path_for(export_name)
+            try:
+                self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+            except OSError as e:
+                if readonly or e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+                    raise NBDError(e.errno, f"{path}: {e.strerror}") from None
+                self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                readonly = True
+            self.writable = not readonly
+            st = os.fstat(self.fd)
+            self.is_block = stat.S_ISBLK(st.st_mode)
+            advice = {"normal": os.POSIX_FADV_NORMAL, "random": os.POSIX_FADV_RANDOM,
+                      "sequential": os.POSIX_FADV_SEQUENTIAL}[plugin.fadvise]
+            os.posix_fadvise(self.fd, 0, 0, advice)
+            self.drop_cache = plugin.cache == "none"
+            self.can_punch = self.can_zero_range = not self.is_block
+            self.seek_data_works = not self.is_block
+
+        def get_size(self) -> int:
+            if self.is_block:
+                buf = fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8)
+                return struct.unpack("Q", buf)[0]
+            return os.fstat(self.fd).st_size
+
+        def can_write(self) -> bool:
+            return self.writable
+
+        def can_multi_conn(self) -> bool:
+            return True  # all connections share the kernel's page cache; fdatasync covers them all
+
+        def can_fua(self) -> int:
+            return NATIVE
+
+        def can_cache(self) -> int:
+            return NATIVE
+
+        def can_fast_zero(self) -> bool:
+            return True  # zero() fails with ENOTSUP before writing when it cannot be fast
+
+        def is_rotational(self) -> bool:
+            if not self.is_block:
+                return False
+            try:
+                dev = os.fstat(self.fd).st_rdev
+                with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/queue/rotational") as f:
+                    return f.read().strip() == "1"
+            except OSError:
+                return False
+
+        def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+            fd, done, count = self.fd, 0, len(buf)
+            while done < count:
+                n = os.preadv(fd, [buf[done:]], offset + done)
+                if n == 0:
+                    raise NBDError(errno.EIO, "read past the end of the file")
+                done += n
+
+        def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+            fd, done, count = self.fd, 0, len(buf)
+            try:
+                while done < count:
+                    done += os.pwritev(fd, [buf[done:]], offset + done)
+            except OSError as e:
+                raise NBDError(e.errno, f"write failed: {e.strerror}") from None
+            if flags & FLAG_FUA:
+                self.flush(0)
+            if self.drop_cache:
+                os.posix_fadvise(fd, offset, count, os.POSIX_FADV_DONTNEED)
+
+        def flush(self, flags: int) -> None:
+            try:
+                os.fdatasync(self.fd)
+            except OSError as e:
+                raise NBDError(e.errno, f"flush failed: {e.strerror}") from None
+
+        def trim(self, count: int, offset: int, flags: int) -> None:
+            if self.can_punch:
+                try:
+                    _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise NBDError(e.errno, f"trim failed: {e.strerror}") from None
+                    self.can_punch = False  # trim is advisory: doing nothing is correct
+            if flags & FLAG_FUA:
+                self.flush(0)
+
+        def zero(self, count: int, offset: int, flags: int) -> None:
+            done = False
+            if flags & FLAG_MAY_TRIM and self.can_punch:
+                try:
+                    _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count)
+                    done = True
+                except OSError:
+                    self.can_punch = False
+            if not done and self.can_zero_range:
+                try:
+                    _fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, count)
+                    done = True
+                except OSError:
+                    self.can_zero_range = False
+            if not done and self.is_block:
+                try:
+                    fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, count))
+                    done = True
+                except OSError:
+                    pass
+            if not done:
+                if flags & FLAG_FAST_ZERO:  # writing zeroes would not be fast
+                    raise NBDError(errno.ENOTSUP, "fast zero not possible here")
+                chunk = memoryview(bytes(min(count, 1 << 20)))
+                position, end = offset, offset + count
+                while position < end:
+                    n = min(len(chunk), end - position)
+                    self.pwrite(chunk[:n], position, 0)
+                    position += n
+            if flags & FLAG_FUA:
+                self.flush(0)
+
+        def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
+            if not self.seek_data_works:
+                extents.add(offset, count, EXTENT_DATA)
+                return
+            end = offset + count
+            position = offset
+            try:
+                while position < end:
+                    try:
+                        data = os.lseek(self.fd, position, os.SEEK_DATA)
+                    except OSError as e:
+                        if e.errno != errno.ENXIO:
+                            raise
+                        data = end  # only a hole up to the end of the file
+                    if data > position:
+                        extents.add(position, min(data, end) - position, EXTENT_HOLE | EXTENT_ZERO)
+                        position = data
+                        continue
+                    hole = os.lseek(self.fd, position, os.SEEK_HOLE)
+                    extents.add(position, min(hole, end) - position, EXTENT_DATA)
+                    position = hole
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise NBDError(e.errno, f"extents failed: {e.strerror}") from None
+                self.seek_data_works = False
+                extents.add(position, end - position, EXTENT_DATA)
+
+        def cache(self, count: int, offset: int, flags: int) -> None:
+            os.posix_fadvise(self.fd, offset, count, os.POSIX_FADV_WILLNEED)
+
+        def close(self) -> None:
+            os.close(self.fd)
+
+
+PLUGIN = FilePlugin
