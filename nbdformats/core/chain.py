@@ -12,6 +12,7 @@ Flags and tri-state values use nbdkit's numbers so nbdkit Python plugins port un
 from __future__ import annotations
 
 import errno
+import functools
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Callable, ClassVar, Iterable, Iterator
@@ -298,6 +299,12 @@ class Filter(Component):
                        is_tls: bool) -> str:
         return next_default(readonly, is_tls)
 
+    def open_below(self, readonly: bool, export_name: str) -> "Layer":
+        """Open the layers below this filter outside any connection (e.g. to list an archive's
+        members in list_exports or check it at start-up); the caller closes the Layer.
+        The Chain replaces this with the real opener."""
+        raise RuntimeError(f"{self.name}: filter is not part of a Chain")
+
     def open(self, next_open: OpenNext, readonly: bool, export_name: str) -> FilterHandle:
         """Open the layer below (possibly with another readonly flag or export name), then ours."""
         below = next_open(readonly, export_name)
@@ -452,6 +459,8 @@ class Chain:
         self.thread_model = min(c.thread_model for c in components)
         self.blocking = any(c.blocking for c in components)
         self.buffer_alignment = plugin.buffer_alignment
+        for index, f in enumerate(filters):
+            f.open_below = functools.partial(self._open, index + 1)  # type: ignore[method-assign]
 
     def configure(self, pairs_by_component: dict[int, list[tuple[str, str]]]) -> None:
         for index, component in enumerate([*self.filters, self.plugin]):
