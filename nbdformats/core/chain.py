@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import functools
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Callable, ClassVar, Iterable, Iterator
@@ -291,9 +290,6 @@ class Filter(Component):
     """Base class of filters.  Subclasses set `name`, declare Params and define `Handle`."""
 
     Handle: ClassVar[type[FilterHandle]] = FilterHandle
-    # Set by Chain: opens the layers below outside any connection (nbdkit's
-    # nbdkit_next_context_open), e.g. to index an archive once in get_ready.  Close the Layer after use.
-    open_below: OpenNext | None = None
 
     def list_exports(self, next_list: Callable[[bool, bool], list[Export]], readonly: bool,
                      is_tls: bool) -> list[Export]:
@@ -463,8 +459,6 @@ class Chain:
         self.thread_model = min(c.thread_model for c in components)
         self.blocking = any(c.blocking for c in components)
         self.buffer_alignment = plugin.buffer_alignment
-        for index, f in enumerate(filters):
-            f.open_below = functools.partial(self._open, index + 1)
         for index, f in enumerate(filters):
             f.open_below = functools.partial(self._open, index + 1)  # type: ignore[method-assign]
 
