@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
-from .errors import NBDError
+from .errors import ConfigError, NBDError
 from .params import apply_params
 
 # Request flags passed to pwrite/zero/trim/flush/extents/cache (nbdkit's NBDKIT_FLAG_*).
@@ -109,6 +109,10 @@ class Component:
     # in worker threads instead of inline on the event loop.
     blocking: ClassVar[bool] = False
 
+    # Free-form parameters (the python plugin hands them to its script): undeclared key=value
+    # pairs go to config(key, value) in command-line order instead of being refused.
+    accepts_any_key: ClassVar[bool] = False
+
     @classmethod
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
@@ -116,6 +120,10 @@ class Component:
     def configure(self, pairs: Iterable[tuple[str, str]]) -> None:
         apply_params(self, pairs, f"{self.name}")
         self.config_complete()
+
+    def config(self, key: str, value: str) -> None:
+        """Receive an undeclared key=value pair (called only when accepts_any_key is True)."""
+        raise ConfigError(f"{self.name}: unknown parameter {key!r}")
 
     def config_complete(self) -> None:
         """Check parameters together; raise ConfigError."""
@@ -463,8 +471,12 @@ class Chain:
             f.open_below = functools.partial(self._open, index + 1)  # type: ignore[method-assign]
 
     def configure(self, pairs_by_component: dict[int, list[tuple[str, str]]]) -> None:
-        for index, component in enumerate([*self.filters, self.plugin]):
+        components: list[Component] = [*self.filters, self.plugin]
+        for index, component in enumerate(components):
             component.configure(pairs_by_component.get(index, []))
+        # Configuring may settle a thread model (the python plugin asks its script).
+        self.thread_model = min(c.thread_model for c in components)
+        self.blocking = any(c.blocking for c in components)
 
     def get_ready(self) -> None:
         # Plugin first, then filters from the innermost out, as nbdkit does.

@@ -277,6 +277,9 @@ def apply_params(instance: Any, pairs: Iterable[tuple[str, str]], component: str
     values: dict[str, Any] = {}
     for key, text in pairs:
         param = declared.get(key)
+        if param is None and getattr(instance, "accepts_any_key", False):
+            instance.config(key, text)
+            continue
         if param is None:
             known = ", ".join(sorted(declared)) or "none"
             raise ConfigError(f"{component}: unknown parameter {key!r} (known: {known})")
