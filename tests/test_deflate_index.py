@@ -1,0 +1,169 @@
+"""DeflateIndex: checkpointed random access into raw deflate and gzip streams (no server)."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import io
+import random
+import struct
+import threading
+import zipfile
+import zlib
+
+import pytest
+
+from nbdformats.core.errors import NBDError
+from nbdformats.filters.deflate_index import DeflateIndex
+
+SPAN = 128 * 1024
+
+
+def sample_data(size: int, seed: int = 1) -> bytes:
+    """Mixed compressible and random content, so deflate makes blocks of every kind."""
+    rng = random.Random(seed)
+    parts, total = [], 0
+    while total < size:
+        kind = rng.randrange(3)
+        if kind == 0:
+            piece = rng.randbytes(rng.randint(1, 3000))
+        elif kind == 1:
+            piece = bytes([rng.randrange(256)]) * rng.randint(1, 20000)
+        else:
+            piece = b"block %d of text " % rng.randrange(1000) * rng.randint(1, 200)
+        parts.append(piece)
+        total += len(piece)
+    return b"".join(parts)[:size]
+
+
+def raw_deflate(data: bytes, level: int = 6) -> bytes:
+    c = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush()
+
+
+def reader(blob: bytes):
+    return lambda offset, length: blob[offset:offset + length]
+
+
+def read(index: DeflateIndex, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    index.read_into(memoryview(buf), offset)
+    return bytes(buf)
+
+
+DATA = sample_data(3 << 20)
+
+
+@pytest.mark.parametrize("level", [1, 6, 9])
+def test_raw_random_reads(level: int) -> None:
+    blob = raw_deflate(DATA, level)
+    index = DeflateIndex(reader(blob), 0, len(blob), len(DATA), raw=True, span=SPAN)
+    rng = random.Random(level)
+    for _ in range(60):
+        offset = rng.randrange(len(DATA))
+        length = min(rng.randint(1, 200_000), len(DATA) - offset)
+        assert read(index, offset, length) == DATA[offset:offset + length]
+    assert read(index, len(DATA) - 1, 1) == DATA[-1:]
+    assert len(index.checkpoints) > 5  # the frontier recorded checkpoints on its way
+    # Now backwards from the end, through checkpoints only.
+    for offset in range(len(DATA) - 4096, 0, -300_000):
+        assert read(index, offset, 4096) == DATA[offset:offset + 4096]
+
+
+def test_raw_member_inside_zip() -> None:
+    """The zip filter's use: a deflated member at an offset inside a larger file."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("pad.bin", random.Random(2).randbytes(5000))
+        z.writestr("disk.img", DATA)
+    blob = out.getvalue()
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        info = z.getinfo("disk.img")
+    name_len, extra_len = struct.unpack_from("<HH", blob, info.header_offset + 26)
+    start = info.header_offset + 30 + name_len + extra_len
+    index = DeflateIndex(reader(blob), start, info.compress_size, info.file_size, raw=True, span=SPAN)
+    assert read(index, 2_000_000, 70_000) == DATA[2_000_000:2_070_000]
+    assert read(index, 0, 4096) == DATA[:4096]
+    assert index.build() == len(DATA)
+
+
+def test_gzip_multi_member_sequential_and_persisted() -> None:
+    cut = 1_234_567
+    blob = gzip.compress(DATA[:cut]) + gzip.compress(b"") + gzip.compress(DATA[cut:], 1) + bytes(512)
+    index = DeflateIndex(reader(blob), 0, len(blob), None, raw=False, span=SPAN)
+    assert index.size is None
+    progress: list[int] = []
+    assert index.build(lambda done, total: progress.append(done)) == len(DATA)
+    assert progress[-1] <= len(blob)
+    got = bytearray(len(DATA))
+    for offset in range(0, len(DATA), 65536):  # sequential, as nbdcopy reads
+        n = min(65536, len(DATA) - offset)
+        index.read_into(memoryview(got)[offset:offset + n], offset)
+    assert got == DATA
+    # Reads across the member boundary, from a checkpoint inside the first member.
+    assert read(index, cut - 10_000, 20_000) == DATA[cut - 10_000:cut + 10_000]
+
+    saved = index.to_bytes()
+    loaded = DeflateIndex.from_bytes(saved, reader(blob), 0, len(blob), raw=False)
+    assert loaded.size == len(DATA) and loaded.is_complete()
+    assert read(loaded, len(DATA) - 5000, 5000) == DATA[-5000:]
+    assert read(loaded, cut - 3, 6) == DATA[cut - 3:cut + 3]
+    with pytest.raises(ValueError, match="another file"):
+        DeflateIndex.from_bytes(saved, reader(blob), 0, len(blob) + 1, raw=False)
+    with pytest.raises(ValueError, match="damaged"):
+        DeflateIndex.from_bytes(saved[:len(saved) // 2], reader(blob), 0, len(blob), raw=False)
+    with pytest.raises(ValueError, match="not an nbdformats"):
+        DeflateIndex.from_bytes(b"garbage" * 10, reader(blob), 0, len(blob), raw=False)
+
+
+def test_concurrent_readers_agree() -> None:
+    blob = raw_deflate(DATA)
+    index = DeflateIndex(reader(blob), 0, len(blob), len(DATA), raw=True, span=SPAN)
+    failures: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(25):
+                offset = rng.randrange(len(DATA) - 70_000)
+                assert read(index, offset, 70_000) == DATA[offset:offset + 70_000]
+        except BaseException as e:  # collected for the main thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures
+
+
+def test_bad_streams_fail_cleanly() -> None:
+    blob = raw_deflate(DATA)
+    truncated = blob[:len(blob) // 2]
+    index = DeflateIndex(reader(truncated), 0, len(truncated), len(DATA), raw=True)
+    assert read(index, 0, 1000) == DATA[:1000]  # the part that is there still reads
+    with pytest.raises(NBDError, match="truncated") as e:
+        read(index, len(DATA) - 10, 10)
+    assert e.value.errno == errno.EIO
+
+    corrupt = blob[:2000] + b"\xff" * 64 + blob[2064:]
+    index = DeflateIndex(reader(corrupt), 0, len(corrupt), len(DATA), raw=True)
+    with pytest.raises(NBDError, match="corrupt compressed data"):
+        read(index, 100_000, 10)
+
+    declared_too_big = DeflateIndex(reader(blob), 0, len(blob), len(DATA) + 10, raw=True)
+    with pytest.raises(NBDError, match="not the declared"):
+        read(declared_too_big, len(DATA), 10)
+
+    bomb = raw_deflate(bytes(50 << 20), 9)  # 50 MiB of zeroes in ~50 KiB
+    index = DeflateIndex(reader(bomb), 0, len(bomb), None, raw=True, max_size=1 << 20)
+    with pytest.raises(NBDError, match="decompression bomb") as e:
+        index.build()
+    assert e.value.errno == errno.EFBIG
+
+    bad_crc = bytearray(gzip.compress(DATA[:100_000]))
+    bad_crc[-8] ^= 1
+    index = DeflateIndex(reader(bytes(bad_crc)), 0, len(bad_crc), None, raw=False)
+    with pytest.raises(NBDError, match="incorrect data check"):
+        index.build()
