@@ -1,0 +1,357 @@
+"""One client connection: asyncio glue around the sans-IO handshake and transmission code.
+
+The path of one READ: the event loop receives bytes straight into `RequestDecoder`'s buffer
+(`get_buffer`/`buffer_updated`), which yields `Request`s; `_dispatch` checks each one and
+runs `Transmission.process` inline (non-blocking chains) or in a worker thread (blocking
+chains); `process` calls `Layer.pread` down the chain into the reply buffer; `_send` writes
+it with one `transport.write`.  When the transport's buffer fills up we stop reading, so a
+client that does not read its replies cannot make the server queue without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import ssl
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from . import protocol as P
+from .chain import Chain, Layer, ThreadModel
+from .errors import NBDError, ProtocolError
+from .handshake import Abort, ExportRequest, ListExports, NeedData, ServerHandshake, StartTLS, oldstyle_greeting
+from .transmission import Request, RequestDecoder, Transmission, export_info
+
+log = logging.getLogger("nbdformats")
+
+MAX_IN_FLIGHT = 64  # requests running in threads per connection before we stop reading more
+HANDSHAKE_BUFFER = 16 * 1024
+
+
+@dataclass
+class ServerSettings:
+    """What every connection needs to know about the server."""
+
+    chain: Chain
+    readonly: bool = False
+    tls: str = "off"
+    tls_context: ssl.SSLContext | None = None
+    oldstyle: bool = False
+    threads: int = 16
+    handshake_timeout: float = 60.0
+    description: str = ""
+    executor: Executor | None = None  # shared worker pool for blocking chains
+    serial_executor: Executor | None = None  # one worker: SERIALIZE_ALL_REQUESTS
+    on_connection_closed: Callable[["Connection"], None] | None = None
+    connections: set = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.chain.blocking:
+            self.executor = ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="nbdformats")
+            self.serial_executor = ThreadPoolExecutor(1, thread_name_prefix="nbdformats-serial")
+
+
+class Connection(asyncio.BufferedProtocol):
+    def __init__(self, settings: ServerSettings, *, skip_handshake: bool = False) -> None:
+        self.settings = settings
+        self.chain = settings.chain
+        self.skip_handshake = skip_handshake
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.layer: Layer | None = None
+        self.transmission: Transmission | None = None
+        self.decoder: RequestDecoder | None = None
+        self.handshake: ServerHandshake | None = None
+        self._hs_buffer = bytearray(HANDSHAKE_BUFFER)
+        self._hs_wakeup: asyncio.Future | None = None
+        self._hs_task: asyncio.Task | None = None
+        self._closed = False
+        self._disconnecting = False
+        self._in_flight = 0
+        self._paused_for_writes = False
+        self._paused_for_requests = False
+        self._reading_paused = False
+        self.peer: Any = None
+        self.executor: Executor | None = None
+        self.closed = self.loop.create_future()
+        model = self.chain.thread_model
+        self.inline = not self.chain.blocking
+        if not self.inline:
+            if model == ThreadModel.PARALLEL:
+                self.executor = settings.executor
+            elif model == ThreadModel.SERIALIZE_ALL_REQUESTS:
+                self.executor = settings.serial_executor
+            else:  # SERIALIZE_REQUESTS, SERIALIZE_CONNECTIONS: one request at a time on this connection
+                self.executor = ThreadPoolExecutor(1, thread_name_prefix="nbdformats-conn")
+                self._own_executor = True
+
+    # -- asyncio callbacks ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = transport.get_extra_info("peername")
+        self.settings.connections.add(self)
+        log.debug("connection from %s", self.peer or "local socket")
+        self._hs_task = self.loop.create_task(self._negotiate())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.decoder is not None:
+            return self.decoder.get_buffer(sizehint)
+        return memoryview(self._hs_buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.decoder is not None:
+            try:
+                requests = self.decoder.buffer_updated(nbytes)
+            except ProtocolError as e:
+                log.warning("%s: %s; closing the connection", self.peer or "client", e)
+                self._abort()
+                return
+            if requests:
+                self._dispatch(requests)
+            return
+        if self.handshake is not None:
+            self.handshake.receive_data(bytes(self._hs_buffer[:nbytes]))
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._wake()
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._wake()
+        if self._hs_task is not None and not self._hs_task.done():
+            self._hs_task.cancel()
+        self._maybe_release()
+
+    def pause_writing(self) -> None:
+        self._paused_for_writes = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_for_writes = False
+        self._update_reading()
+
+    # -- Handshake -----------------------------------------------------------------------------
+    def _wake(self) -> None:
+        if self._hs_wakeup is not None and not self._hs_wakeup.done():
+            self._hs_wakeup.set_result(None)
+
+    async def _wait_for_data(self) -> None:
+        self._hs_wakeup = self.loop.create_future()
+        await self._hs_wakeup
+        self._hs_wakeup = None
+
+    async def _run_chain(self, func: Callable[..., Any], *args: Any) -> Any:
+        if self.inline:
+            return func(*args)
+        return await self.loop.run_in_executor(self.executor, func, *args)
+
+    async def _negotiate(self) -> None:
+        try:
+            await asyncio.wait_for(self._negotiate_steps(), self.settings.handshake_timeout)
+        except asyncio.TimeoutError:
+            log.info("%s: handshake timed out", self.peer or "client")
+            self._abort()
+        except ProtocolError as e:
+            log.info("%s: %s", self.peer or "client", e)
+            self._abort()
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("handshake failed")
+            self._abort()
+
+    async def _negotiate_steps(self) -> None:
+        settings = self.settings
+        if settings.oldstyle or self.skip_handshake:
+            layer = await self._open("")
+            info = export_info("", layer, False)
+            if settings.oldstyle:
+                self.transport.write(oldstyle_greeting(info))
+            self._start_transmission(layer, info, structured=False, extended=False, meta_context_id=None,
+                                     leftover=b"")
+            return
+        hs = self.handshake = ServerHandshake(tls=settings.tls)
+        while not self._closed:
+            event = hs.next_event()
+            self._send_handshake()
+            if isinstance(event, NeedData):
+                if self._closed or (self.transport is not None and self.transport.is_closing()):
+                    return
+                await self._wait_for_data()
+                continue
+            if isinstance(event, Abort):
+                self._close_when_sent()
+                return
+            if isinstance(event, StartTLS):
+                await self._start_tls()
+                continue
+            if isinstance(event, ListExports):
+                try:
+                    exports = await self._run_chain(self.chain.list_exports, settings.readonly, hs.tls_active)
+                    hs.reply_list([(e.name, e.description) for e in exports])
+                except Exception as e:
+                    hs.reply_error(P.REP_ERR_PLATFORM, f"cannot list exports: {e}")
+                continue
+            assert isinstance(event, ExportRequest)
+            name = event.name
+            try:
+                layer = await self._open(name)
+            except Exception as e:
+                reason = str(e) if isinstance(e, NBDError) else f"{type(e).__name__}: {e}"
+                log.info("%s: cannot open export %r: %s", self.peer or "client", name, reason)
+                hs.reply_error(P.REP_ERR_UNKNOWN, f"cannot open export {name!r}: {reason}")
+                continue
+            info = export_info(name, layer, hs.structured_replies, settings.description)
+            ready = hs.reply_export(info)
+            self._send_handshake()
+            if ready is None:  # NBD_OPT_INFO: the client only wanted to know
+                await self._run_chain(layer.close)
+                continue
+            self._start_transmission(layer, info, structured=hs.structured_replies, extended=hs.extended_headers,
+                                     meta_context_id=hs.meta_context_id, leftover=hs.leftover())
+            return
+
+    async def _open(self, name: str) -> Layer:
+        readonly = self.settings.readonly
+        tls = self.handshake.tls_active if self.handshake else False
+        if not name:
+            name = await self._run_chain(self.chain.default_export, readonly, tls)
+        return await self._run_chain(self.chain.open, readonly, name)
+
+    def _send_handshake(self) -> None:
+        data = self.handshake.data_to_send() if self.handshake else b""
+        if data and not self._closed:
+            self.transport.write(data)
+
+    async def _start_tls(self) -> None:
+        context = self.settings.tls_context
+        assert context is not None
+        self.transport = await self.loop.start_tls(self.transport, self, context, server_side=True)
+        self.handshake.tls_established()
+
+    def _start_transmission(self, layer: Layer, info: Any, *, structured: bool, extended: bool,
+                            meta_context_id: int | None, leftover: bytes) -> None:
+        self.layer = layer
+        self.transmission = Transmission(layer, info, structured=structured, extended=extended,
+                                         meta_context_id=meta_context_id, alignment=self.chain.buffer_alignment)
+        decoder = RequestDecoder(extended=extended, alignment=self.chain.buffer_alignment)
+        self.decoder = decoder
+        log.debug("%s: transmission starts: export %r size %d", self.peer or "client", info.name, info.size)
+        if self._closed:
+            self._maybe_release()
+            return
+        if leftover:
+            try:
+                requests = decoder.receive(leftover)
+            except ProtocolError as e:
+                log.warning("%s: %s", self.peer or "client", e)
+                self._abort()
+                return
+            self._dispatch(requests)
+
+    # -- Transmission --------------------------------------------------------------------------
+    def _dispatch(self, requests: Sequence[Request]) -> None:
+        transmission = self.transmission
+        for req in requests:
+            if self._disconnecting:
+                return
+            if req.type == P.CMD_DISC:
+                # "The server MUST handle all outstanding requests ... and close the TCP session."
+                self._disconnecting = True
+                self._set_reading(False)
+                if self._in_flight == 0:
+                    self._close_when_sent()
+                return
+            problem = transmission.check(req)
+            if problem is not None:
+                err, message = problem
+                self._send([transmission.replies.error(req.cookie, req.offset, err, message)])
+                continue
+            if self.inline:
+                self._send(transmission.process(req))
+                continue
+            self._in_flight += 1
+            future = self.loop.run_in_executor(self.executor, transmission.process, req)
+            future.add_done_callback(self._request_done)
+            if self._in_flight >= MAX_IN_FLIGHT:
+                self._paused_for_requests = True
+                self._update_reading()
+
+    def _request_done(self, future: asyncio.Future) -> None:
+        self._in_flight -= 1
+        try:
+            buffers = future.result()
+        except Exception:  # process() catches request errors; this is a bug
+            log.exception("request failed unexpectedly")
+            self._abort()
+            return
+        self._send(buffers)
+        if self._paused_for_requests and self._in_flight < MAX_IN_FLIGHT // 2:
+            self._paused_for_requests = False
+            self._update_reading()
+        if self._in_flight == 0:
+            if self._disconnecting:
+                self._close_when_sent()
+            self._maybe_release()
+
+    def _send(self, buffers: Sequence[Any]) -> None:
+        if self._closed:
+            return
+        if len(buffers) == 1:
+            self.transport.write(buffers[0])
+        else:
+            self.transport.writelines(buffers)
+
+    def _set_reading(self, on: bool) -> None:
+        if self._closed or self.transport is None:
+            return
+        if on and self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        elif not on and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _update_reading(self) -> None:
+        if self._disconnecting:
+            return
+        self._set_reading(not (self._paused_for_writes or self._paused_for_requests))
+
+    # -- Closing -------------------------------------------------------------------------------
+    def _close_when_sent(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.close()  # flushes what is buffered first
+
+    def _abort(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.abort()
+
+    def _maybe_release(self) -> None:
+        """Close the chain once the client is gone and no request still uses it."""
+        if not self._closed or self._in_flight:
+            return
+        if self.closed.done():
+            return
+        layer, self.layer = self.layer, None
+        if layer is not None:
+            if self.inline:
+                self._close_layer(layer)
+            else:
+                self.loop.run_in_executor(self.executor, self._close_layer, layer)
+        if getattr(self, "_own_executor", False):
+            self.executor.shutdown(wait=False)
+        self.settings.connections.discard(self)
+        self.closed.set_result(None)
+        if self.settings.on_connection_closed is not None:
+            self.settings.on_connection_closed(self)
+
+    @staticmethod
+    def _close_layer(layer: Layer) -> None:
+        try:
+            layer.close()
+        except Exception:
+            log.exception("closing the export failed")

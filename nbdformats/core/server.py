@@ -1,0 +1,181 @@
+"""Listeners and the server's life: TCP/Unix sockets, stdin (-s), a pre-connected fd,
+systemd socket activation, --run captive mode, connection limits and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+from dataclasses import dataclass, field
+
+from .connection import Connection, ServerSettings
+
+log = logging.getLogger("nbdformats")
+
+SD_LISTEN_FDS_START = 3
+
+
+@dataclass
+class ListenConfig:
+    unix_path: str | None = None
+    port: str | None = None
+    addresses: list[str] = field(default_factory=list)
+    family: int = socket.AF_UNSPEC  # -4 / -6
+    single: bool = False  # -s: one client on stdin/stdout
+    fd: int | None = None  # --fd: an already-connected socket
+    no_handshake: bool = False
+    exit_last: bool = False
+    max_connections: int = 0
+    serialize_connections: bool = False
+
+
+def systemd_sockets() -> list[socket.socket]:
+    """Sockets passed by systemd socket activation (LISTEN_PID/LISTEN_FDS), if they are ours."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    return [socket.socket(fileno=SD_LISTEN_FDS_START + i) for i in range(count)]
+
+
+def make_listeners(config: ListenConfig) -> list[socket.socket]:
+    """Bind the listening sockets (before any fork, so errors reach the terminal)."""
+    activated = systemd_sockets()
+    if activated:
+        return activated
+    if config.unix_path is not None:
+        if os.path.exists(config.unix_path) and not os.path.isfile(config.unix_path):
+            os.unlink(config.unix_path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(config.unix_path)
+        sock.listen(128)
+        return [sock]
+    port = config.port or "10809"
+    hosts = config.addresses or [None]
+    sockets = []
+    for host in hosts:
+        infos = socket.getaddrinfo(host, port, config.family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        for family, type, proto, _, address in infos:
+            sock = socket.socket(family, type, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                sock.close()
+                if host is None and len(infos) > 1 and family == socket.AF_INET6:
+                    continue  # no IPv6 on this host: IPv4 is enough
+                raise OSError(e.errno, f"cannot listen on {address[0]} port {port}: {e.strerror}") from None
+            sock.listen(128)
+            sockets.append(sock)
+    return sockets
+
+
+class Server:
+    def __init__(self, settings: ServerSettings, config: ListenConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self.servers: list[asyncio.AbstractServer] = []
+        self.stopped: asyncio.Future | None = None
+        self.served = 0
+        self._connection_slots: asyncio.Semaphore | None = None
+        settings.on_connection_closed = self._connection_closed
+
+    def _connection_closed(self, connection: Connection) -> None:
+        if (self.config.exit_last or self.config.single or self.config.fd is not None) and \
+                not self.settings.connections:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.stopped is not None and not self.stopped.done():
+            self.stopped.set_result(None)
+
+    def _protocol_factory(self) -> asyncio.BaseProtocol:
+        settings = self.settings
+        if self.config.max_connections and len(settings.connections) >= self.config.max_connections:
+            log.warning("refusing a connection: --max-connections %d reached", self.config.max_connections)
+            return _Refuse()
+        self.served += 1
+        return Connection(settings, skip_handshake=self.config.no_handshake)
+
+    async def start(self, listeners: list[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        self.stopped = loop.create_future()
+        if self.config.single or self.config.fd is not None:
+            fd = 0 if self.config.single else self.config.fd
+            sock = socket.socket(fileno=os.dup(fd))
+            if self.config.single:
+                # Keep stdout away from our protocol stream: log lines must not corrupt it.
+                devnull = os.open(os.devnull, os.O_RDWR)
+                os.dup2(devnull, 0)
+                os.dup2(devnull, 1)
+                os.close(devnull)
+            await loop.connect_accepted_socket(self._protocol_factory, sock)
+            return
+        for sock in listeners:
+            if sock.family == socket.AF_UNIX:
+                server = await loop.create_unix_server(self._protocol_factory, sock=sock)
+            else:
+                server = await loop.create_server(self._protocol_factory, sock=sock)
+            self.servers.append(server)
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        connections = list(self.settings.connections)
+        for connection in connections:
+            if connection.transport is not None:
+                connection.transport.close()
+        if connections:
+            await asyncio.wait([c.closed for c in connections], timeout=10)
+        for server in self.servers:
+            await server.wait_closed()
+
+
+class _Refuse(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+def install_signal_handlers(server: Server) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, server.stop)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+
+def tls_context(certificates_dir: str, verify_peer: bool) -> ssl.SSLContext:
+    """X.509 as nbdkit lays it out: DIR/server-cert.pem, DIR/server-key.pem, DIR/ca-cert.pem."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    cert = os.path.join(certificates_dir, "server-cert.pem")
+    key = os.path.join(certificates_dir, "server-key.pem")
+    context.load_cert_chain(cert, key)
+    ca = os.path.join(certificates_dir, "ca-cert.pem")
+    if verify_peer:
+        context.load_verify_locations(ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def use_fast_event_loop() -> None:
+    """uvloop when installed: measured faster on this workload; plain asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def redirect_stdio_to_null() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    sys.stdout = open(os.devnull, "w")

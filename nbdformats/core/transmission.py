@@ -1,0 +1,432 @@
+"""The transmission phase, sans-IO: split the byte stream into requests, check them, run them
+against the backend chain and encode the replies.
+
+`RequestDecoder` follows asyncio's BufferedProtocol shape (get_buffer / buffer_updated) so a
+WRITE payload is received straight into the buffer handed to the plugin (copied at most once).
+`Transmission.process()` turns one request into a list of buffers to send; it calls the
+chain synchronously, so the connection decides whether that happens inline or in a thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+
+from . import protocol as P
+from .chain import (EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, FLAG_REQ_ONE, NONE,
+                    Extents, Layer)
+from .errors import NBDError, ProtocolError
+from .handshake import ExportInfo
+
+log = logging.getLogger("nbdformats")
+
+MAX_PAYLOAD = 64 * 1024 * 1024  # largest READ/WRITE payload accepted (nbdkit's MAX_REQUEST_SIZE)
+SPARSE_READ_MIN = 64 * 1024  # reads this large ask the backend for holes and send them as OFFSET_HOLE
+MAX_DESCRIPTORS = 1 << 16  # block status descriptors in one reply; clients ask again for the rest
+SCRATCH_SIZE = 256 * 1024
+
+
+@dataclass(slots=True)
+class Request:
+    flags: int
+    type: int
+    cookie: int
+    offset: int
+    length: int
+    payload: memoryview | None = None
+    error: int = 0  # set by the decoder when the request must fail (its payload was drained)
+    message: str = ""
+
+
+def _aligned_buffer(length: int, alignment: int) -> memoryview:
+    if alignment <= 1:
+        return memoryview(bytearray(length))
+    raw = bytearray(length + alignment)
+    import ctypes
+    address = ctypes.addressof((ctypes.c_char * len(raw)).from_buffer(raw))
+    start = -address % alignment
+    return memoryview(raw)[start:start + length]
+
+
+class RequestDecoder:
+    """Turns received bytes into `Request`s.  Bytes go where `get_buffer()` says."""
+
+    def __init__(self, *, extended: bool = False, max_payload: int = MAX_PAYLOAD, alignment: int = 1) -> None:
+        self.extended = extended
+        self.header = P.EXTENDED_REQUEST if extended else P.REQUEST
+        self.magic = P.EXTENDED_REQUEST_MAGIC if extended else P.REQUEST_MAGIC
+        self.max_payload = max_payload
+        self.alignment = alignment
+        self._scratch = bytearray(SCRATCH_SIZE)
+        self._view = memoryview(self._scratch)
+        self._start = 0  # first unparsed byte in scratch
+        self._end = 0  # end of received bytes in scratch
+        self._payload_request: Request | None = None  # a WRITE whose payload is still arriving
+        self._payload_filled = 0
+        self._drain = 0  # payload bytes of a refused request still to discard
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        if self._payload_request is not None:
+            return self._payload_request.payload[self._payload_filled:]  # type: ignore[index]
+        if self._drain:
+            return self._view[:min(self._drain, SCRATCH_SIZE)]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif SCRATCH_SIZE - self._end < self.header.size:
+            # Move the partial header to the front so there is room for the rest.
+            pending = self._end - self._start
+            self._scratch[:pending] = self._scratch[self._start:self._end]
+            self._start, self._end = 0, pending
+        return self._view[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> list[Request]:
+        if self._payload_request is not None:
+            self._payload_filled += nbytes
+            if self._payload_filled < self._payload_request.length:
+                return []
+            done, self._payload_request = self._payload_request, None
+            return [done, *self._parse()]
+        if self._drain:
+            self._drain -= nbytes
+            return [] if self._drain else self._parse()
+        self._end += nbytes
+        return self._parse()
+
+    def receive(self, data: bytes) -> list[Request]:
+        """Feed bytes that arrived by other means (tests, bytes left over from the handshake)."""
+        requests: list[Request] = []
+        view = memoryview(data)
+        while view:
+            buf = self.get_buffer()
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            requests += self.buffer_updated(n)
+        return requests
+
+    def _parse(self) -> list[Request]:
+        requests = []
+        header, scratch = self.header, self._scratch
+        while self._end - self._start >= header.size:
+            magic, flags, type, cookie, offset, length = header.unpack_from(scratch, self._start)
+            if magic != self.magic:
+                raise ProtocolError(f"bad request magic {magic:#x}")
+            self._start += header.size
+            request = Request(flags, type, cookie, offset, length)
+            has_payload = type == P.CMD_WRITE or (self.extended and flags & P.CMD_FLAG_PAYLOAD_LEN)
+            if not has_payload:
+                requests.append(request)
+                continue
+            if type != P.CMD_WRITE or length > self.max_payload:
+                # Keep the stream in step: swallow the payload, then fail the request.
+                request.error = errno.EINVAL
+                request.message = (f"payload of {length} bytes exceeds the maximum {self.max_payload}"
+                                   if type == P.CMD_WRITE else "payload not supported for this command")
+                available = min(self._end - self._start, length)
+                self._start += available
+                requests.append(request)
+                if available < length:
+                    self._drain = length - available
+                    return requests
+                continue
+            request.payload = _aligned_buffer(length, self.alignment)
+            available = min(self._end - self._start, length)
+            request.payload[:available] = self._view[self._start:self._start + available]
+            self._start += available
+            if available < length:
+                self._payload_request = request
+                self._payload_filled = available
+                return requests
+            requests.append(request)
+        return requests
+
+
+class ReplyEncoder:
+    """Reply headers for the negotiated mode: simple, structured or extended."""
+
+    def __init__(self, structured: bool, extended: bool) -> None:
+        self.structured = structured or extended
+        self.extended = extended
+
+    def chunk_header(self, flags: int, type: int, cookie: int, offset: int, length: int) -> bytes:
+        if self.extended:
+            return P.EXTENDED_REPLY.pack(P.EXTENDED_REPLY_MAGIC, flags, type, cookie, offset, length)
+        return P.STRUCTURED_REPLY.pack(P.STRUCTURED_REPLY_MAGIC, flags, type, cookie, length)
+
+    @property
+    def chunk_header_size(self) -> int:
+        return P.EXTENDED_REPLY.size if self.extended else P.STRUCTURED_REPLY.size
+
+    def ok(self, cookie: int, offset: int) -> bytes:
+        if self.structured:
+            return self.chunk_header(P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, cookie, offset, 0)
+        return P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, cookie)
+
+    def error(self, cookie: int, offset: int, err: int, message: str = "", at: int | None = None,
+              done: bool = True) -> bytes:
+        """An error reply; with `at`, a structured NBD_REPLY_TYPE_ERROR_OFFSET for that offset."""
+        code = P.errno_to_nbd(err)
+        if not self.structured:
+            return P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, code, cookie)
+        text = message.encode("utf-8", "replace")[:P.MAX_STRING]
+        payload = P.ERROR_PAYLOAD.pack(code, len(text)) + text
+        type = P.REPLY_TYPE_ERROR
+        if at is not None:
+            payload += P.U64.pack(at)
+            type = P.REPLY_TYPE_ERROR_OFFSET
+        flags = P.REPLY_FLAG_DONE if done else 0
+        return self.chunk_header(flags, type, cookie, offset, len(payload)) + payload
+
+    def read_data(self, cookie: int, offset: int, data_offset: int, length: int, done: bool,
+                  alignment: int = 1) -> tuple[bytearray | memoryview, memoryview]:
+        """A buffer holding the reply header(s) followed by room for `length` bytes of data.
+
+        Returns (whole buffer to send, the data part to fill).
+        """
+        if self.structured:
+            head = self.chunk_header(P.REPLY_FLAG_DONE if done else 0, P.REPLY_TYPE_OFFSET_DATA, cookie,
+                                     offset, 8 + length) + P.U64.pack(data_offset)
+        else:
+            head = P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, cookie)
+        if alignment > 1:
+            # Keep the data part aligned for O_DIRECT plugins.
+            pad = -len(head) % alignment
+            whole = _aligned_buffer(pad + len(head) + length, alignment)[pad:]
+        else:
+            whole = bytearray(len(head) + length)
+        whole[:len(head)] = head
+        return whole, memoryview(whole)[len(head):]
+
+    def hole(self, cookie: int, offset: int, hole_offset: int, length: int) -> bytes:
+        payload = P.HOLE_PAYLOAD.pack(hole_offset, length)
+        return self.chunk_header(0, P.REPLY_TYPE_OFFSET_HOLE, cookie, offset, len(payload)) + payload
+
+    def block_status(self, cookie: int, offset: int, context_id: int, extents: list[tuple[int, int]],
+                     done: bool) -> bytes:
+        flags = P.REPLY_FLAG_DONE if done else 0
+        if self.extended:
+            body = bytearray(P.BLOCK_STATUS_EXT_HEADER.pack(context_id, len(extents)))
+            for length, state in extents:
+                body += P.BLOCK_DESCRIPTOR_EXT.pack(length, state)
+            return self.chunk_header(flags, P.REPLY_TYPE_BLOCK_STATUS_EXT, cookie, offset, len(body)) + body
+        body = bytearray(P.U32.pack(context_id))
+        for length, state in extents:
+            body += P.BLOCK_DESCRIPTOR.pack(length, state)
+        return self.chunk_header(flags, P.REPLY_TYPE_BLOCK_STATUS, cookie, offset, len(body)) + body
+
+
+def transmission_flags(layer: Layer, structured: bool) -> int:
+    flags = P.TF_HAS_FLAGS
+    if not layer.can_write():
+        flags |= P.TF_READ_ONLY
+    if layer.can_flush():
+        flags |= P.TF_SEND_FLUSH
+    if layer.can_fua() != NONE:
+        flags |= P.TF_SEND_FUA
+    if layer.is_rotational():
+        flags |= P.TF_ROTATIONAL
+    if layer.can_trim():
+        flags |= P.TF_SEND_TRIM
+    if layer.can_zero() != NONE:
+        flags |= P.TF_SEND_WRITE_ZEROES
+        if layer.can_fast_zero():
+            flags |= P.TF_SEND_FAST_ZERO
+    if structured:
+        flags |= P.TF_SEND_DF
+    if layer.can_multi_conn():
+        flags |= P.TF_CAN_MULTI_CONN
+    if layer.can_cache() != NONE:
+        flags |= P.TF_SEND_CACHE
+    return flags
+
+
+def export_info(name: str, layer: Layer, structured: bool, description: str = "") -> ExportInfo:
+    constraints = layer.block_size()
+    minimum, preferred, maximum = constraints if constraints else (1, 4096, MAX_PAYLOAD)
+    return ExportInfo(name=name, size=layer.get_size(), flags=transmission_flags(layer, structured),
+                      minimum=minimum, preferred=max(preferred, minimum), maximum=min(maximum, MAX_PAYLOAD),
+                      description=description)
+
+
+# Flags each command accepts ("the server MUST reject any command flags it does not recognize").
+_ALLOWED_FLAGS = {
+    P.CMD_READ: P.CMD_FLAG_DF,
+    P.CMD_WRITE: P.CMD_FLAG_FUA | P.CMD_FLAG_PAYLOAD_LEN,
+    P.CMD_DISC: 0,
+    P.CMD_FLUSH: 0,
+    P.CMD_TRIM: P.CMD_FLAG_FUA,
+    P.CMD_CACHE: 0,
+    P.CMD_WRITE_ZEROES: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
+    P.CMD_BLOCK_STATUS: P.CMD_FLAG_REQ_ONE,
+}
+
+
+class Transmission:
+    """Runs requests against one connection's chain and encodes the replies."""
+
+    def __init__(self, layer: Layer, info: ExportInfo, *, structured: bool, extended: bool,
+                 meta_context_id: int | None, alignment: int = 1) -> None:
+        self.layer = layer
+        self.info = info
+        self.size = info.size
+        self.flags = info.flags
+        self.replies = ReplyEncoder(structured, extended)
+        self.structured = structured or extended
+        self.meta_context_id = meta_context_id
+        self.alignment = alignment
+        self.sparse_reads = self.structured and layer.can_extents()
+
+    def check(self, req: Request) -> tuple[int, str] | None:
+        """Why a request must fail before it reaches the backend, or None."""
+        if req.error:
+            return req.error, req.message
+        type, flags = req.type, req.flags
+        allowed = _ALLOWED_FLAGS.get(type)
+        if allowed is None:
+            return errno.EINVAL, f"unknown command {type}"
+        if flags & ~allowed:
+            return errno.EINVAL, f"invalid flags {flags:#x} for {P.COMMAND_NAMES[type]}"
+        tf = self.flags
+        if type == P.CMD_READ:
+            if req.length > self.info.maximum:
+                return errno.EOVERFLOW if flags & P.CMD_FLAG_DF else errno.EINVAL, \
+                    f"read of {req.length} bytes exceeds the maximum {self.info.maximum}"
+            if flags & P.CMD_FLAG_DF and not self.structured:
+                return errno.EINVAL, "DF needs structured replies"
+        elif type in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES):
+            if tf & P.TF_READ_ONLY:
+                return errno.EPERM, "the export is read-only"
+            if type == P.CMD_TRIM and not tf & P.TF_SEND_TRIM:
+                return errno.EINVAL, "trim is not supported"
+            if type == P.CMD_WRITE_ZEROES and not tf & P.TF_SEND_WRITE_ZEROES:
+                return errno.EINVAL, "write zeroes is not supported"
+            if flags & P.CMD_FLAG_FAST_ZERO and not tf & P.TF_SEND_FAST_ZERO:
+                return errno.EINVAL, "fast zero is not supported"
+            if flags & P.CMD_FLAG_FUA and not tf & P.TF_SEND_FUA:
+                return errno.EINVAL, "FUA is not supported"
+        elif type == P.CMD_FLUSH:
+            if not tf & P.TF_SEND_FLUSH:
+                return errno.EINVAL, "flush is not supported"
+            return None
+        elif type == P.CMD_CACHE:
+            if not tf & P.TF_SEND_CACHE:
+                return errno.EINVAL, "cache is not supported"
+        elif type == P.CMD_BLOCK_STATUS:
+            if self.meta_context_id is None:
+                return errno.EINVAL, "no meta context was negotiated"
+        elif type == P.CMD_DISC:
+            return None
+        if req.offset > self.size or (req.offset + req.length > self.size and not self._partial_ok(req)):
+            return errno.EINVAL, f"request [{req.offset}, +{req.length}) is beyond the end of the disk ({self.size})"
+        return None
+
+    def _partial_ok(self, req: Request) -> bool:
+        # Structured READ/BLOCK_STATUS past the end answer the valid part, then an offset error.
+        return self.structured and req.type in (P.CMD_READ, P.CMD_BLOCK_STATUS) and req.offset < self.size
+
+    def process(self, req: Request) -> list[bytes | bytearray | memoryview]:
+        """Run one request (already through check()) and return the reply buffers."""
+        try:
+            type = req.type
+            if req.length == 0 and type != P.CMD_FLUSH:
+                return [self.replies.ok(req.cookie, req.offset)]
+            if type == P.CMD_READ:
+                return self._read(req)
+            if type == P.CMD_WRITE:
+                self.layer.pwrite(req.payload, req.offset, FLAG_FUA if req.flags & P.CMD_FLAG_FUA else 0)
+            elif type == P.CMD_FLUSH:
+                self.layer.flush(0)
+            elif type == P.CMD_TRIM:
+                self.layer.trim(req.length, req.offset, FLAG_FUA if req.flags & P.CMD_FLAG_FUA else 0)
+            elif type == P.CMD_WRITE_ZEROES:
+                flags = FLAG_FUA if req.flags & P.CMD_FLAG_FUA else 0
+                if not req.flags & P.CMD_FLAG_NO_HOLE:
+                    flags |= FLAG_MAY_TRIM
+                if req.flags & P.CMD_FLAG_FAST_ZERO:
+                    flags |= FLAG_FAST_ZERO
+                self.layer.zero(req.length, req.offset, flags)
+            elif type == P.CMD_CACHE:
+                self.layer.cache(req.length, req.offset, 0)
+            elif type == P.CMD_BLOCK_STATUS:
+                return self._block_status(req)
+            return [self.replies.ok(req.cookie, req.offset)]
+        except Exception as e:  # any failure of one request fails only that request
+            err, message = self.failure(e, req)
+            return [self.replies.error(req.cookie, req.offset, err, message)]
+
+    def failure(self, e: BaseException, req: Request) -> tuple[int, str]:
+        name = P.COMMAND_NAMES.get(req.type, str(req.type))
+        if isinstance(e, NBDError):
+            log.debug("%s [%d, +%d): %s", name, req.offset, req.length, e)
+            return e.errno, str(e)
+        if isinstance(e, OSError) and e.errno:
+            log.warning("%s [%d, +%d): %s", name, req.offset, req.length, e)
+            return e.errno, e.strerror or str(e)
+        log.error("%s [%d, +%d) failed", name, req.offset, req.length, exc_info=e)
+        return errno.EIO, f"internal error: {type(e).__name__}"
+
+    def _read(self, req: Request) -> list[bytes | bytearray | memoryview]:
+        offset, length, cookie = req.offset, req.length, req.cookie
+        valid = min(length, self.size - offset)
+        tail_error = valid < length
+        if self.sparse_reads and valid >= SPARSE_READ_MIN and not req.flags & P.CMD_FLAG_DF:
+            return self._sparse_read(req, valid, tail_error)
+        buffers: list[bytes | bytearray | memoryview] = []
+        whole, data = self.replies.read_data(cookie, offset, offset, valid, done=not tail_error,
+                                             alignment=self.alignment)
+        self.layer.pread(data, offset, 0)
+        buffers.append(whole)
+        if tail_error:
+            buffers.append(self.replies.error(cookie, offset, errno.EINVAL, "read beyond the end of the disk",
+                                              at=offset + valid))
+        return buffers
+
+    def _sparse_read(self, req: Request, valid: int, tail_error: bool) -> list[bytes | bytearray | memoryview]:
+        offset, cookie = req.offset, req.cookie
+        extents = Extents(offset, offset + valid)
+        try:
+            self.layer.extents(valid, offset, 0, extents)
+        except Exception:
+            extents = Extents(offset, offset + valid)  # holes are an optimisation: fall back to data
+        pieces = [(o, n, bool(t & EXTENT_ZERO)) for o, n, t in extents]
+        if extents.covered < offset + valid:
+            pieces.append((extents.covered, offset + valid - extents.covered, False))
+        if len(pieces) == 1 and not pieces[0][2]:
+            pieces = [(offset, valid, False)]
+        buffers: list[bytes | bytearray | memoryview] = []
+        for index, (piece_offset, piece_length, is_zero) in enumerate(pieces):
+            last = index == len(pieces) - 1 and not tail_error
+            if is_zero:
+                buffers.append(self.replies.hole(cookie, offset, piece_offset, piece_length))
+                continue
+            whole, data = self.replies.read_data(cookie, offset, piece_offset, piece_length, done=last,
+                                                 alignment=self.alignment)
+            self.layer.pread(data, piece_offset, 0)
+            buffers.append(whole)
+        if tail_error:
+            buffers.append(self.replies.error(cookie, offset, errno.EINVAL, "read beyond the end of the disk",
+                                              at=offset + valid))
+        elif pieces[-1][2]:
+            buffers.append(self.replies.ok(cookie, offset))
+        return buffers
+
+    def _block_status(self, req: Request) -> list[bytes | bytearray | memoryview]:
+        offset, cookie = req.offset, req.cookie
+        valid = min(req.length, self.size - offset)
+        tail_error = valid < req.length
+        if not self.replies.extended:
+            valid = min(valid, 0xFFFFFFFF)
+        extents = Extents(offset, offset + valid)
+        flags = FLAG_REQ_ONE if req.flags & P.CMD_FLAG_REQ_ONE else 0
+        self.layer.extents(valid, offset, flags, extents)
+        if not len(extents):
+            raise NBDError(errno.EIO, "the backend reported no extents")
+        limit = 1 if flags else MAX_DESCRIPTORS
+        descriptors = [(length, type & (EXTENT_HOLE | EXTENT_ZERO)) for _, length, type in extents][:limit]
+        buffers: list[bytes | bytearray | memoryview] = [
+            self.replies.block_status(cookie, offset, self.meta_context_id or 0, descriptors, done=not tail_error)]
+        if tail_error:
+            buffers.append(self.replies.error(cookie, offset, errno.EINVAL, "block status beyond the end of the disk",
+                                              at=offset + valid))
+        return buffers
