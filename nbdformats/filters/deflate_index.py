@@ -18,11 +18,14 @@ API (the module is a helper, not a filter: it defines no FILTER)::
                          uncompressed_size=None, raw=True, span=4 << 20, max_size=None)
     index.read_into(buf, offset)     # fill memoryview buf with output bytes [offset, offset+len)
     index.build(progress)            # decode to the end; returns the total size
+    index.read_into(buf, offset, read_compressed=other)   # this call reads through `other`
     index.size                       # the total size, or None until known
     index.to_bytes() / DeflateIndex.from_bytes(blob, read_compressed, ...)  # persistence
 
 `read_compressed(offset, length) -> bytes` reads the compressed bytes at absolute `offset`
-(a short read means end of data).  `raw=True` is a bare deflate stream (zip "deflated",
+(a short read means end of data).  An index shared by several connections should be given
+each connection's own reader per call (read_into/build's `read_compressed=`), as a connection's
+layer is closed when it ends.  `raw=True` is a bare deflate stream (zip "deflated",
 method 8); `raw=False` is gzip (RFC 1952): members follow each other, each one's CRC-32 and
 ISIZE are checked while the frontier decodes it, zero padding after the last member is ignored.
 Errors (corrupt or truncated data, output beyond `uncompressed_size` or `max_size`) raise
@@ -57,6 +60,8 @@ Z_BLOCK = 5
 RAW_BITS = -15  # windowBits for a bare deflate stream
 GZIP_BITS = 15 + 16  # windowBits for a gzip member (header and trailer checked by zlib)
 GZIP_MAGIC = b"\x1f\x8b"
+
+Reader = Callable[[int, int], bytes]  # read_compressed(offset, length) -> bytes
 
 
 class _ZStream(ctypes.Structure):
@@ -109,6 +114,7 @@ class _Stream:
 
     def __init__(self, index: "DeflateIndex", point: Checkpoint) -> None:
         self.index = index
+        self.reader = index.read_compressed  # replaced per call by the caller's reader
         self.strm = _ZStream()
         self.ring = bytearray(RING)
         self.ring_view = memoryview(self.ring)
@@ -148,7 +154,7 @@ class _Stream:
         """Point the stream's input at compressed `offset`; False at the end of the data."""
         index = self.index
         length = min(IN_CHUNK, index.start + index.compressed_size - offset)
-        data = index.read_compressed(offset, length) if length > 0 else b""
+        data = self.reader(offset, length) if length > 0 else b""
         if not data:
             return False
         self.in_buf = bytearray(data)
@@ -170,7 +176,7 @@ class _Stream:
     def _peek(self, count: int) -> bytes:
         offset = self.next_in_offset
         limit = self.index.start + self.index.compressed_size
-        return self.index.read_compressed(offset, min(count, limit - offset)) if offset < limit else b""
+        return self.reader(offset, min(count, limit - offset)) if offset < limit else b""
 
     def _member_ended(self) -> None:
         """After Z_STREAM_END: finish, or go on with the next gzip member."""
@@ -249,7 +255,7 @@ class _Stream:
 class DeflateIndex:
     """Checkpointed random access into one deflate or gzip stream (see the module docstring)."""
 
-    def __init__(self, read_compressed: Callable[[int, int], bytes], start: int, compressed_size: int,
+    def __init__(self, read_compressed: Reader, start: int, compressed_size: int,
                  uncompressed_size: int | None = None, raw: bool = True, span: int = DEFAULT_SPAN,
                  max_size: int | None = None) -> None:
         self.read_compressed = read_compressed
@@ -274,8 +280,9 @@ class DeflateIndex:
 
     # --- reading ---------------------------------------------------------------------------
 
-    def read_into(self, buf: memoryview, offset: int) -> None:
+    def read_into(self, buf: memoryview, offset: int, read_compressed: Reader | None = None) -> None:
         """Fill `buf` with the uncompressed bytes at `offset`; EIO if the stream ends first."""
+        reader = read_compressed or self.read_compressed
         end = offset + len(buf)
         if not len(buf):
             return
@@ -289,18 +296,21 @@ class DeflateIndex:
                 if not self._frontier_done:
                     stream = self._frontier_stream()
                     if offset >= stream.out:
-                        self._run(stream, end, buf, offset, frontier=True)
+                        self._run(stream, reader, end, buf, offset, frontier=True)
                         return
         stream = self._take_stream(offset)
         try:
-            self._run(stream, end, buf, offset, frontier=False)
+            self._run(stream, reader, end, buf, offset, frontier=False)
         except BaseException:
             stream.close()
             raise
         self._park(stream)
 
-    def build(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Decode the rest of the stream, recording checkpoints; returns the total size."""
+    def build(self, progress: Callable[[int, int], None] | None = None,
+              read_compressed: Reader | None = None) -> int:
+        """Decode the rest of the stream, recording checkpoints; returns the total size.
+        `progress(compressed_done, compressed_total)` is called every few MiB."""
+        reader = read_compressed or self.read_compressed
         with self._frontier_lock:
             if self._frontier_done:
                 assert self.size is not None
@@ -308,7 +318,7 @@ class DeflateIndex:
             stream = self._frontier_stream()
             step = max(self.span, 16 << 20)
             while not stream.finished:
-                self._run(stream, stream.out + step, None, 0, frontier=True)
+                self._run(stream, reader, stream.out + step, None, 0, frontier=True)
                 if progress is not None:
                     progress(stream.next_in_offset - self.start, self.compressed_size)
             assert self.size is not None
@@ -320,8 +330,13 @@ class DeflateIndex:
             self._frontier = _Stream(self, self.checkpoints[-1])
         return self._frontier
 
-    def _run(self, stream: _Stream, end: int, buf: memoryview | None, offset: int, frontier: bool) -> None:
-        stream.run(end, buf, offset, self._record if frontier else None)
+    def _run(self, stream: _Stream, reader: Reader, end: int, buf: memoryview | None, offset: int,
+             frontier: bool) -> None:
+        stream.reader = reader
+        try:
+            stream.run(end, buf, offset, self._record if frontier else None)
+        finally:
+            stream.reader = self.read_compressed  # do not keep a connection's layer alive
         if stream.finished:
             self._stream_ended(stream, frontier)
         if stream.out < end and buf is not None:
@@ -350,7 +365,7 @@ class DeflateIndex:
         if bits:  # the block starts in the high `bits` bits of the byte before `offset`
             assert stream.in_buf is not None
             at = offset - 1 - (stream.in_pos - len(stream.in_buf))
-            byte = stream.in_buf[at] if at >= 0 else self.read_compressed(offset - 1, 1)[0]
+            byte = stream.in_buf[at] if at >= 0 else stream.reader(offset - 1, 1)[0]
             prime = byte >> (8 - bits)
         point = Checkpoint(stream.out, offset, bits, prime, False, stream.window())
         with self._lock:
@@ -416,7 +431,7 @@ class DeflateIndex:
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, blob: bytes, read_compressed: Callable[[int, int], bytes], start: int,
+    def from_bytes(cls, blob: bytes, read_compressed: Reader, start: int,
                    compressed_size: int, raw: bool) -> "DeflateIndex":
         """Load an index saved by to_bytes(); ValueError if it does not match this stream."""
         try:
@@ -428,7 +443,6 @@ class DeflateIndex:
         if (i_start, i_compressed, bool(i_raw)) != (start, compressed_size, raw):
             raise ValueError(f"the index is for another file (compressed size {i_compressed}, "
                              f"not {compressed_size})")
-        index = cls(read_compressed, start, compressed_size, size, raw, span)
         points = []
         pos = cls._HEADER.size
         try:
@@ -443,9 +457,17 @@ class DeflateIndex:
                 points.append(Checkpoint(out, in_, bits, prime, bool(header), window))
         except (struct.error, zlib.error) as e:
             raise ValueError(f"the index is damaged: {e}") from None
+        return cls.from_checkpoints(points, read_compressed, start, compressed_size, size, raw, span)
+
+    @classmethod
+    def from_checkpoints(cls, points: list[Checkpoint], read_compressed: Reader, start: int,
+                         compressed_size: int, size: int, raw: bool,
+                         span: int = DEFAULT_SPAN) -> "DeflateIndex":
+        """A complete index from checkpoints found otherwise (e.g. BGZF member starts)."""
         if not points or points[0].out != 0 or any(a.out > b.out for a, b in zip(points, points[1:])):
             raise ValueError("the index is damaged: checkpoints out of order")
-        index.checkpoints = points
+        index = cls(read_compressed, start, compressed_size, size, raw, span)
+        index.checkpoints = list(points)
         index._outs = [p.out for p in points]
         index._frontier_done = True
         return index
