@@ -1,0 +1,355 @@
+"""linuxdisk plugin: a GPT disk holding an ext2/3/4 filesystem made from one or more directories.
+
+The filesystem is built once at start-up by e2fsprogs' `mke2fs -d` into an anonymous temp
+file (O_TMPFILE: nothing is left behind, even on a crash).  The disk is served as three
+regions: the protective MBR and primary GPT padded to 1 MiB and the backup GPT are small
+in-memory buffers, the partition in between is read straight from the temp file with
+preadv into the client's buffer.  Several `dir=` are merged through a staging tree of
+hard links (see tree.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+
+from ...core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents, Plugin, PluginHandle
+from ...core.errors import ConfigError, NBDError
+from ...core.params import Bool, Enum, Param, ParamType, Path, Size, String
+from . import gpt, tree
+from .tree import TreeStats
+
+log = logging.getLogger(__name__)
+
+SECTOR = gpt.SECTOR
+PARTITION_START = 2048 * SECTOR  # 1 MiB alignment, as nbdkit and partitioning tools do
+JOURNAL_ALLOWANCE = 32 << 20  # nbdkit adds this for ext3/ext4 to its estimate
+INODE_SIZE = 256  # mke2fs.conf's default inode_size: room each inode takes in the inode tables
+RESERVED_INODES = 11  # EXT2_GOOD_OLD_FIRST_INO: inodes 1-10 are reserved, 11 is lost+found
+PROGRESS_MIN_BYTES = 64 << 20  # smaller builds take well under a second: no progress bar
+DEFAULT_TMPDIR = "/var/tmp"  # large files do not belong in /tmp (often RAM), as nbdkit
+
+
+class Uuid(ParamType):
+    metavar = "UUID"
+
+    def parse(self, text: str) -> uuid.UUID:
+        try:
+            return uuid.UUID(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a UUID (e.g. 2a7f33c4-3b2c-4d0e-9a1b-6f3c5d2e1f00)") from None
+
+
+def _check_label(label: str) -> None:
+    if len(label.encode()) > 16:  # s_volume_name[16] in the ext2 superblock
+        raise ValueError("an ext2/3/4 label is at most 16 bytes")
+
+
+def estimate_size(stats: TreeStats, fs_type: str) -> int:
+    """nbdkit's estimate (du plus 20% for metadata, at least 1 MiB, 32 MiB more for a journal),
+    counting the inode tables too so that trees of many small files fit."""
+    estimate = max((stats.allocated + stats.inodes * INODE_SIZE) * 6 // 5, 1 << 20)
+    if fs_type != "ext2":
+        estimate += JOURNAL_ALLOWANCE
+    return _round_up(estimate, SECTOR)
+
+
+def inodes_needed(stats: TreeStats) -> int:
+    """Inodes the tree needs (the top directory becomes the root inode), with 10% to spare."""
+    needed = stats.inodes - 1 + RESERVED_INODES
+    return needed + needed // 10
+
+
+def find_program(name: str) -> str:
+    """`name` looked up in PATH, then in /usr/sbin and /sbin (not in a normal user's PATH on Debian)."""
+    if os.sep in name:
+        if os.access(name, os.X_OK) and not os.path.isdir(name):
+            return name
+        raise ConfigError(f"linuxdisk: {name} is not an executable program (install e2fsprogs)")
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        raise ConfigError(f"linuxdisk: {name} was not found in PATH, /usr/sbin or /sbin: "
+                          "install e2fsprogs (or give mke2fs=/path/to/mke2fs)")
+    return found
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+def _human(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{value:.1f} {unit}"
+
+
+class LinuxDiskPlugin(Plugin):
+    """A GPT disk with an ext2/3/4 filesystem built from directories (mke2fs -d)."""
+
+    name = "linuxdisk"
+    blocking = True  # preadv on the temp file
+    dirs = Param(Path("dir"), key="dir", required=True, repeat=True, magic=True,
+                 help="Directory whose contents become the filesystem; several are merged (later wins)")
+    label = Param(String(), check=_check_label, help="Filesystem label (at most 16 bytes); also the GPT partition name")
+    fs_type = Param(Enum("ext2", "ext3", "ext4"), key="type", default="ext2", help="Filesystem type")
+    size = Param(Size(relative=True),
+                 help="Filesystem size: SIZE exactly, or +SIZE for at least SIZE free (default: just enough)")
+    uuid = Param(Uuid(), help="Filesystem UUID; the GPT GUIDs are derived from it (default: random)")
+    partition = Param(Enum("gpt", "none"), default="gpt",
+                      help="gpt: a partitioned disk; none: the bare filesystem")
+    writable = Param(Bool(), default=False,
+                     help="Accept writes (into the temporary image: they are lost when the server exits)")
+    mke2fs = Param(String(), default="mke2fs", help="The mke2fs program to run")
+
+    def get_ready(self) -> None:
+        program = find_program(self.mke2fs)
+        tmpdir = os.environ.get("TMPDIR") or DEFAULT_TMPDIR
+        staging = None
+        try:
+            if len(self.dirs) == 1:
+                source = self.dirs[0]
+                stats = tree.scan(source)
+            else:
+                staging = source = tempfile.mkdtemp(prefix="linuxdisk-merge-", dir=tmpdir)
+                stats = tree.stage(self.dirs, staging)
+            self.fd = self._build_filesystem(program, source, stats, tmpdir)
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        self._lay_out()
+        if self.writable:
+            log.warning("linuxdisk: writable=true: writes go to a temporary image and are LOST when the "
+                        "server exits")
+
+    def _build_filesystem(self, program: str, source: str, stats: TreeStats, tmpdir: str) -> int:
+        estimate = estimate_size(stats, self.fs_type)
+        exact = self.size is not None and not self.size[0]
+        if self.size is None:
+            fs_size = estimate
+        else:
+            fs_size = _round_up(self.size[1] + (estimate if self.size[0] else 0), SECTOR)
+        fd, path = _anonymous_file(tmpdir)
+        try:
+            os.ftruncate(fd, fs_size)
+            command = [program, "-q", "-F", "-t", self.fs_type]
+            if self.label is not None:
+                command += ["-L", self.label]
+            if self.uuid is not None:
+                command += ["-U", str(self.uuid)]
+            default_inodes = _default_inodes(program, self.fs_type, path, fd)
+            if default_inodes is not None and default_inodes < inodes_needed(stats):
+                command += ["-N", str(inodes_needed(stats))]
+            command += ["-d", source, path]
+            log.debug("linuxdisk: %s", " ".join(command))
+            returncode, errors = _run_with_progress(command, fd, stats.allocated,
+                                                    f"linuxdisk: building {self.fs_type}")
+            if returncode != 0:
+                dirs = ", ".join(self.dirs)
+                if exact and fs_size < estimate:
+                    raise ConfigError(
+                        f"linuxdisk: size={self.size[1]} is too small for {dirs}: about {_human(estimate)} is "
+                        f"needed (use size={estimate} or more, or size=+FREE); mke2fs: {errors}")
+                raise ConfigError(f"linuxdisk: mke2fs failed building a {_human(fs_size)} {self.fs_type} from "
+                                  f"{dirs}: {errors}")
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            if not path.startswith("/proc/"):
+                os.unlink(path)
+        self.fs_size = fs_size
+        log.info("linuxdisk: built a %s %s from %s (%d inodes)", _human(fs_size), self.fs_type,
+                 ", ".join(self.dirs), stats.inodes)
+        return fd
+
+    def _lay_out(self) -> None:
+        """head (memory) | filesystem (temp file) | tail (memory)."""
+        if self.partition == "none":
+            self.fs_start, self.head, self.head_data = 0, bytearray(), 0
+            self.tail = bytearray()
+        else:
+            fs_sectors = self.fs_size // SECTOR
+            total = gpt.disk_sectors(PARTITION_START // SECTOR, fs_sectors)
+            if self.uuid is not None:  # reproducible: the same uuid= gives the same disk
+                disk_guid = uuid.uuid5(self.uuid, "linuxdisk disk")
+                partition_guid = uuid.uuid5(self.uuid, "linuxdisk partition")
+            else:
+                disk_guid, partition_guid = uuid.uuid4(), uuid.uuid4()
+            partition = gpt.Partition(PARTITION_START // SECTOR, PARTITION_START // SECTOR + fs_sectors - 1,
+                                      gpt.LINUX_FILESYSTEM, partition_guid, self.label or "",
+                                      gpt.ATTR_LEGACY_BIOS_BOOTABLE)  # as nbdkit: syslinux's gptmbr boots it
+            primary, backup = gpt.build(total, disk_guid, [partition])
+            self.fs_start = PARTITION_START
+            self.head = bytearray(PARTITION_START)
+            self.head[:len(primary)] = primary
+            self.head_data = len(primary)  # the rest of the head reads as a hole until written
+            self.tail = bytearray(backup)
+        self.fs_end = self.fs_start + self.fs_size
+        self.disk_size = self.fs_end + len(self.tail)
+
+    def cleanup(self) -> None:
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            os.close(fd)
+            self.fd = None
+
+    class Handle(PluginHandle):
+        def __init__(self, plugin: "LinuxDiskPlugin", readonly: bool, export_name: str) -> None:
+            self.plugin = plugin
+            self.fd = plugin.fd
+            self.fs_start, self.fs_end = plugin.fs_start, plugin.fs_end
+
+        def get_size(self) -> int:
+            return self.plugin.disk_size
+
+        def can_write(self) -> bool:
+            return self.plugin.writable
+
+        def can_multi_conn(self) -> bool:
+            return True  # one image shared by all connections
+
+        def can_fua(self) -> int:
+            return NATIVE  # the image is temporary: a write is as durable as it will ever be
+
+        def flush(self, flags: int) -> None:
+            pass  # see can_fua
+
+        def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+            end = offset + len(buf)
+            if offset >= self.fs_start and end <= self.fs_end:  # the common case: one preadv
+                self._read_fs(buf, offset - self.fs_start)
+                return
+            for piece, start, region in self._split(offset, end):
+                if region == "fs":
+                    self._read_fs(buf[piece], start)
+                else:
+                    data = self.plugin.head if region == "head" else self.plugin.tail
+                    buf[piece] = data[start:start + len(buf[piece])]
+
+        def _read_fs(self, buf: memoryview, offset: int) -> None:
+            done, count = 0, len(buf)
+            while done < count:
+                n = os.preadv(self.fd, [buf[done:]], offset + done)
+                if n == 0:
+                    raise NBDError(errno.EIO, "short read from the filesystem image")
+                done += n
+
+        def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+            for piece, start, region in self._split(offset, offset + len(buf)):
+                if region == "fs":
+                    done, data = 0, buf[piece]
+                    try:
+                        while done < len(data):
+                            done += os.pwritev(self.fd, [data[done:]], start + done)
+                    except OSError as e:
+                        raise NBDError(e.errno, f"write to the filesystem image failed: {e.strerror}") from None
+                elif region == "head":
+                    self.plugin.head[start:start + len(buf[piece])] = buf[piece]
+                    self.plugin.head_data = len(self.plugin.head)
+                else:
+                    self.plugin.tail[start:start + len(buf[piece])] = buf[piece]
+
+        def _split(self, offset: int, end: int) -> list[tuple[slice, int, str]]:
+            """The parts of [offset, end): (slice of the request, offset in the region, region)."""
+            parts = []
+            for region_start, region_end, region in ((0, self.fs_start, "head"), (self.fs_start, self.fs_end, "fs"),
+                                                     (self.fs_end, self.plugin.disk_size, "tail")):
+                lo, hi = max(offset, region_start), min(end, region_end)
+                if lo < hi:
+                    parts.append((slice(lo - offset, hi - offset), lo - region_start, region))
+            return parts
+
+        def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
+            end = offset + count
+            head_data = self.plugin.head_data
+            if offset < self.fs_start:
+                extents.add(0, head_data, EXTENT_DATA)
+                extents.add(head_data, self.fs_start - head_data, EXTENT_HOLE | EXTENT_ZERO)
+            position = max(offset, self.fs_start)
+            while position < min(end, self.fs_end):
+                # SEEK_DATA/SEEK_HOLE on the image: mke2fs leaves free space as holes.
+                file_position = position - self.fs_start
+                try:
+                    data = os.lseek(self.fd, file_position, os.SEEK_DATA) + self.fs_start
+                except OSError as e:
+                    if e.errno != errno.ENXIO:
+                        raise NBDError(e.errno, f"extents: {e.strerror}") from None
+                    data = self.fs_end  # a hole to the end of the image
+                if data > position:
+                    extents.add(position, data - position, EXTENT_HOLE | EXTENT_ZERO)
+                    position = data
+                    continue
+                hole = os.lseek(self.fd, file_position, os.SEEK_HOLE) + self.fs_start
+                extents.add(position, hole - position, EXTENT_DATA)
+                position = hole
+            if end > self.fs_end:
+                extents.add(self.fs_end, self.plugin.disk_size - self.fs_end, EXTENT_DATA)
+
+
+def _anonymous_file(directory: str) -> tuple[int, str]:
+    """A temp file with no name (O_TMPFILE) and the path mke2fs can open it by; where the
+    filesystem lacks O_TMPFILE, a named one the caller unlinks right after the build."""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        return fd, f"/proc/self/fd/{fd}"
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise ConfigError(f"linuxdisk: cannot create a temporary file in {directory}: {e.strerror} "
+                              "(set TMPDIR)") from None
+    fd, path = tempfile.mkstemp(prefix="linuxdisk", dir=directory)
+    return fd, path
+
+
+def _default_inodes(program: str, fs_type: str, path: str, fd: int) -> int | None:
+    """How many inodes mke2fs would make on this image (a dry run, -n: nothing is written)."""
+    result = subprocess.run([program, "-n", "-F", "-t", fs_type, path], capture_output=True, pass_fds=(fd,),
+                            env=dict(os.environ, LC_ALL="C"), timeout=60)
+    match = re.search(rb"blocks and (\d+) inodes", result.stdout)
+    return int(match.group(1)) if match else None
+
+
+def _run_with_progress(command: list[str], fd: int, expected: int, description: str) -> tuple[int, str]:
+    """Run mke2fs (which has no progress output of its own); on a terminal, show how much of
+    the expected data the image already holds.  Returns (exit status, its messages)."""
+    bar = None
+    if expected >= PROGRESS_MIN_BYTES and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=expected, desc=description, unit="B", unit_scale=True, unit_divisor=1024, delay=1.0,
+                   leave=False, file=sys.stderr)
+    with tempfile.TemporaryFile() as messages:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=messages, stderr=messages,
+                                   pass_fds=(fd,), env=dict(os.environ, LC_ALL="C"))
+        try:
+            while True:
+                try:
+                    process.wait(0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    if bar is not None:
+                        bar.update(min(os.fstat(fd).st_blocks * 512, expected) - bar.n)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        messages.seek(0)
+        text = messages.read().decode(errors="replace").strip()
+    return process.returncode, " / ".join(text.splitlines()[-3:])
+
+
+PLUGIN = LinuxDiskPlugin

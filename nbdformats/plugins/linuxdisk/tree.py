@@ -1,0 +1,225 @@
+"""Walking the source directories: checks, statistics and, for several dirs, the merged staging tree.
+
+`mke2fs -d` copies exactly one directory.  Several `dir=` are merged into a staging
+directory that mke2fs then reads: later sources win for files, directories merge, and a
+directory meeting a non-directory at the same path is an error naming both.  Every
+non-directory is hard-linked into the staging tree (no data copied, owners, modes, times,
+xattrs and hard links carried by the inode itself); only when the kernel refuses the link
+(another filesystem, or protected_hardlinks for a file we do not own) is it copied,
+sparse-aware, with its metadata.  Staged directories get their source's metadata.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+
+from ...core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FICLONE = 0x40049409  # <linux/fs.h> _IOW(0x94, 9, int): share the extents (btrfs, xfs, bcachefs)
+LINK_FALLBACK_ERRNOS = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES)
+
+
+@dataclass
+class TreeStats:
+    allocated: int = 0  # bytes allocated to every inode once (what `du -s` counts)
+    file_data: int = 0  # bytes allocated to regular files: what mke2fs copies
+    inodes: int = 0  # distinct inodes below (and including) the top directory
+    linked: int = 0  # staging: entries hard-linked
+    copied: int = 0  # staging: entries recreated because the link was refused
+    copied_bytes: int = 0
+    metadata_lost: list[str] = field(default_factory=list)  # staging: owner/xattr not reproduced
+
+
+class _Walker:
+    """Walks one or several source trees in step; stages the merged tree when `staging` is set."""
+
+    def __init__(self, sources: list[str], staging: str | None) -> None:
+        self.sources = sources
+        self.staging = staging
+        self.stats = TreeStats()
+        self.seen_inodes: set[tuple[int, int]] = set()  # only inodes with several links
+        self.copied_inodes: dict[tuple[int, int], str] = {}  # source inode -> its staged copy
+
+    def walk(self) -> TreeStats:
+        # Iterative (deep trees must not hit the recursion limit); a directory's metadata is
+        # applied after its children are staged, because adding them changes its mtime.
+        stack: list[tuple[str, list[str], bool]] = [("", list(self.sources), False)]
+        while stack:
+            relative, dirs, done = stack.pop()
+            if done:
+                self._finish_directory(relative, dirs[-1])
+                continue
+            self._count(os.stat(dirs[-1]))  # stat: a top-level dir= may be a symlink
+            stack.append((relative, dirs, True))
+            if self.staging is not None and relative:
+                os.mkdir(os.path.join(self.staging, relative), 0o700)
+            for name, kind in sorted(self._merged_listing(relative, dirs).items()):
+                child = os.path.join(relative, name)
+                if kind[0] == "dir":
+                    stack.append((child, kind[1], False))
+                else:
+                    self._entry(child, kind[1], kind[2])
+        return self.stats
+
+    def _merged_listing(self, relative: str, dirs: list[str]) -> dict[str, tuple]:
+        """name -> ("dir", [source dirs, in order]) or ("other", path, stat) of the winner."""
+        merged: dict[str, tuple] = {}
+        for directory in dirs:
+            try:
+                with os.scandir(directory) as entries:
+                    listing = [(e.name, e.path, e.is_dir(follow_symlinks=False)) for e in entries]
+            except OSError as e:
+                raise ConfigError(f"linuxdisk: cannot read directory {directory}: {e.strerror}") from None
+            for name, path, is_dir in listing:
+                earlier = merged.get(name)
+                if earlier is not None and (earlier[0] == "dir") != is_dir:
+                    earlier_path = earlier[1][-1] if earlier[0] == "dir" else earlier[1]
+                    raise ConfigError(
+                        f"linuxdisk: cannot merge {earlier_path} ({_kind(earlier_path)}) with "
+                        f"{path} ({_kind(path)}): a directory and a non-directory at the same place")
+                if is_dir:
+                    merged[name] = ("dir", (earlier[1] if earlier else []) + [path])
+                else:
+                    merged[name] = ("other", path, None)
+        for name, kind in merged.items():
+            if kind[0] == "other":
+                merged[name] = ("other", kind[1], os.lstat(kind[1]))
+        return merged
+
+    def _count(self, st: os.stat_result) -> None:
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if key in self.seen_inodes:
+                return
+            self.seen_inodes.add(key)
+        self.stats.inodes += 1
+        self.stats.allocated += st.st_blocks * 512
+        if stat.S_ISREG(st.st_mode):
+            self.stats.file_data += st.st_blocks * 512
+
+    def _entry(self, relative: str, path: str, st: os.stat_result) -> None:
+        # mke2fs reports an unreadable file by its base name only, after building for a while.
+        if stat.S_ISREG(st.st_mode) and not os.access(path, os.R_OK):
+            raise ConfigError(f"linuxdisk: cannot read {path}: permission denied")
+        self._count(st)
+        if self.staging is None:
+            return
+        target = os.path.join(self.staging, relative)
+        try:
+            os.link(path, target, follow_symlinks=False)
+            self.stats.linked += 1
+        except OSError as e:
+            if e.errno not in LINK_FALLBACK_ERRNOS:
+                raise ConfigError(f"linuxdisk: cannot stage {path}: {e.strerror}") from None
+            self._copy(path, target, st)
+
+    # -- the fallback: recreate the entry in the staging tree ------------------------------
+
+    def _copy(self, path: str, target: str, st: os.stat_result) -> None:
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in self.copied_inodes:
+            os.link(self.copied_inodes[key], target)  # keep the source's hard link
+            return
+        try:
+            if stat.S_ISREG(st.st_mode):
+                self.stats.copied_bytes += _copy_file_data(path, target)
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(path), target)
+            else:  # fifo, socket, device node
+                os.mknod(target, st.st_mode, st.st_rdev)
+        except OSError as e:
+            hint = " (device nodes need root, or TMPDIR on the same filesystem)" if e.errno == errno.EPERM else ""
+            raise ConfigError(f"linuxdisk: cannot copy {path} into the staging directory: "
+                              f"{e.strerror}{hint}") from None
+        self._copy_metadata(path, target, st)
+        self.stats.copied += 1
+        if st.st_nlink > 1:
+            self.copied_inodes[key] = target
+
+    def _copy_metadata(self, source: str, target: str, st: os.stat_result) -> None:
+        is_link = stat.S_ISLNK(st.st_mode)
+        try:
+            os.chown(target, st.st_uid, st.st_gid, follow_symlinks=False)
+        except PermissionError:
+            self.stats.metadata_lost.append(f"{source}: owner {st.st_uid}:{st.st_gid}")
+        if not is_link:  # chown cleared set-id bits, so the mode comes after it
+            os.chmod(target, stat.S_IMODE(st.st_mode))
+        try:
+            for name in os.listxattr(source, follow_symlinks=False):
+                os.setxattr(target, name, os.getxattr(source, name, follow_symlinks=False),
+                            follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+                raise
+            self.stats.metadata_lost.append(f"{source}: extended attributes ({e.strerror})")
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+    def _finish_directory(self, relative: str, winner: str) -> None:
+        if self.staging is not None:
+            self._copy_metadata(winner, os.path.join(self.staging, relative), os.stat(winner))
+
+
+def _copy_file_data(source: str, target: str) -> int:
+    """Copy a regular file keeping its holes; returns the bytes copied.  The kernel moves the
+    data (FICLONE shares extents where the filesystem can; sendfile copies without user space)."""
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        sfd, dfd = src.fileno(), dst.fileno()
+        try:
+            fcntl.ioctl(dfd, FICLONE, sfd)
+            return 0
+        except OSError:
+            pass
+        size = os.fstat(sfd).st_size
+        copied = position = 0
+        while position < size:
+            try:
+                data = os.lseek(sfd, position, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                break  # a hole up to the end
+            hole = os.lseek(sfd, data, os.SEEK_HOLE)
+            os.lseek(dfd, data, os.SEEK_SET)
+            offset = data
+            while offset < hole:
+                sent = os.sendfile(dfd, sfd, offset, hole - offset)
+                if sent == 0:
+                    raise OSError(errno.EIO, f"{source} shrank while being copied")
+                offset += sent
+            copied += hole - data
+            position = hole
+        os.ftruncate(dfd, size)
+        return copied
+
+
+def _kind(path: str) -> str:
+    mode = os.lstat(path).st_mode
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a file"), (stat.S_ISLNK, "a symlink"),
+                       (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a device node"
+
+
+def scan(directory: str) -> TreeStats:
+    """Statistics of one tree mke2fs will copy as it is; fails on what it could not read."""
+    return _Walker([directory], None).walk()
+
+
+def stage(sources: list[str], staging: str) -> TreeStats:
+    """Build the merged tree of `sources` (later wins) in the empty directory `staging`."""
+    stats = _Walker(sources, staging).walk()
+    if stats.copied:
+        log.warning("linuxdisk: %d entries (%d bytes of data) were copied, not hard-linked, into the staging "
+                    "directory %s: put TMPDIR on the same filesystem as the dir= sources to avoid copies",
+                    stats.copied, stats.copied_bytes, os.path.dirname(staging))
+    for what in stats.metadata_lost[:10]:
+        log.warning("linuxdisk: not reproduced in the merged tree: %s", what)
+    return stats
