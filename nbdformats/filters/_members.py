@@ -86,7 +86,8 @@ class MemberFilter(Filter):
         """The regular-file members in archive order; raises ArchiveError."""
         raise NotImplementedError
 
-    def open_member(self, below: Layer, member: Member, readonly: bool) -> FilterHandle:
+    def open_member(self, below: Layer, member: Member, readonly: bool, below_export: str) -> FilterHandle:
+        """The handle serving `member`; `below` was opened with export name `below_export`."""
         raise NotImplementedError
 
     def find_member(self, below: Layer, wanted: str) -> Member:
@@ -150,15 +151,16 @@ class MemberFilter(Filter):
 
     def open(self, next_open: OpenNext, readonly: bool, export_name: str) -> FilterHandle:
         if self.entry is not None:
-            below, wanted = next_open(readonly, export_name), self.entry
+            below_export, wanted = export_name, self.entry
         else:
-            below, wanted = next_open(readonly, ""), export_name
+            below_export, wanted = "", export_name
+        below = next_open(readonly, below_export)
         try:
             try:
                 member = self.find_member(below, wanted)
             except ArchiveError as e:
                 raise NBDError(errno.EIO, f"{self.name}: {e}") from None
-            return self.open_member(below, member, readonly)
+            return self.open_member(below, member, readonly, below_export)
         except BaseException:
             below.close()
             raise

@@ -55,7 +55,7 @@ class TarFilter(MemberFilter):
         except TarError as e:
             raise ArchiveError(str(e)) from None
 
-    def open_member(self, below: Layer, member: Member, readonly: bool) -> FilterHandle:
+    def open_member(self, below: Layer, member: Member, readonly: bool, below_export: str) -> FilterHandle:
         entry: TarEntry = member.detail
         if entry.sparse_map is not None and not readonly:
             log.info("tar: %s is a sparse member: served read-only (its holes are not stored)", member.name)

@@ -1,0 +1,147 @@
+"""zip filter: serve a member of a zip archive.
+
+Stored members are served straight from their bytes in the archive (writable with
+zip-write=true); deflated members are read-only, with random access through checkpoints
+(deflate_index: a read far into the member decodes from the nearest checkpoint, not from
+the start).  Sizes come from the central directory, zip64 included.  nbdkit has no zip filter.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from dataclasses import replace
+from typing import Iterator
+
+from ..core.chain import EMULATE, NONE, Filter, FilterHandle, Layer
+from ..core.errors import NBDError
+from ..core.params import Bool, Param, String
+from ..formats.zip import (DEFLATED, LOCAL, STORED, ZipEntry, ZipError, data_offset, parse_central_directory,
+                           read_central_directory)
+from ._members import ArchiveError, Member, MemberFilter, Segment, SegmentHandle, read_exact
+from .deflate_index import DeflateIndex
+
+log = logging.getLogger(__name__)
+
+
+class ZipFilter(MemberFilter):
+    """Serve a member of a zip archive (every member as an export when zip-entry= is not given)."""
+
+    name = "zip"
+    blocking = True  # inflating is heavy CPU work
+    entry = Param(String(), key="zip-entry",
+                  help="The member to serve, as `unzip -l` lists it. Without it every file is an export "
+                       "selected by the client's export name")
+    zip_write = Param(Bool(), default=False,
+                      help="Allow writes to stored (uncompressed) members; their CRC-32 in the archive goes stale")
+
+    def config_complete(self) -> None:
+        if self.zip_write:
+            log.warning("zip: zip-write=true: writes change members without updating their CRC-32, "
+                        "so unzip will report the written members as corrupt")
+
+    def get_ready(self) -> None:
+        # Deflate indexes are shared by all connections, each reading the archive through a
+        # layer of its own (a connection's layer closes when the connection does).
+        self.indexes: dict[tuple[str, int], DeflateIndex] = {}
+        self.index_layers: list[Layer] = []
+        self.lock = threading.Lock()
+        super().get_ready()
+
+    def cleanup(self) -> None:
+        for index in self.indexes.values():
+            index.close()
+        for layer in self.index_layers:
+            layer.close()
+
+    def read_members(self, below: Layer) -> Iterator[Member]:
+        try:
+            directory, raw = read_central_directory(lambda offset, n: read_exact(below, offset, n),
+                                                    below.get_size())
+            for entry in parse_central_directory(raw, directory):
+                if not entry.is_dir:
+                    yield Member(entry.name, entry.size, None, entry)
+        except ZipError as e:
+            raise ArchiveError(str(e)) from None
+
+    def open_member(self, below: Layer, member: Member, readonly: bool, below_export: str) -> FilterHandle:
+        entry: ZipEntry = member.detail
+        if entry.encrypted:
+            raise NBDError(errno.ENOTSUP, f"zip: {entry.name!r} is encrypted: encrypted members are not supported")
+        if entry.method not in (STORED, DEFLATED):
+            raise NBDError(errno.ENOTSUP, f"zip: {entry.name!r} is compressed with {entry.method_name}, which this "
+                                          "filter cannot read (--filter=archive reads more methods)")
+        try:
+            start = data_offset(read_exact(below, entry.header_offset, LOCAL.size), entry)
+        except (ArchiveError, ZipError) as e:
+            raise NBDError(errno.EIO, f"zip: {e}") from None
+        if start + entry.compressed_size > below.get_size():
+            raise NBDError(errno.EIO, f"zip: truncated archive: {entry.name!r} ends at "
+                                      f"{start + entry.compressed_size}, the archive at {below.get_size()}")
+        if entry.method == STORED:
+            if entry.compressed_size != entry.size:
+                raise NBDError(errno.EIO, f"zip: corrupt archive: stored member {entry.name!r} has "
+                                          f"{entry.compressed_size} bytes stored for {entry.size}")
+            stored = replace(member, segments=(Segment(0, entry.size, start),))
+            return SegmentHandle(self, below, stored, writable=self.zip_write)
+        return DeflatedHandle(self, below, entry.size, self.deflate_index(below_export, entry, start))
+
+    def deflate_index(self, below_export: str, entry: ZipEntry, start: int) -> DeflateIndex:
+        with self.lock:
+            index = self.indexes.get((below_export, start))
+            if index is None:
+                layer = self.open_below(True, below_export)
+                self.index_layers.append(layer)
+                layer_lock = threading.Lock()  # the layer may not allow parallel requests
+
+                def read_compressed(offset: int, length: int) -> bytes:
+                    length = max(0, min(length, start + entry.compressed_size - offset))
+                    with layer_lock:
+                        return read_exact(layer, offset, length)
+
+                index = DeflateIndex(read_compressed, start, entry.compressed_size, uncompressed_size=entry.size)
+                self.indexes[(below_export, start)] = index
+            return index
+
+
+class DeflatedHandle(FilterHandle):
+    """A deflated member: read-only, read through the shared checkpoint index."""
+
+    def __init__(self, filter: Filter, next: Layer, size: int, index: DeflateIndex) -> None:
+        self.filter, self.next = filter, next
+        self.size = size
+        self.index = index
+
+    def get_size(self) -> int:
+        return self.size
+
+    def block_size(self) -> tuple[int, int, int] | None:
+        return None
+
+    def can_write(self) -> bool:
+        return False
+
+    def can_flush(self) -> bool:
+        return False
+
+    def can_extents(self) -> bool:
+        return False
+
+    def can_multi_conn(self) -> bool:
+        return True
+
+    def can_cache(self) -> int:
+        return EMULATE  # reading ahead records checkpoints
+
+    def can_zero(self) -> int:
+        return NONE
+
+    def can_fua(self) -> int:
+        return NONE
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        self.index.read_into(buf, offset)
+
+
+FILTER = ZipFilter
