@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import functools
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Callable, ClassVar, Iterable, Iterator
@@ -522,6 +523,26 @@ class Chain:
                 below.close()
             raise
 
-    def open(self, readonly: bool, export_name: str) -> Layer:
-        """Open the whole chain for one connection; returns the top layer."""
-        return self._open(0, readonly, export_name)
+    def open(self, readonly: bool, export_name: str, client: Any = None) -> Layer:
+        """Open the whole chain for one connection; returns the top layer.
+
+        `client` is the connection's socket (what `current_client()` returns while the
+        plugin and filters open), so that filters can group connections by client.
+        """
+        token = _current_client.set(client)
+        try:
+            return self._open(0, readonly, export_name)
+        finally:
+            _current_client.reset(token)
+
+
+_current_client: ContextVar[Any] = ContextVar("nbdformats_current_client", default=None)
+
+
+def current_client() -> Any:
+    """The socket of the client whose connection is being opened, or None if unknown.
+
+    Valid while `Plugin.open`, `Filter.open` and handle constructors run (the server passes
+    it to `Chain.open`): use getpeername(), or SO_PEERCRED for Unix sockets.
+    """
+    return _current_client.get()
