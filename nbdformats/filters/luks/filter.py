@@ -1,0 +1,245 @@
+"""luks filter: serve the decrypted contents of a LUKS1 or LUKS2 image, read and write.
+
+The header is parsed and the passphrase tried once at start-up (key derivation is slow by
+design); each connection re-reads the header and reuses the volume key when the header is the
+same (another export may be another volume: it is unlocked on first use and cached).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from dataclasses import dataclass
+
+from ...core.chain import EMULATE, EXTENT_DATA, FLAG_FUA, Extents, Filter, FilterHandle, Layer
+from ...core.errors import ConfigError, NBDError
+from ...core.params import Int, Param, Path, Secret, SecretValue
+from .cipher import SectorCipher
+from .errors import LuksError
+from .header import Volume, read_volume
+from .unlock import unlock
+
+log = logging.getLogger("nbdformats.luks")
+
+KEYFILE_MAX = 8 * 1024 * 1024  # cryptsetup's default --keyfile-size limit
+ZERO_CHUNK = 1024 * 1024
+NO_MAXIMUM = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Unlocked:
+    volume: Volume
+    cipher: SectorCipher
+
+
+class SharedExclusiveLock:
+    """Aligned writes share it; read-modify-write of a partial sector holds it alone, so a
+    concurrent write to the same sector cannot be undone by the write-back of stale bytes."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+
+    def acquire_shared(self) -> None:
+        with self._cond:
+            while self._exclusive or self._waiting_exclusive:
+                self._cond.wait()
+            self._shared += 1
+
+    def release_shared(self) -> None:
+        with self._cond:
+            self._shared -= 1
+            if not self._shared:
+                self._cond.notify_all()
+
+    def acquire_exclusive(self) -> None:
+        with self._cond:
+            self._waiting_exclusive += 1
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._waiting_exclusive -= 1
+            self._exclusive = True
+
+    def release_exclusive(self) -> None:
+        with self._cond:
+            self._exclusive = False
+            self._cond.notify_all()
+
+
+def _reader(layer: Layer):
+    def read(offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        layer.pread(memoryview(buf), offset, 0)
+        return bytes(buf)
+    return read
+
+
+class LuksFilter(Filter):
+    """Decrypt (and encrypt) a LUKS1 or LUKS2 disk image, as cryptsetup and qemu make them."""
+
+    name = "luks"
+    blocking = True  # AES and key derivation are CPU work
+    passphrase = Param(Secret(), help="The passphrase: SECRET, +FILE, - (prompt) or -FD (as nbdkit)")
+    keyfile = Param(Path("file"), help="A cryptsetup key file: its whole contents are the passphrase")
+    keyslot = Param(Int(0, 31), help="Try only this keyslot (default: every active keyslot)")
+
+    def config_complete(self) -> None:
+        if (self.passphrase is None) == (self.keyfile is None):
+            raise ConfigError("luks: give exactly one of passphrase= or keyfile=")
+
+    def get_ready(self) -> None:
+        if self.keyfile is not None:
+            self.passphrase = SecretValue(self._read_keyfile(self.keyfile))
+        self._unlocked: dict[bytes, Unlocked] = {}
+        self._unlock_lock = threading.Lock()
+        self.write_lock = SharedExclusiveLock()
+        below = self.open_below(True, "")
+        try:
+            self.unlock(below).volume.payload_size(below.get_size())  # a truncated file fails here
+        except LuksError as e:
+            raise ConfigError(f"luks: {e}") from None
+        finally:
+            below.close()
+
+    @staticmethod
+    def _read_keyfile(path: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(KEYFILE_MAX + 1)
+        except OSError as e:
+            raise ConfigError(f"luks: cannot read keyfile {path}: {e.strerror}") from None
+        if len(data) > KEYFILE_MAX:
+            raise ConfigError(f"luks: keyfile {path} is larger than {KEYFILE_MAX} bytes")
+        return data
+
+    def unlock(self, below: Layer) -> Unlocked:
+        """The volume behind `below` with its cipher; the key derivation runs once per header."""
+        device_size = below.get_size()
+        read = _reader(below)
+        volume = read_volume(read, device_size)
+        with self._unlock_lock:
+            unlocked = self._unlocked.get(volume.identity)
+            if unlocked is None:
+                for warning in volume.warnings:
+                    log.warning("luks: %s", warning)
+                key = unlock(volume, self.passphrase.reveal(), read, device_size, self.keyslot)
+                segment = volume.segment
+                unlocked = Unlocked(volume, SectorCipher(segment.cipher, key, segment.sector_size,
+                                                         segment.iv_tweak))
+                self._unlocked[volume.identity] = unlocked
+                log.debug("luks: unlocked LUKS%d volume %s (%s, %d-byte sectors)", volume.version,
+                          volume.uuid, segment.cipher.text, segment.sector_size)
+        return unlocked
+
+    class Handle(FilterHandle):
+        def __init__(self, filter: "LuksFilter", next: Layer, readonly: bool, export_name: str) -> None:
+            super().__init__(filter, next, readonly, export_name)
+            try:
+                unlocked = filter.unlock(next)
+                self.size = unlocked.volume.payload_size(next.get_size())
+            except LuksError as e:
+                raise NBDError(errno.EIO, f"luks: {e}") from None
+            self.cipher = unlocked.cipher
+            self.sector = unlocked.volume.segment.sector_size
+            self.data_offset = unlocked.volume.segment.offset
+            self.write_lock = filter.write_lock
+
+        def get_size(self) -> int:
+            return self.size
+
+        def block_size(self) -> tuple[int, int, int]:
+            sector = self.sector
+            minimum, preferred, maximum = self.next.block_size() or (1, 4096, NO_MAXIMUM)
+            minimum = max(minimum, sector)
+            preferred = max(preferred, minimum)
+            if maximum != NO_MAXIMUM:
+                maximum = max(maximum - maximum % minimum, minimum)
+            return minimum, preferred, maximum
+
+        def can_extents(self) -> bool:
+            return True
+
+        def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
+            # Holes in the encrypted file say nothing about the plaintext: all of it is data.
+            extents.add(offset, count, EXTENT_DATA)
+
+        def can_trim(self) -> bool:
+            return True
+
+        def can_zero(self) -> int:
+            return EMULATE  # the core writes zeroes through our pwrite: encrypted zeroes
+
+        def can_fast_zero(self) -> bool:
+            return True  # zeroing is never fast here: FAST_ZERO requests fail at once with ENOTSUP
+
+        def _aligned(self, offset: int, count: int) -> tuple[int, int]:
+            start = offset - offset % self.sector
+            end = -(-(offset + count) // self.sector) * self.sector
+            return start, end
+
+        def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+            if not len(buf):
+                return
+            start, end = self._aligned(offset, len(buf))
+            if start == offset and end == offset + len(buf):
+                self.next.pread(buf, self.data_offset + offset, flags)
+                self.cipher.decrypt(buf, offset // self.sector)
+                return
+            bounce = memoryview(bytearray(end - start))
+            self.next.pread(bounce, self.data_offset + start, flags)
+            self.cipher.decrypt(bounce, start // self.sector)
+            buf[:] = bounce[offset - start:offset - start + len(buf)]
+
+        def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+            if not len(buf):
+                return
+            start, end = self._aligned(offset, len(buf))
+            if start == offset and end == offset + len(buf):
+                sealed = memoryview(bytearray(buf))  # never encrypt the caller's buffer in place
+                self.cipher.encrypt(sealed, offset // self.sector)
+                self.write_lock.acquire_shared()
+                try:
+                    self.next.pwrite(sealed, self.data_offset + offset, flags)
+                finally:
+                    self.write_lock.release_shared()
+                return
+            self.write_lock.acquire_exclusive()
+            try:
+                self._read_modify_write(buf, offset, start, end, flags)
+            finally:
+                self.write_lock.release_exclusive()
+
+        def _read_modify_write(self, buf: memoryview, offset: int, start: int, end: int, flags: int) -> None:
+            """Write a request that starts or ends inside a sector: decrypt the partial first and
+            last sectors, patch them, encrypt the whole run."""
+            sector = self.sector
+            span = memoryview(bytearray(end - start))
+            partial = set()
+            if offset != start:
+                partial.add(start)
+            if offset + len(buf) != end:
+                partial.add(end - sector)
+            for edge in partial:
+                piece = span[edge - start:edge - start + sector]
+                self.next.pread(piece, self.data_offset + edge, 0)
+                self.cipher.decrypt(piece, edge // sector)
+            span[offset - start:offset - start + len(buf)] = buf
+            self.cipher.encrypt(span, start // sector)
+            self.next.pwrite(span, self.data_offset + start, flags)
+
+        def trim(self, count: int, offset: int, flags: int) -> None:
+            # Punching a hole below would leave ciphertext-less plaintext zeroes (and show the
+            # host which blocks are unused): write encrypted zeroes instead.
+            zeroes = memoryview(bytes(min(count, ZERO_CHUNK)))
+            while count > 0:
+                n = min(count, len(zeroes))
+                self.pwrite(zeroes[:n], offset, flags & FLAG_FUA)
+                offset += n
+                count -= n
+
+        def cache(self, count: int, offset: int, flags: int) -> None:
+            start, end = self._aligned(offset, count)
+            self.next.cache(end - start, self.data_offset + start, flags)
