@@ -330,7 +330,7 @@ def _main(argv: list[str]) -> int:
         raise ConfigError(f"{plugin_name}: {e}") from None
 
     from .core.connection import ServerSettings
-    from .core.server import ListenConfig, Server, make_listeners, tls_context, use_fast_event_loop
+    from .core.server import ListenConfig, make_listeners, tls_context, tune_malloc, use_fast_event_loop
 
     tls_mode = str(opts.get("tls", "off"))
     if tls_mode not in ("off", "on", "require"):
@@ -409,6 +409,7 @@ def _main(argv: list[str]) -> int:
             f.write(f"{os.getpid()}\n")
 
     use_fast_event_loop()
+    tune_malloc()
     try:
         return asyncio.run(_serve(settings, config, listeners, run_cmd, uri, export))
     finally:

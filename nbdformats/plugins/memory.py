@@ -6,6 +6,7 @@ from ..core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Extents, Plugin,
 from ..core.params import Param, Size
 
 PAGE = 32 * 1024  # allocation unit, as nbdkit's sparse array
+ZERO_PAGE = memoryview(bytes(PAGE))
 REGION_PAGES = 2048  # pages per region (64 MiB); regions count their pages so extents skip holes fast
 
 
@@ -46,10 +47,9 @@ class MemoryPlugin(Plugin):
                 index, start = divmod(offset + done, PAGE)
                 n = min(PAGE - start, count - done)
                 page = pages.get(index)
-                if page is None:
-                    buf[done:done + n] = bytes(n)
-                else:
-                    buf[done:done + n] = page[start:start + n]
+                # memoryview slices: one copy, straight from the page into the reply buffer
+                source = ZERO_PAGE if page is None else memoryview(page)
+                buf[done:done + n] = source[start:start + n]
                 done += n
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
