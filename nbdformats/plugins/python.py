@@ -29,7 +29,7 @@ from typing import Any, Callable
 from .. import nbdkit_compat
 from ..core.chain import (EMULATE, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATIVE, NONE, Export, Extents,
                           Plugin, PluginHandle, ThreadModel)
-from ..core.errors import ConfigError, NBDError, ProtocolError
+from ..core.errors import ConfigError, NBDError
 from ..core.params import Param, Path
 
 logger = logging.getLogger("nbdformats.python")
@@ -265,10 +265,8 @@ class Handle(PluginHandle):
 
     # -- calling the script
 
-    def failed(self, name: str, exc: BaseException) -> Exception:
+    def failed(self, name: str, exc: BaseException) -> NBDError:
         """The NBDError for a callback that raised: errno from set_error, else the NBDError's, else EIO."""
-        if isinstance(exc, ProtocolError):
-            return exc  # from nbdkit.disconnect(): let it end the connection
         default = exc.errno if isinstance(exc, NBDError) else errno.EIO
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s: %s failed:\n%s", self.script_name, name, "".join(traceback.format_exception(exc)))
@@ -302,9 +300,10 @@ class Handle(PluginHandle):
     # -- what nbdkit_compat asks of a connection
 
     def request_disconnect(self, force: bool) -> None:
-        # The request running now completes; the connection ends at the next one.
+        # As nbdkit's graceful disconnect: the request running now completes, later ones fail
+        # with ESHUTDOWN.  (Dropping the connection at once, force=True, needs the server.)
         def disconnected(*args: Any) -> None:
-            raise ProtocolError("the plugin asked to disconnect this client")
+            raise NBDError(errno.ESHUTDOWN, "the plugin disconnected this client")
         for attr in ("_pread", "_pwrite", "_flush", "_trim", "_zero", "_cache", "_extents"):
             setattr(self, attr, disconnected)
 
