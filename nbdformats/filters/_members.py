@@ -157,13 +157,16 @@ class MemberFilter(Filter):
         below = next_open(readonly, below_export)
         try:
             try:
-                member = self.find_member(below, wanted)
+                return self.open_export(below, below_export, wanted, readonly)
             except ArchiveError as e:
                 raise NBDError(errno.EIO, f"{self.name}: {e}") from None
-            return self.open_member(below, member, readonly, below_export)
         except BaseException:
             below.close()
             raise
+
+    def open_export(self, below: Layer, below_export: str, wanted: str, readonly: bool) -> FilterHandle:
+        """Find the member `wanted` ("" for the first) and open it; `below` was opened as `below_export`."""
+        return self.open_member(below, self.find_member(below, wanted), readonly, below_export)
 
 
 class SegmentHandle(FilterHandle):

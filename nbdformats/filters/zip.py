@@ -12,7 +12,7 @@ import errno
 import logging
 import threading
 from dataclasses import replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..core.chain import EMULATE, NONE, Filter, FilterHandle, Layer
 from ..core.errors import NBDError
@@ -42,18 +42,14 @@ class ZipFilter(MemberFilter):
                         "so unzip will report the written members as corrupt")
 
     def get_ready(self) -> None:
-        # Deflate indexes are shared by all connections, each reading the archive through a
-        # layer of its own (a connection's layer closes when the connection does).
+        # Deflate checkpoints are shared by all connections; each reads through its own layer.
         self.indexes: dict[tuple[str, int], DeflateIndex] = {}
-        self.index_layers: list[Layer] = []
         self.lock = threading.Lock()
         super().get_ready()
 
     def cleanup(self) -> None:
         for index in self.indexes.values():
             index.close()
-        for layer in self.index_layers:
-            layer.close()
 
     def read_members(self, below: Layer) -> Iterator[Member]:
         try:
@@ -85,33 +81,26 @@ class ZipFilter(MemberFilter):
                                           f"{entry.compressed_size} bytes stored for {entry.size}")
             stored = replace(member, segments=(Segment(0, entry.size, start),))
             return SegmentHandle(self, below, stored, writable=self.zip_write)
-        return DeflatedHandle(self, below, entry.size, self.deflate_index(below_export, entry, start))
+        def read_compressed(offset: int, length: int) -> bytes:
+            return read_exact(below, offset, max(0, min(length, start + entry.compressed_size - offset)))
 
-    def deflate_index(self, below_export: str, entry: ZipEntry, start: int) -> DeflateIndex:
         with self.lock:
             index = self.indexes.get((below_export, start))
             if index is None:
-                layer = self.open_below(True, below_export)
-                self.index_layers.append(layer)
-                layer_lock = threading.Lock()  # the layer may not allow parallel requests
-
-                def read_compressed(offset: int, length: int) -> bytes:
-                    length = max(0, min(length, start + entry.compressed_size - offset))
-                    with layer_lock:
-                        return read_exact(layer, offset, length)
-
                 index = DeflateIndex(read_compressed, start, entry.compressed_size, uncompressed_size=entry.size)
                 self.indexes[(below_export, start)] = index
-            return index
+        return DeflatedHandle(self, below, entry.size, index, read_compressed)
 
 
 class DeflatedHandle(FilterHandle):
     """A deflated member: read-only, read through the shared checkpoint index."""
 
-    def __init__(self, filter: Filter, next: Layer, size: int, index: DeflateIndex) -> None:
+    def __init__(self, filter: Filter, next: Layer, size: int, index: DeflateIndex,
+                 read_compressed: Callable[[int, int], bytes]) -> None:
         self.filter, self.next = filter, next
         self.size = size
         self.index = index
+        self.read_compressed = read_compressed  # through this connection's layer
 
     def get_size(self) -> int:
         return self.size
@@ -141,7 +130,7 @@ class DeflatedHandle(FilterHandle):
         return NONE
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-        self.index.read_into(buf, offset)
+        self.index.read_into(buf, offset, self.read_compressed)
 
 
 FILTER = ZipFilter

@@ -1,0 +1,291 @@
+"""archive filter: serve a member of any archive libarchive reads (tar.gz/bz2/xz/zst, cpio, 7z,
+iso9660, rar, ar, zip, cab, lha, xar...).
+
+libarchive only streams forward, so a member is unpacked on demand into a spill (memory for
+small members, a sparse temporary file in $TMPDIR for large ones): a read near the start is
+answered as soon as that far is unpacked, and every later read of an unpacked range comes
+from the spill.  The spill is shared by all connections and kept until the server exits.
+libarchive reads the archive through the layer below (with seeking, so 7z and zip work).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import tempfile
+import threading
+from typing import Iterator
+
+from libarchive import ffi
+from libarchive.entry import ArchiveEntry
+from libarchive.exception import ArchiveError as LibarchiveError
+
+from ..core.chain import EMULATE, NONE, Filter, FilterHandle, Layer
+from ..core.errors import NBDError
+from ..core.params import Param, Secret, SecretValue, Size, String
+from ._members import ArchiveError, Member, MemberFilter
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK = 1 << 20  # bytes handed to libarchive per read callback
+SEEK_SET, SEEK_CUR, SEEK_END = 0, 1, 2
+
+
+class LayerReader:
+    """A libarchive read handle pulling the archive from a Layer.  `layer` may be replaced
+    between calls (each connection reads through its own); libarchive only sees a position."""
+
+    def __init__(self, layer: Layer, passphrase: SecretValue | None) -> None:
+        self.layer = layer
+        self.size = layer.get_size()
+        self.position = 0
+        self.error: BaseException | None = None  # what went wrong inside a callback
+        self.buffer = ctypes.create_string_buffer(READ_BLOCK)
+        self.view = memoryview(self.buffer).cast("B")
+        self.ordinal = -1  # index of the current entry in the archive
+        # ctypes callbacks must outlive the archive handle.
+        self._read_cb = ffi.READ_CALLBACK(self._read)
+        self._seek_cb = ffi.SEEK_CALLBACK(self._seek)
+        self.archive_p = ffi.read_new()
+        try:
+            if passphrase is not None:
+                ffi.read_add_passphrase(self.archive_p, passphrase.reveal())
+            ffi.get_read_filter_function("all")(self.archive_p)
+            ffi.get_read_format_function("all")(self.archive_p)
+            ffi.read_set_seek_callback(self.archive_p, self._seek_cb)
+            self.call(ffi.read_open, None, ffi.NO_OPEN_CB, self._read_cb, ffi.NO_CLOSE_CB)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self, archive_p: int, context: int, pointer: int) -> int:
+        try:
+            n = min(READ_BLOCK, self.size - self.position)
+            if n > 0:
+                self.layer.pread(self.view[:n], self.position, 0)
+                self.position += n
+            ctypes.cast(pointer, ctypes.POINTER(ctypes.c_void_p))[0] = ctypes.addressof(self.buffer)
+            return max(n, 0)
+        except BaseException as e:  # an exception must not cross into C: report it after the call
+            self.error = e
+            return -1
+
+    def _seek(self, archive_p: int, context: int, offset: int, whence: int) -> int:
+        base = {SEEK_SET: 0, SEEK_CUR: self.position, SEEK_END: self.size}.get(whence, 0)
+        if not 0 <= base + offset <= self.size:
+            return ffi.ARCHIVE_FATAL
+        self.position = base + offset
+        return self.position
+
+    def call(self, function, *args):  # type: ignore[no-untyped-def]
+        """Call a libarchive function on this handle; failures become ArchiveError."""
+        self.error = None
+        try:
+            return function(self.archive_p, *args)
+        except LibarchiveError as e:
+            if isinstance(self.error, NBDError):
+                raise self.error from None
+            reason = self.error or e.msg or "libarchive failed"
+            raise ArchiveError(str(reason)) from None
+
+    def next_entry(self) -> ArchiveEntry | None:
+        entry = ArchiveEntry(self.archive_p)
+        if self.call(ffi.read_next_header2, entry._entry_p) == ffi.ARCHIVE_EOF:
+            return None
+        self.ordinal += 1
+        return entry
+
+    def close(self) -> None:
+        if self.archive_p:
+            ffi.read_free(self.archive_p)
+            self.archive_p = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Unpacker:
+    """One member unpacked forward on demand into a spill; bytes below `done` are final."""
+
+    def __init__(self, reader: LayerReader, name: str, size: int | None, spill_in_memory: bool,
+                 max_size: int | None) -> None:
+        self.reader = reader
+        self.name = name
+        self.limit, self.limit_reason = (size, "its declared size") if size is not None else (max_size, "archive-max-size")
+        self.lock = threading.Lock()
+        self.done = 0
+        self.finished = False
+        self.failure: str | None = None
+        self.memory: bytearray | None = None
+        self.spill_fd = -1
+        self.size = size
+        if spill_in_memory and size is not None:
+            self.memory = bytearray(size)
+        else:
+            spill = tempfile.TemporaryFile(prefix="nbdformats-archive-")
+            self.spill_fd = os.dup(spill.fileno())
+            spill.close()
+            if size is not None:
+                os.ftruncate(self.spill_fd, size)  # sparse: holes cost nothing
+
+    def unpack_to(self, end: int, layer: Layer) -> None:
+        """Unpack until `end` bytes are final (or the member ends), reading through `layer`."""
+        if end <= self.done:
+            return
+        with self.lock:
+            self.reader.layer = layer
+            while self.done < end and not self.finished:
+                if self.failure is not None:
+                    raise NBDError(errno.EIO, self.failure)
+                try:
+                    self._step()
+                except (ArchiveError, NBDError) as e:
+                    self.failure = f"archive: unpacking {self.name!r} failed at byte {self.done}: {e}"
+                    self.reader.close()
+                    raise NBDError(errno.EIO, self.failure) from None
+
+    def _step(self) -> None:
+        buffer, length, offset = ctypes.c_void_p(), ctypes.c_size_t(), ctypes.c_longlong()
+        reader = self.reader
+        if reader.call(ffi.read_data_block, ctypes.byref(buffer), ctypes.byref(length),
+                       ctypes.byref(offset)) == ffi.ARCHIVE_EOF:
+            self.finished = True
+            if self.size is None:
+                self.size = self.done
+            self.done = self.size  # a trailing hole of a sparse member reads as zeroes
+            reader.close()
+            return
+        end = offset.value + length.value
+        if self.limit is not None and end > self.limit:
+            raise ArchiveError(f"the member unpacks to more than {self.limit_reason} ({self.limit} bytes)")
+        if length.value:
+            data = ctypes.string_at(buffer.value, length.value)
+            if self.memory is not None:
+                self.memory[offset.value:end] = data
+            else:
+                os.pwrite(self.spill_fd, data, offset.value)
+        self.done = max(self.done, end)
+
+    def pread(self, buf: memoryview, offset: int, layer: Layer) -> None:
+        end = offset + len(buf)
+        self.unpack_to(end, layer)
+        if self.done < end:
+            raise NBDError(errno.EIO, f"archive: {self.name!r} ended after {self.done} bytes")
+        if self.memory is not None:
+            buf[:] = self.memory[offset:end]
+        elif os.preadv(self.spill_fd, [buf], offset) != len(buf):
+            raise NBDError(errno.EIO, f"archive: short read from the spill file of {self.name!r}")
+
+    def close(self) -> None:
+        self.reader.close()
+        if self.spill_fd >= 0:
+            os.close(self.spill_fd)
+            self.spill_fd = -1
+
+
+class ArchiveFilter(MemberFilter):
+    """Serve a member of any archive libarchive reads, unpacking on demand (read-only)."""
+
+    name = "archive"
+    blocking = True  # decompression and spill-file I/O
+    entry = Param(String(), key="archive-entry",
+                  help="The member to serve, as `bsdtar tf` lists it. Without it every regular file is an "
+                       "export selected by the client's export name")
+    passphrase = Param(Secret(), key="archive-passphrase",
+                       help="Passphrase of an encrypted archive (zip, 7z, rar): SECRET, +FILE, - or -FD")
+    max_size = Param(Size(minimum=1), key="archive-max-size",
+                     help="Refuse members larger than this; also stops members whose size is not stored")
+    memory_limit = Param(Size(), key="archive-memory", default=64 << 20,
+                         help="Members up to this size are unpacked into memory, larger ones into a sparse "
+                              "temporary file in $TMPDIR (default 64M)")
+
+    def get_ready(self) -> None:
+        self.unpackers: dict[tuple[str, str], Unpacker] = {}
+        self.lock = threading.Lock()
+        super().get_ready()
+
+    def cleanup(self) -> None:
+        for unpacker in set(self.unpackers.values()):
+            unpacker.close()
+
+    def read_members(self, below: Layer) -> Iterator[Member]:
+        """Regular files, each with the reader positioned at its data (valid until the next one)."""
+        reader = LayerReader(below, self.passphrase)
+        while (entry := reader.next_entry()) is not None:
+            if entry.isfile and not entry.islnk:
+                yield Member(entry.pathname, entry.size if entry.size is not None else -1, None,
+                             (reader, reader.ordinal))
+
+    def open_export(self, below: Layer, below_export: str, wanted: str, readonly: bool) -> FilterHandle:
+        with self.lock:
+            unpacker = self.unpackers.get((below_export, wanted))
+            if unpacker is None:
+                member = self.find_member(below, wanted)
+                unpacker = self.unpackers.get((below_export, member.name))
+                if unpacker is None:
+                    unpacker = self.start_unpacking(below, member)
+                    self.unpackers[(below_export, member.name)] = unpacker
+                self.unpackers[(below_export, wanted)] = unpacker
+        if unpacker.size is None:
+            unpacker.unpack_to(1 << 63, below)  # no size stored: the whole member must be unpacked first
+        return UnpackedHandle(self, below, unpacker)
+
+    def start_unpacking(self, below: Layer, member: Member) -> Unpacker:
+        reader, ordinal = member.detail
+        size = member.size if member.size >= 0 else None
+        if size is not None and self.max_size is not None and size > self.max_size:
+            raise NBDError(errno.EFBIG, f"archive: {member.name!r} is {size} bytes, more than archive-max-size")
+        if reader.ordinal != ordinal or not reader.archive_p:
+            # find_member read on past this member: walk a fresh reader to it.
+            reader = LayerReader(below, self.passphrase)
+            while reader.ordinal < ordinal:
+                if reader.next_entry() is None:
+                    raise NBDError(errno.EIO, f"archive: {member.name!r} vanished from the archive")
+        in_memory = size is not None and size <= self.memory_limit
+        log.debug("archive: unpacking %r (%s bytes) on demand into %s", member.name, size,
+                  "memory" if in_memory else "a temporary file")
+        return Unpacker(reader, member.name, size, in_memory, self.max_size)
+
+
+class UnpackedHandle(FilterHandle):
+    """Reads come from the shared spill, unpacking further first when needed; read-only."""
+
+    def __init__(self, filter: Filter, next: Layer, unpacker: Unpacker) -> None:
+        self.filter, self.next = filter, next
+        self.unpacker = unpacker
+
+    def get_size(self) -> int:
+        assert self.unpacker.size is not None
+        return self.unpacker.size
+
+    def block_size(self) -> tuple[int, int, int] | None:
+        return None
+
+    def can_write(self) -> bool:
+        return False
+
+    def can_flush(self) -> bool:
+        return False
+
+    def can_extents(self) -> bool:
+        return False
+
+    def can_multi_conn(self) -> bool:
+        return True
+
+    def can_cache(self) -> int:
+        return EMULATE  # reading ahead unpacks into the spill
+
+    def can_zero(self) -> int:
+        return NONE
+
+    def can_fua(self) -> int:
+        return NONE
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        self.unpacker.pread(buf, offset, self.next)
+
+
+FILTER = ArchiveFilter
