@@ -175,6 +175,8 @@ def index(read: Callable[[int, int], bytes], size: int, with_checksums: bool) ->
         if end == 0:  # the first header already failed
             raise _not_a_tar(read(0, min(size, 8)), e) from None
         raise XvaError(str(e)) from None
+    if end == 0:
+        raise XvaError("not an XVA: " + ("the file is empty" if size == 0 else "the tar archive is empty"))
     if end + tar.BLOCK > size:
         # Strict on purpose: a tar cut at a member boundary would otherwise lose its last
         # chunks silently (they would read as zeroes).
