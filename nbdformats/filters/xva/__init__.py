@@ -42,7 +42,10 @@ class XvaFilter(Filter):
     default_disk: Disk
 
     def get_ready(self) -> None:
-        below = self.open_below(True, "")
+        try:
+            below = self.open_below(True, "")
+        except (NBDError, OSError) as e:
+            raise ConfigError(f"xva: cannot open the archive: {e}") from None
         try:
             self.archive = self._index(below)
             try:
@@ -82,6 +85,7 @@ class XvaFilter(Filter):
         todo = [(disk, chunk) for disk in self.archive.disks for chunk in disk.chunks.values()
                 if chunk.state == UNCHECKED]
         progress = _Progress(sum(chunk.size for _, chunk in todo))
+        log.info("xva: verifying the checksums of %d chunks (%d MiB)", len(todo), progress.total >> 20)
         buffer = bytearray(CHUNK_SIZE)
         failed: list[str] = []
         for disk, chunk in sorted(todo, key=lambda item: item[1].source):  # in archive order
@@ -97,7 +101,7 @@ class XvaFilter(Filter):
         if failed:
             shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
             raise ConfigError(f"xva: {len(failed)} chunk(s) failed checksum verification: {shown}")
-        log.info("xva: verified the checksums of %d chunks", len(todo))
+        log.info("xva: all %d checksums match", len(todo))
 
     def check(self, disk: Disk, chunk: Chunk, data: bytes | bytearray | memoryview) -> bool:
         """Compare a chunk's data with its checksum once; log a mismatch."""
