@@ -1,0 +1,373 @@
+"""linuxdisk plugin: ext2/3/4 disks built from directories, checked with e2fsprogs and sfdisk.
+
+Tools: e2fsprogs (mke2fs, debugfs, e2fsck), fdisk (sfdisk), libnbd-bin (nbdcopy, nbdinfo),
+nbdkit (reference), util-linux (setpriv).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import uuid
+import zlib
+from pathlib import Path
+
+import pytest
+
+from conftest import NBDFORMATS, nbdcopy_to_file, nbdinfo_json, nbdsh, run, serve, serve_nbdkit
+from fixtures.linuxdisk import (IS_ROOT, LONG_TARGET, SPARSE_SIZE, Expected, debugfs, listing, make_tree,
+                                quote, sparse_content, stat_field)
+from nbdformats.core.errors import ConfigError
+from nbdformats.plugins import linuxdisk
+from nbdformats.plugins.linuxdisk import gpt, tree
+
+PARTITION = 1 << 20  # the filesystem starts at LBA 2048
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Expected]:
+    root = tmp_path_factory.mktemp("linuxdisk") / "src"
+    return root, make_tree(root)
+
+
+def copy_out(tmp: Path, *args: str, name: str = "disk.img") -> tuple[Path, dict]:
+    """Serve linuxdisk ARGS, copy the whole disk out with nbdcopy; returns (image, nbdinfo)."""
+    image = tmp / name
+    with serve("linuxdisk", *args) as srv:
+        info = nbdinfo_json(srv.uri)
+        nbdcopy_to_file(srv.uri, image)
+    return image, info["exports"][0]
+
+
+def fails(*args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> str:
+    """Start the server with ARGS; it must exit non-zero before listening.  Returns its messages."""
+    sock_dir = tempfile.mkdtemp(prefix="nbdf-test-")
+    os.chmod(sock_dir, 0o777)
+    sock = os.path.join(sock_dir, "sock")
+    try:
+        proc = subprocess.run([*(prefix or []), *NBDFORMATS, "-f", "-U", sock, "linuxdisk", *args],
+                              capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+                              env=dict(os.environ, **(env or {})))
+        assert proc.returncode != 0, proc.stderr
+        assert not os.path.exists(sock)
+        return proc.stderr.decode(errors="replace")
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def symlink_target(image: str, path: str) -> str:
+    text = debugfs(image, f"stat {quote(path)}").decode(errors="replace")
+    if "Fast link dest: " in text:
+        return stat_field(image, path, "Fast link dest").strip('"')
+    return debugfs(image, f"cat {quote(path)}").decode()  # a slow symlink keeps its target in a block
+
+
+def check_tree(image: str, exp: Expected) -> None:
+    """Every file byte for byte, modes, owners, symlinks, hard links, xattrs and the sparse file."""
+    entries = listing(image)
+    for path, data in exp.files.items():
+        if path != exp.sparse:
+            assert debugfs(image, f"cat {quote(path)}") == data, path
+    for path, mode in exp.modes.items():
+        assert entries[path][1] == mode, (path, oct(entries[path][1]), oct(mode))
+    for path, (uid, gid) in exp.owners.items():
+        assert entries[path][2:4] == (uid, gid), path
+    for path, target in exp.symlinks.items():
+        assert stat.S_ISLNK(entries[path][1]), path
+        assert symlink_target(image, path) == target, path
+    for first, second in exp.hard_links:
+        assert entries[first][0] == entries[second][0]
+        assert stat_field(image, first, "Links") == "2"
+    for path, (name, value) in exp.xattrs.items():
+        assert b'"' + value + b'"' in debugfs(image, f"ea_get {quote(path)} {name}")
+    assert entries[exp.sparse][4] == SPARSE_SIZE
+    blocks = int(stat_field(image, exp.sparse, "Blockcount"))  # 512-byte units, including metadata
+    assert blocks * 512 < 256 * 1024, "the sparse file was filled in"
+    assert debugfs(image, f"cat {exp.sparse}") == sparse_content()
+
+
+# -- GPT (sans-IO) ------------------------------------------------------------------------
+
+
+def test_gpt_structures() -> None:
+    total = 2048 + 1000 + gpt.BACKUP_SECTORS
+    disk_guid, part_guid = uuid.uuid4(), uuid.uuid4()
+    partition = gpt.Partition(2048, 3047, gpt.LINUX_FILESYSTEM, part_guid, "root", gpt.ATTR_LEGACY_BIOS_BOOTABLE)
+    primary, backup = gpt.build(total, disk_guid, [partition])
+    assert len(primary) == 34 * 512 and len(backup) == 33 * 512
+    mbr = primary[:512]
+    assert mbr[510:] == b"\x55\xaa" and mbr[446 + 4] == 0xEE
+    assert struct.unpack_from("<II", mbr, 446 + 8) == (1, total - 1)
+
+    for header, my_lba, other_lba, array_lba, array in ((primary[512:1024], 1, total - 1, 2, primary[1024:]),
+                                                        (backup[-512:], total - 1, 1, total - 33, backup[:-512])):
+        fields = struct.unpack_from("<8sIIIIQQQQ16sQIII", header)
+        assert fields[0] == b"EFI PART" and fields[1] == 0x00010000 and fields[2] == 92
+        zeroed = header[:16] + b"\0\0\0\0" + header[20:92]
+        assert fields[3] == zlib.crc32(zeroed)
+        assert fields[5:9] == (my_lba, other_lba, 34, total - 34)
+        assert uuid.UUID(bytes_le=fields[9]) == disk_guid
+        assert fields[10:13] == (array_lba, 128, 128)
+        assert fields[13] == zlib.crc32(array)
+        assert header[92:] == bytes(420)
+    entry = primary[1024:1024 + 128]
+    type_guid, unique, first, last, attributes, name = struct.unpack("<16s16sQQQ72s", entry)
+    # The real GUID in mixed-endian form, not nbdkit 1.32's ASCII "0FC63DAF-8483-47".
+    assert type_guid == bytes.fromhex("AF3DC60F838472478E793D69D8477DE4")
+    assert uuid.UUID(bytes_le=unique) == part_guid
+    assert (first, last, attributes) == (2048, 3047, 4)
+    assert name.decode("utf-16-le").rstrip("\0") == "root"
+    assert primary[1024 + 128:] == bytes(127 * 128)
+
+
+def test_gpt_rejects_partition_outside_usable_area() -> None:
+    with pytest.raises(ValueError, match="outside the usable area"):
+        gpt.build(3000, uuid.uuid4(), [gpt.Partition(2048, 2990, gpt.LINUX_FILESYSTEM, uuid.uuid4())])
+
+
+# -- served disks, checked with real tools ------------------------------------------------
+
+
+@pytest.mark.parametrize("fs_type", ["ext2", "ext3", "ext4"])
+def test_served_disk(source: tuple[Path, Expected], tmp: Path, fs_type: str) -> None:
+    root, exp = source
+    image, info = copy_out(tmp, str(root), f"type={fs_type}", "label=rootfs")
+    assert info["is_read_only"] and image.stat().st_size == info["export-size"]
+
+    table = json.loads(run(["sfdisk", "-J", image]).stdout)["partitiontable"]
+    assert "No errors detected" in run(["sfdisk", "-V", image]).stdout.decode()
+    (part,) = table["partitions"]
+    assert part["type"] == "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+    assert part["start"] == 2048 and part["name"] == "rootfs"
+    assert table["lastlba"] == info["export-size"] // 512 - 34
+
+    fs = f"{image}?offset={PARTITION}"
+    run(["e2fsck", "-fn", fs])
+    stats = debugfs(fs, "stats").decode()
+    features = stats.split("Filesystem features:")[1].split("\n")[0].split()
+    assert ("has_journal" in features) == (fs_type != "ext2")
+    assert ("extent" in features) == (fs_type == "ext4")
+    assert "Filesystem volume name:   rootfs" in stats
+    check_tree(fs, exp)
+
+
+def test_extents_show_free_space_as_holes(source: tuple[Path, Expected]) -> None:
+    root, _ = source
+    with serve("linuxdisk", str(root), "size=+32M") as srv:
+        size = nbdinfo_json(srv.uri)["exports"][0]["export-size"]
+        extents = json.loads(run(["nbdinfo", "--map", "--json", srv.uri]).stdout)
+    assert sum(e["length"] for e in extents) == size
+    assert extents[0] == {"offset": 0, "length": 34 * 512, "type": 0, "description": "data"}
+    holes_in_fs = [e for e in extents if e["type"] == 3 and PARTITION <= e["offset"] < size - 33 * 512]
+    assert sum(e["length"] for e in holes_in_fs) > 16 << 20  # most of the free space
+
+
+def test_agrees_with_nbdkit(source: tuple[Path, Expected], tmp: Path) -> None:
+    root, _ = source
+    ours, _ = copy_out(tmp, str(root), "type=ext4", name="ours.img")
+    with serve_nbdkit("linuxdisk", str(root), "type=ext4") as srv:
+        nbdcopy_to_file(srv.uri, tmp / "nbdkit.img")
+
+    def comparable(image: Path) -> dict:
+        # Inode numbers may differ; directory sizes depend on the block size, i.e. the fs size.
+        return {path: (mode, uid, gid, None if stat.S_ISDIR(mode) else size)
+                for path, (_, mode, uid, gid, size) in listing(f"{image}?offset={PARTITION}").items()}
+
+    theirs = comparable(tmp / "nbdkit.img")
+    assert len(theirs) > 20
+    assert comparable(ours) == theirs
+
+
+def test_merged_directories(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = tmp / "a", tmp / "b"
+    (a / "shared" / "from-a").mkdir(parents=True)
+    (b / "shared" / "from-b").mkdir(parents=True)
+    (a / "shared" / "file").write_bytes(b"A wins? no\n")
+    (b / "shared" / "file").write_bytes(b"B wins\n")
+    (a / "only-a").write_bytes(b"only in a\n")
+    os.link(a / "only-a", a / "shared" / "from-a" / "same-inode")
+    os.symlink("only-a", b / "link")
+    (b / "shared").chmod(0o750)
+    temp = tmp / "tmpdir"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    image = tmp / "merged.img"
+    with serve("linuxdisk", str(a), f"dir={b}", "partition=none") as srv:
+        assert os.listdir(temp) == []  # no staging tree, no named image left behind
+        nbdcopy_to_file(srv.uri, image)
+    run(["e2fsck", "-fn", image])
+    entries = listing(str(image))
+    assert set(entries) == {"/lost+found", "/shared", "/shared/from-a", "/shared/from-b", "/shared/file",
+                            "/only-a", "/shared/from-a/same-inode", "/link"}
+    assert debugfs(str(image), "cat /shared/file") == b"B wins\n"
+    assert entries["/shared"][1] == 0o40750  # the later directory's metadata
+    assert entries["/only-a"][0] == entries["/shared/from-a/same-inode"][0]
+    assert symlink_target(str(image), "/link") == "only-a"
+
+
+def test_merge_type_clash_names_both_paths(tmp: Path) -> None:
+    (tmp / "a" / "x").mkdir(parents=True)
+    (tmp / "b").mkdir()
+    (tmp / "b" / "x").write_bytes(b"file\n")
+    message = fails(str(tmp / "a"), str(tmp / "b"))
+    assert f"{tmp / 'a' / 'x'} (a directory)" in message and f"{tmp / 'b' / 'x'} (a file)" in message
+
+
+def test_stage_copies_across_filesystems(source: tuple[Path, Expected], tmp: Path) -> None:
+    """Sources on /dev/shm (tmpfs), staging on the test's disk: links fail with EXDEV, copies follow."""
+    shm = Path(tempfile.mkdtemp(prefix="linuxdisk-test-", dir="/dev/shm"))
+    try:
+        if os.stat(shm).st_dev == os.stat(tmp).st_dev:
+            pytest.skip("/dev/shm is on the same filesystem as the test directory")
+        src, staging = shm / "src", tmp / "staging"
+        exp = make_tree(src)
+        staging.mkdir()
+        stats = tree.stage([str(src)], str(staging))
+        assert stats.linked == 0 and stats.copied > 10
+        assert os.stat(staging / "hard1").st_ino == os.stat(staging / "dir" / "hard2").st_ino
+        assert os.stat(staging / "sparse.img").st_blocks * 512 < 1 << 20
+        assert (staging / "sparse.img").read_bytes() == sparse_content()
+        assert (staging / "random.bin").read_bytes() == exp.files["/random.bin"]
+        assert os.readlink(staging / "long-link") == LONG_TARGET
+        assert stat.S_ISFIFO(os.stat(staging / "fifo").st_mode)
+        assert os.stat(staging / "setuid").st_mode == 0o104755
+        assert os.stat(staging / "sticky").st_mode == 0o41777
+        assert os.getxattr(staging / "hello.txt", "user.test") == b"xattr value"
+        assert os.lstat(staging / "dir" / "link-abs").st_mtime_ns == os.lstat(src / "dir" / "link-abs").st_mtime_ns
+        if IS_ROOT:
+            assert os.stat(staging / "null-dev").st_rdev == os.makedev(1, 3)
+            assert (os.stat(staging / "random.bin").st_uid, os.stat(staging / "dir" / "sub").st_gid) == (4321, 5678)
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+# -- parameters beyond nbdkit -------------------------------------------------------------
+
+
+def test_partition_none_with_free_space(source: tuple[Path, Expected], tmp: Path) -> None:
+    root, exp = source
+    image, info = copy_out(tmp, str(root), "partition=none", "size=+20M", "type=ext4")
+    run(["e2fsck", "-fn", image])
+    stats = debugfs(str(image), "stats").decode()
+    free = int(stats.split("Free blocks:")[1].split()[0]) * int(stats.split("Block size:")[1].split()[0])
+    assert free >= 20 << 20
+    assert debugfs(str(image), "cat /hello.txt") == exp.files["/hello.txt"]
+
+
+def test_exact_size_uuid_and_label(source: tuple[Path, Expected], tmp: Path) -> None:
+    root, _ = source
+    fs_uuid = uuid.UUID("2a7f33c4-3b2c-4d0e-9a1b-6f3c5d2e1f00")
+    image, info = copy_out(tmp, str(root), "size=40M", f"uuid={fs_uuid}", "label=data")
+    assert info["export-size"] == PARTITION + (40 << 20) + 33 * 512
+    table = json.loads(run(["sfdisk", "-J", image]).stdout)["partitiontable"]
+    assert table["partitions"][0]["size"] == (40 << 20) // 512
+    # The GPT GUIDs are derived from uuid=, so the same parameters give the same table.
+    assert uuid.UUID(table["id"]) == uuid.uuid5(fs_uuid, "linuxdisk disk")
+    assert uuid.UUID(table["partitions"][0]["uuid"]) == uuid.uuid5(fs_uuid, "linuxdisk partition")
+    stats = debugfs(f"{image}?offset={PARTITION}", "stats").decode()
+    assert f"Filesystem UUID:          {fs_uuid}" in stats
+    assert "Filesystem volume name:   data" in stats
+
+
+def test_writable(source: tuple[Path, Expected]) -> None:
+    root, _ = source
+    with serve("linuxdisk", str(root)) as srv:  # read-only by default
+        result = nbdsh(srv.uri, "try:\n  h.pwrite(b'x', 0)\nexcept nbd.Error:\n  print('refused')\n")
+        assert "refused" in result.stdout.decode()
+    with serve("linuxdisk", str(root), "writable=true") as srv:
+        assert "LOST" in srv.stderr()
+        script = (
+            "size = h.get_size()\n"
+            "spots = [0, 40000, (1 << 20) - 3, (1 << 20) + 4096, size - 33 * 512 - 2, size - 100]\n"
+            "for i, spot in enumerate(spots):\n"
+            "    h.pwrite(bytes([i + 1]) * 5 if spot + 5 <= size else bytes([i + 1]) * (size - spot), spot)\n"
+            "h2 = nbd.NBD()\n"
+            "h2.connect_uri(" + repr(srv.uri) + ")\n"
+            "for i, spot in enumerate(spots):\n"
+            "    n = min(5, size - spot)\n"
+            "    assert h2.pread(n, spot) == bytes([i + 1]) * n, (spot, h2.pread(n, spot))\n"
+            "print('ok')\n")
+        assert nbdsh(srv.uri, script).stdout.decode().strip() == "ok"
+
+
+# -- errors: a clear message and no listening ---------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/nonexistent/dir"], "/nonexistent/dir: no such file or directory"),
+    (["SRC", "type=ext5"], "'ext5' is not one of ext2, ext3, ext4"),
+    (["SRC", "label=" + "x" * 17], "at most 16 bytes"),
+    (["SRC", "uuid=nope"], "is not a UUID"),
+    (["SRC", "mke2fs=/nonexistent/mke2fs"], "install e2fsprogs"),
+])
+def test_bad_parameters(source: tuple[Path, Expected], args: list[str], message: str) -> None:
+    root, _ = source
+    assert message in fails(*[str(root) if a == "SRC" else a for a in args])
+
+
+def test_size_too_small_names_the_size_needed(source: tuple[Path, Expected]) -> None:
+    root, _ = source
+    message = fails(str(root), "size=300K")
+    assert "size=307200 is too small" in message
+    needed = int(message.split("use size=")[1].split()[0])
+    assert needed > 300 * 1024
+    with serve("linuxdisk", str(root), f"size={needed}") as srv:  # the size named does fit
+        assert nbdinfo_json(srv.uri)["exports"][0]["export-size"] == PARTITION + needed + 33 * 512
+
+
+def test_unreadable_file(tmp: Path) -> None:
+    """As an unprivileged user (root reads everything), an unreadable file stops the start-up."""
+    if not IS_ROOT:
+        pytest.skip("needs root to switch to an unprivileged user")
+    base = Path(tempfile.mkdtemp(prefix="linuxdisk-test-"))
+    try:
+        base.chmod(0o777)
+        (base / "src").mkdir()
+        (base / "src" / "readable").write_bytes(b"ok\n")
+        (base / "src" / "secret").write_bytes(b"no\n")
+        (base / "src" / "secret").chmod(0o600)
+        message = fails(str(base / "src"), env={"TMPDIR": str(base)},
+                        prefix=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+        assert f"cannot read {base / 'src' / 'secret'}: permission denied" in message
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_find_program() -> None:
+    assert linuxdisk.find_program("mke2fs").endswith("/mke2fs")
+    with pytest.raises(ConfigError, match="was not found in PATH, /usr/sbin or /sbin: install e2fsprogs"):
+        linuxdisk.find_program("no-such-mke2fs-program")
+
+
+def test_progress_bar_on_a_terminal(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    fd = os.open(tmp, os.O_TMPFILE | os.O_RDWR)
+    try:
+        expected = 64 << 20
+        # Stands in for mke2fs: fills the image in steps, slowly enough for the bar to appear.
+        writer = (f"import time\nwith open('/proc/self/fd/{fd}', 'r+b') as f:\n"
+                  "    for i in range(8):\n        f.write(b'x' * (8 << 20)); f.flush(); time.sleep(0.2)\n")
+        status, _ = linuxdisk._run_with_progress([sys.executable, "-c", writer], fd, expected, "linuxdisk: test")
+    finally:
+        os.close(fd)
+    assert status == 0
+    assert "linuxdisk: test" in terminal.getvalue() and "64.0M/64.0M" in terminal.getvalue()
+
+
+def test_estimate_counts_inode_tables() -> None:
+    small_files = tree.TreeStats(allocated=0, inodes=100_000)
+    assert linuxdisk.estimate_size(small_files, "ext2") >= 100_000 * 256
+    assert linuxdisk.estimate_size(tree.TreeStats(), "ext4") == (1 << 20) + (32 << 20)
+    assert linuxdisk.inodes_needed(small_files) >= 100_000 + 10
