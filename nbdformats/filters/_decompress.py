@@ -10,11 +10,14 @@ start-up error and the first client does not wait.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import threading
 import time
-from typing import Callable, Protocol
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 from ..core.chain import NONE, Filter, FilterHandle, Layer, OpenNext
 from ..core.errors import ConfigError, NBDError
@@ -178,3 +181,85 @@ class DecompressFilter(Filter):
 
         def flush(self, flags: int) -> None:
             pass
+
+
+@dataclass(frozen=True)
+class Unit:
+    """An independently decodable piece: an xz block, a zstd frame."""
+
+    out: int  # uncompressed offset
+    size: int  # uncompressed size
+    offset: int  # compressed offset
+    length: int  # compressed length
+    number: int  # for messages
+
+
+class BlockSource:
+    """A Source made of independently decodable units, decoded whole and kept in an LRU cache.
+
+    `decode(unit, reader)` returns a unit's output; units larger than `max_unit` are instead
+    decoded on demand into a spill file through `stream(unit)`, a ChunkDecoder.
+    """
+
+    def __init__(self, name: str, units: list[Unit], decode: Callable[[Unit, Reader], bytes],
+                 stream: Callable[[Unit], Any], max_unit: int, max_depth: int, unit_word: str = "block") -> None:
+        self.name, self.unit_word = name, unit_word
+        self.units = units
+        self.outs = [u.out for u in units]
+        self.size = units[-1].out + units[-1].size if units else 0
+        self.decode, self.stream = decode, stream
+        self.max_unit, self.max_depth = max_unit, max_depth
+        self.cache: OrderedDict[int, bytes] = OrderedDict()
+        self.spills: dict[int, Any] = {}
+        self.lock = threading.Lock()
+        self.unit_locks: dict[int, threading.Lock] = {}
+
+    def read_into(self, buf: memoryview, offset: int, reader: Reader) -> None:
+        end = offset + len(buf)
+        if end > self.size:
+            raise NBDError(errno.EIO, f"{self.name}: read beyond the end ({self.size} bytes)")
+        index = bisect.bisect_right(self.outs, offset) - 1
+        position = offset
+        while position < end:
+            unit = self.units[index]
+            lo, hi = position - unit.out, min(end, unit.out + unit.size) - unit.out
+            target = buf[position - offset:position - offset + hi - lo]
+            if unit.size > self.max_unit:
+                self._spill(unit).read_into(target, lo, reader)
+            else:
+                target[:] = memoryview(self._unit_data(unit, reader))[lo:hi]
+            position += hi - lo
+            index += 1
+
+    def _unit_data(self, unit: Unit, reader: Reader) -> bytes:
+        with self.lock:
+            data = self.cache.get(unit.number)
+            if data is not None:
+                self.cache.move_to_end(unit.number)
+                return data
+            unit_lock = self.unit_locks.setdefault(unit.number, threading.Lock())
+        with unit_lock:  # decode each unit once even when several readers want it
+            with self.lock:
+                data = self.cache.get(unit.number)
+            if data is None:
+                data = self.decode(unit, reader)
+                if len(data) != unit.size:
+                    raise NBDError(errno.EIO, f"{self.name}: {self.unit_word} {unit.number} decodes to {len(data)} "
+                                              f"bytes, not the {unit.size} its index says")
+                with self.lock:
+                    self.cache[unit.number] = data
+                    while len(self.cache) > self.max_depth:
+                        self.cache.popitem(last=False)
+        return data
+
+    def _spill(self, unit: Unit) -> Any:
+        from ._spill import Spill  # _spill imports this module
+
+        with self.lock:
+            spill = self.spills.get(unit.number)
+            if spill is None:
+                log.info("%s: %s %d is %d bytes, more than the cache limit %d: decoding it into a "
+                         "spill file on demand", self.name, self.unit_word, unit.number, unit.size, self.max_unit)
+                spill = self.spills[unit.number] = Spill(unit.size, self.stream(unit),
+                                                         f"{self.name} {self.unit_word} {unit.number}")
+            return spill
