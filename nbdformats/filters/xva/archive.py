@@ -126,7 +126,7 @@ class ReadAhead:
 def _not_a_tar(first_bytes: bytes, error: tar.TarError) -> XvaError:
     for magic, kind in _COMPRESSED_MAGIC.items():
         if first_bytes.startswith(magic):
-            hint = f" (put --filter={kind} after --filter=xva)" if kind in ("gzip", "zstd") else ""
+            hint = f" (put --filter={kind} after --filter=xva)" if kind != "bzip2" else ""
             return XvaError(f"the archive is {kind}-compressed, not a tar{hint}")
     return XvaError(f"not an XVA: {error}")
 
