@@ -249,8 +249,10 @@ class Handle(PluginHandle):
         self.script_name = plugin.script_name
         self.export_name = export_name
         self.callbacks = callbacks = plugin.callbacks
+        # The server does not tell plugins about the socket or TLS yet: peer_* and is_tls()
+        # raise rather than guess.
         self.sock: socket.socket | None = None
-        self.tls = False
+        self.tls: bool | None = None
         self._pread = callbacks["pread"]
         self._pwrite = callbacks.get("pwrite") or not_implemented("pwrite")
         self._flush = callbacks.get("flush") or not_implemented("flush")
@@ -311,6 +313,8 @@ class Handle(PluginHandle):
         return self.sock
 
     def is_tls(self) -> bool:
+        if self.tls is None:
+            raise RuntimeError("nbdkit.is_tls: the TLS state of this connection is not known")
         return self.tls
 
     # -- sizes and capabilities, asked once per connection

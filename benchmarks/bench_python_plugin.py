@@ -1,0 +1,163 @@
+"""Per-request latency of nbdkit Python plugin scripts: `nbdkit python` vs `nbdformats python`.
+
+    .venv/bin/python benchmarks/bench_python_plugin.py [--batches 40] [--batch 250] [--block 4096]
+
+Both servers run the same scripts from tests/fixtures/python_plugins in the same run, on Unix
+sockets: ramdisk.py (nbdkit's default thread model: nbdformats calls it inline on its event
+loop) and file.py (THREAD_MODEL_PARALLEL: nbdformats calls it from worker threads).  Each
+server also serves the native `memory` plugin, the floor of that server's own round trip, so
+"script cost" = script latency - memory latency is what running the Python script costs there.
+
+One libnbd client sends synchronous requests (queue depth 1): each sample is a full round
+trip.  All servers run at once and take turns in short batches, so load from other processes
+on the machine falls on all of them alike; the figure is the median of the batch medians.
+Last, the in-process cost of our plugin layer is timed directly (no sockets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import timeit
+from pathlib import Path
+
+import nbd  # libnbd's Python binding (Debian: python3-libnbd)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "tests" / "fixtures" / "python_plugins"
+DISK_SIZE = 64 * 1024 * 1024
+SERVERS = {"nbdkit": ["nbdkit"], "nbdformats": [sys.executable, "-m", "nbdformats"]}
+
+
+def start(argv: list[str], socket_path: str) -> subprocess.Popen:
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(socket_path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"server did not start: {' '.join(argv)}")
+        time.sleep(0.02)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def batch_median(h: nbd.NBD, kind: str, offsets: list[int], data: bytes) -> float:
+    """Median microseconds per synchronous request over one batch."""
+    clock = time.perf_counter_ns
+    samples = []
+    block = len(data)
+    for offset in offsets:
+        t0 = clock()
+        if kind == "write":
+            h.pwrite(data, offset)
+        else:
+            h.pread(block, offset)
+        samples.append(clock() - t0)
+    return statistics.median(samples) / 1000
+
+
+def layer_overhead(image: str) -> list[tuple[str, float]]:
+    """Microseconds our python plugin adds to one call, in process: Layer call minus direct script call."""
+    from nbdformats.core.chain import Chain
+    from nbdformats.registry import load_plugin
+
+    results = []
+    for script, pairs in (("ramdisk.py", [("size", "1M")]), ("file.py", [("file", image)])):
+        chain = Chain([], load_plugin("python")())
+        chain.configure({0: [("script", str(SCRIPTS / script)), *pairs]})
+        chain.get_ready()
+        layer = chain.open(readonly=False, export_name="")
+        module, h = chain.plugin.module, layer.handle.h
+        buf = memoryview(bytearray(4096))
+        number = 100_000
+
+        def per_call(fn) -> float:
+            return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
+
+        results.append((f"{script} pread", per_call(lambda: layer.pread(buf, 4096, 0))
+                        - per_call(lambda: module.pread(h, buf, 4096, 0))))
+        results.append((f"{script} pwrite", per_call(lambda: layer.pwrite(buf, 4096, 0))
+                        - per_call(lambda: module.pwrite(h, buf, 4096, 0))))
+        layer.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=40, help="turns per server (default 40)")
+    parser.add_argument("--batch", type=int, default=250, help="requests per turn (default 250)")
+    parser.add_argument("--block", type=int, default=4096, help="bytes per request (default 4096)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-python-plugin-") as tmp:
+        image = os.path.join(tmp, "disk.img")
+        with open(image, "wb") as f:
+            f.write(os.urandom(DISK_SIZE))
+        workloads = {
+            "memory (native)": ["memory", str(DISK_SIZE)],
+            "ramdisk.py": ["python", str(SCRIPTS / "ramdisk.py"), f"size={DISK_SIZE}"],
+            "file.py": ["python", str(SCRIPTS / "file.py"), f"file={image}"],
+        }
+        procs, handles = [], {}
+        try:
+            for server, program in SERVERS.items():
+                for workload, plugin_args in workloads.items():
+                    sock = os.path.join(tmp, f"{server}-{len(procs)}.sock")
+                    procs.append(start([*program, "-f", "-U", sock, *plugin_args], sock))
+                    h = nbd.NBD()
+                    h.connect_uri(f"nbd+unix:///?socket={sock}")
+                    handles[server, workload] = h
+            data = os.urandom(args.block)
+            slots = DISK_SIZE // args.block
+            offsets = [((i * 7919) % slots) * args.block for i in range(args.batch)]
+            medians: dict[tuple[str, str, str], list[float]] = {}
+            for kind in ("read", "write"):
+                for h in handles.values():  # warm up: fill the disks, page in
+                    batch_median(h, kind, offsets, data)
+                for turn in range(args.batches):
+                    keys = list(handles)
+                    keys = keys[turn % len(keys):] + keys[:turn % len(keys)]  # rotate who goes first
+                    for key in keys:
+                        medians.setdefault((*key, kind), []).append(batch_median(handles[key], kind, offsets, data))
+            for h in handles.values():
+                h.shutdown()
+        finally:
+            for proc in procs:
+                stop(proc)
+
+        latency = {key: statistics.median(values) for key, values in medians.items()}
+        print(f"{args.block}-byte requests, queue depth 1, {args.batches} turns of {args.batch} per server: "
+              "median microseconds per request\n")
+        print(f"{'workload':<17} {'request':<7} {'nbdkit':>8} {'nbdformats':>11}   "
+              f"{'script cost: nbdkit':>20} {'nbdformats':>11}")
+        for workload in workloads:
+            for kind in ("read", "write"):
+                row = [latency[server, workload, kind] for server in SERVERS]
+                cost = ""
+                if workload != "memory (native)":
+                    costs = [latency[server, workload, kind] - latency[server, "memory (native)", kind]
+                             for server in SERVERS]
+                    cost = f"{costs[0]:>20.1f} {costs[1]:>11.1f}"
+                print(f"{workload:<17} {kind:<7} {row[0]:>8.1f} {row[1]:>11.1f}   {cost}")
+        print("\nin process, what our plugin layer adds to one script call (no sockets):")
+        for label, overhead in layer_overhead(image):
+            print(f"  {label:<16} {overhead:6.2f} us")
+
+
+if __name__ == "__main__":
+    main()
