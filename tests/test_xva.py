@@ -393,3 +393,12 @@ def test_compressed_exports(tmp, compression):
         for disk in disks:
             run(["nbdcopy", srv.uri_for(disk.name), tmp / "out.raw"], timeout=60)
             assert (tmp / "out.raw").read_bytes() == disk.data
+
+
+def test_over_another_plugin(vm_xva, tmp):
+    # nbdkit's example Python file plugin, run by our python plugin: the filter only needs preads.
+    path, disks = vm_xva
+    script = Path(__file__).parent / "fixtures" / "python_plugins" / "file.py"
+    with serve("--filter=xva", "python", str(script), f"file={path}") as srv:
+        run(["nbdcopy", srv.uri_for("data"), tmp / "out.raw"], timeout=60)
+        assert (tmp / "out.raw").read_bytes() == disks[1].data
