@@ -117,7 +117,7 @@ def _text(field: bytes) -> str:
 
 def read_volume(read: Reader, device_size: int) -> Volume:
     """Parse the LUKS header of a device; LuksError if it is not LUKS or is unsupported."""
-    if device_size < SECTOR:
+    if device_size < 8:
         raise LuksError(f"not a LUKS image: the file has only {device_size} bytes")
     first = read(0, min(LUKS2_BINARY_SIZE, device_size))
     if first[:6] == MAGIC:
