@@ -58,7 +58,7 @@ class TarFilter(MemberFilter):
     def open_member(self, below: Layer, member: Member, readonly: bool, below_export: str) -> FilterHandle:
         entry: TarEntry = member.detail
         if entry.sparse_map is not None and not readonly:
-            log.info("tar: %s is a sparse member: served read-only (its holes are not stored)", member.name)
+            log.debug("tar: %s is a sparse member: served read-only (its holes are not stored)", member.name)
         return SegmentHandle(self, below, member, writable=entry.sparse_map is None)
 
 

@@ -95,7 +95,10 @@ def parse_number(field: bytes, where: str = "") -> int:
 
 
 def _checksum_ok(block: bytes) -> bool:
-    stored = parse_number(block[CHECKSUM[0]:CHECKSUM[1]], "checksum")
+    try:
+        stored = parse_number(block[CHECKSUM[0]:CHECKSUM[1]], "checksum")
+    except TarError:
+        return False
     unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
     # Some old tars summed signed chars.
     signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b & 0x80)
