@@ -46,7 +46,8 @@ def run(cmd: list[str], *, timeout: float = TIMEOUT, check: bool = True, input: 
 
 def nbdsh(uri: str, script: str, timeout: float = TIMEOUT, check: bool = True) -> subprocess.CompletedProcess:
     """Run a Python snippet against `uri` with libnbd's binding; `h` is the connected handle."""
-    code = ("import nbd, sys, errno\nh = nbd.NBD()\nh.set_strict_mode(0)\n" +
+    code = ("import nbd, sys, errno\nh = nbd.NBD()\nh.set_strict_mode(0)\n"
+            "h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)\n" +
             f"h.connect_uri({uri!r})\n" + script)
     return run([SYSTEM_PYTHON, "-c", code], timeout=timeout, check=check)
 

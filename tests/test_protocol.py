@@ -279,12 +279,17 @@ class TestTransmission:
         reply = run(tx, Request(0, P.CMD_READ, 2, 98, 9))
         assert reply == P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, 2) + b"\0\0abcde\0\0"
 
-    @pytest.mark.parametrize("cmd", [P.CMD_READ, P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES, P.CMD_BLOCK_STATUS])
+    @pytest.mark.parametrize("cmd", [P.CMD_READ, P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES])
     def test_zero_length_succeeds(self, cmd):
         tx = memory_transmission()
         payload = memoryview(bytearray()) if cmd == P.CMD_WRITE else None
         reply = chunks(run(tx, Request(0, cmd, 3, 4096, 0, payload)))
         assert reply == [(P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, b"")]
+
+    def test_zero_length_block_status_reports_one_extent(self):
+        tx = memory_transmission()
+        reply = chunks(run(tx, Request(0, P.CMD_BLOCK_STATUS, 3, 4096, 0)))
+        assert reply == [(P.REPLY_FLAG_DONE, P.REPLY_TYPE_BLOCK_STATUS, struct.pack(">III", 1, 1, 3))]
 
     def test_read_past_end_structured_returns_valid_part_then_error_offset(self):
         tx = memory_transmission()

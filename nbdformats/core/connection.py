@@ -67,6 +67,7 @@ class Connection(asyncio.BufferedProtocol):
         self._hs_buffer = bytearray(HANDSHAKE_BUFFER)
         self._hs_wakeup: asyncio.Future | None = None
         self._hs_task: asyncio.Task | None = None
+        self._early_requests = bytearray()
         self._closed = False
         self._disconnecting = False
         self._in_flight = 0
@@ -111,8 +112,11 @@ class Connection(asyncio.BufferedProtocol):
             if requests:
                 self._dispatch(requests)
             return
+        data = bytes(self._hs_buffer[:nbytes])
         if self.handshake is not None:
-            self.handshake.receive_data(bytes(self._hs_buffer[:nbytes]))
+            self.handshake.receive_data(data)
+        else:  # oldstyle or --no-handshake: the first requests may arrive before the export is open
+            self._early_requests += data
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -172,7 +176,7 @@ class Connection(asyncio.BufferedProtocol):
             if settings.oldstyle:
                 self.transport.write(oldstyle_greeting(info))
             self._start_transmission(layer, info, structured=False, extended=False, meta_context_id=None,
-                                     leftover=b"")
+                                     leftover=bytes(self._early_requests))
             return
         hs = self.handshake = ServerHandshake(tls=settings.tls)
         while not self._closed:

@@ -330,6 +330,9 @@ class Transmission:
         try:
             type = req.type
             if req.length == 0 and type != P.CMD_FLUSH:
+                if type == P.CMD_BLOCK_STATUS and req.offset < self.size and not req.flags & P.CMD_FLAG_REQ_ONE:
+                    # A status reply needs one nonzero extent; the spec lets the last one run past the request.
+                    return self._block_status(req, minimum=1)
                 return [self.replies.ok(req.cookie, req.offset)]
             if type == P.CMD_READ:
                 return self._read(req)
@@ -411,9 +414,9 @@ class Transmission:
             buffers.append(self.replies.ok(cookie, offset))
         return buffers
 
-    def _block_status(self, req: Request) -> list[bytes | bytearray | memoryview]:
+    def _block_status(self, req: Request, minimum: int = 0) -> list[bytes | bytearray | memoryview]:
         offset, cookie = req.offset, req.cookie
-        valid = min(req.length, self.size - offset)
+        valid = min(max(req.length, minimum), self.size - offset)
         tail_error = valid < req.length
         if not self.replies.extended:
             valid = min(valid, 0xFFFFFFFF)
