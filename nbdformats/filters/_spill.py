@@ -30,8 +30,9 @@ class ChunkDecoder(Protocol):
 class Spill:
     """`size` bytes of output of `decoder`, decoded on demand into a temporary file."""
 
-    def __init__(self, size: int, decoder: ChunkDecoder, what: str) -> None:
-        self.size = size
+    def __init__(self, size: int | None, decoder: ChunkDecoder, what: str, max_size: int | None = None) -> None:
+        self.size = size  # None: unknown until decode_all()
+        self.max_size = max_size
         self.decoder = decoder
         self.what = what
         self.decoded = 0
@@ -51,11 +52,17 @@ class Spill:
             while self.decoded < end:
                 chunk = self.decoder.read(reader)
                 if not chunk:
+                    if self.size is None:
+                        self.size = self.decoded
+                        return
                     raise NBDError(errno.EIO, f"{self.what}: the data ends at {self.decoded} bytes, "
                                               f"not the declared {self.size}")
-                if self.decoded + len(chunk) > self.size:
+                if self.size is not None and self.decoded + len(chunk) > self.size:
                     raise NBDError(errno.EIO, f"{self.what}: the data decodes to more than the "
                                               f"declared {self.size} bytes")
+                if self.max_size is not None and self.decoded + len(chunk) > self.max_size:
+                    raise NBDError(errno.EFBIG, f"{self.what}: the data decompresses to more than "
+                                                f"max-size={self.max_size}: refusing a decompression bomb")
                 written = 0
                 while written < len(chunk):
                     written += os.pwrite(self.fd, memoryview(chunk)[written:], self.decoded + written)
@@ -66,8 +73,17 @@ class Spill:
         except OSError as e:
             raise NBDError(e.errno or errno.EIO, f"{self.what}: spill file: {e.strerror}") from None
 
+    def decode_all(self, reader: Reader) -> int:
+        """Decode everything now (when the size is not declared); returns the size."""
+        with self.lock:
+            self._decode_to(1 << 63, reader)
+        assert self.size is not None
+        return self.size
+
     def read_into(self, buf: memoryview, offset: int, reader: Reader) -> None:
         end = offset + len(buf)
+        if self.size is not None and end > self.size:
+            raise NBDError(errno.EIO, f"{self.what}: read beyond the end ({self.size} bytes)")
         if end > self.decoded:
             with self.lock:
                 self._decode_to(end, reader)
