@@ -312,6 +312,25 @@ def test_bad_parameters(source: tuple[Path, Expected], args: list[str], message:
     assert message in fails(*[str(root) if a == "SRC" else a for a in args])
 
 
+def test_missing_temporary_directory(source: tuple[Path, Expected]) -> None:
+    root, _ = source
+    assert "/nonexistent/tmp does not exist (set TMPDIR)" in fails(str(root), env={"TMPDIR": "/nonexistent/tmp"})
+
+
+def test_many_empty_files_get_enough_inodes(tmp: Path) -> None:
+    """du counts nothing for empty files; mke2fs's default inode count would not hold them (nbdkit
+    1.32 fails here with "Could not allocate inode")."""
+    root = tmp / "many"
+    for d in range(3):
+        (root / f"d{d}").mkdir(parents=True)
+        for i in range(1000):
+            (root / f"d{d}" / f"file{i:04d}").touch()
+    image, _ = copy_out(tmp, str(root), "partition=none")
+    run(["e2fsck", "-fn", image])
+    names = listing(str(image))
+    assert len([p for p in names if "/file" in p]) == 3000
+
+
 def test_size_too_small_names_the_size_needed(source: tuple[Path, Expected]) -> None:
     root, _ = source
     message = fails(str(root), "size=300K")

@@ -116,6 +116,8 @@ class LinuxDiskPlugin(Plugin):
     def get_ready(self) -> None:
         program = find_program(self.mke2fs)
         tmpdir = os.environ.get("TMPDIR") or DEFAULT_TMPDIR
+        if not os.path.isdir(tmpdir):
+            raise ConfigError(f"linuxdisk: the temporary directory {tmpdir} does not exist (set TMPDIR)")
         staging = None
         try:
             if len(self.dirs) == 1:
