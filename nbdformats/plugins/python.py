@@ -270,9 +270,11 @@ class Handle(PluginHandle):
     def failed(self, name: str, exc: BaseException) -> NBDError:
         """The NBDError for a callback that raised: errno from set_error, else the NBDError's, else EIO."""
         default = exc.errno if isinstance(exc, NBDError) else errno.EIO
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s: %s failed:\n%s", self.script_name, name, "".join(traceback.format_exception(exc)))
         message = f"{self.script_name}: {name}: {where(exc, self.script)}{describe(exc)}"
+        # Like nbdkit, report the script's failures; the traceback with -v.
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s failed:\n%s", name, "".join(traceback.format_exception(exc)))
+        logger.warning("%s", message)
         return NBDError(nbdkit_compat.take_error(default), message)
 
     def call(self, name: str, *args: Any) -> Any:
