@@ -149,6 +149,15 @@ def _unicode_path(extra: bytes, raw_name: bytes) -> str | None:
     return None
 
 
+def decode_name(raw: bytes, flags: int) -> str:
+    """UTF-8 when flagged (APPNOTE 4.4.4 bit 11) and, in practice, whenever the name is valid
+    UTF-8 (Info-ZIP stores UTF-8 names unflagged); CP437 otherwise."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8" if flags & FLAG_UTF8 else "cp437", "replace")
+
+
 def parse_central_directory(data: bytes, directory: CentralDirectory) -> list[ZipEntry]:
     entries = []
     position = 0
@@ -167,8 +176,7 @@ def parse_central_directory(data: bytes, directory: CentralDirectory) -> list[Zi
         raw_name = data[name_start:extra_start]
         extra = data[extra_start:extra_start + extra_length]
         size, compressed, offset = _zip64_extra(extra, size, compressed, offset)
-        name = _unicode_path(extra, raw_name) or raw_name.decode("utf-8" if flags & FLAG_UTF8 else "cp437",
-                                                                 "replace")
+        name = _unicode_path(extra, raw_name) or decode_name(raw_name, flags)
         entries.append(ZipEntry(name, flags, method, crc, compressed, size, offset + directory.prefix))
         position = end
     if position != len(data):
