@@ -133,7 +133,8 @@ def main() -> None:
                     keys = list(handles)
                     keys = keys[turn % len(keys):] + keys[:turn % len(keys)]  # rotate who goes first
                     for key in keys:
-                        medians.setdefault((*key, kind), []).append(batch_median(handles[key], kind, offsets, data))
+                        median = batch_median(handles[key], kind, offsets, data)
+                        medians.setdefault((*key, kind), []).append(median)
             for h in handles.values():
                 h.shutdown()
         finally:

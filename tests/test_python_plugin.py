@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -72,7 +74,8 @@ def test_parameters_reach_the_script_config_in_order(tmp):
 
 
 def test_script_config_errors_stop_the_server_with_the_script_line(tmp):
-    with pytest.raises(ConfigError, match=r"ramdisk.py: config: ramdisk.py:\d+: RuntimeError: unknown parameter: bogus"):
+    expected = r"ramdisk.py: config: ramdisk.py:\d+: RuntimeError: unknown parameter: bogus"
+    with pytest.raises(ConfigError, match=expected):
         configure(SCRIPTS / "ramdisk.py", ("bogus", "1"))
     with pytest.raises(ConfigError, match="config_complete: .*file parameter is required"):
         configure(SCRIPTS / "file.py")
@@ -243,7 +246,8 @@ def test_extents_from_the_script(tmp):
     def extents(h, count, offset, flags): return results[offset]
     """)
     layer = open_script(bad)
-    for offset, message in ((0, "cannot return an empty list"), (1, "iterable of 3-tuples"), (2, "contiguous")):
+    problems = {0: "cannot return an empty list", 1: "iterable of 3-tuples", 2: "contiguous"}
+    for offset, message in problems.items():
         with pytest.raises(NBDError, match=message):
             layer.extents(4096 - offset, offset, 0, Extents(offset, 4096))
 
@@ -288,6 +292,42 @@ def test_exports_and_export_name():
     assert chain.open(True, "64K").get_size() == 65536
     with pytest.raises(NBDError, match="open: .*Unable to parse string as size"):
         chain.open(True, "not-a-size")
+
+
+def test_export_name_is_per_connection_across_worker_threads(tmp):
+    script = write_script(tmp, MINIMAL, """
+    import time, nbdkit
+    def thread_model(): return nbdkit.THREAD_MODEL_PARALLEL
+    def list_exports(readonly, is_tls):
+        try:
+            return [nbdkit.export_name()]
+        except RuntimeError:
+            return ["no connection here"]
+    def pread(h, buf, offset, flags):
+        time.sleep(0.0005)  # let the other thread start a call in between
+        buf[:] = nbdkit.export_name().encode().ljust(len(buf), b".")
+    """)
+    chain = configure(script)
+    layers = {name: chain.open(True, name) for name in ("alpha", "beta")}
+    read(layers["alpha"], 0, 16)  # leaves this thread's state on a connection
+    assert [e.name for e in chain.list_exports(True, False)] == ["no connection here"]
+    seen: dict[str, set[bytes]] = {}
+
+    def reader(name: str) -> None:
+        seen[name] = {read(layers[name], 0, 16).rstrip(b".") for _ in range(100)}
+
+    threads = [threading.Thread(target=reader, args=(name,)) for name in layers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert seen == {"alpha": {b"alpha"}, "beta": {b"beta"}}
+
+
+def test_debug_messages_go_to_the_log(caplog):
+    with caplog.at_level(logging.DEBUG, logger="nbdformats.python"):
+        open_script(SCRIPTS / "ramdisk.py")
+    assert "open: readonly=0" in caplog.text
 
 
 def test_disconnect_fails_later_requests_with_eshutdown(tmp):
@@ -353,7 +393,8 @@ def test_nbdkit_module_outside_a_connection():
 
 def test_nbdkit_module_constants_match_nbdkit():
     dump = run(["nbdkit", "python", SCRIPTS / "constants.py", "--dump-plugin"], timeout=30).stdout.decode()
-    theirs = dict(line[len("constant "):].split("=") for line in dump.splitlines() if line.startswith("constant "))
+    theirs = dict(line.removeprefix("constant ").split("=") for line in dump.splitlines()
+                  if line.startswith("constant "))
     assert len(theirs) >= 16
     assert {name: str(getattr(nbdkit_compat, name)) for name in theirs} == theirs
     # Newer nbdkit also has ZERO_* (NBDKIT_ZERO_NONE/EMULATE/NATIVE).

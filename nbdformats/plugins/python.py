@@ -160,7 +160,8 @@ class PythonPlugin(Plugin):
         function = self.callbacks.get(name)
         if function is None:
             return None
-        nbdkit_compat.call_state.error = 0
+        state = nbdkit_compat.call_state
+        state.connection, state.error = None, 0  # no connection: export_name() fails, as nbdkit's
         try:
             return function(*args)
         except CAUGHT as e:
@@ -191,7 +192,8 @@ class PythonPlugin(Plugin):
             self.callbacks["dump_plugin"]()
 
     def call_export_callback(self, name: str, *args: Any) -> Any:
-        nbdkit_compat.call_state.error = 0
+        state = nbdkit_compat.call_state
+        state.connection, state.error = None, 0  # no connection: export_name() fails, as nbdkit's
         try:
             return self.callbacks[name](*args)
         except CAUGHT as e:
