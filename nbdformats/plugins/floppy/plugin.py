@@ -1,0 +1,172 @@
+"""The floppy plugin: parameters, start-up (scan, lay out, make bootable) and requests."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+import zlib
+
+from ...core.chain import Extents, Plugin, PluginHandle
+from ...core.errors import ConfigError, NBDError
+from ...core.params import Enum, Param, Path, Size, String
+from . import syslinux
+from .dirents import ATTR_ARCHIVE, ATTR_HIDDEN, ATTR_READ_ONLY, ATTR_SYSTEM
+from .image import FatImage
+from .layout import SECTOR, LayoutError, bpb_end
+from .names import fold, volume_label
+from .tree import DirNode, FileNode, TreeError, scan
+
+log = logging.getLogger("nbdformats.floppy")
+
+FLOPPY_1440K = 1440 * 1024
+# JMP SHORT and JMP NEAR: a boot sector starts with one and must jump past our BPB.
+_JMP_SHORT, _JMP_NEAR = 0xEB, 0xE9
+
+
+def read_host(path: str, offset: int, view: memoryview) -> None:
+    """Fill `view` from the host file at `offset` (the file is opened per request, so
+    nothing stays open and a replaced file is seen as it is now)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as e:
+        raise NBDError(e.errno or errno.EIO, f"{path}: {e.strerror}") from None
+    try:
+        while len(view):
+            n = os.preadv(fd, [view], offset)
+            if n == 0:
+                raise NBDError(errno.EIO, f"{path}: the file is shorter than when the server started")
+            view = view[n:]
+            offset += n
+    except OSError as e:
+        raise NBDError(e.errno or errno.EIO, f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _check_label(text: str) -> None:
+    volume_label(text)
+
+
+def _jump_target(code: bytes) -> int | None:
+    if code[0] == _JMP_SHORT:
+        return 2 + code[1] if code[1] < 0x80 else None
+    if code[0] == _JMP_NEAR:
+        return (3 + int.from_bytes(code[1:3], "little")) & 0xFFFF
+    return None
+
+
+class FloppyPlugin(Plugin):
+    """A FAT disk made from directories; files are read from the host at request time."""
+
+    name = "floppy"
+    blocking = True  # reads host files
+
+    dir = Param(Path("dir"), required=True, repeat=True, magic=True,
+                help="Directory whose files the disk holds; repeat to merge several (later ones win)")
+    label = Param(String(), default="NBDKITFLOPY", check=_check_label,
+                  help="Volume label, at most 11 characters (upper-cased); empty for none")
+    size = Param(Size(minimum=SECTOR), help="Total disk size (default: just big enough)")
+    fat = Param(Enum("32", "16", "12", "auto"), default="32",
+                help="FAT type; auto picks by size as mkfs.fat does")
+    partition = Param(Enum("mbr", "none"),
+                      help="mbr: one FAT partition at sector 2048; none: a bare file system "
+                           "(default: none for FAT12, mbr otherwise)")
+    boot = Param(Enum("none", "syslinux"), default="none",
+                 help="syslinux: make the disk boot SYSLINUX (BIOS), configured by syslinux.cfg")
+    boot_sector = Param(Path("file"),
+                        help="A 512-byte boot sector whose code boots the volume (our BPB is kept)")
+
+    def config_complete(self) -> None:
+        if self.boot != "none" and self.boot_sector is not None:
+            raise ConfigError("floppy: boot= and boot-sector= cannot be used together")
+
+    def get_ready(self) -> None:
+        try:
+            root = scan(self.dir, log.warning)
+        except TreeError as e:
+            raise ConfigError(f"floppy: {e}") from None
+        boot_files = self._add_syslinux(root) if self.boot == "syslinux" else None
+        boot_code = self._read_boot_sector() if self.boot_sector is not None else None
+        serial = zlib.crc32("\0".join(self.dir).encode(errors="surrogateescape") + self.label.encode())
+        try:
+            image = FatImage(root, fat=self.fat, partition=self.partition, size=self.size,
+                             label=volume_label(self.label), serial=serial)
+        except LayoutError as e:
+            raise ConfigError(f"floppy: {e}") from None
+        try:
+            if boot_files is not None:
+                ldlinux, files = boot_files
+                patched, boot_sector = syslinux.patch(files.ldlinux_sys, files.boot_sector,
+                                                      image.fs_sectors_of(ldlinux))
+                image.replace_contents(ldlinux, patched)
+                image.set_boot_code(boot_sector, syslinux.KEEP_BPB, self._mbr_code(image))
+            elif boot_code is not None:
+                target = _jump_target(boot_code)
+                end = bpb_end(image.geometry.fat_bits)
+                if target is None or target < end:
+                    raise ConfigError(
+                        f"floppy: boot-sector={self.boot_sector}: its code must start with a jump past "
+                        f"the FAT{image.geometry.fat_bits} BPB (to offset {end:#x} or later)")
+                image.set_boot_code(boot_code, (3, end), self._mbr_code(image))
+        except syslinux.SyslinuxError as e:
+            raise ConfigError(f"floppy: {e}") from None
+        self.image = image
+        g = image.geometry
+        log.info("floppy: FAT%d, %d clusters of %d bytes, %d bytes%s", g.fat_bits, g.clusters,
+                 g.cluster_size, image.size, " (MBR)" if g.partitioned else "")
+
+    def _read_boot_sector(self) -> bytes:
+        try:
+            with open(self.boot_sector, "rb") as f:
+                code = f.read(SECTOR + 1)
+        except OSError as e:
+            raise ConfigError(f"floppy: boot-sector={self.boot_sector}: {e.strerror}") from None
+        if len(code) != SECTOR:
+            raise ConfigError(f"floppy: boot-sector={self.boot_sector}: a boot sector is {SECTOR} bytes, "
+                              f"this file is {'larger' if len(code) > SECTOR else f'{len(code)} bytes'}")
+        return code
+
+    @staticmethod
+    def _mbr_code(image: FatImage) -> bytes | None:
+        return syslinux.mbr_code() if image.geometry.partitioned else None
+
+    @staticmethod
+    def _add_syslinux(root: DirNode) -> tuple[FileNode, syslinux.SyslinuxFiles]:
+        """ldlinux.sys and ldlinux.c32 in the root directory (replacing any from the host)."""
+        blank = FatImage(DirNode("", "", 0, 0, 0), fat="12", size=FLOPPY_1440K, label=None)
+        buf = bytearray(blank.size)
+        blank.read(memoryview(buf), 0, read_host)
+        try:
+            files = syslinux.installer_files(bytes(buf))
+        except syslinux.SyslinuxError as e:
+            raise ConfigError(f"floppy: {e}") from None
+        now = time.time()
+        attributes = ATTR_READ_ONLY | ATTR_HIDDEN | ATTR_SYSTEM | ATTR_ARCHIVE  # as the installer sets
+        ldlinux = FileNode("ldlinux.sys", files.ldlinux_sys, len(files.ldlinux_sys), now, now, now, attributes)
+        module = FileNode("ldlinux.c32", files.ldlinux_c32, len(files.ldlinux_c32), now, now, now, attributes)
+        for node in (ldlinux, module):
+            existing = root.children.get(fold(node.name))
+            if existing is not None:
+                log.warning("floppy: boot=syslinux replaces %s with SYSLINUX's own %s",
+                            existing.origin, node.name)
+            root.children[fold(node.name)] = node
+        return ldlinux, files
+
+    class Handle(PluginHandle):
+        def __init__(self, plugin: "FloppyPlugin", readonly: bool, export_name: str) -> None:
+            self.image = plugin.image
+
+        def get_size(self) -> int:
+            return self.image.size
+
+        def can_multi_conn(self) -> bool:
+            return True  # read-only: every connection sees the same bytes
+
+        def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+            self.image.read(buf, offset, read_host)
+
+        def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
+            for start, length, kind in self.image.extents(offset, count):
+                extents.add(start, length, kind)
