@@ -1,0 +1,299 @@
+"""gzip, xz and zstd filters: files made with the real tools, read back byte for byte through the
+chain and through the server (nbdcopy, qemu-img compare, nbdsh), agreement with nbdkit's gzip
+and xz filters, composition with tar, and bad input (truncated, corrupt, bombs)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import NBDFORMATS, nbdinfo_json, nbdsh, run, serve, serve_nbdkit, sha256_file
+from fixtures.compressed import gzip_members, make_image, seekable_zstd, tool
+from fixtures.filterchain import make_chain
+from nbdformats.core.chain import Layer
+from nbdformats.core.errors import ConfigError, NBDError
+from nbdformats.formats.xz import XzFormatError, locate_blocks
+from nbdformats.formats.zstd import walk_frames
+
+SIZE = 3 * 1024 * 1024 + 12345  # not a multiple of any block size
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("compress")
+    image = d / "disk.img"
+    data = make_image(image, SIZE)
+    f = {"dir": d, "image": image, "data": data}
+    f["gz"] = tool(["gzip", "-6", "-c", image], d / "disk.img.gz")
+    f["pigz"] = tool(["pigz", "-c", "-b", "128", image], d / "disk.pigz.gz")
+    f["bgzf"] = tool(["bgzip", "-c", image], d / "disk.bgzf.gz")
+    f["gz_multi"] = gzip_members([data[:1_000_000], b"", data[1_000_000:2_500_000], data[2_500_000:]],
+                                 d / "disk.multi.gz")
+    f["xz_blocks"] = tool(["xz", "-T1", "-c", "--block-size=512KiB", image], d / "disk.blocks.xz")
+    f["xz_one"] = tool(["xz", "-c", "-1", image], d / "disk.one.xz")
+    first, second = run(["xz", "-c", "-0", "--block-size=1MiB", "-"], input=data[:2_000_000]).stdout, \
+        run(["xz", "-c", "-0", "--check=sha256", "-"], input=data[2_000_000:]).stdout
+    f["xz_streams"] = d / "disk.streams.xz"
+    f["xz_streams"].write_bytes(first + bytes(8) + second)  # stream padding between streams
+    f["zst_one"] = tool(["zstd", "-q", "-c", image], d / "disk.one.zst")
+    f["zst_pipe"] = d / "disk.pipe.zst"  # from a pipe: the frame does not declare its size
+    f["zst_pipe"].write_bytes(run(["zstd", "-q", "-c", "-"], input=data).stdout)
+    f["zst_pzstd"] = tool(["pzstd", "-q", "-1", "-c", "-p", "2", image], d / "disk.pzstd.zst")
+    f["zst_seekable"] = seekable_zstd(data, d / "disk.seekable.zst")
+    f["zst_frames"] = d / "disk.frames.zst"  # plain multi-frame: `cat a.zst b.zst`
+    f["zst_frames"].write_bytes(b"".join(run(["zstd", "-q", "-c", "-"], input=data[i:i + 700_000]).stdout
+                                         for i in range(0, len(data), 700_000)))
+    return f
+
+
+def open_filter(name: str, path: Path, *params: tuple[str, str]) -> Layer:
+    chain = make_chain([(name, list(params))], "file", [("file", str(path))])
+    return chain.open(readonly=True, export_name="")
+
+
+def read(layer: Layer, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    layer.pread(memoryview(buf), offset, 0)
+    return bytes(buf)
+
+
+def check_reads(layer: Layer, data: bytes, seed: int = 0, count: int = 40) -> None:
+    """Random reads, the last byte, then a sequential pass in 256 KiB requests (as nbdcopy)."""
+    assert layer.get_size() == len(data)
+    rng = random.Random(seed)
+    for _ in range(count):
+        offset = rng.randrange(len(data))
+        length = min(rng.randint(1, 300_000), len(data) - offset)
+        assert read(layer, offset, length) == data[offset:offset + length], (offset, length)
+    assert read(layer, len(data) - 1, 1) == data[-1:]
+    whole = bytearray(len(data))
+    for offset in range(0, len(data), 256 * 1024):
+        n = min(256 * 1024, len(data) - offset)
+        layer.pread(memoryview(whole)[offset:offset + n], offset, 0)
+    assert whole == data
+
+
+CASES = [
+    ("gzip", "gz", ()), ("gzip", "pigz", ()), ("gzip", "bgzf", ()), ("gzip", "gz_multi", ()),
+    ("gzip", "gz", (("gzip-lazy", "true"),)), ("gzip", "gz", (("gzip-span", "64K"),)),
+    ("xz", "xz_blocks", ()), ("xz", "xz_one", ()), ("xz", "xz_streams", ()),
+    ("xz", "xz_blocks", (("xz-max-depth", "1"),)), ("xz", "xz_one", (("xz-max-block", "1M"),)),
+    ("zstd", "zst_one", ()), ("zstd", "zst_pipe", ()), ("zstd", "zst_pzstd", ()),
+    ("zstd", "zst_seekable", ()), ("zstd", "zst_frames", ()), ("zstd", "zst_seekable", (("zstd-max-frame", "64K"),)),
+]
+
+
+@pytest.mark.parametrize("name,key,params", CASES, ids=[f"{n}-{k}-{len(p)}" for n, k, p in CASES])
+def test_reads_match_source(files, name: str, key: str, params) -> None:
+    layer = open_filter(name, files[key], *params)
+    assert not layer.can_write() and not layer.can_trim() and layer.can_multi_conn()
+    check_reads(layer, files["data"], seed=len(key))
+    with pytest.raises(NBDError) as e:
+        read(layer, SIZE - 10, 20)
+    assert e.value.errno == errno.EIO
+
+
+def test_formats_seen_as_expected(files) -> None:
+    """The fixtures exercise what they claim: several xz blocks and streams, several zstd frames."""
+    def reader(path: Path):
+        blob = path.read_bytes()
+        return lambda offset, length: blob[offset:offset + length], len(blob)
+
+    assert len(locate_blocks(*reader(files["xz_blocks"]))) == 7
+    assert len(locate_blocks(*reader(files["xz_one"]))) == 1
+    assert len(locate_blocks(*reader(files["xz_streams"]))) == 3
+    assert len(walk_frames(*reader(files["zst_frames"]))) == 5
+    assert len(walk_frames(*reader(files["zst_pzstd"]))) >= 2
+
+
+def test_gzip_bgzf_indexed_from_headers(files, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="nbdformats"):
+        layer = open_filter("gzip", files["bgzf"])
+    assert "BGZF file" in caplog.text and "indexing" not in caplog.text
+    assert read(layer, 2_000_000, 100_000) == files["data"][2_000_000:2_100_000]
+
+
+def test_gzip_index_saved_and_loaded(files, tmp_path, caplog) -> None:
+    index = tmp_path / "disk.gzi"
+    layer = open_filter("gzip", files["gz"], ("gzip-index", str(index)), ("gzip-span", "256K"))
+    assert index.stat().st_size > 1000
+    assert read(layer, 3_000_000, 4096) == files["data"][3_000_000:3_004_096]
+    with caplog.at_level(logging.INFO, logger="nbdformats"):
+        layer = open_filter("gzip", files["gz"], ("gzip-index", str(index)))
+    assert "loaded the index" in caplog.text and "indexing" not in caplog.text
+    check_reads(layer, files["data"], count=10)
+    # The same index against another file is noticed and rebuilt, never used.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nbdformats"):
+        layer = open_filter("gzip", files["pigz"], ("gzip-index", str(index)))
+    assert "not an index of this file" in caplog.text
+    check_reads(layer, files["data"], count=5)
+
+
+def test_gzip_lazy_is_wrong_only_where_documented(files) -> None:
+    """gzip-lazy trusts the last trailer: on a multi-member file the size is that of the last member."""
+    layer = open_filter("gzip", files["gz_multi"], ("gzip-lazy", "true"))
+    assert layer.get_size() == len(files["data"]) - 2_500_000
+    assert open_filter("gzip", files["gz_multi"]).get_size() == len(files["data"])
+
+
+def copy_truncated(path: Path, out: Path, keep: int) -> Path:
+    out.write_bytes(path.read_bytes()[:keep])
+    return out
+
+
+def copy_corrupted(path: Path, out: Path, offset: int) -> Path:
+    blob = bytearray(path.read_bytes())
+    for i in range(offset, offset + 64):
+        blob[i] ^= 0x55
+    out.write_bytes(bytes(blob))
+    return out
+
+
+@pytest.mark.parametrize("name,key,message", [
+    ("gzip", "gz", "truncated"), ("xz", "xz_blocks", "xz"), ("zstd", "zst_seekable", "zstd"),
+    ("zstd", "zst_frames", "truncated"),
+])
+def test_truncated_file_is_a_startup_error(files, tmp_path, name, key, message) -> None:
+    bad = copy_truncated(files[key], tmp_path / "bad", files[key].stat().st_size * 2 // 3)
+    with pytest.raises(ConfigError, match=message):
+        open_filter(name, bad)
+
+
+@pytest.mark.parametrize("name,key", [("gzip", "gz"), ("gzip", "gz_multi"), ("gzip", "bgzf"), ("xz", "xz_blocks"),
+                                      ("xz", "xz_one"), ("zstd", "zst_seekable"), ("zstd", "zst_one")])
+def test_corrupt_data_is_an_error_not_wrong_bytes(files, tmp_path, name, key) -> None:
+    """Damage in the middle: a start-up error (gzip decodes all at start) or EIO for the reads
+    that need the damaged part; never silently different bytes."""
+    bad = copy_corrupted(files[key], tmp_path / "bad", files[key].stat().st_size // 2)
+    data = files["data"]
+    try:
+        layer = open_filter(name, bad)
+    except ConfigError as e:
+        assert name in str(e)
+        return
+    failed = False
+    for offset in range(0, len(data), 512 * 1024):
+        n = min(512 * 1024, len(data) - offset)
+        try:
+            assert read(layer, offset, n) == data[offset:offset + n]
+        except NBDError as e:
+            assert e.errno == errno.EIO, e
+            failed = True
+    assert failed
+
+
+def test_not_compressed_is_a_clear_error(files) -> None:
+    for name, message in (("gzip", "not a gzip file"), ("xz", "xz"), ("zstd", "zstd")):
+        with pytest.raises(ConfigError, match=message):
+            open_filter(name, files["image"])
+
+
+def test_max_size_refuses_bombs(files, tmp_path) -> None:
+    zeros = tmp_path / "zeros.img"
+    with open(zeros, "wb") as f:
+        f.truncate(64 << 20)
+    gz = tool(["gzip", "-9", "-c", zeros], tmp_path / "zeros.gz")
+    with pytest.raises(ConfigError, match="decompression bomb|max-size"):
+        open_filter("gzip", gz, ("max-size", "8M"))
+    with pytest.raises(ConfigError, match="max-size"):
+        open_filter("gzip", files["bgzf"], ("max-size", "1M"))
+    zst = tmp_path / "zeros.zst"
+    zst.write_bytes(run(["zstd", "-q", "-c", "-"], input=bytes(64 << 20)).stdout)  # no declared size
+    with pytest.raises(ConfigError, match="max-size"):
+        open_filter("zstd", zst, ("max-size", "8M"))
+    for name, key in (("xz", "xz_blocks"), ("zstd", "zst_seekable"), ("zstd", "zst_one")):
+        with pytest.raises(ConfigError, match="max-size"):
+            open_filter(name, files[key], ("max-size", "1M"))
+    assert open_filter("xz", files["xz_blocks"], ("max-size", "4M")).get_size() == SIZE
+
+
+def test_zstd_seek_table_checksum_is_checked(files, tmp_path) -> None:
+    blob = bytearray(files["zst_seekable"].read_bytes())
+    blob[-9 - 12 * 3 + 8] ^= 1  # the checksum of the fourth frame from the end
+    bad = tmp_path / "bad.zst"
+    bad.write_bytes(bytes(blob))
+    layer = open_filter("zstd", bad)
+    assert read(layer, 0, 4096) == files["data"][:4096]
+    frames = -(-SIZE // (256 * 1024))
+    with pytest.raises(NBDError, match="checksum"):
+        read(layer, (frames - 3) * 256 * 1024, 10)
+
+
+# --- through the server, with real clients --------------------------------------------------
+
+SERVED = [("gzip", "gz"), ("gzip", "gz_multi"), ("xz", "xz_blocks"), ("xz", "xz_one"), ("zstd", "zst_seekable"),
+          ("zstd", "zst_one")]
+
+
+@pytest.mark.parametrize("name,key", SERVED)
+def test_served_image_equals_source(files, tmp_path, name, key) -> None:
+    with serve(f"--filter={name}", "file", str(files[key])) as srv:
+        info = nbdinfo_json(srv.uri)["exports"][0]
+        assert info["export-size"] == SIZE and info["is_read_only"] and info["can_multi_conn"]
+        out = tmp_path / "copy.img"
+        run(["nbdcopy", srv.uri, out], timeout=60)
+        assert sha256_file(out) == sha256_file(files["image"])
+        run(["qemu-img", "compare", "-f", "raw", "-F", "raw", files["image"], srv.uri], timeout=60)
+        script = (f"data = open({str(files['image'])!r}, 'rb').read()\n"
+                  "import random\nr = random.Random(5)\n"
+                  "for _ in range(30):\n"
+                  "    o = r.randrange(len(data) - 70000); n = r.randint(1, 70000)\n"
+                  "    assert h.pread(n, o) == data[o:o + n], (o, n)\n"
+                  "try:\n    h.pwrite(b'x' * 512, 0)\n    raise SystemExit('write accepted')\n"
+                  "except nbd.Error as e:\n    assert 'EPERM' in str(e) or 'EROFS' in str(e), e\n"
+                  "print('ok')\n")
+        assert nbdsh(srv.uri, script, timeout=60).stdout.strip() == b"ok"
+
+
+@pytest.mark.parametrize("name,key", [("gzip", "gz"), ("xz", "xz_blocks"), ("xz", "xz_one")])
+def test_agrees_with_nbdkit(files, tmp_path, name, key) -> None:
+    with serve(f"--filter={name}", "file", str(files[key])) as ours, \
+            serve_nbdkit(f"--filter={name}", "file", str(files[key])) as theirs:
+        assert nbdinfo_json(ours.uri)["exports"][0]["export-size"] == \
+            nbdinfo_json(theirs.uri)["exports"][0]["export-size"]
+        run(["qemu-img", "compare", "-f", "raw", "-F", "raw", ours.uri, theirs.uri], timeout=60)
+
+
+def test_multi_member_gzip_nbdkit_serves_only_the_first_member(files) -> None:
+    """Where we deliberately differ: nbdkit 1.32 stops after the first member."""
+    with serve("--filter=gzip", "file", str(files["gz_multi"])) as ours, \
+            serve_nbdkit("--filter=gzip", "file", str(files["gz_multi"])) as theirs:
+        assert nbdinfo_json(ours.uri)["exports"][0]["export-size"] == SIZE
+        assert nbdinfo_json(theirs.uri)["exports"][0]["export-size"] == 1_000_000
+
+
+def test_tar_over_gzip_and_zstd(files, tmp_path) -> None:
+    """--filter=tar --filter=gzip file disk.tar.gz: the member of a compressed tar."""
+    tar = tmp_path / "disk.tar"
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as t:
+        t.add(files["image"], arcname="images/disk.img")
+    tgz = tool(["gzip", "-c", tar], tmp_path / "disk.tar.gz")
+    tzst = seekable_zstd(tar.read_bytes(), tmp_path / "disk.tar.zst")
+    for archive, name in ((tgz, "gzip"), (tzst, "zstd")):
+        with serve("--filter=tar", f"--filter={name}", "file", str(archive), "tar-entry=images/disk.img") as srv:
+            out = tmp_path / f"copy-{name}.img"
+            run(["nbdcopy", srv.uri, out], timeout=60)
+            assert sha256_file(out) == sha256_file(files["image"])
+
+
+def test_gzip_index_second_start(files, tmp_path) -> None:
+    index = tmp_path / "disk.gzi"
+    for _ in range(2):
+        with serve("--filter=gzip", "file", str(files["gz"]), f"gzip-index={index}") as srv:
+            run(["qemu-img", "compare", "-f", "raw", "-F", "raw", files["image"], srv.uri], timeout=60)
+            log = srv.stderr()
+    assert "loaded the index" in log
+
+
+def test_startup_error_is_clear(files, tmp_path) -> None:
+    bad = copy_truncated(files["gz"], tmp_path / "bad.gz", 100_000)
+    proc = run(["timeout", "60", *NBDFORMATS, "-f", "-U", tmp_path / "sock",
+                "--filter=gzip", "file", bad], check=False, timeout=60)
+    assert proc.returncode != 0
+    assert b"truncated" in proc.stderr and b"Traceback" not in proc.stderr
