@@ -115,7 +115,10 @@ class PythonPlugin(Plugin):
                    help="The nbdkit Python plugin script (API_VERSION 1 or 2); every other "
                         "key=value is passed to its config(key, value)")
 
+    module: types.ModuleType  # the loaded script
+
     def __init__(self) -> None:
+        super().__init__()
         self.script_pairs: list[tuple[str, str]] = []
         self.callbacks: dict[str, Callable[..., Any]] = {}
         self.script_name = "python"
