@@ -135,6 +135,30 @@ class Component:
     def cleanup(self) -> None:
         """Called once when the server exits."""
 
+    def preconnect(self, client: Any, readonly: bool) -> None:
+        """A client connected (`client` is its socket), before the handshake.
+
+        Raise (e.g. NBDError(errno.EPERM, "...")) to refuse the connection; the ip filter does.
+        """
+
+
+# The server installs a function here that stops it gracefully (like nbdkit_shutdown()).
+_shutdown_hook: Callable[[], None] | None = None
+
+
+def request_shutdown() -> None:
+    """Ask the server to finish: it stops accepting, lets running requests finish and exits.
+
+    Callable from any thread (plugins, filters such as exitwhen, nbdkit.shutdown()).
+    """
+    if _shutdown_hook is not None:
+        _shutdown_hook()
+
+
+def set_shutdown_hook(hook: Callable[[], None] | None) -> None:
+    global _shutdown_hook
+    _shutdown_hook = hook
+
 
 class PluginHandle:
     """One connection's view of a plugin.  Override what the plugin supports."""
@@ -478,6 +502,11 @@ class Chain:
         # Configuring may settle a thread model (the python plugin asks its script).
         self.thread_model = min(c.thread_model for c in components)
         self.blocking = any(c.blocking for c in components)
+
+    def preconnect(self, client: Any, readonly: bool) -> None:
+        """Every component may refuse a new client before the handshake (outermost first)."""
+        for component in [*self.filters, self.plugin]:
+            component.preconnect(client, readonly)
 
     def get_ready(self) -> None:
         # Plugin first, then filters from the innermost out, as nbdkit does.

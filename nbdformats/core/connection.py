@@ -75,6 +75,7 @@ class Connection(asyncio.BufferedProtocol):
         self._paused_for_requests = False
         self._reading_paused = False
         self.peer: Any = None
+        self.client_socket: Any = None
         self.executor: Executor | None = None
         self.closed = self.loop.create_future()
         model = self.chain.thread_model
@@ -92,8 +93,17 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.peer = transport.get_extra_info("peername")
+        self.client_socket = transport.get_extra_info("socket")
         self.settings.connections.add(self)
         log.debug("connection from %s", self.peer or "local socket")
+        try:
+            self.chain.preconnect(self.client_socket, self.settings.readonly)
+        except Exception as e:
+            log.info("refused a connection from %s: %s", self.peer or "local socket", e)
+            self._abort()
+            self._closed = True
+            self._maybe_release()
+            return
         self._hs_task = self.loop.create_task(self._negotiate())
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -224,7 +234,7 @@ class Connection(asyncio.BufferedProtocol):
         tls = self.handshake.tls_active if self.handshake else False
         if not name:
             name = await self._run_chain(self.chain.default_export, readonly, tls)
-        return await self._run_chain(self.chain.open, readonly, name)
+        return await self._run_chain(self.chain.open, readonly, name, self.client_socket)
 
     def _send_handshake(self) -> None:
         data = self.handshake.data_to_send() if self.handshake else b""

@@ -144,7 +144,10 @@ class _Refuse(asyncio.Protocol):
 
 
 def install_signal_handlers(server: Server) -> None:
+    from .chain import set_shutdown_hook
+
     loop = asyncio.get_running_loop()
+    set_shutdown_hook(lambda: loop.call_soon_threadsafe(server.stop))
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, server.stop)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
