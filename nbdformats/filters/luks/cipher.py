@@ -68,6 +68,11 @@ def parse_cipher_spec(text: str) -> CipherSpec:
     raise LuksError(f"unsupported cipher {text!r}: unknown IV mode {ivgen!r} (supported: {SUPPORTED})")
 
 
+def _octets(words: np.ndarray) -> np.ndarray:
+    """A byte view of a contiguous u64 array (cryptography takes buffers of bytes only)."""
+    return words.view(np.uint8)
+
+
 def _ecb(key: bytes) -> Cipher:
     return Cipher(algorithms.AES(key), modes.ECB())
 
@@ -77,6 +82,7 @@ def _mul_alpha_power(t: np.ndarray, k: int) -> np.ndarray:
 
     Shifting left by k pushes the top k bits c out; c * x^128 = c * (x^7 + x^2 + x + 1), a
     carry-less product of at most k + 7 <= 39 bits, so it folds into the low word alone.
+    (Shift counts are scalars: numpy vectorizes those far better than per-element counts.)
     """
     low, high = t[..., 0], t[..., 1]
     carry = high >> np.uint64(64 - k)
@@ -113,18 +119,18 @@ class SectorCipher:
         ivs[:, 0] = numbers & np.uint64(0xFFFFFFFF) if self.spec.ivgen == "plain" else numbers
         if self.spec.ivgen == "essiv":
             # ESSIV: IV = E_salt(sector), salt = hash(volume key).
-            encrypted = _ecb(self._essiv_key).encryptor().update(ivs.tobytes())
+            encrypted = _ecb(self._essiv_key).encryptor().update(_octets(ivs))
             ivs = np.frombuffer(encrypted, dtype=_U64).reshape(count, 2)
         return ivs
 
     def _xts_tweaks(self, first_sector: int, count: int) -> np.ndarray:
         """All per-block tweaks T_j of `count` sectors, shaped (count, blocks_per_sector, 2)."""
         blocks = self.blocks_per_sector
-        encrypted = _ecb(self._tweak_key).encryptor().update(self._ivs(first_sector, count).tobytes())
+        encrypted = _ecb(self._tweak_key).encryptor().update(_octets(self._ivs(first_sector, count)))
         tweaks = np.empty((count, blocks, 2), dtype=_U64)
         tweaks[:, 0] = np.frombuffer(encrypted, dtype=_U64).reshape(count, 2)
         done = 1
-        while done < blocks:  # doubling: T_{done..2*done-1} = T_{0..done-1} * alpha^done
+        while done < blocks:  # doubling: T_{j+step} = T_j * alpha^step for the `step` tweaks before
             step = min(done, 32, blocks - done)
             tweaks[:, done:done + step] = _mul_alpha_power(tweaks[:, done - step:done], step)
             done += step
@@ -153,14 +159,14 @@ class SectorCipher:
         if self.spec.mode == "xts":
             tweaks = self._xts_tweaks(first_sector, count).reshape(-1)
             words ^= tweaks
-            plain = _ecb(self._key).decryptor().update(words.tobytes())
+            plain = _ecb(self._key).decryptor().update(_octets(words))
             np.bitwise_xor(np.frombuffer(plain, dtype=_U64), tweaks, out=words)
         else:
             blocks = words.reshape(count, self.blocks_per_sector, 2)
             previous = np.empty_like(blocks)
             previous[:, 0] = self._ivs(first_sector, count)
             previous[:, 1:] = blocks[:, :-1]
-            plain = _ecb(self._key).decryptor().update(words.tobytes())
+            plain = _ecb(self._key).decryptor().update(_octets(words))
             np.bitwise_xor(np.frombuffer(plain, dtype=_U64).reshape(blocks.shape), previous, out=blocks)
 
     def _encrypt_run(self, words: np.ndarray, first_sector: int) -> None:
@@ -168,7 +174,7 @@ class SectorCipher:
         if self.spec.mode == "xts":
             tweaks = self._xts_tweaks(first_sector, count).reshape(-1)
             words ^= tweaks
-            sealed = _ecb(self._key).encryptor().update(words.tobytes())
+            sealed = _ecb(self._key).encryptor().update(_octets(words))
             np.bitwise_xor(np.frombuffer(sealed, dtype=_U64), tweaks, out=words)
         elif count < self.blocks_per_sector:
             # Few sectors: one CBC call per sector is cheaper than a call per block column.
