@@ -81,6 +81,8 @@ class LayerReader:
 
     def call(self, function, *args):  # type: ignore[no-untyped-def]
         """Call a libarchive function on this handle; failures become ArchiveError."""
+        if not self.archive_p:
+            raise ArchiveError("the archive reader is closed")
         self.error = None
         try:
             return function(self.archive_p, *args)
@@ -91,11 +93,28 @@ class LayerReader:
             raise ArchiveError(str(reason)) from None
 
     def next_entry(self) -> ArchiveEntry | None:
+        if self.ordinal >= 0 and ffi.format_name(self.archive_p) == b"7-Zip":
+            # libarchive < 3.7.5 fails to skip a 7z member whose size is a multiple of 64 KiB
+            # ("Truncated 7-Zip file body", libarchive PR #2245): read through it instead.
+            self.drain()
         entry = ArchiveEntry(self.archive_p)
         if self.call(ffi.read_next_header2, entry._entry_p) == ffi.ARCHIVE_EOF:
             return None
         self.ordinal += 1
         return entry
+
+    def read_block(self) -> tuple[int, int, int] | None:
+        """The next (address, length, offset) of the current entry's data, None at its end.
+        The address points into libarchive's buffer, valid until the next call."""
+        buffer, length, offset = ctypes.c_void_p(), ctypes.c_size_t(), ctypes.c_longlong()
+        if self.call(ffi.read_data_block, ctypes.byref(buffer), ctypes.byref(length),
+                     ctypes.byref(offset)) == ffi.ARCHIVE_EOF:
+            return None
+        return buffer.value or 0, length.value, offset.value
+
+    def drain(self) -> None:
+        while self.read_block() is not None:
+            pass
 
     def close(self) -> None:
         if self.archive_p:
@@ -147,26 +166,34 @@ class Unpacker:
                     raise NBDError(errno.EIO, self.failure) from None
 
     def _step(self) -> None:
-        buffer, length, offset = ctypes.c_void_p(), ctypes.c_size_t(), ctypes.c_longlong()
         reader = self.reader
-        if reader.call(ffi.read_data_block, ctypes.byref(buffer), ctypes.byref(length),
-                       ctypes.byref(offset)) == ffi.ARCHIVE_EOF:
+        block = reader.read_block()
+        if block is None:
             self.finished = True
             if self.size is None:
                 self.size = self.done
             self.done = self.size  # a trailing hole of a sparse member reads as zeroes
             reader.close()
             return
-        end = offset.value + length.value
+        address, length, offset = block
+        end = offset + length
         if self.limit is not None and end > self.limit:
-            raise ArchiveError(f"the member unpacks to more than {self.limit_reason} ({self.limit} bytes)")
-        if length.value:
-            data = ctypes.string_at(buffer.value, length.value)
+            if self.size is None:
+                raise ArchiveError(f"the member unpacks to more than {self.limit_reason} ({self.limit} bytes)")
+            # A corrupt or hostile archive: serve what its header declares, unpack no further.
+            log.warning("archive: %r unpacks to more than its declared size (%d bytes): the rest is ignored",
+                        self.name, self.size)
+            end = self.limit
+            self.finished = True
+        if end > offset:
+            data = ctypes.string_at(address, end - offset)  # libarchive's buffer: copy before closing
             if self.memory is not None:
-                self.memory[offset.value:end] = data
+                self.memory[offset:end] = data
             else:
-                os.pwrite(self.spill_fd, data, offset.value)
+                os.pwrite(self.spill_fd, data, offset)
         self.done = max(self.done, end)
+        if self.finished:
+            reader.close()
 
     def pread(self, buf: memoryview, offset: int, layer: Layer) -> None:
         end = offset + len(buf)
@@ -179,7 +206,8 @@ class Unpacker:
             raise NBDError(errno.EIO, f"archive: short read from the spill file of {self.name!r}")
 
     def close(self) -> None:
-        self.reader.close()
+        with self.lock:
+            self.reader.close()
         if self.spill_fd >= 0:
             os.close(self.spill_fd)
             self.spill_fd = -1
