@@ -279,11 +279,12 @@ def test_server_random_reads_and_writes(tree, tmp_path):
     assert run(["tar", "-xOf", archive, "./disk.img"]).stdout == bytes(expected)
 
 
-def test_tar_over_gzip(tree):
+@pytest.mark.parametrize("tool", ["gzip", "xz", "zstd"])
+def test_tar_over_decompressing_filters(tree, tool):
     root, files = tree
-    archive = compress(gnu_tar(root / "src", root / "z.tar", "gnu"), "gzip")
-    with serve("--filter=tar", "--filter=gzip", "file", str(archive), "tar-entry=./disk.img") as srv:
-        out = root / "gz-copy.img"
+    archive = compress(gnu_tar(root / "src", root / f"z-{tool}.tar", "gnu"), tool)
+    with serve("--filter=tar", f"--filter={tool}", "file", str(archive), "tar-entry=./disk.img") as srv:
+        out = root / f"{tool}-copy.img"
         run(["nbdcopy", srv.uri, str(out)])
         assert sha256_file(out) == hashlib.sha256(files["disk.img"]).hexdigest()
         assert nbdinfo_json(srv.uri)["exports"][0]["is_read_only"] is True

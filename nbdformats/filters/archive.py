@@ -128,26 +128,23 @@ class LayerReader:
 class Unpacker:
     """One member unpacked forward on demand into a spill; bytes below `done` are final."""
 
-    def __init__(self, reader: LayerReader, name: str, size: int | None, spill_in_memory: bool,
-                 max_size: int | None) -> None:
+    def __init__(self, reader: LayerReader, name: str, size: int, spill_in_memory: bool) -> None:
         self.reader = reader
         self.name = name
-        self.limit, self.limit_reason = (size, "its declared size") if size is not None else (max_size, "archive-max-size")
+        self.size = size
         self.lock = threading.Lock()
         self.done = 0
         self.finished = False
         self.failure: str | None = None
         self.memory: bytearray | None = None
         self.spill_fd = -1
-        self.size = size
-        if spill_in_memory and size is not None:
+        if spill_in_memory:
             self.memory = bytearray(size)
         else:
             spill = tempfile.TemporaryFile(prefix="nbdformats-archive-")
             self.spill_fd = os.dup(spill.fileno())
             spill.close()
-            if size is not None:
-                os.ftruncate(self.spill_fd, size)  # sparse: holes cost nothing
+            os.ftruncate(self.spill_fd, size)  # sparse: holes cost nothing
 
     def unpack_to(self, end: int, layer: Layer) -> None:
         """Unpack until `end` bytes are final (or the member ends), reading through `layer`."""
@@ -170,23 +167,20 @@ class Unpacker:
         block = reader.read_block()
         if block is None:
             self.finished = True
-            if self.size is None:
-                self.size = self.done
             self.done = self.size  # a trailing hole of a sparse member reads as zeroes
             reader.close()
             return
         address, length, offset = block
         end = offset + length
-        if self.limit is not None and end > self.limit:
-            if self.size is None:
-                raise ArchiveError(f"the member unpacks to more than {self.limit_reason} ({self.limit} bytes)")
-            # A corrupt or hostile archive: serve what its header declares, unpack no further.
+        if end > self.size:
+            # A corrupt or hostile archive (a decompression bomb): serve what its header
+            # declares, unpack no further.
             log.warning("archive: %r unpacks to more than its declared size (%d bytes): the rest is ignored",
                         self.name, self.size)
-            end = self.limit
+            end = self.size
             self.finished = True
         if end > offset:
-            data = ctypes.string_at(address, end - offset)  # libarchive's buffer: copy before closing
+            data = (ctypes.c_char * (end - offset)).from_address(address)  # libarchive's buffer
             if self.memory is not None:
                 self.memory[offset:end] = data
             else:
@@ -224,7 +218,7 @@ class ArchiveFilter(MemberFilter):
     passphrase = Param(Secret(), key="archive-passphrase",
                        help="Passphrase of an encrypted archive (zip, 7z, rar): SECRET, +FILE, - or -FD")
     max_size = Param(Size(minimum=1), key="archive-max-size",
-                     help="Refuse members larger than this; also stops members whose size is not stored")
+                     help="Refuse members larger than this (each is unpacked to memory or disk)")
     memory_limit = Param(Size(), key="archive-memory", default=64 << 20,
                          help="Members up to this size are unpacked into memory, larger ones into a sparse "
                               "temporary file in $TMPDIR (default 64M)")
@@ -256,14 +250,15 @@ class ArchiveFilter(MemberFilter):
                     unpacker = self.start_unpacking(below, member)
                     self.unpackers[(below_export, member.name)] = unpacker
                 self.unpackers[(below_export, wanted)] = unpacker
-        if unpacker.size is None:
-            unpacker.unpack_to(1 << 63, below)  # no size stored: the whole member must be unpacked first
         return UnpackedHandle(self, below, unpacker)
 
     def start_unpacking(self, below: Layer, member: Member) -> Unpacker:
         reader, ordinal = member.detail
-        size = member.size if member.size >= 0 else None
-        if size is not None and self.max_size is not None and size > self.max_size:
+        size = member.size
+        if size < 0:
+            raise NBDError(errno.ENOTSUP, f"archive: the archive does not record the size of {member.name!r} "
+                                          "(a streamed archive?): it cannot be served")
+        if self.max_size is not None and size > self.max_size:
             raise NBDError(errno.EFBIG, f"archive: {member.name!r} is {size} bytes, more than archive-max-size")
         if reader.ordinal != ordinal or not reader.archive_p:
             # find_member read on past this member: walk a fresh reader to it.
@@ -271,10 +266,10 @@ class ArchiveFilter(MemberFilter):
             while reader.ordinal < ordinal:
                 if reader.next_entry() is None:
                     raise NBDError(errno.EIO, f"archive: {member.name!r} vanished from the archive")
-        in_memory = size is not None and size <= self.memory_limit
+        in_memory = size <= self.memory_limit
         log.debug("archive: unpacking %r (%s bytes) on demand into %s", member.name, size,
                   "memory" if in_memory else "a temporary file")
-        return Unpacker(reader, member.name, size, in_memory, self.max_size)
+        return Unpacker(reader, member.name, size, in_memory)
 
 
 class UnpackedHandle(FilterHandle):
@@ -285,7 +280,6 @@ class UnpackedHandle(FilterHandle):
         self.unpacker = unpacker
 
     def get_size(self) -> int:
-        assert self.unpacker.size is not None
         return self.unpacker.size
 
     def block_size(self) -> tuple[int, int, int] | None:
