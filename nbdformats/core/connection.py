@@ -27,6 +27,10 @@ from .transmission import Request, RequestDecoder, Transmission, export_info
 log = logging.getLogger("nbdformats")
 
 MAX_IN_FLIGHT = 64  # requests running in threads per connection before we stop reading more
+# Replies queued in user space before we stop reading requests: room for several 256 KiB reads
+# keeps a single pipelining client (nbdcopy -C 1) streaming; memory per connection stays bounded.
+WRITE_HIGH_WATER = 4 * 1024 * 1024
+WRITE_LOW_WATER = 1024 * 1024
 HANDSHAKE_BUFFER = 16 * 1024
 
 
@@ -92,6 +96,7 @@ class Connection(asyncio.BufferedProtocol):
     # -- asyncio callbacks ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[attr-defined]
         self.peer = transport.get_extra_info("peername")
         self.client_socket = transport.get_extra_info("socket")
         self.settings.connections.add(self)
