@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import random
 import shutil
 import sys
 import threading
@@ -27,6 +28,7 @@ from nbdformats.filters.luks import filter as luks_filter
 from nbdformats.filters.luks.cipher import RUN_BYTES, SectorCipher, parse_cipher_spec
 from nbdformats.filters.luks.errors import LuksError
 from nbdformats.filters.luks.header import read_volume
+from nbdformats.filters.luks.unlock import keyslot_order
 from nbdformats.filters.luks.kdf import af_merge
 
 PASSPHRASE = "qemu secret"
@@ -443,3 +445,47 @@ def test_passphrase_and_keyfile_are_exclusive(tmp, keyfile):
         open_luks(image)
     with pytest.raises(ConfigError, match="exactly one of passphrase= or keyfile="):
         open_luks(image, ("keyfile", str(keyfile)), ("passphrase", "x"))
+
+
+def test_absurd_key_derivation_costs_are_refused(tmp, keyfile):
+    image = make_cryptsetup_image(tmp, keyfile, "luks2-pbkdf2-sha512-xts256")
+
+    def huge_argon2(metadata):
+        metadata["keyslots"]["0"]["kdf"] = {"type": "argon2id", "time": 4, "memory": 1 << 40, "cpus": 1,
+                                           "salt": metadata["keyslots"]["0"]["kdf"]["salt"]}
+    rewrite_luks2_json(image, huge_argon2)
+    with pytest.raises(ConfigError, match=r"no usable keyslot \(keyslot 0 skipped: argon2id costs are out of range"):
+        open_luks(image, ("keyfile", str(keyfile)))
+
+
+def flip(data: bytearray, start: int, end: int, rng: random.Random) -> None:
+    for _ in range(rng.randint(1, 4)):
+        data[rng.randrange(start, end)] = rng.randrange(256)
+
+
+def test_damaged_headers_only_ever_give_clear_errors(tmp, keyfile):
+    """Random byte changes in LUKS1 headers and LUKS2 metadata (with valid checksums): parsing
+    either succeeds or raises LuksError, never anything else."""
+    rng = random.Random(6)
+    luks1 = make_cryptsetup_image(tmp, keyfile, "luks1-default").read_bytes()
+    luks2 = make_cryptsetup_image(tmp, keyfile, "luks2-pbkdf2-sha512-xts256").read_bytes()
+    json_end = luks2.index(b"\0", 4096)
+    outcomes = {"parsed": 0, "refused": 0}
+    for round in range(400):
+        if round % 2:
+            data = bytearray(luks1[:2 * MiB])
+            flip(data, 0, 592, rng)
+        else:
+            data = bytearray(luks2[:2 * MiB])
+            header_size = 16384
+            for offset in (0, header_size) if round % 4 else (0,):
+                flip(data, offset + 4096, offset + json_end, rng)
+                data[offset + 448:offset + 512] = bytes(64)
+                data[offset + 448:offset + 480] = hashlib.sha256(data[offset:offset + header_size]).digest()
+        try:
+            volume = read_volume(lambda offset, length: bytes(data[offset:offset + length]), len(data))
+            keyslot_order(volume, None)
+            outcomes["parsed"] += 1
+        except LuksError:
+            outcomes["refused"] += 1
+    assert outcomes["parsed"] and outcomes["refused"], outcomes

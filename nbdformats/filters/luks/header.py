@@ -150,14 +150,20 @@ def parse_luks1(data: bytes) -> Volume:
             data, _LUKS1_HEADER.size + index * _LUKS1_KEYSLOT.size)
         if active == LUKS1_KEY_DISABLED:
             continue
-        if active != LUKS1_KEY_ENABLED or stripes < 1:
-            warnings.append(f"LUKS1 keyslot {index} is damaged (state {active:#x}, {stripes} stripes); skipped")
+        if active != LUKS1_KEY_ENABLED:
+            warnings.append(f"LUKS1 keyslot {index} is damaged (state {active:#x}); skipped")
             continue
-        keyslots.append(Keyslot(
+        keyslot = Keyslot(
             index=index, priority=1, kdf=Pbkdf2(hash_spec_text, iterations, salt), area_cipher=cipher,
             area_key_size=key_bytes, area_offset=material_offset * SECTOR,
             area_size=-(-key_bytes * stripes // SECTOR) * SECTOR, stripes=stripes, af_hash=hash_spec_text,
-            key_size=key_bytes, digest=digest))
+            key_size=key_bytes, digest=digest)
+        try:
+            check_keyslot(keyslot)
+        except LuksError as e:
+            warnings.append(f"LUKS1 keyslot {index} skipped: {e}")
+            continue
+        keyslots.append(keyslot)
     segment = Segment(offset=payload_offset * SECTOR, size=None, cipher=cipher, sector_size=SECTOR,
                       iv_tweak=0)
     return Volume(1, _text(uuid), tuple(keyslots), segment, bytes(data[:LUKS1_HEADER_SIZE]), tuple(warnings))
@@ -366,12 +372,17 @@ def _data_segment(segments: _Json) -> tuple[str, Segment]:
     offset = segment.get("offset").integer()
     if offset % SECTOR or (size is not None and size % sector_size):
         raise LuksError(f"LUKS2 segment offset {offset} or size {size} is not sector-aligned")
+    iv_tweak = segment.get("iv_tweak").integer()
+    if iv_tweak >= 1 << 64:
+        raise LuksError(f"LUKS2 segment iv_tweak {iv_tweak} does not fit in 64 bits")
     return segment_id, Segment(offset=offset, size=size, cipher=cipher, sector_size=sector_size,
-                               iv_tweak=segment.get("iv_tweak").integer())
+                               iv_tweak=iv_tweak)
 
 
 def _luks2_keyslot(slot_id: str, slot: _Json, digests: list[tuple[str, _Json]],
                    segment_id: str) -> Keyslot | None:
+    if not slot_id.isdigit():
+        raise LuksError("its id is not a number")
     if slot.get("type").text() != "luks2":
         return None  # e.g. "reencrypt" slots hold no volume key
     for _digest_id, digest in digests:
@@ -414,7 +425,35 @@ def _luks2_keyslot(slot_id: str, slot: _Json, digests: list[tuple[str, _Json]],
         area_offset=area.get("offset").integer(), area_size=area.get("size").integer(),
         stripes=af.get("stripes").integer(), af_hash=af.get("hash").text(),
         key_size=slot.get("key_size").integer(), digest=Digest(digest_kdf, digest.get("digest").base64()))
-    if keyslot.stripes < 1 or keyslot.material_size > keyslot.area_size:
+    check_keyslot(keyslot)
+    if keyslot.material_size > keyslot.area_size:
         raise LuksError(f"{keyslot.stripes} stripes of {keyslot.key_size} bytes do not fit its "
                         f"{keyslot.area_size}-byte area")
     return keyslot
+
+
+# Limits that keep a damaged or hostile header from asking for absurd work or memory: the
+# largest values cryptsetup itself would write, or the fields' own ranges.
+MAX_STRIPES = 65536  # cryptsetup and qemu write 4000
+MAX_KEY_SIZE = 512
+MAX_ITERATIONS = 0xFFFFFFFF
+MAX_ARGON2_MEMORY_KIB = 4 * 1024 * 1024  # cryptsetup's maximum
+MAX_ARGON2_LANES = 0xFFFFFF
+
+
+def check_keyslot(keyslot: Keyslot) -> None:
+    """LuksError unless the keyslot's sizes and key derivation costs are within sane limits."""
+    if not 1 <= keyslot.stripes <= MAX_STRIPES:
+        raise LuksError(f"{keyslot.stripes} anti-forensic stripes (at most {MAX_STRIPES})")
+    if not 1 <= keyslot.key_size <= MAX_KEY_SIZE:
+        raise LuksError(f"volume key size {keyslot.key_size} is invalid")
+    for kdf in (keyslot.kdf, keyslot.digest.kdf):
+        if isinstance(kdf, Pbkdf2) and not 1 <= kdf.iterations <= MAX_ITERATIONS:
+            raise LuksError(f"PBKDF2 iteration count {kdf.iterations} is invalid")
+    if isinstance(keyslot.kdf, Argon2):
+        if not (1 <= keyslot.kdf.time <= MAX_ITERATIONS and 1 <= keyslot.kdf.lanes <= MAX_ARGON2_LANES and
+                8 * keyslot.kdf.lanes <= keyslot.kdf.memory_kib <= MAX_ARGON2_MEMORY_KIB):
+            raise LuksError(f"{keyslot.kdf.variant} costs are out of range (time {keyslot.kdf.time}, "
+                            f"memory {keyslot.kdf.memory_kib} KiB, {keyslot.kdf.lanes} lanes)")
+    if not 16 <= len(keyslot.digest.value) <= 1024:
+        raise LuksError(f"the volume key digest has {len(keyslot.digest.value)} bytes")
