@@ -1,0 +1,310 @@
+"""cache filter: modes, reclaim, ENOSPC, cache-on-read, extents, concurrency; in-process and with real clients."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import pytest
+
+from fixtures.filterchain import RECORDER, open_chain
+from nbdformats.core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FUA, FLAG_MAY_TRIM, Extents
+from nbdformats.core.errors import ConfigError
+from nbdformats.filters import cache as C
+
+KIB, MIB = 1 << 10, 1 << 20
+BLOCK = 64 * KIB
+
+
+@pytest.fixture(autouse=True)
+def cache_tmpdir(tmp, monkeypatch):
+    """Cache files go to the test's directory (the filter reads $TMPDIR at start-up)."""
+    directory = tmp / "cachedir"
+    directory.mkdir()
+    monkeypatch.setenv("TMPDIR", str(directory))
+    return directory
+
+
+def cache_chain(*params: str, size: str = "1M", plugin: tuple[str, ...] = ()):
+    chain, top = open_chain([("cache", [tuple(p.split("=", 1)) for p in params])],
+                            plugin_params=[("size", size), *[tuple(p.split("=", 1)) for p in plugin]])
+    return chain, chain.plugin, top
+
+
+def ops(plugin) -> list[tuple[str, int, int, int]]:
+    calls = list(plugin.calls)
+    plugin.calls.clear()
+    return calls
+
+
+def pattern(n: int, seed: int) -> bytes:
+    return bytes((seed + i * 7) & 0xFF for i in range(n))
+
+
+# -- sans-IO ----------------------------------------------------------------------------------
+
+def test_overlay_paints_dirty_ranges_over_plugin_extents():
+    below = [(0, 100, EXTENT_HOLE | EXTENT_ZERO), (100, 100, EXTENT_DATA)]
+    assert C.overlay(below, []) == below
+    assert C.overlay(below, [(50, 100, EXTENT_DATA)]) == [
+        (0, 50, EXTENT_HOLE | EXTENT_ZERO), (50, 50, EXTENT_DATA), (100, 50, EXTENT_DATA), (150, 50, EXTENT_DATA)]
+    assert C.overlay(below, [(0, 10, EXTENT_ZERO), (190, 10, EXTENT_ZERO)]) == [
+        (0, 10, EXTENT_ZERO), (10, 90, EXTENT_HOLE | EXTENT_ZERO), (100, 90, EXTENT_DATA), (190, 10, EXTENT_ZERO)]
+
+
+# -- modes ------------------------------------------------------------------------------------
+
+def test_writeback_keeps_writes_until_flush():
+    _, plugin, top = cache_chain()
+    data = pattern(BLOCK + 4096, 1)
+    top.pwrite(memoryview(data), BLOCK - 2048, 0)
+    # Both partial blocks were read from the plugin (read-modify-write); nothing written yet.
+    assert all(op == "pread" for op, *_ in ops(plugin))
+    assert plugin.data[BLOCK - 2048:2 * BLOCK + 2048] == bytes(len(data))
+    buf = bytearray(len(data))
+    top.pread(memoryview(buf), BLOCK - 2048, 0)
+    assert buf == data and ops(plugin) == []  # served from the cache
+    top.flush(0)
+    assert ops(plugin) == [("pwrite", 0, 3 * BLOCK, 0), ("flush", 0, 0, 0)]  # one run of 3 blocks
+    assert plugin.data[BLOCK - 2048:2 * BLOCK + 2048] == data
+    top.flush(0)
+    assert ops(plugin) == [("flush", 0, 0, 0)]  # nothing dirty any more
+
+
+def test_writeback_fua_write_goes_through_at_once():
+    _, plugin, top = cache_chain(plugin=("fua=emulate",))
+    top.pwrite(memoryview(b"a" * 512), 4096, FLAG_FUA)
+    # Our FUA is native: the plugin's layer emulates it with a flush; no other block written back.
+    assert [c for c in ops(plugin) if c[0] != "pread"] == [("pwrite", 4096, 512, 0), ("flush", 0, 0, 0)]
+    assert plugin.data[4096:4608] == b"a" * 512
+
+
+def test_writethrough_writes_every_write_to_the_plugin():
+    _, plugin, top = cache_chain("cache=writethrough")
+    top.pwrite(memoryview(b"b" * BLOCK), BLOCK, 0)
+    top.pwrite(memoryview(b"c" * 100), 10, 0)
+    assert ops(plugin) == [("pwrite", BLOCK, BLOCK, 0), ("pwrite", 10, 100, 0)]
+    buf = bytearray(BLOCK)
+    top.pread(memoryview(buf), BLOCK, 0)
+    assert buf == b"b" * BLOCK and ops(plugin) == []  # the full block was cached
+    top.flush(0)
+    assert ops(plugin) == [("flush", 0, 0, 0)]
+
+
+def test_unsafe_never_writes_back_on_flush():
+    _, plugin, top = cache_chain("cache=unsafe", plugin=("flush=false", "fua=none"))
+    assert top.can_flush() and top.can_fua() == 2
+    top.pwrite(memoryview(b"d" * BLOCK), 0, FLAG_FUA)
+    top.flush(0)
+    assert ops(plugin) == [] and plugin.data[:BLOCK] == bytes(BLOCK)
+
+
+def test_zero_and_trim():
+    _, plugin, top = cache_chain()
+    top.pwrite(memoryview(b"e" * (3 * BLOCK)), 0, 0)
+    top.flush(0)
+    ops(plugin)
+    top.zero(BLOCK + 100, BLOCK - 100, FLAG_MAY_TRIM)  # partial block 0, whole block 1
+    buf = bytearray(3 * BLOCK)
+    top.pread(memoryview(buf), 0, 0)
+    assert buf == b"e" * (BLOCK - 100) + bytes(BLOCK + 100) + b"e" * BLOCK
+    assert ops(plugin) == []
+    top.flush(0)
+    assert sorted(ops(plugin)) == sorted([("pwrite", 0, BLOCK, 0), ("zero", BLOCK, BLOCK, 0), ("flush", 0, 0, 0)])
+    assert plugin.data[:3 * BLOCK] == buf
+    # Trim drops whole blocks from the cache and goes to the plugin.
+    top.trim(2 * BLOCK, BLOCK, 0)
+    assert ops(plugin) == [("trim", BLOCK, 2 * BLOCK, 0)]
+    top.pread(memoryview(buf)[:BLOCK], 2 * BLOCK, 0)
+    assert ops(plugin) == [("pread", 2 * BLOCK, BLOCK, 0)]
+
+
+def test_zero_through_plugin_that_cannot_zero_writes_zeroes():
+    chain, top = open_chain([("cache", [("cache", "writethrough")]), ("nozero", [])], plugin_params=[("size", "1M")])
+    plugin = chain.plugin
+    top.zero(3 * KIB, 1 * KIB, 0)
+    assert ops(plugin) == [("pwrite", 1 * KIB, 3 * KIB, 0)]
+
+
+# -- reads ------------------------------------------------------------------------------------
+
+def test_cache_on_read_and_prefetch(tmp):
+    _, plugin, top = cache_chain("cache-on-read=true")
+    buf = bytearray(100)
+    top.pread(memoryview(buf), BLOCK + 5, 0)
+    assert ops(plugin) == [("pread", BLOCK, BLOCK, 0)]  # the whole block, cached
+    top.pread(memoryview(buf), BLOCK + 500, 0)
+    assert ops(plugin) == []
+
+    _, plugin, top = cache_chain()  # cache-on-read off: reads pass, NBD_CMD_CACHE prefetches
+    top.pread(memoryview(buf), 5, 0)
+    top.pread(memoryview(buf), 5, 0)
+    assert ops(plugin) == [("pread", 5, 100, 0)] * 2
+    top.cache(BLOCK + 1, 10, 0)
+    assert ops(plugin) == [("pread", 0, BLOCK, 0), ("pread", BLOCK, BLOCK, 0)]
+    top.pread(memoryview(bytearray(2 * BLOCK)), 0, 0)
+    assert ops(plugin) == []
+
+
+def test_cache_on_read_follows_path(tmp):
+    switch = tmp / "switch"
+    _, plugin, top = cache_chain(f"cache-on-read={switch}")
+    buf = memoryview(bytearray(10))
+    top.pread(buf, 0, 0)
+    top.pread(buf, 0, 0)
+    assert len(ops(plugin)) == 2
+    switch.touch()
+    top.pread(buf, 0, 0)
+    top.pread(buf, 0, 0)
+    assert ops(plugin) == [("pread", 0, BLOCK, 0)]
+
+
+def test_uncached_runs_are_read_in_one_call():
+    _, plugin, top = cache_chain()
+    top.pwrite(memoryview(b"f" * BLOCK), 2 * BLOCK, 0)
+    ops(plugin)
+    buf = bytearray(5 * BLOCK)
+    top.pread(memoryview(buf), 0, 0)
+    assert ops(plugin) == [("pread", 0, 2 * BLOCK, 0), ("pread", 3 * BLOCK, 2 * BLOCK, 0)]
+    assert buf[2 * BLOCK:3 * BLOCK] == b"f" * BLOCK
+
+
+def test_extents_show_dirty_blocks():
+    chain, top = open_chain([("cache", [])], "memory", [("size", "1M")])
+    top.pwrite(memoryview(b"g" * 100), BLOCK + 10, 0)  # dirty, only in the cache
+    top.zero(BLOCK, 3 * BLOCK, 0)  # dirty zero
+    extents = Extents(0, MIB)
+    top.extents(MIB, 0, 0, extents)
+    assert list(extents) == [(0, BLOCK, EXTENT_HOLE | EXTENT_ZERO), (BLOCK, BLOCK, EXTENT_DATA),
+                             (2 * BLOCK, BLOCK, EXTENT_HOLE | EXTENT_ZERO), (3 * BLOCK, BLOCK, EXTENT_ZERO),
+                             (4 * BLOCK, MIB - 4 * BLOCK, EXTENT_HOLE | EXTENT_ZERO)]
+    top.flush(0)
+    extents = Extents(0, MIB)
+    top.extents(MIB, 0, 0, extents)
+    assert (BLOCK, BLOCK, EXTENT_DATA) in list(extents)
+
+
+# -- limits -----------------------------------------------------------------------------------
+
+def test_lru_reclaim_keeps_the_cache_under_its_maximum():
+    chain, plugin, top = cache_chain("cache-on-read=true", "cache-max-size=1M", size="4M")
+    store = chain.filters[0].stores[""]
+    buf = memoryview(bytearray(BLOCK))
+    peak = 0
+    for offset in range(0, 4 * MIB, BLOCK):
+        top.pread(buf, offset, 0)
+        peak = max(peak, store.allocated())
+    assert 0 < peak <= MIB
+    ops(plugin)
+    top.pread(buf, 4 * MIB - BLOCK, 0)  # the most recently used block is still cached
+    assert ops(plugin) == []
+    top.pread(buf, 0, 0)  # the least recently used one was reclaimed
+    assert ops(plugin) == [("pread", 0, BLOCK, 0)]
+
+
+def test_dirty_blocks_written_back_when_over_the_maximum():
+    chain, plugin, top = cache_chain("cache-max-size=1M", size="4M")
+    store = chain.filters[0].stores[""]
+    data = pattern(2 * MIB, 3)
+    for offset in range(0, 2 * MIB, 256 * KIB):
+        top.pwrite(memoryview(data)[offset:offset + 256 * KIB], offset, 0)
+        assert store.allocated() <= MIB
+    calls = ops(plugin)
+    assert ("flush", 0, 0, 0) in calls  # a write back outside a flush is flushed at once
+    top.flush(0)
+    assert plugin.data[:2 * MIB] == data
+
+
+def test_enospc_reclaims_then_bypasses(monkeypatch):
+    """Injected ENOSPC: the cache file 'fills up' at 256K."""
+    chain, plugin, top = cache_chain("cache-on-read=true", size="2M")
+    store = chain.filters[0].stores[""]
+    real_write = C.BlockCache.write
+
+    def small_disk(self, data, offset):
+        if self.allocated() + len(data) > 256 * KIB:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, data, offset)
+
+    monkeypatch.setattr(C.BlockCache, "write", small_disk)
+    top.pread(memoryview(bytearray(512 * KIB)), 0, 0)  # fills with clean blocks, reclaiming
+    assert store.allocated() <= 256 * KIB
+    data = pattern(MIB, 5)
+    top.pwrite(memoryview(data), MIB, 0)  # clean blocks make room, then dirty ones, then bypass
+    assert store.allocated() <= 256 * KIB
+    buf = bytearray(MIB)
+    top.pread(memoryview(buf), MIB, 0)
+    assert buf == data
+    top.flush(0)
+    assert plugin.data[MIB:] == data
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="less than"):
+        cache_chain("cache-max-size=1M", "cache-low-threshold=90", "cache-high-threshold=90")
+    with pytest.raises(ConfigError, match="power of two"):
+        cache_chain("cache-min-block-size=5000")
+    with pytest.raises(ConfigError, match="at least 1048576"):
+        cache_chain("cache-max-size=512K")
+    with pytest.raises(ConfigError, match="cache="):
+        cache_chain("cache=sometimes")
+
+
+# -- concurrency ------------------------------------------------------------------------------
+
+def test_concurrent_partial_writes_to_one_block_lose_nothing():
+    _, plugin, top = cache_chain()
+    pieces = 64  # 64 writers of 1K each into one 64K block, all from an uncached start
+    barrier = threading.Barrier(8)
+
+    def writer(worker: int) -> None:
+        barrier.wait()
+        for index in range(worker, pieces, 8):
+            top.pwrite(memoryview(bytes([index + 1]) * KIB), index * KIB, 0)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    top.flush(0)
+    assert plugin.data[:BLOCK] == b"".join(bytes([i + 1]) * KIB for i in range(pieces))
+
+
+def test_concurrent_writes_reads_and_reclaim_never_tear_or_lose_a_block():
+    """Writers own blocks and rewrite them whole; readers pull the whole 4M disk through a 1M
+    cache, so blocks are filled from the plugin, reclaimed and written back all the time."""
+    chain, plugin, top = cache_chain("cache-on-read=true", "cache-max-size=1M", size="4M")
+    stop = threading.Event()
+    last: dict[int, int] = {}
+    torn: list[int] = []
+
+    def writer(blocks: range) -> None:
+        value = 0
+        while not stop.is_set():
+            for block in blocks:
+                value = value % 250 + 1
+                top.pwrite(memoryview(bytes([value]) * BLOCK), block * BLOCK, 0)
+                last[block] = value
+
+    def reader(start: int) -> None:
+        buf = bytearray(BLOCK)
+        for round in range(12):
+            for block in range(start, 64, 2):
+                top.pread(memoryview(buf), block * BLOCK, 0)
+                if block < 16 and len(set(buf)) != 1:
+                    torn.append(block)
+
+    writers = [threading.Thread(target=writer, args=(range(first, 16, 4),)) for first in range(4)]
+    readers = [threading.Thread(target=reader, args=(first,)) for first in range(2)]
+    for t in writers + readers:
+        t.start()
+    for t in readers:
+        t.join()
+    stop.set()
+    for t in writers:
+        t.join()
+    top.flush(0)
+    assert torn == []
+    assert all(plugin.data[b * BLOCK:(b + 1) * BLOCK] == bytes([v]) * BLOCK for b, v in last.items())
