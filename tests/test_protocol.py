@@ -367,3 +367,49 @@ class TestTransmission:
         assert P.errno_to_nbd(errno.ENOENT) == P.NBD_EIO
         enc = ReplyEncoder(structured=False, extended=False)
         assert enc.error(5, 0, errno.ENOSPC) == P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, P.NBD_ENOSPC, 5)
+
+
+class TestResize:
+    def test_grow_and_shrink_memory(self):
+        tx = memory_transmission()
+        assert tx.flags & P.TF_SEND_RESIZE
+        run(tx, Request(0, P.CMD_WRITE, 1, 1000, 4, memoryview(bytearray(b"keep"))))
+        run(tx, Request(0, P.CMD_WRITE, 1, 900 * 1024, 4, memoryview(bytearray(b"gone"))))
+        assert chunks(run(tx, Request(0, P.CMD_RESIZE, 2, 4 << 20, 0)))[0][1] == P.REPLY_TYPE_NONE
+        assert tx.size == 4 << 20
+        assert chunks(run(tx, Request(0, P.CMD_READ, 3, (4 << 20) - 4, 4)))[0][2][8:] == bytes(4)
+        run(tx, Request(0, P.CMD_RESIZE, 4, 4096, 0))
+        reply = chunks(run(tx, Request(0, P.CMD_READ, 5, 4000, 200)))
+        assert reply[-1][1] == P.REPLY_TYPE_ERROR_OFFSET  # past the new end
+        assert chunks(run(tx, Request(0, P.CMD_READ, 6, 1000, 4)))[0][2][8:] == b"keep"
+        run(tx, Request(0, P.CMD_RESIZE, 7, 1 << 20, 0))
+        assert chunks(run(tx, Request(0, P.CMD_READ, 8, 900 * 1024, 4)))[0][2][8:] == bytes(4)
+
+    def test_readonly_and_bad_resize(self):
+        tx = memory_transmission(readonly=True)
+        assert not tx.flags & P.TF_SEND_RESIZE
+        code = struct.unpack_from(">I", chunks(run(tx, Request(0, P.CMD_RESIZE, 1, 1 << 21, 0)))[0][2])[0]
+        assert code == P.NBD_EPERM
+        tx = memory_transmission()
+        code = struct.unpack_from(">I", chunks(run(tx, Request(0, P.CMD_RESIZE, 1, 1 << 21, 5)))[0][2])[0]
+        assert code == P.NBD_EINVAL
+
+    def test_filters_refuse_unless_they_pass_size_through(self):
+        from nbdformats.core.chain import Filter
+
+        class Shifting(Filter):
+            name = "shifting"
+
+        class Transparent(Filter):
+            name = "transparent"
+            resize_passthrough = True
+
+        for cls, expected in ((Shifting, False), (Transparent, True)):
+            chain = Chain([cls()], load_plugin("memory")())
+            chain.configure({1: [("size", "1M")]})
+            chain.get_ready()
+            layer = chain.open(False, "")
+            assert layer.can_resize() is expected
+            if expected:
+                layer.resize(2 << 20)
+                assert layer.get_size() == 2 << 20

@@ -449,3 +449,40 @@ def test_file_plugin_trim_zero_and_extents(tmp_path):
         offset += length
     assert any(o <= (1 << 20) and o + n >= (2 << 20) and f & 1 for o, n, f in offsets), offsets
     assert os.stat(disk).st_blocks * 512 < 4 << 20
+
+
+# -- Online resize (the NBD resize extension; no common client sends it, so raw requests) -----
+@pytest.mark.parametrize("plugin", ["memory", "file"])
+def test_resize_grow_and_shrink(tmp_path, plugin):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"A" * (1 << 20))
+    args = ["file", str(disk)] if plugin == "file" else ["memory", "1M"]
+    with serve(*args) as srv:
+        raw = RawClient(srv.socket)
+        size, flags = raw.go()
+        assert size == 1 << 20 and flags & P.TF_SEND_RESIZE
+        raw.send(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 100, 4) + b"keep")
+        assert raw.simple_reply() == (1, 0)
+        raw.send(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_RESIZE, 2, 3 << 20, 0))
+        assert raw.simple_reply() == (2, 0)
+        assert nbdinfo_json(srv.uri)["exports"][0]["export-size"] == 3 << 20  # a second connection
+        raw.send(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 3, (3 << 20) - 8, 8))
+        assert raw.simple_reply() == (3, 0) and raw.recv_exact(8) == bytes(8)
+        raw.send(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_RESIZE, 4, 4096, 0))
+        assert raw.simple_reply() == (4, 0)
+        raw.send(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 5, 4000, 200))  # past the new end
+        assert raw.simple_reply() == (5, P.NBD_EINVAL)
+        raw.send(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 6, 96, 12))
+        around = b"AAAA" if plugin == "file" else bytes(4)  # the data kept inside the new size
+        assert raw.simple_reply() == (6, 0) and raw.recv_exact(12) == around + b"keep" + around
+        assert nbdinfo_json(srv.uri)["exports"][0]["export-size"] == 4096
+    if plugin == "file":
+        assert disk.stat().st_size == 4096
+
+
+def test_resize_refused_by_readonly_and_by_filters_that_change_size(tmp_path):
+    with serve("memory", "1M", options=("-r",)) as srv:
+        raw = RawClient(srv.socket)
+        assert not raw.go()[1] & P.TF_SEND_RESIZE
+        raw.send(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_RESIZE, 1, 2 << 20, 0))
+        assert raw.simple_reply() == (1, P.NBD_EPERM)

@@ -222,6 +222,13 @@ class PluginHandle:
     def cache(self, count: int, offset: int, flags: int) -> None:
         pass
 
+    def can_resize(self) -> bool:
+        return _overrides(self, "resize", PluginHandle)
+
+    def resize(self, size: int) -> None:
+        """Change the size of the disk (the NBD resize extension); get_size() returns the new size after."""
+        raise NBDError(errno.EINVAL, "this export cannot be resized")
+
     def close(self) -> None:
         pass
 
@@ -315,6 +322,16 @@ class FilterHandle:
     def cache(self, count: int, offset: int, flags: int) -> None:
         self.next.cache(count, offset, flags)
 
+    def can_resize(self) -> bool:
+        # Only filters that say their size follows the layer below pass resizing through.
+        return (self.filter.resize_passthrough or _overrides(self, "resize", FilterHandle)) and \
+            self.next.can_resize()
+
+    def resize(self, size: int) -> None:
+        if not self.filter.resize_passthrough:
+            raise NBDError(errno.EINVAL, f"the {self.filter.name} filter cannot follow a size change")
+        self.next.resize(size)
+
     def close(self) -> None:
         pass
 
@@ -323,6 +340,9 @@ class Filter(Component):
     """Base class of filters.  Subclasses set `name`, declare Params and define `Handle`."""
 
     Handle: ClassVar[type[FilterHandle]] = FilterHandle
+    # True when the filter's size is the size of the layer below and its state does not depend
+    # on it, so NBD_CMD_RESIZE can pass through (cache, cow, rate, fua, nozero, log ...).
+    resize_passthrough: ClassVar[bool] = False
 
     def list_exports(self, next_list: Callable[[bool, bool], list[Export]], readonly: bool,
                      is_tls: bool) -> list[Export]:
@@ -374,6 +394,7 @@ class Layer:
         self._can_multi_conn = bool(handle.can_multi_conn())
         self._can_extents = bool(handle.can_extents())
         self._can_cache = int(handle.can_cache())
+        self._can_resize = self._can_write and bool(handle.can_resize())
         self.pread = handle.pread
         if can_fua != EMULATE:
             self.pwrite = handle.pwrite  # type: ignore[method-assign]
@@ -422,6 +443,14 @@ class Layer:
 
     def can_cache(self) -> int:
         return self._can_cache
+
+    def can_resize(self) -> bool:
+        return self._can_resize
+
+    def resize(self, size: int) -> None:
+        """Resize through the chain, then take the new size from the handle."""
+        self.handle.resize(size)
+        self._size = self.handle.get_size()
 
     def refresh_size(self) -> int:
         self._size = self.handle.get_size()

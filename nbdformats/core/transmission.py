@@ -238,6 +238,8 @@ def transmission_flags(layer: Layer, structured: bool) -> int:
         flags |= P.TF_CAN_MULTI_CONN
     if layer.can_cache() != NONE:
         flags |= P.TF_SEND_CACHE
+    if layer.can_resize():
+        flags |= P.TF_SEND_RESIZE
     return flags
 
 
@@ -259,6 +261,7 @@ _ALLOWED_FLAGS = {
     P.CMD_CACHE: 0,
     P.CMD_WRITE_ZEROES: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
     P.CMD_BLOCK_STATUS: P.CMD_FLAG_REQ_ONE,
+    P.CMD_RESIZE: 0,
 }
 
 
@@ -317,6 +320,13 @@ class Transmission:
                 return errno.EINVAL, "no meta context was negotiated"
         elif type == P.CMD_DISC:
             return None
+        elif type == P.CMD_RESIZE:
+            # The resize extension: the new size travels in the offset field; length is zero.
+            if not tf & P.TF_SEND_RESIZE:
+                return (errno.EPERM if tf & P.TF_READ_ONLY else errno.EINVAL), "resize is not supported"
+            if req.length:
+                return errno.EINVAL, "resize takes the new size in the offset field and a zero length"
+            return None
         if req.offset > self.size or (req.offset + req.length > self.size and not self._partial_ok(req)):
             return errno.EINVAL, f"request [{req.offset}, +{req.length}) is beyond the end of the disk ({self.size})"
         return None
@@ -329,6 +339,10 @@ class Transmission:
         """Run one request (already through check()) and return the reply buffers."""
         try:
             type = req.type
+            if type == P.CMD_RESIZE:
+                self.layer.resize(req.offset)
+                self.size = self.layer.get_size()
+                return [self.replies.ok(req.cookie, req.offset)]
             if req.length == 0 and type != P.CMD_FLUSH:
                 if type == P.CMD_BLOCK_STATUS and req.offset < self.size and not req.flags & P.CMD_FLAG_REQ_ONE:
                     # A status reply needs one nonzero extent; the spec lets the last one run past the request.

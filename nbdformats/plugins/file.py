@@ -227,6 +227,15 @@ class FilePlugin(Plugin):
                 self.seek_data_works = False
                 extents.add(position, end - position, EXTENT_DATA)
 
+        def can_resize(self) -> bool:
+            return self.writable and not self.is_block
+
+        def resize(self, size: int) -> None:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as e:
+                raise NBDError(e.errno, f"resize failed: {e.strerror}") from None
+
         def cache(self, count: int, offset: int, flags: int) -> None:
             os.posix_fadvise(self.fd, offset, count, os.POSIX_FADV_WILLNEED)
 

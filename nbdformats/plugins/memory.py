@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+
 from ..core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Extents, Plugin, PluginHandle
+from ..core.errors import NBDError
 from ..core.params import Param, Size
 
 PAGE = 32 * 1024  # allocation unit, as nbdkit's sparse array
@@ -26,10 +29,24 @@ class MemoryPlugin(Plugin):
         def __init__(self, plugin: "MemoryPlugin", readonly: bool, export_name: str) -> None:
             self.pages = plugin.pages
             self.region_counts = plugin.region_counts
-            self.size = plugin.size
+            self.plugin = plugin
 
         def get_size(self) -> int:
-            return self.size
+            return self.plugin.size
+
+        def resize(self, size: int) -> None:
+            """Grow or shrink; the bytes past the new end are dropped, so growing again reads zeroes."""
+            old = self.plugin.size
+            if size >= 1 << 63:
+                raise NBDError(errno.EINVAL, "size too large")
+            if size < old:
+                for index in [i for i in self.pages if i * PAGE >= size]:
+                    self._free(index)
+                tail = size % PAGE
+                page = self.pages.get(size // PAGE)
+                if tail and page is not None:
+                    page[tail:] = bytes(PAGE - tail)
+            self.plugin.size = size
 
         def can_multi_conn(self) -> bool:
             return True  # one shared store: a flush on any connection covers all
