@@ -20,7 +20,7 @@ import pytest
 
 from conftest import NBDFORMATS, nbdcopy_to_file, nbdsh, random_file, run, serve, serve_nbdkit, sha256_file
 from fixtures.filterchain import make_chain
-from fixtures.luks import (KEYFILE_DATA, add_key, cryptsetup_format, dump_layout, dump_volume_key, fast_pbkdf,
+from fixtures.luks import (KEYFILE_DATA, add_key, cryptsetup_encrypt_in_place, cryptsetup_format, dump_layout, dump_volume_key, fast_pbkdf,
                            qemu_luks1, qemu_read_plain, qemu_write_plain, reference_crypt, rewrite_luks2_json)
 from nbdformats.core.chain import EXTENT_DATA, FLAG_FAST_ZERO, Extents
 from nbdformats.core.errors import ConfigError, NBDError
@@ -168,6 +168,20 @@ def test_cryptsetup_image_read_and_write(tmp, keyfile, case):
     with open(image, "rb") as f:
         f.seek(offset)
         assert reference_crypt(spec, key, f.read(), sector, False) == bytes(expected)
+
+
+@pytest.mark.parametrize("options", [["--sector-size", "512"], ["--sector-size", "4096"],
+                                     ["--cipher", "aes-cbc-essiv:sha256", "--key-size", "256"]])
+def test_luks2_encrypted_in_place_by_cryptsetup(tmp, keyfile, options):
+    # cryptsetup itself encrypts known plaintext: no reference cipher of ours involved.
+    image = random_file(tmp / "disk.img", 6 * MiB, seed=3)
+    plain = image.read_bytes()[:4 * MiB]
+    cryptsetup_encrypt_in_place(image, keyfile, *options)
+    chain, top = open_luks(image, ("keyfile", str(keyfile)), readonly=True)
+    try:
+        assert pread(top, 0, len(plain)) == plain
+    finally:
+        top.close()
 
 
 # qemu-img LUKS1 images ---------------------------------------------------------------------------
