@@ -4,6 +4,7 @@ writes into the archive, bad archives, and interop with nbdinfo/nbdcopy/qemu-img
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 import shutil
@@ -195,6 +196,18 @@ def test_pax_records():
             parse_pax(bad)
 
 
+def test_negative_pax_size_is_refused_not_looped_on():
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("x")
+        info.size = 10
+        info.pax_headers = {"size": "-600"}
+        t.addfile(info, io.BytesIO(b"a" * 10))
+    raw = data.getvalue()
+    with pytest.raises(TarError, match="bad pax size"):
+        list(walk(lambda offset, n: raw[offset:offset + n], len(raw)))
+
+
 def test_sparse_1_0_map():
     assert parse_sparse_1_0_map(b"2\n0\n10\n4096\n20\n" + bytes(490)) == ([(0, 10), (4096, 20)], 512)
     assert parse_sparse_1_0_map(b"2\n0\n10\n40") is None  # needs more data
@@ -233,7 +246,7 @@ def test_member_names_with_path_tricks_are_just_names(tmp_path):
         for name in ("../../etc/passwd", "/abs/disk.img"):
             info = tarfile.TarInfo(name)
             info.size = 1024
-            t.addfile(info, fileobj=__import__("io").BytesIO(name.encode().ljust(1024, b"!")))
+            t.addfile(info, fileobj=io.BytesIO(name.encode().ljust(1024, b"!")))
     chain = chain_for(path)
     assert [e.name for e in chain.list_exports(True, False)] == ["../../etc/passwd", "/abs/disk.img"]
     assert read_member(chain, "../../etc/passwd").startswith(b"../../etc/passwd!")

@@ -230,7 +230,9 @@ def walk(read: Callable[[int, int], bytes], archive_size: int) -> Iterator[TarEn
             try:
                 size = int(values["size"])
             except ValueError:
-                raise TarError(f"bad pax size {values['size'][:20]!r} at offset {offset}") from None
+                size = -1
+            if size < 0:
+                raise TarError(f"bad pax size {values['size'][:20]!r} at offset {offset}")
         name = decode_name(raw_name)
 
         sparse_map = None
