@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from fixtures.filterchain import RECORDER, open_chain
+from conftest import nbdsh, random_file, run, serve, sha256_file
+from fixtures.filterchain import open_chain
 from nbdformats.core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FUA, FLAG_MAY_TRIM, Extents
 from nbdformats.core.errors import ConfigError
 from nbdformats.filters import cache as C
@@ -308,3 +309,151 @@ def test_concurrent_writes_reads_and_reclaim_never_tear_or_lose_a_block():
     top.flush(0)
     assert torn == []
     assert all(plugin.data[b * BLOCK:(b + 1) * BLOCK] == bytes([v]) * BLOCK for b, v in last.items())
+
+
+# -- real clients -----------------------------------------------------------------------------
+
+def cache_usage(pid: int, directory) -> int:
+    """Bytes allocated by the server's (unlinked) cache files in `directory`, via /proc."""
+    total = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            if os.readlink(path).startswith(f"{directory}/"):
+                total += os.stat(path).st_blocks * 512
+        except OSError:
+            continue
+    return total
+
+
+def file_bytes(path, offset: int, count: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(count)
+
+
+def qemu_io_flush(uri: str) -> None:
+    run(["qemu-io", "-f", "raw", "-c", "flush", uri], timeout=60)
+
+
+@pytest.mark.parametrize("mode, after_write, after_flush", [
+    ("writeback", False, True),
+    ("writethrough", True, True),
+    ("unsafe", False, False),
+])
+def test_mode_decides_when_data_reaches_the_plugin(tmp, mode, after_write, after_flush):
+    disk = tmp / "disk.img"
+    disk.write_bytes(bytes(MIB))
+    with serve("--filter=cache", "file", str(disk), f"cache={mode}") as srv:
+        nbdsh(srv.uri, "h.pwrite(b'\\xaa' * 100000, 5000)\nh.shutdown()")
+        assert (file_bytes(disk, 5000, 100000) == b"\xaa" * 100000) is after_write
+        assert (file_bytes(disk, 0, 5000) + file_bytes(disk, 105000, MIB - 105000)) == bytes(MIB - 100000)
+        qemu_io_flush(srv.uri)
+        assert (file_bytes(disk, 5000, 100000) == b"\xaa" * 100000) is after_flush
+        # Whatever reached the plugin, clients see the written data.
+        out = nbdsh(srv.uri, "print(h.pread(100000, 5000) == b'\\xaa' * 100000)").stdout
+        assert out == b"True\n"
+
+
+def test_writeback_fua_write_reaches_the_plugin_at_once(tmp):
+    disk = tmp / "disk.img"
+    disk.write_bytes(bytes(MIB))
+    with serve("--filter=cache", "file", str(disk)) as srv:
+        nbdsh(srv.uri, "h.pwrite(b'\\x55' * 4096, 8192, nbd.CMD_FLAG_FUA)\nh.pwrite(b'\\x66' * 4096, 0)")
+        assert file_bytes(disk, 8192, 4096) == b"\x55" * 4096 and file_bytes(disk, 0, 4096) == bytes(4096)
+
+
+READ_ALL = """
+import hashlib, os
+def usage():
+    total = 0
+    for fd in os.listdir("/proc/{pid}/fd"):
+        path = "/proc/{pid}/fd/" + fd
+        try:
+            if os.readlink(path).startswith("{directory}/"):
+                total += os.stat(path).st_blocks * 512
+        except OSError:
+            pass
+    return total
+digest, peak = hashlib.sha256(), 0
+for offset in range(0, h.get_size(), 65536):
+    digest.update(h.pread(65536, offset))
+    peak = max(peak, usage())
+print(digest.hexdigest(), peak, usage())
+"""
+
+
+def test_lru_reclaim_keeps_cache_file_under_max_size(tmp, cache_tmpdir):
+    disk = random_file(tmp / "disk.img", 4 * MIB)
+    with serve("--filter=cache", "file", str(disk), "cache-on-read=true", "cache-max-size=1M") as srv:
+        out = nbdsh(srv.uri, READ_ALL.format(pid=srv.proc.pid, directory=cache_tmpdir)).stdout.split()
+    digest, peak, final = out[0].decode(), int(out[1]), int(out[2])
+    assert digest == sha256_file(disk)
+    assert 512 * KIB <= peak <= MIB and final <= MIB
+
+
+def test_cache_on_read_switches_with_the_file(tmp, cache_tmpdir):
+    disk = random_file(tmp / "disk.img", 2 * MIB)
+    switch = tmp / "cache-reads"
+    with serve("--filter=cache", "file", str(disk), f"cache-on-read={switch}") as srv:
+        read = "h.pread(1048576, 0)"
+        nbdsh(srv.uri, read)
+        assert cache_usage(srv.proc.pid, cache_tmpdir) == 0
+        switch.touch()
+        nbdsh(srv.uri, read)
+        assert cache_usage(srv.proc.pid, cache_tmpdir) >= MIB
+        switch.unlink()
+        nbdsh(srv.uri, "h.pread(1048576, 1048576)")
+        assert cache_usage(srv.proc.pid, cache_tmpdir) < 2 * MIB
+
+
+@pytest.fixture
+def small_tmpfs(tmp):
+    """A 512 KiB tmpfs (needs root, as the test suite runs here): the cache fills it up."""
+    mountpoint = tmp / "small"
+    mountpoint.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mountpoint)])
+    try:
+        yield mountpoint
+    finally:
+        run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_full_cache_filesystem_is_survived(tmp, small_tmpfs, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(small_tmpfs))
+    source = random_file(tmp / "source", 4 * MIB, seed=9)
+    disk = tmp / "disk.img"
+    disk.write_bytes(bytes(4 * MIB))
+    with serve("--filter=cache", "file", str(disk), "cache-on-read=true") as srv:
+        run(["nbdcopy", str(source), srv.uri], timeout=60)  # several connections (multi-conn)
+        copy = tmp / "copy"
+        run(["nbdcopy", srv.uri, str(copy)], timeout=60)
+        assert sha256_file(copy) == sha256_file(source)
+        qemu_io_flush(srv.uri)
+        assert sha256_file(disk) == sha256_file(source)
+        assert srv.stderr().count("no space") == 1  # the filesystem did fill up
+
+
+TWO_WRITERS = """
+import threading
+h2 = nbd.NBD()
+h2.connect_uri(h.get_uri())
+assert h.can_multi_conn()
+def write(handle, first):
+    # Interleaved 4K pieces: both connections write into every 64K block.
+    for offset in range(first * 4096, 1048576, 8192):
+        handle.pwrite(bytes([first + 1]) * 4096, offset)
+threads = [threading.Thread(target=write, args=(x, i)) for i, x in enumerate((h, h2))]
+for t in threads: t.start()
+for t in threads: t.join()
+h2.shutdown()
+h.flush()  # one connection's flush covers the other's writes (multi-conn)
+"""
+
+
+def test_two_connections_writing_one_block_then_one_flush(tmp):
+    disk = tmp / "disk.img"
+    disk.write_bytes(bytes(MIB))
+    with serve("--filter=cache", "file", str(disk)) as srv:
+        nbdsh(srv.uri, TWO_WRITERS)
+        assert disk.read_bytes() == (b"\x01" * 4096 + b"\x02" * 4096) * (MIB // 8192)

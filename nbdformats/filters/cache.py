@@ -117,6 +117,7 @@ class BlockCache:
         self.stripes = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self.max_size = max_size
         self.closed = False
+        self.warned_no_space = False
         self.reclaim_wanted = threading.Event()
         if max_size is not None:
             self.high = max_size * high_percent // 100
@@ -433,7 +434,11 @@ class CacheFilter(Filter):
                         self.flush_after_write_back(writeback)
                     if not freed:
                         break
-            log.warning("cache: no space in %s for block %d", self.filter.directory, block)
+            # Warn once per cache; it may keep happening while the filesystem stays full.
+            report = log.debug if self.store.warned_no_space else log.warning
+            self.store.warned_no_space = True
+            report("cache: no space in %s for block %d: blocks that do not fit go to the plugin",
+                   self.filter.directory, block)
             return False
 
         def bypass(self, block: int, content: memoryview) -> None:
