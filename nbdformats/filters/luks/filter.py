@@ -99,7 +99,7 @@ class LuksFilter(Filter):
         below = self.open_below(True, "")
         try:
             self.unlock(below).volume.payload_size(below.get_size())  # a truncated file fails here
-        except LuksError as e:
+        except (LuksError, NBDError) as e:
             raise ConfigError(f"luks: {e}") from None
         finally:
             below.close()
