@@ -486,3 +486,28 @@ def test_resize_refused_by_readonly_and_by_filters_that_change_size(tmp_path):
         assert not raw.go()[1] & P.TF_SEND_RESIZE
         raw.send(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_RESIZE, 1, 2 << 20, 0))
         assert raw.simple_reply() == (1, P.NBD_EPERM)
+
+
+def test_sigterm_finishes_running_requests_and_flushes(tmp_path):
+    """A slow write in flight when SIGTERM arrives is completed and answered, then the file is flushed."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    sock = str(tmp_path / "s")
+    slow = Path(__file__).parent / "fixtures" / "slowdisk.py"
+    proc = subprocess.Popen([*NBDFORMATS, "-f", "-U", sock, str(slow), str(disk)])
+    try:
+        for _ in range(500):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.02)
+        raw = RawClient(sock)
+        raw.go()
+        raw.send(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, 4) + b"done")
+        time.sleep(0.3)
+        proc.terminate()
+        assert raw.simple_reply() == (1, 0)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert disk.read_bytes()[:4] == b"done"

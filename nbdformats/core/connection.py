@@ -72,6 +72,7 @@ class Connection(asyncio.BufferedProtocol):
         self._hs_wakeup: asyncio.Future | None = None
         self._hs_task: asyncio.Task | None = None
         self._early_requests = bytearray()
+        self._idle: asyncio.Future | None = None  # set when running requests finish (shutdown waits)
         self._closed = False
         self._disconnecting = False
         self._in_flight = 0
@@ -313,7 +314,9 @@ class Connection(asyncio.BufferedProtocol):
             self._paused_for_requests = False
             self._update_reading()
         if self._in_flight == 0:
-            if self._disconnecting:
+            if self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
+            elif self._disconnecting:
                 self._close_when_sent()
             self._maybe_release()
 
@@ -341,6 +344,27 @@ class Connection(asyncio.BufferedProtocol):
         self._set_reading(not (self._paused_for_writes or self._paused_for_requests))
 
     # -- Closing -------------------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        """The server is stopping: take no new requests, finish running ones, flush, close."""
+        if self._closed:
+            return
+        if self.transmission is None:  # still negotiating: nothing to finish
+            self._close_when_sent()
+            return
+        self._disconnecting = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        if self._in_flight:
+            self._idle = self.loop.create_future()
+            await self._idle
+        layer = self.layer
+        if layer is not None and layer.can_write() and layer.can_flush() and not self._closed:
+            try:
+                await self._run_chain(layer.flush, 0)
+            except Exception as e:
+                log.warning("flush at shutdown failed: %s", e)
+        self._close_when_sent()
+
     def _close_when_sent(self) -> None:
         if self.transport is not None and not self._closed:
             self.transport.close()  # flushes what is buffered first

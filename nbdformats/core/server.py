@@ -129,10 +129,9 @@ class Server:
         for server in self.servers:
             server.close()
         connections = list(self.settings.connections)
-        for connection in connections:
-            if connection.transport is not None:
-                connection.transport.close()
         if connections:
+            # Finish what clients already sent, flush, then close (SIGTERM is not a crash).
+            await asyncio.wait([asyncio.ensure_future(c.shutdown()) for c in connections], timeout=30)
             await asyncio.wait([c.closed for c in connections], timeout=10)
         for server in self.servers:
             await server.wait_closed()
