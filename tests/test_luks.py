@@ -234,6 +234,16 @@ def test_served_to_qemu_and_in_agreement_with_nbdkit(tmp, qemu_images):
     assert sha256_file(tmp / "ours.raw") == sha256_file(tmp / "nbdkit.raw") == sha256_file(plain)
 
 
+def test_nbdkit_reads_what_we_write_on_a_cryptsetup_luks1_image(tmp, keyfile):
+    image = make_cryptsetup_image(tmp, keyfile, "luks1-sha512-xts256")
+    plain = random_file(tmp / "plain.raw", 1 * MiB, seed=5)
+    with serve("--filter=luks", "file", str(image), f"keyfile={keyfile}") as ours:
+        run(["nbdcopy", plain, ours.uri], timeout=60)
+    with serve_nbdkit("--filter=luks", "file", str(image), f"passphrase=+{keyfile}", "--readonly") as nbdkit:
+        nbdcopy_to_file(nbdkit.uri, tmp / "nbdkit.raw")
+    assert (tmp / "nbdkit.raw").read_bytes()[:MiB] == plain.read_bytes()
+
+
 def test_cbc_essiv_served_to_qemu_io(qemu_images):
     # nbdkit 1.32 cannot read ESSIV images at all; qemu reads ours through NBD.
     image, plain = qemu_images["cbc-essiv"]
