@@ -128,6 +128,15 @@ def test_zero_through_plugin_that_cannot_zero_writes_zeroes():
     assert ops(plugin) == [("pwrite", 1 * KIB, 3 * KIB, 0)]
 
 
+def test_disk_size_not_a_multiple_of_the_block_size():
+    _, plugin, top = cache_chain(size=str(MIB + 1000))
+    top.pwrite(memoryview(b"h" * 1500), MIB - 500, 0)  # ends at the last byte of the disk
+    top.zero(200, MIB + 300, 0)
+    top.flush(0)
+    assert plugin.data[MIB - 500:] == b"h" * 800 + bytes(200) + b"h" * 500
+    assert ("pwrite", MIB - BLOCK, BLOCK + 1000, 0) in plugin.calls  # the short last block ends the run
+
+
 # -- reads ------------------------------------------------------------------------------------
 
 def test_cache_on_read_and_prefetch(tmp):

@@ -396,12 +396,10 @@ class CacheFilter(Filter):
             if self.next.can_zero() != NONE:
                 self.next.zero(count, offset, flags)
                 return
-            if flags & FLAG_FAST_ZERO:
-                raise NBDError(errno.ENOTSUP, "fast zero is not possible below the cache")
             zeroes = memoryview(bytes(min(count, EMULATION_CHUNK)))
             while count > 0:
                 n = min(count, len(zeroes))
-                self.next.pwrite(zeroes[:n], offset, flags)
+                self.next.pwrite(zeroes[:n], offset, flags & FLAG_FUA)
                 offset += n
                 count -= n
 
@@ -412,6 +410,8 @@ class CacheFilter(Filter):
                 self.next.flush(0)
 
         def keep_within_limits(self) -> None:
+            if self.store.max_size is None:
+                return
             writeback = Writeback(self)
             self.store.after_growth(writeback)
             self.flush_after_write_back(writeback)
