@@ -64,7 +64,17 @@ def load_filter(name: str) -> type[Filter]:
 
 
 def names(kind: str) -> list[str]:
+    """Built-in components (modules defining PLUGIN or FILTER) and registered entry points."""
     package = importlib.import_module(f"nbdformats.{kind}s")
-    found = [m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")]
+    attr = kind.upper()
+    found = []
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name.startswith("_"):
+            continue
+        try:
+            if hasattr(importlib.import_module(f"nbdformats.{kind}s.{module.name}"), attr):
+                found.append(module.name)
+        except ImportError:
+            found.append(module.name)  # listed, so that --list shows why it cannot load
     found += [ep.name for ep in metadata.entry_points(group=f"nbdformats.{kind}s")]
     return sorted(set(found))
