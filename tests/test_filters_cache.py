@@ -73,6 +73,15 @@ def test_writeback_keeps_writes_until_flush():
     assert ops(plugin) == [("flush", 0, 0, 0)]  # nothing dirty any more
 
 
+def test_writeback_writes_back_at_exit_what_was_never_flushed():
+    chain, plugin, top = cache_chain()
+    top.pwrite(memoryview(b"w" * 5000), 100, 0)
+    top.close()
+    assert plugin.data[100:5100] == bytes(5000)
+    chain.cleanup()
+    assert plugin.data[100:5100] == b"w" * 5000 and ("flush", 0, 0, 0) in plugin.calls
+
+
 def test_writeback_fua_write_goes_through_at_once():
     _, plugin, top = cache_chain(plugin=("fua=emulate",))
     top.pwrite(memoryview(b"a" * 512), 4096, FLAG_FUA)
@@ -362,6 +371,17 @@ def test_mode_decides_when_data_reaches_the_plugin(tmp, mode, after_write, after
         # Whatever reached the plugin, clients see the written data.
         out = nbdsh(srv.uri, "print(h.pread(100000, 5000) == b'\\xaa' * 100000)").stdout
         assert out == b"True\n"
+
+
+@pytest.mark.parametrize("mode, kept", [("writeback", True), ("unsafe", False)])
+def test_unflushed_writes_at_server_exit(tmp, mode, kept):
+    disk = tmp / "disk.img"
+    disk.write_bytes(bytes(MIB))
+    with serve("--filter=cache", "file", str(disk), f"cache={mode}") as srv:
+        nbdsh(srv.uri, "h.pwrite(b'\\x77' * 70000, 3000)\nh.shutdown()")
+        assert file_bytes(disk, 3000, 70000) == bytes(70000)
+    # The server exited (SIGTERM) after the client left without flushing.
+    assert (file_bytes(disk, 3000, 70000) == b"\x77" * 70000) is kept
 
 
 def test_writeback_fua_write_reaches_the_plugin_at_once(tmp):

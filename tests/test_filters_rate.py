@@ -229,8 +229,6 @@ def test_client_rate_is_shared_by_connections_of_one_client(disk):
     assert both >= 2.5
 
 
-@pytest.mark.xfail(strict=True, reason="the server does not yet pass the connection's socket to "
-                   "Chain.open(client=...), so every connection counts as one unknown client")
 def test_client_rate_gives_each_client_its_own_bucket(disk):
     with serve("--filter=rate", "file", disk, "client-rate=8M", "burstiness=0.25") as srv:
         times = two_clients(srv.uri)

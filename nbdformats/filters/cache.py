@@ -323,8 +323,25 @@ class CacheFilter(Filter):
         self.stores_lock = threading.Lock()
 
     def cleanup(self) -> None:
-        for store in getattr(self, "stores", {}).values():
+        for export_name, store in getattr(self, "stores", {}).items():
+            if self.mode == "writeback" and store.dirty:
+                self.write_back_at_exit(export_name)
             store.close()
+
+    def write_back_at_exit(self, export_name: str) -> None:
+        """Dirty blocks left by clients that never flushed: write them back before the
+        cache file goes away (nbdkit loses them)."""
+        try:
+            below = self.open_below(False, export_name)
+        except Exception as e:
+            log.error("cache: cannot open the plugin to write back at exit: %s", e)
+            return
+        try:
+            self.Handle(self, below, False, export_name).flush(0)
+        except Exception as e:
+            log.error("cache: write back at exit failed: %s", e)
+        finally:
+            below.close()
 
     def store_for(self, export_name: str) -> BlockCache:
         with self.stores_lock:
