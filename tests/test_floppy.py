@@ -1,0 +1,532 @@
+"""floppy plugin: FAT disks built from directories, checked with dosfstools, mtools, qemu and nbdkit.
+
+Tools: dosfstools (fsck.fat, mkfs.fat), mtools, syslinux + syslinux-common, qemu-system-x86,
+libnbd-bin (nbdcopy, nbdinfo), python3-libnbd, nbdkit (reference).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import NBDFORMATS, nbdcopy_to_file, nbdinfo_json, nbdsh, run, serve, serve_nbdkit
+from fixtures.floppy import (BOOT_MESSAGE, MIB, MTOOLS_ENV, PARTITION_OFFSET, extract_all, fsck, host_tree,
+                             make_boot_sector, make_tree, mdir_paths, qemu_boot)
+from nbdformats.core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Chain
+from nbdformats.core.errors import ConfigError
+from nbdformats.plugins.floppy import layout, names, syslinux
+from nbdformats.plugins.floppy.dirents import fat_timestamp
+from nbdformats.plugins.floppy.layout import FatTable, Needs, plan
+from nbdformats.registry import load_plugin
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes | None]]:
+    root = tmp_path_factory.mktemp("floppy") / "src"
+    return root, make_tree(root)
+
+
+def open_chain(*pairs: tuple[str, str]):
+    """The plugin configured and ready, without a server; returns (plugin, top layer)."""
+    chain = Chain([], load_plugin("floppy")())
+    chain.configure({0: list(pairs)})
+    chain.get_ready()
+    return chain.plugin, chain.open(readonly=True, export_name="")
+
+
+def image_of(tmp: Path, *pairs: tuple[str, str], name: str = "disk.img") -> Path:
+    """The whole disk read through the chain into a file."""
+    _, top = open_chain(*pairs)
+    buf = bytearray(top.get_size())
+    top.pread(memoryview(buf), 0, 0)
+    path = tmp / name
+    path.write_bytes(buf)
+    return path
+
+
+def copy_out(tmp: Path, *args: str, name: str = "disk.img") -> tuple[Path, dict, str]:
+    """Serve floppy ARGS and copy the disk out with nbdcopy: (image, nbdinfo export, log)."""
+    image = tmp / name
+    with serve("floppy", *args) as srv:
+        info = nbdinfo_json(srv.uri)["exports"][0]
+        nbdcopy_to_file(srv.uri, image)
+        log = srv.stderr()
+    return image, info, log
+
+
+def check_contents(image: Path, tmp: Path, expected: dict[str, bytes | None], offset: int) -> None:
+    out = tmp / "extracted"
+    shutil.rmtree(out, ignore_errors=True)
+    extract_all(image, out, offset)
+    found = host_tree(out)
+    assert sorted(found) == sorted(expected)
+    for path, data in expected.items():
+        assert found[path] == data, path
+
+
+def fails(*args: str) -> str:
+    """The server must refuse ARGS before listening; returns its messages."""
+    sock = os.path.join(tempfile.mkdtemp(prefix="nbdf-test-"), "sock")
+    proc = subprocess.run([*NBDFORMATS, "-f", "-U", sock, "floppy", *args], capture_output=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0, proc.stderr
+    assert not os.path.exists(sock)
+    return proc.stderr.decode(errors="replace")
+
+
+# -- names (sans-IO) ----------------------------------------------------------------------
+
+
+def test_short_names_follow_the_basis_name_algorithm() -> None:
+    assert names.exact_short_name("README.TXT") == b"README  TXT"
+    assert names.exact_short_name("KERNEL") == b"KERNEL     "
+    for not_exact in ("readme.txt", "LONGFILENAME.TXT", "A.B.C", "A B", ".X", "X.", "A+B", "ABC.TOOL"):
+        assert names.exact_short_name(not_exact) is None, not_exact
+    assert names.basis_name("readme.txt") == ("README", "TXT", False)
+    assert names.basis_name("archive.tar.gz") == ("ARCHIVE", "GZ", True)
+    assert names.basis_name(".bashrc") == ("BASHRC", "", True)
+    assert names.basis_name("a+b,c;d=e[f]g.dat") == ("A_B_C_D_", "DAT", True)
+    assert names.basis_name("my file.html") == ("MYFILE", "HTM", True)
+    assert names.basis_name("café") == ("CAF_", "", True)
+    assert names.basis_name("...") == ("_", "", True)
+
+    allocator = names.ShortNameAllocator()
+    allocator.reserve(b"LONGFI~1TXT")  # an exact 8.3 name already in the directory
+    assert allocator.allocate("readme.txt") == b"README  TXT"
+    assert allocator.allocate("ReadMe.txt") == b"README~1TXT"
+    shorts = [allocator.allocate(f"long file {i}.txt") for i in range(11)]
+    assert shorts[:2] == [b"LONGFI~2TXT", b"LONGFI~3TXT"]
+    assert shorts[8:] == [b"LONGF~10TXT", b"LONGF~11TXT", b"LONGF~12TXT"]
+    assert len(set(shorts)) == len(shorts)
+
+
+def test_long_name_entries_and_checksum() -> None:
+    # ChkSum() over "README  TXT", computed by hand from the spec's rotate-and-add.
+    total = 0
+    for byte in b"README  TXT":
+        total = ((total >> 1) | ((total & 1) << 7)) + byte & 0xFF
+    assert names.short_name_checksum(b"README  TXT") == total
+    entries = names.long_name_entries("Mixed Case Name.Text", 0x5A)
+    assert len(entries) == 64  # 20 units: two entries
+    first, second = entries[:32], entries[32:]
+    assert first[0] == 0x42 and second[0] == 0x01  # last entry first, with 0x40
+    assert first[11] == 0x0F and first[13] == 0x5A and first[26:28] == b"\0\0"
+    units = b"".join(e[1:11] + e[14:26] + e[28:32] for e in (second, first))
+    assert units[:40].decode("utf-16-le") == "Mixed Case Name.Text"
+    assert units[40:42] == b"\0\0" and set(units[42:]) == {0xFF}
+    # 13 units fill one entry exactly: no terminator.
+    assert names.long_name_entries("abcdefghijklm", 0)[1:11].decode("utf-16-le") == "abcde"
+    assert set(names.long_name_entries("abcdefghijklm", 0)[28:32]) != {0xFF}
+    # A character outside the BMP takes two UTF-16 units (a surrogate pair).
+    assert names.long_name_slots("x" * 12 + "😀") == 2
+
+
+def test_windows_name_mapping_and_labels() -> None:
+    assert names.windows_name("a:b?c*.txt") == "a\uf03ab\uf03fc\uf02a.txt"
+    assert names.windows_name("trailing. ") == "trailing\uf02e\uf020"
+    assert names.windows_name("plain name.txt") == "plain name.txt"
+    assert names.decode_host_name(os.fsdecode(b"caf\xe9")) == "café"
+    assert names.fold("straße.TXT") == "STRAßE.TXT" and names.fold("Abc") == "ABC"
+    assert names.volume_label("my disk") == b"MY DISK    "
+    assert names.volume_label("") is None
+    with pytest.raises(ValueError, match="at most 11"):
+        names.volume_label("TWELVE CHARS")
+    with pytest.raises(ValueError, match="cannot be stored"):
+        names.volume_label("DISK*")
+    with pytest.raises(ValueError, match="cannot be stored"):
+        names.volume_label("DISQUÉ")
+
+
+def test_fat_timestamps() -> None:
+    t = time.mktime((2021, 6, 15, 13, 45, 31, 0, 0, -1)) + 0.25
+    date, clock, tenths = fat_timestamp(t)
+    assert date == (2021 - 1980) << 9 | 6 << 5 | 15
+    assert clock == 13 << 11 | 45 << 5 | 15
+    assert tenths == 125  # the odd second and 25 hundredths
+    assert fat_timestamp(0)[:2] == (1 << 5 | 1, 0)  # before 1980: clamped
+    assert fat_timestamp(2 ** 40)[0] == 127 << 9 | 12 << 5 | 31
+
+
+# -- layout (sans-IO) ---------------------------------------------------------------------
+
+
+def fat_type_of(geometry: layout.Geometry) -> int:
+    """What every FAT driver concludes from the cluster count (spec section 3.5)."""
+    data_sectors = geometry.total_sectors - geometry.data_start
+    clusters = data_sectors // geometry.sectors_per_cluster
+    return 12 if clusters < 4085 else 16 if clusters < 65525 else 32
+
+
+@pytest.mark.parametrize("fat,partition,size,bits,partitioned", [
+    ("32", None, None, 32, True), ("32", None, 64 * MIB, 32, True), ("32", "none", 3 << 30, 32, False),
+    ("16", None, None, 16, True), ("16", None, 200 * MIB, 16, True), ("12", None, None, 12, False),
+    ("12", None, 1440 * 1024, 12, False), ("12", "mbr", 8 * MIB, 12, True),
+    ("auto", None, None, 12, False), ("auto", None, 100 * MIB, 16, True), ("auto", None, 600 * MIB, 32, True),
+    ("auto", "mbr", 5 * MIB, 12, True),
+])
+def test_plan_gives_cluster_counts_that_match_the_fat_type(fat, partition, size, bits, partitioned) -> None:
+    needs = Needs([32 * 40] * 3, [1000, 70000, 0, 5], 32 * 10)
+    g = plan(fat, partition, size, needs)
+    assert g.fat_bits == bits == fat_type_of(g)
+    assert g.partitioned == partitioned
+    if size is not None:
+        assert size - g.disk_size < 64 * 1024  # only a partial cluster may be left over
+    assert g.fat_sectors * 512 * 8 >= (g.clusters + 2) * bits
+    assert needs.clusters(g.cluster_size, bits == 32) <= g.clusters
+    if bits == 32:
+        assert g.data_start % g.sectors_per_cluster == 0
+
+
+def test_plan_floppy_matches_mkfs_fat(tmp: Path) -> None:
+    """1.44M: the BPB mkfs.fat writes for a floppy, field by field."""
+    run(["mkfs.fat", "-C", str(tmp / "ref.img"), "1440"])
+    reference = (tmp / "ref.img").read_bytes()[:512]
+    ours = layout.boot_sector(plan("12", None, 1440 * 1024, Needs([], [], 0)), b"NO NAME    ", 0)
+    fields = "<HBHBHHBHHHII"  # bytes per sector .. total sectors 32
+    assert struct.unpack_from(fields, ours, 11) == struct.unpack_from(fields, reference, 11)
+    assert ours[0x26] == reference[0x26] == 0x29 and ours[0x36:0x3E] == reference[0x36:0x3E] == b"FAT12   "
+
+
+def test_plan_errors() -> None:
+    needs = Needs([], [3 * MIB], 64)
+    with pytest.raises(layout.LayoutError, match="at least 65525 clusters"):
+        plan("32", None, 20 * MIB, needs)
+    with pytest.raises(layout.LayoutError, match="do not fit in a 1440 KiB floppy"):
+        plan("12", None, 1440 * 1024, needs)
+    with pytest.raises(layout.LayoutError, match="need"):
+        plan("16", None, 3 * MIB, needs)
+    with pytest.raises(layout.LayoutError, match="too big for FAT12"):
+        plan("12", "mbr", None, Needs([], [200 * MIB], 64))
+
+
+def test_fat_table_chains() -> None:
+    g = plan("32", None, None, Needs([], [], 0))
+    fat = FatTable(g, chain_ends=[2, 5, 6], allocated_end=7)  # runs 2, 3-5, 6
+    expected = [0x0FFFFFF8, 0x0FFFFFFF, 0x0FFFFFFF, 4, 5, 0x0FFFFFFF, 0x0FFFFFFF, 0, 0]
+    assert list(fat.entries(0, 9)) == expected
+    assert fat.read(10, 19) == struct.pack("<9I", *expected)[10:29]  # unaligned, past the used part
+    floppy = FatTable(plan("12", None, 1440 * 1024, Needs([], [], 0)), chain_ends=[3], allocated_end=4)
+    assert floppy.read(0, 7) == bytes.fromhex("f0ffff") + bytes.fromhex("03f0ff") + b"\0"  # 12-bit pairs
+
+
+# -- SYSLINUX patching agrees with the installer --------------------------------------------
+
+
+def test_syslinux_patch_reproduces_the_installer(tmp: Path) -> None:
+    image = tmp / "ref.img"
+    run(["mkfs.fat", "-C", str(image), "1440"])
+    run(["syslinux", "--install", str(image)], env={"MTOOLS_SKIP_CHECK": "1"})
+    run(["mcopy", "-i", str(image), "::ldlinux.sys", str(tmp / "ldlinux.sys")])
+    installed = (tmp / "ldlinux.sys").read_bytes()
+    boot = image.read_bytes()[:512]
+    chain = run(["mshowfat", "-i", str(image), "::ldlinux.sys"]).stdout.decode()
+    first, last = map(int, re.search(r"<(\d+)-(\d+)>", chain).groups())
+    sectors = [33 + cluster - 2 for cluster in range(first, last + 1)]  # 1.44M: data at sector 33
+    assert syslinux.patch(installed, boot, sectors) == (installed, boot)
+    moved, moved_boot = syslinux.patch(installed, boot, [s + 1000 for s in sectors])
+    assert moved != installed and moved_boot != boot
+    assert syslinux.patch(moved, moved_boot, sectors) == (installed, boot)
+    # Fragmented: one extent per run of consecutive sectors.
+    assert syslinux.generate_extents([10, 11, 12, 40, 41, 7], 10) == [(10, 3), (40, 2), (7, 1)]
+
+
+# -- served disks, checked with real tools --------------------------------------------------
+
+
+def test_served_fat32_disk(source, tmp: Path) -> None:
+    root, expected = source
+    image, info, _ = copy_out(tmp, str(root))
+    assert info["is_read_only"] is True and info["export-size"] == image.stat().st_size
+    mbr = image.read_bytes()[:512]
+    assert mbr[446 + 4] == 0x0C and struct.unpack_from("<I", mbr, 446 + 8)[0] == 2048
+    report = fsck(image, PARTITION_OFFSET)
+    assert "65525 clusters" in report or re.search(r"/\d{5,} clusters", report)
+    check_contents(image, tmp, expected, PARTITION_OFFSET)
+    header = run(["mdir", "-i", f"{image}@@{PARTITION_OFFSET}", "::"], env=MTOOLS_ENV).stdout.decode()
+    assert "Volume in drive : is NBDKITFLOPY" in header
+    # Timestamps: mcopy -m gave the extracted files the FAT modification times.
+    for relative in ("README.TXT", "sub/two clusters.bin"):
+        assert abs(os.stat(tmp / "extracted" / relative).st_mtime - os.stat(root / relative).st_mtime) <= 2
+
+
+@pytest.mark.parametrize("args,bits,offset", [
+    (("fat=16",), 16, PARTITION_OFFSET),
+    (("fat=12",), 12, 0),
+    (("fat=auto", "label=small"), 12, 0),
+    (("fat=12", "size=1440K"), 12, 0),
+    (("fat=32", "partition=none", "size=40M"), 32, 0),
+    (("fat=16", "partition=none"), 16, 0),
+])
+def test_served_fat_variants(source, tmp: Path, args, bits, offset) -> None:
+    root, expected = source
+    image, info, _ = copy_out(tmp, str(root), *args)
+    fsck(image, offset)
+    boot = image.read_bytes()[offset:offset + 512]
+    assert boot[0x52 if bits == 32 else 0x36:][:8] == f"FAT{bits}".ljust(8).encode()
+    spc, reserved, fats, root_entries, total16, _, fat16 = struct.unpack_from("<BHBHHBH", boot, 13)
+    total = total16 or struct.unpack_from("<I", boot, 32)[0]
+    fat_sectors = fat16 or struct.unpack_from("<I", boot, 36)[0]
+    clusters = (total - reserved - fats * fat_sectors - root_entries * 32 // 512) // spc
+    assert (12 if clusters < 4085 else 16 if clusters < 65525 else 32) == bits
+    if "size=1440K" in args:
+        assert info["export-size"] == 1440 * 1024
+    check_contents(image, tmp, expected, offset)
+
+
+def test_agrees_with_nbdkit_floppy(source, tmp: Path) -> None:
+    """What mdir lists: nbdkit's image (made big enough for mtools to read it as FAT32) and ours."""
+    root, _ = source
+    ours, _, _ = copy_out(tmp, str(root))
+    reference = tmp / "nbdkit.img"
+    with serve_nbdkit("floppy", str(root), "size=1200M") as srv:
+        nbdcopy_to_file(srv.uri, reference)
+    env = dict(MTOOLS_ENV, MTOOLS_SKIP_CHECK="1")  # nbdkit writes 0 heads and sectors/track
+    assert mdir_paths(ours, PARTITION_OFFSET) == mdir_paths(reference, PARTITION_OFFSET, env=env)
+
+
+def test_big_file_read_live(tmp: Path) -> None:
+    src = tmp / "src"
+    src.mkdir()
+    with open(src / "big.bin", "wb") as f:
+        for i in range(100):
+            f.write(os.urandom(1024) * 1024)
+    (src / "changing.txt").write_bytes(b"before\n")
+    with serve("floppy", str(src)) as srv:
+        (src / "changing.txt").write_bytes(b"after!\n")  # same size: the disk shows it as it is now
+        image = tmp / "disk.img"
+        nbdcopy_to_file(srv.uri, image)
+        (src / "changing.txt").write_bytes(b"cut")  # shorter: reads of it now fail
+        out = tmp / "out"
+        extract_all(image, out, PARTITION_OFFSET)
+        assert (out / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+        assert (out / "changing.txt").read_bytes() == b"after!\n"
+        cluster = int(re.search(r"<(\d+)", run(["mshowfat", "-i", f"{image}@@{PARTITION_OFFSET}",
+                                                 "::changing.txt"]).stdout.decode()).group(1))
+        boot = image.read_bytes()[PARTITION_OFFSET:PARTITION_OFFSET + 512]
+        spc, reserved, fat_sectors = boot[13], struct.unpack_from("<H", boot, 14)[0], struct.unpack_from("<I", boot, 36)[0]
+        offset = PARTITION_OFFSET + (reserved + 2 * fat_sectors + (cluster - 2) * spc) * 512
+        proc = nbdsh(srv.uri, f"try:\n    h.pread(512, {offset})\n    print('no error')\n"
+                              f"except nbd.Error as e:\n    print('error', e.errno)\n")
+        assert proc.stdout.decode().split() == ["error", errno.errorcode[errno.EIO]]
+
+
+def test_extents_report_free_space_as_holes(source) -> None:
+    root, _ = source
+    with serve("floppy", str(root), "size=256M") as srv:
+        info = nbdinfo_json(srv.uri, "--map")
+    extents = info if isinstance(info, list) else info.get("map", info)
+    holes = [e for e in extents if e["type"] & 1]
+    assert sum(e["length"] for e in holes) > 200 * MIB  # free clusters and free FAT entries
+    assert extents[0]["offset"] == 0 and extents[0]["type"] == 0  # the MBR is data
+
+
+def test_extents_in_chain(source) -> None:
+    root, _ = source
+    _, top = open_chain(("dir", str(root)))
+    from nbdformats.core.chain import Extents
+    size = top.get_size()
+    extents = Extents(0, size)
+    top.extents(size, 0, 0, extents)
+    items = list(extents)
+    assert items[0] == (0, 512, EXTENT_DATA)
+    assert items[1] == (512, PARTITION_OFFSET - 512, EXTENT_HOLE | EXTENT_ZERO)
+    assert sum(length for _, length, _ in items) == size
+    # Everything reported as a hole reads as zeros.
+    for offset, length, kind in items:
+        if kind & EXTENT_ZERO and length < 64 * MIB:
+            buf = bytearray(length)
+            top.pread(memoryview(buf), offset, 0)
+            assert not any(buf), (offset, length)
+
+
+# -- merging, names and what FAT cannot hold ------------------------------------------------
+
+
+def test_merged_directories(tmp: Path) -> None:
+    a, b = tmp / "a", tmp / "b"
+    for path, data in {a / "same.txt": b"from a\n", a / "only-a.txt": b"a\n", a / "common/x": b"ax\n",
+                       a / "common/from-a": b"1\n", a / "readme.TXT": b"a readme\n",
+                       b / "same.txt": b"from b\n", b / "only-b.txt": b"b\n", b / "common/x": b"bx\n",
+                       b / "common/from-b": b"2\n", b / "README.txt": b"b readme\n"}.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    image, _, _ = copy_out(tmp, f"dir={a}", f"dir={b}", "fat=12")
+    fsck(image)
+    check_contents(image, tmp, {"same.txt": b"from b\n", "only-a.txt": b"a\n", "only-b.txt": b"b\n",
+                                "common": None, "common/x": b"bx\n", "common/from-a": b"1\n",
+                                "common/from-b": b"2\n", "README.txt": b"b readme\n"}, 0)
+
+
+def test_merge_file_against_directory_is_an_error(tmp: Path) -> None:
+    (tmp / "a").mkdir()
+    (tmp / "a" / "thing").write_text("file")
+    (tmp / "b" / "Thing").mkdir(parents=True)
+    message = fails(f"dir={tmp / 'a'}", f"dir={tmp / 'b'}")
+    assert f"{tmp / 'a' / 'thing'} is a file but {tmp / 'b' / 'Thing'} is a directory" in message
+
+
+def test_names_fat_cannot_hold(tmp: Path) -> None:
+    src = tmp / "src"
+    src.mkdir()
+    (src / "a:b?c.txt").write_text("1")
+    (src / "ends with dot.").write_text("2")
+    (src / os.fsdecode(b"caf\xe9 latin1.txt")).write_text("3")
+    (src / "Clash.txt").write_text("4")
+    (src / "clash.TXT").write_text("5")
+    image, _, log = copy_out(tmp, str(src), "fat=12")
+    fsck(image)
+    out = tmp / "out"
+    extract_all(image, out)
+    assert sorted(os.listdir(out)) == sorted(["a\uf03ab\uf03fc.txt", "ends with dot\uf02e",
+                                              "café latin1.txt", "Clash.txt"])
+    assert (out / "Clash.txt").read_text() == "4"
+    assert "FAT names ignore case" in log and "clash.TXT" in log
+
+
+def test_symlinks_and_special_files(tmp: Path) -> None:
+    src, outside = tmp / "src", tmp / "outside"
+    (src / "real dir").mkdir(parents=True)
+    outside.mkdir()
+    (src / "real dir" / "f.txt").write_text("inside")
+    (outside / "secret.txt").write_text("never served")
+    (src / "link to file").symlink_to("real dir/f.txt")
+    (src / "link to dir").symlink_to("real dir")
+    (src / "link outside").symlink_to(outside / "secret.txt")
+    (src / "dir outside").symlink_to(outside)
+    (src / "real dir" / "loop").symlink_to("..")
+    (src / "dangling").symlink_to("nowhere")
+    os.mkfifo(src / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(src / "socket"))
+    try:
+        image, _, log = copy_out(tmp, str(src), "fat=12")
+    finally:
+        sock.close()
+    fsck(image)
+    assert mdir_paths(image) == ["link to dir", "link to dir/f.txt", "link to file", "real dir",
+                                 "real dir/f.txt"]
+    assert b"never served" not in image.read_bytes()
+    for fragment in ("link outside: it points outside", "dir outside: it points outside", "loops back",
+                     "fifo: a FIFO cannot", "socket: a socket cannot", "dangling"):
+        assert fragment in log, fragment
+
+
+def test_file_over_4_gib_is_refused(tmp: Path) -> None:
+    src = tmp / "src"
+    src.mkdir()
+    with open(src / "huge.img", "wb") as f:
+        f.truncate(4 << 30)  # sparse: 4 GiB, one byte too many
+    message = fails(str(src))
+    assert f"{src / 'huge.img'} is 4294967296 bytes" in message
+
+
+@pytest.mark.parametrize("pairs,message", [
+    ((("label", "TWELVE CHARS"),), "label=TWELVE CHARS: a FAT volume label holds at most 11"),
+    ((("label", "bad/label"),), "'/' cannot be stored in a FAT volume label"),
+    ((("size", "10M"),), "FAT32 needs at least 65525 clusters"),
+    ((("size", "2M"), ("fat", "16")), "FAT16 needs at least 4085 clusters"),
+    ((("boot", "syslinux"), ("boot-sector", __file__)), "cannot be used together"),
+    ((("fat", "16"), ("size", "5G")), "too big for FAT16"),
+])
+def test_parameter_errors(source, pairs, message) -> None:
+    root, _ = source
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        open_chain(("dir", str(root)), *pairs)
+
+
+def test_boot_sector_errors(source, tmp: Path) -> None:
+    root, _ = source
+    short = tmp / "short.bin"
+    short.write_bytes(bytes(100))
+    assert "a boot sector is 512 bytes, this file is 100 bytes" in fails(str(root), f"boot-sector={short}")
+    into_bpb = tmp / "bpb.bin"
+    into_bpb.write_bytes(b"\xeb\x3c\x90" + bytes(509))  # jumps to 0x3E: inside the FAT32 BPB
+    assert "must start with a jump past the FAT32 BPB (to offset 0x5a or later)" in \
+        fails(str(root), f"boot-sector={into_bpb}")
+
+
+def test_floppy_root_directory_overflow(tmp: Path) -> None:
+    src = tmp / "src"
+    src.mkdir()
+    for i in range(120):
+        (src / f"file number {i}.txt").write_text("x")
+    with pytest.raises(ConfigError, match="do not fit in a 1440 KiB floppy .* root directory entries of 224"):
+        open_chain(("dir", str(src)), ("fat", "12"), ("size", "1440K"))
+
+
+def test_empty_label_and_empty_tree(tmp: Path) -> None:
+    (tmp / "empty").mkdir()
+    image = image_of(tmp, ("dir", str(tmp / "empty")), ("label", ""), ("fat", "12"))
+    fsck(image)
+    header = run(["mdir", "-i", str(image), "::"], env=MTOOLS_ENV, check=False).stdout.decode()
+    assert "has no label" in header
+    assert mdir_paths(image) == []
+
+
+def test_thousands_of_files(tmp: Path) -> None:
+    src = tmp / "src"
+    for d in range(3):
+        (src / f"dir {d}").mkdir(parents=True)
+        for i in range(1500):
+            (src / f"dir {d}" / f"some long file name {i:05d}.txt").write_bytes(b"%d\n" % i)
+    started = time.monotonic()
+    image = image_of(tmp, ("dir", str(src)))
+    assert time.monotonic() - started < 10
+    fsck(image, PARTITION_OFFSET)
+    listed = mdir_paths(image, PARTITION_OFFSET)
+    assert len(listed) == 3 + 4500
+    assert "dir 2/some long file name 01499.txt" in listed
+
+
+def test_directory_entry_limit(tmp: Path) -> None:
+    src = tmp / "src"
+    src.mkdir()
+    for i in range(22000):  # three entries each (two long-name entries): over 65536
+        (src / f"a long file name {i:05d}").touch()
+    with pytest.raises(ConfigError, match="a FAT directory holds at most 65536"):
+        open_chain(("dir", str(src)))
+
+
+# -- booting with qemu (TCG) ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def boot_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("boot") / "src"
+    root.mkdir()
+    (root / "syslinux.cfg").write_text("SERIAL 0 115200\nSAY hello from syslinux.cfg\nPROMPT 0\n")
+    (root / "other file.txt").write_text("not needed to boot\n")
+    return root
+
+
+@pytest.mark.parametrize("args,interface", [((), "virtio"), (("fat=12",), "floppy"), (("fat=16",), "virtio")])
+def test_boot_syslinux(boot_tree: Path, tmp: Path, args, interface) -> None:
+    with serve("floppy", str(boot_tree), "boot=syslinux", *args) as srv:
+        output = qemu_boot(srv.uri, interface, b"hello from syslinux.cfg")
+        nbdcopy_to_file(srv.uri, tmp / "disk.img")
+    assert b"SYSLINUX 6" in output
+    offset = 0 if "fat=12" in args else PARTITION_OFFSET
+    fsck(tmp / "disk.img", offset)
+
+
+@pytest.mark.parametrize("args,interface", [(("fat=12",), "floppy"), ((), "virtio")])
+def test_boot_sector_parameter(boot_tree: Path, tmp: Path, args, interface) -> None:
+    code = tmp / "boot.bin"
+    code.write_bytes(make_boot_sector())
+    with serve("floppy", str(boot_tree), f"boot-sector={code}", *args) as srv:
+        qemu_boot(srv.uri, interface, BOOT_MESSAGE)
+        nbdcopy_to_file(srv.uri, tmp / "disk.img")
+    offset = 0 if args else PARTITION_OFFSET
+    vbr = (tmp / "disk.img").read_bytes()[offset:offset + 512]
+    assert vbr[0x5A:0x60] == make_boot_sector()[0x5A:0x60]  # the code, with our BPB
+    fsck(tmp / "disk.img", offset)
