@@ -268,6 +268,8 @@ def test_config_errors():
         cache_chain("cache-max-size=512K")
     with pytest.raises(ConfigError, match="cache="):
         cache_chain("cache=sometimes")
+    with pytest.raises(ConfigError, match="absolute /PATH"):
+        cache_chain("cache-on-read=relative/path")
 
 
 # -- concurrency ------------------------------------------------------------------------------

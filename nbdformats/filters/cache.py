@@ -76,7 +76,12 @@ class CacheOnRead(ParamType):
     metavar = "true|false|/PATH"
 
     def parse(self, text: str) -> bool | str:
-        return text if text.startswith("/") else parse_bool(text)
+        if text.startswith("/"):
+            return text
+        try:
+            return parse_bool(text)
+        except ValueError:
+            raise ValueError("use true, false or an absolute /PATH") from None
 
 
 def overlay(extents: list[tuple[int, int, int]], overrides: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

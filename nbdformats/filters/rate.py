@@ -85,6 +85,7 @@ class WatchedFile(Generic[T]):
         self.parse = parse
         self.lock = threading.Lock()
         self.value: T | None = None
+        self.error = ""  # why the file could not be used, the last time it was looked at
         self.signature: tuple[int, int, int] | None = None
         self.checked = 0.0
         self.refresh()
@@ -106,11 +107,14 @@ class WatchedFile(Generic[T]):
                 return
             with open(self.path, encoding="utf-8", errors="replace") as f:
                 text = f.read()
-        except OSError:
+        except OSError as e:
+            self.error = e.strerror or str(e)
             return  # missing (being replaced, or deleted): keep the last value
         try:
             self.value = self.parse(text)
+            self.error = ""
         except ValueError as e:
+            self.error = str(e)
             log.warning("rate: %s: %s (keeping the previous value)", self.path, e)
         self.signature = signature
 
@@ -199,7 +203,7 @@ class RateSource:
         self.schedule = WatchedFile(schedule, parse_schedule) if schedule else None
         self.started = time.time()
         if self.schedule is not None and self.schedule.value is None:
-            raise ConfigError(f"rate: cannot read the schedule {schedule}")
+            raise ConfigError(f"rate: rate-schedule={schedule}: {self.schedule.error}")
 
     def current(self) -> int:
         if self.file is not None:
