@@ -133,7 +133,9 @@ class BlockCache:
 
     def close(self) -> None:
         self.closed = True
-        self.reclaim_wanted.set()
+        if self.max_size is not None:  # stop the reclaimer before its fd number can be reused
+            self.reclaim_wanted.set()
+            self.reclaimer.join()
         os.close(self.fd)
 
     # -- locks and states ----------------------------------------------------------------------
@@ -265,9 +267,8 @@ class BlockCache:
             try:
                 if self.allocated() > self.high:
                     self.reclaim(self.low)
-            except OSError as e:  # the file was closed under us at exit, or punching failed
-                if not self.closed:
-                    log.warning("cache: reclaim failed: %s", e)
+            except OSError as e:
+                log.warning("cache: reclaim failed: %s", e)
 
 
 class Writeback:
@@ -511,10 +512,13 @@ class CacheFilter(Filter):
                 content[start - block_start:end - block_start] = piece
                 self.bypass(block, content)
                 return
-            if through:
-                new_state = DIRTY if state == DIRTY_ZERO and data is not None else state
-            else:
+            if not through:
                 new_state = DIRTY_ZERO if state == DIRTY_ZERO and data is None else DIRTY
+            elif state == DIRTY_ZERO and data is not None:
+                new_state = DIRTY  # the plugin lacks the zeroes of the rest of the block
+            else:
+                assert state is not None  # not cached and written through: returned above
+                new_state = state  # the plugin got the same change: clean stays clean, dirty dirty
             self.store.set_state(block, new_state)
 
         # -- data calls ----------------------------------------------------------------------

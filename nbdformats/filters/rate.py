@@ -35,7 +35,6 @@ log = logging.getLogger("nbdformats.rate")
 
 SLICE_SECONDS = 0.1  # longest single sleep: how soon a rate change or a competitor is noticed
 FILE_CHECK_SECONDS = 0.05  # rate and schedule files are looked at (stat) at most this often
-SECONDS_PER_DAY = 86400
 
 
 class TokenBucket:
