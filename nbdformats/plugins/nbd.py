@@ -1,0 +1,317 @@
+"""nbd plugin: forward to another NBD server (nbdkit's nbd plugin, with our own client instead of libnbd).
+
+Each client connection gets its own upstream connection (or all share one with shared=true); requests
+from the server's worker threads are pipelined on it.  Everything the upstream server offers passes
+through: size, read-only, flush, FUA, trim, zero (fast zero), cache, multi-conn, block size constraints,
+and block status (holes stay holes).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import replace
+
+from ..core import protocol as P
+from ..core.chain import (EMULATE, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, FLAG_REQ_ONE, NATIVE, NONE, Export,
+                          Extents, Plugin, PluginHandle)
+from ..core.client import DEFAULT_PORT, Address, NBDClient, parse_uri
+from ..core.errors import ConfigError, NBDError
+from ..core.params import Bool, Enum, Int, Param, Path, String
+
+log = logging.getLogger("nbdformats")
+
+RETRY_DELAY = 1.0  # seconds between connection attempts, as nbdkit
+
+
+def connect_with_retry(address: Address, retry: int, *, export: str | None = None) -> NBDClient:
+    """Connect, trying `retry` more times one second apart (nbdkit's retry=); raises OSError."""
+    for attempt in range(retry + 1):
+        try:
+            return NBDClient.connect(address, export=export)
+        except OSError as e:
+            if attempt == retry:
+                raise
+            log.debug("nbd: connecting to %s failed (%s); retrying in %gs", address.describe(), e, RETRY_DELAY)
+            time.sleep(RETRY_DELAY)
+    raise AssertionError("unreachable")
+
+
+def command_flags(flags: int) -> int:
+    """nbdkit request flags -> NBD wire flags."""
+    wire = 0
+    if flags & FLAG_FUA:
+        wire |= P.CMD_FLAG_FUA
+    if flags & FLAG_REQ_ONE:
+        wire |= P.CMD_FLAG_REQ_ONE
+    if flags & FLAG_FAST_ZERO:
+        wire |= P.CMD_FLAG_FAST_ZERO
+    return wire
+
+
+def zero_command_flags(flags: int) -> int:
+    """nbdkit zero() flags -> WRITE_ZEROES wire flags ("may trim" is the absence of NO_HOLE)."""
+    return command_flags(flags) | (0 if flags & FLAG_MAY_TRIM else P.CMD_FLAG_NO_HOLE)
+
+
+class SpawnedServer:
+    """command= arg=...: run a server with systemd socket activation (LISTEN_FDS), as libnbd does.
+
+    qemu-nbd, nbdkit and nbdformats all accept a listening socket this way.  The socket lives in a
+    private temporary directory; the server is stopped at cleanup.
+    """
+
+    def __init__(self, argv: list[str]) -> None:
+        self.directory = tempfile.mkdtemp(prefix="nbdformats-nbd-")
+        self.path = os.path.join(self.directory, "sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.path)
+            listener.listen(16)
+            fd = listener.fileno()
+            # The shell puts the socket on fd 3 and sets LISTEN_PID to its own pid, which exec keeps.
+            script = 'fd=$1; shift; LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&"$fd"'
+            self.proc = subprocess.Popen(["/bin/sh", "-c", script, "sh", str(fd), *argv], pass_fds=(fd,),
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as e:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise ConfigError(f"nbd: cannot run {argv[0]}: {e}") from None
+        finally:
+            listener.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class NbdPlugin(Plugin):
+    """Forward to another NBD server (Unix socket, TCP, TLS, or a server run by command=)."""
+
+    name = "nbd"
+    blocking = True  # network round trips: run in worker threads, pipelined on the connection
+
+    uri = Param(String(), magic=True, help="nbd://HOST[:PORT]/EXPORT, nbds://..., nbd+unix:///EXPORT?socket=PATH")
+    socket = Param(Path(kind=None), help="Unix socket of the server")
+    socket_fd = Param(Int(minimum=0), help="an inherited, connected socket (implies shared=true)")
+    hostname = Param(String(), help="TCP host of the server")
+    port = Param(String(), help=f"TCP port or service name (default {DEFAULT_PORT})")
+    vsock = Param(String(), help="not supported (AF_VSOCK)")
+    command = Param(String(), help="run this NBD server (socket activation) and forward to it; implies shared=true")
+    arg = Param(String(), repeat=True, help="an argument of command= (repeat for each)")
+    export = Param(String(), help="export name on the server (default: the server's default export)")
+    dynamic_export = Param(Bool(), default=False, help="pass each client's export name to the server")
+    retry = Param(Int(minimum=0), default=0, help="retry a failed connection N times, one second apart")
+    shared = Param(Bool(), help="one upstream connection for all clients (default false)")
+    tls = Param(Enum("off", "on", "require"), help="TLS to the server (default off, on if another tls option is set)")
+    tls_certificates = Param(Path(kind="dir"), help="directory with ca-cert.pem [client-cert.pem client-key.pem]")
+    tls_verify = Param(Bool(), help="verify the server's certificate and name (default true)")
+    tls_username = Param(String(), help="not supported (TLS-PSK)")
+    tls_psk = Param(String(), help="not supported (TLS-PSK)")
+
+    def config_complete(self) -> None:
+        sources = [k for k, v in (("uri", self.uri), ("socket", self.socket), ("socket-fd", self.socket_fd),
+                                  ("hostname", self.hostname), ("vsock", self.vsock), ("command", self.command))
+                   if v is not None]
+        if len(sources) != 1:
+            raise ConfigError("nbd: give exactly one of uri=, socket=, socket-fd=, hostname=, command= "
+                              f"(got {', '.join(sources) or 'none'})")
+        if self.vsock is not None:
+            raise ConfigError("nbd: vsock= is not supported")
+        if self.tls_psk is not None or self.tls_username is not None:
+            raise ConfigError("nbd: TLS-PSK (tls-psk=, tls-username=) is not supported (Python's ssl module has no "
+                              "PSK); use tls-certificates=")
+        if self.arg and self.command is None:
+            raise ConfigError("nbd: arg= needs command=")
+        if self.port is not None and self.hostname is None:
+            raise ConfigError("nbd: port= needs hostname=")
+        implied_shared = self.command is not None or self.socket_fd is not None
+        if implied_shared and self.shared is False:
+            raise ConfigError("nbd: command= and socket-fd= need shared=true")
+        self.shared_mode = bool(self.shared) or implied_shared
+        if self.dynamic_export and self.shared_mode:
+            raise ConfigError("nbd: dynamic-export=true cannot be combined with shared mode "
+                              "(shared=true, command=, socket-fd=)")
+        if self.dynamic_export and self.export is not None:
+            raise ConfigError("nbd: export= and dynamic-export=true are incompatible")
+        self.address = self._address()
+
+    def _address(self) -> Address:
+        # "If omitted but another tls option is present, this defaults to on" (nbdkit-nbd-plugin(1)).
+        other_tls_option = self.tls_certificates is not None or self.tls_verify is not None
+        tls = self.tls or ("on" if other_tls_option else "off")
+        if self.uri is not None:
+            if self.export is not None:
+                raise ConfigError("nbd: with uri= the export name goes in the URI, not export=")
+            try:
+                address = parse_uri(self.uri)
+            except ValueError as e:
+                raise ConfigError(f"nbd: {e}") from None
+            if address.tls == "require" and self.tls == "off":
+                raise ConfigError("nbd: an nbds:// URI requires TLS; tls=off contradicts it")
+            if address.tls != "require":
+                address = replace(address, tls=tls)
+        elif self.hostname is not None:
+            address = Address(host=self.hostname, port=self._port(), tls=tls)
+        elif self.socket_fd is not None:
+            address = Address(fd=self.socket_fd, tls=tls)
+        else:
+            address = Address(unix=self.socket, tls=tls)  # command= fills the socket path in get_ready
+        if self.export is not None:
+            address = replace(address, export=self.export)
+        if self.tls_certificates is not None:
+            address = replace(address, tls_certificates=self.tls_certificates)
+        if self.tls_verify is not None:
+            address = replace(address, tls_verify=self.tls_verify)
+        return address
+
+    def _port(self) -> int:
+        if self.port is None:
+            return DEFAULT_PORT
+        if self.port.isdigit():
+            port = int(self.port)
+            if not 0 < port < 65536:
+                raise ConfigError(f"nbd: port={self.port}: not a TCP port number")
+            return port
+        try:
+            return socket.getservbyname(self.port, "tcp")
+        except OSError:
+            raise ConfigError(f"nbd: port={self.port}: unknown service name") from None
+
+    def get_ready(self) -> None:
+        self.spawned: SpawnedServer | None = None
+        self.shared_client: NBDClient | None = None
+        self._shared_lock = threading.Lock()
+        if self.command is not None:
+            self.spawned = SpawnedServer([self.command, *self.arg])
+            self.address = replace(self.address, unix=self.spawned.path)
+        if self.shared_mode:
+            try:
+                self.shared_client = connect_with_retry(self.address, self.retry)
+            except OSError as e:
+                reason = f"cannot connect to {self.address.describe()}: {e}"
+                if self.spawned is not None:
+                    # A command that fails to start closes the listening socket under our connection.
+                    try:
+                        self.spawned.proc.wait(1)
+                        reason = f"{self.command} exited with status {self.spawned.proc.returncode}"
+                    except subprocess.TimeoutExpired:
+                        pass
+                self.cleanup()
+                raise ConfigError(f"nbd: {reason}") from None
+
+    def cleanup(self) -> None:
+        if getattr(self, "shared_client", None) is not None:
+            self.shared_client.close()
+            self.shared_client = None
+        if getattr(self, "spawned", None) is not None:
+            self.spawned.stop()
+            self.spawned = None
+
+    def list_exports(self, readonly: bool, is_tls: bool) -> list[Export]:
+        if not self.dynamic_export:
+            return [Export("")]
+        try:
+            exports = NBDClient.list_exports(self.address)
+        except OSError as e:
+            raise NBDError(errno.EIO, f"cannot list the exports of {self.address.describe()}: {e}") from None
+        return [Export(name, description) for name, description in exports]
+
+    def connect(self, export_name: str) -> NBDClient:
+        """A new upstream connection for one client connection."""
+        export = export_name if self.dynamic_export else None
+        try:
+            return connect_with_retry(self.address, self.retry, export=export)
+        except OSError as e:
+            raise NBDError(errno.EIO, f"cannot connect to {self.address.describe()}: {e}") from None
+
+    class Handle(PluginHandle):
+        def __init__(self, plugin: "NbdPlugin", readonly: bool, export_name: str) -> None:
+            self.owned = plugin.shared_client is None
+            self.client = plugin.connect(export_name) if self.owned else plugin.shared_client
+            assert self.client is not None
+
+        def close(self) -> None:
+            if self.owned:
+                self.client.close()
+
+        # What the upstream server offers, passed through.
+        def get_size(self) -> int:
+            return self.client.size
+
+        def block_size(self) -> tuple[int, int, int] | None:
+            info = self.client.info
+            return info.minimum, info.preferred, info.maximum
+
+        def can_write(self) -> bool:
+            return not self.client.read_only
+
+        def can_flush(self) -> bool:
+            return self.client.can_flush
+
+        def is_rotational(self) -> bool:
+            return self.client.is_rotational
+
+        def can_trim(self) -> bool:
+            return self.client.can_trim
+
+        def can_zero(self) -> int:
+            # Without upstream WRITE_ZEROES the chain writes zeroes (nbdkit's nbd plugin does the same).
+            return NATIVE if self.client.can_zero else EMULATE
+
+        def can_fast_zero(self) -> bool:
+            return self.client.can_fast_zero if self.client.can_zero else True
+
+        def can_fua(self) -> int:
+            if self.client.can_fua:
+                return NATIVE
+            return EMULATE if self.client.can_flush else NONE
+
+        def can_multi_conn(self) -> bool:
+            return self.client.can_multi_conn
+
+        def can_extents(self) -> bool:
+            return self.client.can_block_status
+
+        def can_cache(self) -> int:
+            return NATIVE if self.client.can_cache else NONE
+
+        # Requests, forwarded.
+        def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+            self.client.pread_into(buf, offset)
+
+        def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+            self.client.pwrite(buf, offset, command_flags(flags))
+
+        def flush(self, flags: int) -> None:
+            self.client.flush()
+
+        def trim(self, count: int, offset: int, flags: int) -> None:
+            self.client.trim(count, offset, command_flags(flags))
+
+        def zero(self, count: int, offset: int, flags: int) -> None:
+            self.client.zero(count, offset, zero_command_flags(flags))
+
+        def cache(self, count: int, offset: int, flags: int) -> None:
+            self.client.cache(count, offset)
+
+        def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
+            position = offset
+            for length, state in self.client.block_status(count, offset, command_flags(flags)):
+                extents.add(position, length, state & (P.STATE_HOLE | P.STATE_ZERO))
+                position += length
+
+
+PLUGIN = NbdPlugin
