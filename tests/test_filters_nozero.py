@@ -139,8 +139,10 @@ def test_flags_and_plugin_calls_match_nbdkit(tmp, mode):
     with serve("--filter=nozero", RECORDER, "size=1M", f"log={ours}", *mode) as srv:
         info = nbdinfo_json(srv.uri)["exports"][0]
         out = nbdsh(srv.uri, CLIENT).stdout
+        # Read now: stopping the server flushes connections it has not seen close yet.
+        calls = recorder_calls(ours)
     assert (info["can_zero"], info["can_fast_zero"]) == (ref_info["can_zero"], ref_info["can_fast_zero"])
-    calls, ref_calls = recorder_calls(ours), nbdkit_calls(reference)
+    ref_calls = nbdkit_calls(reference)
     if mode == ("zeromode=emulate", "fastzeromode=ignore"):
         # nbdkit 1.32 fails the fast zero with ENOTSUP although its manual says "ignore" makes
         # fast zero requests "behave as if the fast zero flag had not been included": we
