@@ -5,7 +5,9 @@ The path of one READ: the event loop receives bytes straight into `RequestDecode
 runs `Transmission.process` inline (non-blocking chains) or in a worker thread (blocking
 chains); `process` calls `Layer.pread` down the chain into the reply buffer; `_send` writes
 it with one `transport.write`.  When the transport's buffer fills up we stop reading, so a
-client that does not read its replies cannot make the server queue without bound.
+client that does not read its replies cannot make the server queue without bound: decoded
+requests wait in a backlog while replies are over the high-water mark or too many requests
+(or read bytes) are running, and reading resumes only once that backlog is empty.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import errno
 import logging
 import ssl
+from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -27,6 +30,9 @@ from .transmission import Request, RequestDecoder, Transmission, export_info
 log = logging.getLogger("nbdformats")
 
 MAX_IN_FLIGHT = 64  # requests running in threads per connection before we stop reading more
+# Bytes of READ replies being produced in threads per connection: 64 reads of 64 MiB must not
+# all run at once for a client that does not read them.  One request always runs.
+MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 # Replies queued in user space before we stop reading requests: room for several 256 KiB reads
 # keeps a single pipelining client (nbdcopy -C 1) streaming; memory per connection stays bounded.
 WRITE_HIGH_WATER = 4 * 1024 * 1024
@@ -76,8 +82,9 @@ class Connection(asyncio.BufferedProtocol):
         self._closed = False
         self._disconnecting = False
         self._in_flight = 0
+        self._in_flight_bytes = 0
+        self._backlog: deque[Request] = deque()  # decoded, waiting for room to run
         self._paused_for_writes = False
-        self._paused_for_requests = False
         self._reading_paused = False
         self.peer: Any = None
         self.client_socket: Any = None
@@ -152,6 +159,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._paused_for_writes = False
+        self._pump()
         self._update_reading()
 
     # -- Handshake -----------------------------------------------------------------------------
@@ -275,12 +283,27 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- Transmission --------------------------------------------------------------------------
     def _dispatch(self, requests: Sequence[Request]) -> None:
+        self._backlog.extend(requests)
+        self._pump()
+        self._update_reading()
+
+    def _can_start(self, req: Request) -> bool:
+        if self._paused_for_writes:
+            return False
+        if self.inline or self._in_flight == 0:
+            return True
+        cost = req.length if req.type == P.CMD_READ else 0
+        return self._in_flight < MAX_IN_FLIGHT and self._in_flight_bytes + cost <= MAX_IN_FLIGHT_BYTES
+
+    def _pump(self) -> None:
+        """Start backlog requests while replies have room (the backlog holds what was read)."""
         transmission = self.transmission
-        for req in requests:
-            if self._disconnecting:
-                return
+        backlog = self._backlog
+        while backlog and not self._disconnecting and not self._closed:
+            req = backlog[0]
             if req.type == P.CMD_DISC:
                 # "The server MUST handle all outstanding requests ... and close the TCP session."
+                backlog.clear()
                 self._disconnecting = True
                 self._set_reading(False)
                 if self._in_flight == 0:
@@ -288,21 +311,25 @@ class Connection(asyncio.BufferedProtocol):
                 return
             problem = transmission.check(req)
             if problem is not None:
+                backlog.popleft()
                 err, message = problem
                 self._send([transmission.replies.error(req.cookie, req.offset, err, message)])
                 continue
+            if not self._can_start(req):
+                return
+            backlog.popleft()
             if self.inline:
                 self._send(transmission.process(req))
                 continue
+            cost = req.length if req.type == P.CMD_READ else 0
             self._in_flight += 1
+            self._in_flight_bytes += cost
             future = self.loop.run_in_executor(self.executor, transmission.process, req)
-            future.add_done_callback(self._request_done)
-            if self._in_flight >= MAX_IN_FLIGHT:
-                self._paused_for_requests = True
-                self._update_reading()
+            future.add_done_callback(lambda f, cost=cost: self._request_done(f, cost))
 
-    def _request_done(self, future: asyncio.Future) -> None:
+    def _request_done(self, future: asyncio.Future, cost: int) -> None:
         self._in_flight -= 1
+        self._in_flight_bytes -= cost
         try:
             buffers = future.result()
         except Exception:  # process() catches request errors; this is a bug
@@ -310,9 +337,8 @@ class Connection(asyncio.BufferedProtocol):
             self._abort()
             return
         self._send(buffers)
-        if self._paused_for_requests and self._in_flight < MAX_IN_FLIGHT // 2:
-            self._paused_for_requests = False
-            self._update_reading()
+        self._pump()
+        self._update_reading()
         if self._in_flight == 0:
             if self._idle is not None and not self._idle.done():
                 self._idle.set_result(None)
@@ -341,7 +367,8 @@ class Connection(asyncio.BufferedProtocol):
     def _update_reading(self) -> None:
         if self._disconnecting:
             return
-        self._set_reading(not (self._paused_for_writes or self._paused_for_requests))
+        # Read more only when everything read so far has started: the backlog stays bounded.
+        self._set_reading(not (self._paused_for_writes or self._backlog))
 
     # -- Closing -------------------------------------------------------------------------------
     async def shutdown(self) -> None:
