@@ -227,6 +227,7 @@ class BlockSource:
         self.spills: dict[int, Any] = {}
         self.lock = threading.Lock()
         self.unit_locks: dict[int, threading.Lock] = {}
+        self.prefetching = False  # a read-ahead thread is decoding the next unit
 
     def read_into(self, buf: memoryview, offset: int, reader: Reader) -> None:
         end = offset + len(buf)
@@ -242,8 +243,32 @@ class BlockSource:
                 self._spill(unit).read_into(target, lo, reader)
             else:
                 target[:] = memoryview(self._unit_data(unit, reader))[lo:hi]
+                if hi * 2 > unit.size:
+                    self._read_ahead(index + 1, reader)
             position += hi - lo
             index += 1
+
+    def _read_ahead(self, index: int, reader: Reader) -> None:
+        """Reads went past the middle of a unit: decode the next one in the background, so a
+        sequential reader finds it ready (decoding releases the GIL: it uses another core)."""
+        if index >= len(self.units) or self.max_depth < 2:
+            return
+        unit = self.units[index]
+        with self.lock:
+            if (self.prefetching or unit.number in self.cache or unit.size > self.max_unit):
+                return
+            self.prefetching = True
+
+        def decode() -> None:
+            try:
+                self._unit_data(unit, reader)
+            except Exception as e:  # the reader's connection may be gone: a real read will retry
+                log.debug("%s: read-ahead of %s %d failed: %s", self.name, self.unit_word, unit.number, e)
+            finally:
+                with self.lock:
+                    self.prefetching = False
+
+        threading.Thread(target=decode, name=f"{self.name}-read-ahead", daemon=True).start()
 
     def _unit_data(self, unit: Unit, reader: Reader) -> bytes:
         with self.lock:
