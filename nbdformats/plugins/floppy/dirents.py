@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import time
+from functools import lru_cache
 
 ENTRY_SIZE = 32
 ATTR_READ_ONLY = 0x01
@@ -29,18 +30,27 @@ def fat_timestamp(seconds: float) -> tuple[int, int, int]:
     second and the hundredths.  Times outside FAT's range are clamped.
     """
     try:
+        whole = int(seconds // 1)
+    except (OverflowError, ValueError):
+        return _FIRST if seconds < 0 else _LAST
+    date, clock, tenths, in_range = _fat_date_time(whole)
+    return date, clock, tenths + int((seconds - whole) * 100) if in_range else tenths
+
+
+@lru_cache(maxsize=4096)  # the files of one tree tend to share their seconds
+def _fat_date_time(seconds: int) -> tuple[int, int, int, bool]:
+    """(date, time, tenths of the odd second, whether in range) of whole seconds."""
+    try:
         t = time.localtime(seconds)
     except (OverflowError, OSError, ValueError):
-        return _FIRST if seconds < 0 else _LAST
+        return (*(_FIRST if seconds < 0 else _LAST), False)
     if t.tm_year < 1980:
-        return _FIRST
+        return (*_FIRST, False)
     if t.tm_year > 2107:
-        return _LAST
-    date = (t.tm_year - 1980) << 9 | t.tm_mon << 5 | t.tm_mday
+        return (*_LAST, False)
     second = min(t.tm_sec, 59)
-    clock = t.tm_hour << 11 | t.tm_min << 5 | second // 2
-    hundredths = int((seconds % 1) * 100)
-    return date, clock, (second % 2) * 100 + hundredths
+    return ((t.tm_year - 1980) << 9 | t.tm_mon << 5 | t.tm_mday,
+            t.tm_hour << 11 | t.tm_min << 5 | second // 2, second % 2 * 100, True)
 
 
 class Times:

@@ -57,7 +57,7 @@ def _encode_directory(directory: _Directory, label: bytes | None) -> None:
             allocator.reserve(label)
     else:
         data += dot_entries(0, 0, times)  # clusters filled in later
-    children = sorted(node.children.values(), key=lambda child: fold(child.name))
+    children = sorted(node.children, key=lambda child: fold(child.name))
     exact = [exact_short_name(child.name) for child in children]
     for short in exact:
         if short is not None:
@@ -106,29 +106,32 @@ class FatImage:
                                                 *files]
         self._starts = array("I")
         self._sizes = array("Q")
+        # What each object holds: bytes, or a host file (its name in `_directories[i]`).
         self._payloads: list[bytes | bytearray | str] = []
+        self._directories: list[str | None] = []
         self._generated: dict[int, int] = {}  # id(FileNode) -> object index, for in-memory files
         cluster_size = g.cluster_size
         next_cluster = 2
         chain_ends = array("I")
-        first_cluster: dict[int, int] = {}
         for obj in objects:
             length = len(obj.data) if isinstance(obj, _Directory) else obj.size
             count = max(1, -(-length // cluster_size))
             if isinstance(obj, _Directory):
                 obj.cluster = next_cluster
                 self._payloads.append(obj.data)
+                self._directories.append(None)
             else:
-                first_cluster[id(obj)] = next_cluster
-                if isinstance(obj.source, bytes):
+                obj.cluster = next_cluster
+                if obj.directory is None:
                     self._generated[id(obj)] = len(self._payloads)
                 self._payloads.append(obj.source)
+                self._directories.append(obj.directory)
             self._starts.append(next_cluster)
             self._sizes.append(length)
             next_cluster += count
             chain_ends.append(next_cluster - 1)
         self._allocated_end = next_cluster
-        self._fill_clusters(directories, first_cluster)
+        self._fill_clusters(directories)
         self.fat = FatTable(g, chain_ends, next_cluster)
 
         self._label = label
@@ -155,7 +158,7 @@ class FatImage:
         return directories
 
     @staticmethod
-    def _fill_clusters(directories: list[_Directory], first_cluster: dict[int, int]) -> None:
+    def _fill_clusters(directories: list[_Directory]) -> None:
         by_node = {id(d.node): d for d in directories}
         for directory in directories:
             if directory.parent is not None:
@@ -164,10 +167,7 @@ class FatImage:
                 _set_cluster(directory.data, 0, directory.cluster)
                 _set_cluster(directory.data, ENTRY_SIZE, parent)
             for child, offset in zip(directory.children, directory.entry_offsets):
-                if isinstance(child, DirNode):
-                    cluster = by_node[id(child)].cluster
-                else:
-                    cluster = first_cluster.get(id(child), 0)  # empty files have no cluster
+                cluster = by_node[id(child)].cluster if isinstance(child, DirNode) else child.cluster
                 _set_cluster(directory.data, offset, cluster)
             directory.children = []  # the tree is not needed once encoded
 
@@ -258,7 +258,7 @@ class FatImage:
     def _read_data(self, view: memoryview, offset: int, read_host: ReadHost) -> None:
         """Allocated clusters from byte `offset` of the data region."""
         cluster_size = self.geometry.cluster_size
-        starts, sizes, payloads = self._starts, self._sizes, self._payloads
+        starts, sizes, payloads, directories = self._starts, self._sizes, self._payloads, self._directories
         while len(view):
             index = bisect_right(starts, offset // cluster_size + 2) - 1
             object_offset = offset - (starts[index] - 2) * cluster_size
@@ -268,8 +268,9 @@ class FatImage:
             filled = max(0, min(len(part), sizes[index] - object_offset))
             if filled:
                 payload = payloads[index]
-                if isinstance(payload, str):
-                    read_host(payload, object_offset, part[:filled])
+                directory = directories[index]
+                if directory is not None:
+                    read_host(f"{directory}/{payload}", object_offset, part[:filled])
                 else:
                     part[:filled] = payload[object_offset:object_offset + filled]
             if filled < len(part):

@@ -8,21 +8,30 @@ On-Disk Format" 1.03, section 7, and its basis-name generation algorithm).
 
 from __future__ import annotations
 
+import re
+import struct
+
 MAX_LONG_NAME = 255  # UTF-16 units
 LONG_NAME_UNITS_PER_SLOT = 13
 ATTR_LONG_NAME = 0x0F
 LAST_LONG_ENTRY = 0x40
+# LDIR_Ord, LDIR_Name1 (5 units), LDIR_Attr, LDIR_Type (0), LDIR_Chksum, LDIR_Name2 (6 units),
+# LDIR_FstClusLO (0), LDIR_Name3 (2 units).
+_LONG_ENTRY = struct.Struct("<B10sBxB12s2x4s")
 
 # Characters Windows refuses in any file name.  Windows' own tools for foreign file systems
 # (WSL, Cygwin, the SMB "catia" mapping) store them as U+F000 + the character, so a name
 # keeps its length and maps back one to one.
-_FORBIDDEN_IN_LONG_NAMES = frozenset('"*/:<>?\\|' + "".join(chr(c) for c in range(32)))
+_FORBIDDEN_IN_LONG_NAMES = '"*/:<>?\\|' + "".join(chr(c) for c in range(32))
+_FORBIDDEN_RE = re.compile("[" + re.escape(_FORBIDDEN_IN_LONG_NAMES) + "]")
 _PRIVATE_USE_BASE = 0xF000
 
 # Valid in a short name besides A-Z and 0-9 ("FAT" spec 1.03, section 6.1, DIR_Name).
-_SHORT_NAME_SPECIALS = frozenset("$%'-_@~`!(){}^#&")
-# Valid in a long name but not in a short one: replaced by "_" in the basis name.
-_SHORT_NAME_REPLACED = frozenset("+,;=[]")
+# Everything else in a long name ("+,;=[]", non-ASCII) becomes "_" in the basis name.
+_SHORT_NAME_SPECIALS = "$%'-_@~`!(){}^#&"
+_SHORT_CHAR = "[A-Z0-9" + re.escape(_SHORT_NAME_SPECIALS) + "]"
+_NOT_SHORT_RE = re.compile("[^A-Z0-9. " + re.escape(_SHORT_NAME_SPECIALS) + "]")
+_EXACT_SHORT_RE = re.compile(f"({_SHORT_CHAR}{{1,8}})(?:\\.({_SHORT_CHAR}{{1,3}}))?")
 
 
 def decode_host_name(name: str) -> str:
@@ -38,15 +47,18 @@ def decode_host_name(name: str) -> str:
         return name.encode("utf-8", "surrogateescape").decode("latin-1")
 
 
+def _private_use(match: re.Match) -> str:
+    return chr(_PRIVATE_USE_BASE + ord(match.group()))
+
+
 def windows_name(name: str) -> str:
     """Map characters FAT long names cannot hold as Windows does (U+F000 + character).
 
     Trailing dots and spaces, which Win32 silently strips, are mapped the same way.
     """
-    if not any(c in _FORBIDDEN_IN_LONG_NAMES for c in name) and not name.endswith((".", " ")):
+    if not _FORBIDDEN_RE.search(name) and not name.endswith((".", " ")):
         return name
-    mapped = "".join(chr(_PRIVATE_USE_BASE + ord(c)) if c in _FORBIDDEN_IN_LONG_NAMES else c
-                     for c in name)
+    mapped = _FORBIDDEN_RE.sub(_private_use, name)
     kept = mapped.rstrip(". ")
     return kept + "".join(chr(_PRIVATE_USE_BASE + ord(c)) for c in mapped[len(kept):])
 
@@ -58,23 +70,12 @@ def fold(name: str) -> str:
     return "".join(u if len(u := c.upper()) == 1 else c for c in name)
 
 
-def _short_char(c: str) -> str | None:
-    """The short-name form of an upper-cased character, or None when it must become "_"."""
-    if c.isascii() and (c.isalnum() or c in _SHORT_NAME_SPECIALS):
-        return c
-    return None
-
-
 def exact_short_name(name: str) -> bytes | None:
     """The 11-byte short name if `name` is already a valid upper-case 8.3 name, else None."""
-    if len(name) > 12 or name in (".", ".."):
+    match = _EXACT_SHORT_RE.fullmatch(name)
+    if match is None:
         return None
-    base, dot, ext = name.partition(".")
-    if not base or len(base) > 8 or len(ext) > 3 or (dot and not ext) or "." in ext:
-        return None
-    if any(_short_char(c) != c or c.islower() for c in base + ext):
-        return None
-    return (base.ljust(8) + ext.ljust(3)).encode("ascii")
+    return (match.group(1).ljust(8) + (match.group(2) or "").ljust(3)).encode("ascii")
 
 
 def basis_name(name: str) -> tuple[str, str, bool]:
@@ -83,24 +84,11 @@ def basis_name(name: str) -> tuple[str, str, bool]:
     `lossy` is true when characters were replaced or dropped, so the short name alone
     does not give the long name back (a numeric tail is then required).
     """
-    upper = name.upper()
-    lossy = False
-    converted = []
-    for c in upper:
-        if c == " ":
-            lossy = True  # spaces are stripped
-            continue
-        if c == ".":
-            converted.append(c)
-            continue
-        short = _short_char(c)
-        if short is None:
-            lossy = True
-            converted.append("_")
-        else:
-            converted.append(short)
-    text = "".join(converted)
-    stripped = text.lstrip(".")
+    text, replaced = _NOT_SHORT_RE.subn("_", name.upper())
+    lossy = replaced > 0
+    if " " in text:  # spaces are stripped
+        text, lossy = text.replace(" ", ""), True
+    stripped = text.lstrip(".")  # so are leading periods
     if len(stripped) != len(text):
         lossy = True
     last_dot = stripped.rfind(".")
@@ -178,18 +166,14 @@ def long_name_entries(long_name: str, checksum: int) -> bytes:
     if units == 0 or units > MAX_LONG_NAME:
         raise ValueError(f"a long name must have 1 to {MAX_LONG_NAME} UTF-16 units: {long_name!r}")
     count = -(-units // LONG_NAME_UNITS_PER_SLOT)
-    padded = encoded
     if units % LONG_NAME_UNITS_PER_SLOT:
-        padded += b"\0\0"
-    padded = padded.ljust(count * 26, b"\xff")
-    out = bytearray()
-    for sequence in range(count, 0, -1):
-        part = padded[(sequence - 1) * 26:sequence * 26]
-        order = sequence | (LAST_LONG_ENTRY if sequence == count else 0)
-        out += bytes((order,)) + part[0:10] + bytes((ATTR_LONG_NAME, 0, checksum)) + part[10:22] \
-            + b"\0\0" + part[22:26]
-    return bytes(out)
-
+        encoded += b"\0\0"
+    padded = encoded.ljust(count * 26, b"\xff")
+    pack = _LONG_ENTRY.pack
+    return b"".join(
+        pack(sequence | (LAST_LONG_ENTRY if sequence == count else 0), padded[(sequence - 1) * 26:],
+             ATTR_LONG_NAME, checksum, padded[(sequence - 1) * 26 + 10:], padded[(sequence - 1) * 26 + 22:])
+        for sequence in range(count, 0, -1))
 
 _LABEL_CHARACTERS = "A-Z, 0-9, space and " + "".join(sorted(_SHORT_NAME_SPECIALS))
 
@@ -202,7 +186,7 @@ def volume_label(text: str) -> bytes | None:
         raise ValueError(f"a FAT volume label holds at most 11 characters, this one has {len(text)}")
     upper = text.upper()
     for c in upper:
-        if not (c.isascii() and (c.isalnum() or c == " " or c in _SHORT_NAME_SPECIALS)):
+        if not (c.isascii() and (c.isalnum() or c in " " + _SHORT_NAME_SPECIALS)):
             raise ValueError(f"{c!r} cannot be stored in a FAT volume label (allowed: {_LABEL_CHARACTERS})")
     if upper.startswith(" "):
         raise ValueError("a FAT volume label cannot start with a space")

@@ -15,8 +15,8 @@ from . import syslinux
 from .dirents import ATTR_ARCHIVE, ATTR_HIDDEN, ATTR_READ_ONLY, ATTR_SYSTEM
 from .image import FatImage
 from .layout import SECTOR, LayoutError, bpb_end
-from .names import fold, volume_label
-from .tree import DirNode, FileNode, TreeError, scan
+from .names import volume_label
+from .tree import DirNode, FileNode, TreeError, add_file, scan
 
 log = logging.getLogger("nbdformats.floppy")
 
@@ -147,11 +147,10 @@ class FloppyPlugin(Plugin):
         ldlinux = FileNode("ldlinux.sys", files.ldlinux_sys, len(files.ldlinux_sys), now, now, now, attributes)
         module = FileNode("ldlinux.c32", files.ldlinux_c32, len(files.ldlinux_c32), now, now, now, attributes)
         for node in (ldlinux, module):
-            existing = root.children.get(fold(node.name))
-            if existing is not None:
+            replaced = add_file(root, node)
+            if replaced is not None:
                 log.warning("floppy: boot=syslinux replaces %s with SYSLINUX's own %s",
-                            existing.origin, node.name)
-            root.children[fold(node.name)] = node
+                            replaced.origin, node.name)
         return ldlinux, files
 
     class Handle(PluginHandle):

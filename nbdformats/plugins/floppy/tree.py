@@ -27,16 +27,20 @@ class TreeError(ValueError):
 @dataclass(eq=False, slots=True)
 class FileNode:
     name: str  # the FAT long name
-    source: str | bytes  # a host path read at request time, or the contents themselves
+    source: str | bytes  # the host file's name in `directory`, or the contents themselves
     size: int
     ctime: float
     atime: float
     mtime: float
     attributes: int = ATTR_ARCHIVE
+    directory: str | None = None  # the real host directory (shared by its files), None if generated
+    cluster: int = 0  # the first cluster, once laid out (0: none, as for empty files)
 
     @property
     def origin(self) -> str:
-        return self.source if isinstance(self.source, str) else f"(generated {self.name})"
+        if self.directory is None:
+            return f"(generated {self.name})"
+        return os.path.join(self.directory, self.source)  # type: ignore[arg-type]
 
 
 @dataclass(eq=False, slots=True)
@@ -46,10 +50,21 @@ class DirNode:
     ctime: float
     atime: float
     mtime: float
-    children: dict[str, "FileNode | DirNode"] = field(default_factory=dict)  # by fold(name)
+    children: list["FileNode | DirNode"] = field(default_factory=list)
 
 
 Warn = Callable[[str], None]
+
+
+def add_file(directory: DirNode, node: FileNode) -> FileNode | DirNode | None:
+    """Put `node` in `directory`, replacing (and returning) any entry of the same FAT name."""
+    key = fold(node.name)
+    for i, child in enumerate(directory.children):
+        if fold(child.name) == key:
+            directory.children[i] = node
+            return child
+    directory.children.append(node)
+    return None
 
 
 def _inside(path: str, roots: list[str]) -> bool:
@@ -89,31 +104,37 @@ def _merge(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...],
     except OSError as e:
         warn(f"skipping directory {shown_dir}: {e.strerror}")
         return
+    children = node.children
+    # Entries already there come from an earlier directory merged into this one.
+    earlier = {fold(child.name): i for i, child in enumerate(children)}
     seen_here: set[str] = set()
     for entry in entries:
-        shown = os.path.join(shown_dir, entry.name)
         name = windows_name(decode_host_name(entry.name))
         try:
             if entry.is_symlink():
                 target = os.path.realpath(entry.path)
                 if not _inside(target, roots):
-                    warn(f"skipping symbolic link {shown}: it points outside the served directories")
+                    warn(f"skipping symbolic link {os.path.join(shown_dir, entry.name)}: it points "
+                         f"outside the served directories")
                     continue
                 st = os.stat(target)
-                real = target
+                real_parent, real_name = os.path.split(target)
             else:
                 st = entry.stat(follow_symlinks=False)
-                real = entry.path
+                real_parent, real_name = real_dir, entry.name
         except OSError as e:
-            warn(f"skipping {shown}: {e.strerror}")
+            warn(f"skipping {os.path.join(shown_dir, entry.name)}: {e.strerror}")
             continue
         key = fold(name)
         if key in seen_here:
-            warn(f"skipping {shown}: FAT names ignore case and another name in {shown_dir} "
-                 f"already gives {name!r}")
+            warn(f"skipping {os.path.join(shown_dir, entry.name)}: FAT names ignore case and another "
+                 f"name in {shown_dir} already gives {name!r}")
             continue
-        existing = node.children.get(key)
+        position = earlier.get(key)
+        existing = children[position] if position is not None else None
         if stat.S_ISDIR(st.st_mode):
+            shown = os.path.join(shown_dir, entry.name)
+            real = os.path.join(real_parent, real_name)
             if any(c == real or c.startswith(real.rstrip("/") + "/") for c in chain):
                 warn(f"skipping symbolic link {shown}: it loops back to {real}")
                 continue
@@ -126,24 +147,30 @@ def _merge(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...],
             seen_here.add(key)
             if existing is None:
                 child = DirNode(name, shown, st.st_ctime, st.st_atime, st.st_mtime)
-                node.children[key] = child
+                children.append(child)
             else:
                 child = existing
                 child.name, child.origin = name, shown
                 child.ctime, child.atime, child.mtime = st.st_ctime, st.st_atime, st.st_mtime
             pending.append((child, real, shown, chain + (real,)))
         elif stat.S_ISREG(st.st_mode):
+            shown_file = entry.path if real_dir == shown_dir else os.path.join(shown_dir, entry.name)
             if isinstance(existing, DirNode):
-                raise TreeError(f"{existing.origin} is a directory but {shown} is a file: "
+                raise TreeError(f"{existing.origin} is a directory but {shown_file} is a file: "
                                 f"they cannot be merged")
             if st.st_size > MAX_FILE_SIZE:
-                raise TreeError(f"{shown} is {st.st_size} bytes: FAT cannot hold files of 4 GiB "
+                raise TreeError(f"{shown_file} is {st.st_size} bytes: FAT cannot hold files of 4 GiB "
                                 f"or more (at most {MAX_FILE_SIZE} bytes)")
-            if not os.access(real, os.R_OK):
-                warn(f"skipping {shown}: permission denied")
+            if not os.access(entry.path, os.R_OK):
+                warn(f"skipping {shown_file}: permission denied")
                 continue
             seen_here.add(key)
-            node.children[key] = FileNode(name, real, st.st_size, st.st_ctime, st.st_atime,
-                                          st.st_mtime)
+            file = FileNode(name, real_name, st.st_size, st.st_ctime, st.st_atime, st.st_mtime,
+                            directory=real_parent)
+            if existing is None:
+                children.append(file)
+            else:
+                children[position] = file  # type: ignore[index]
         else:
-            warn(f"skipping {shown}: {_kind(st.st_mode)} cannot be stored in FAT")
+            warn(f"skipping {os.path.join(shown_dir, entry.name)}: {_kind(st.st_mode)} cannot be "
+                 f"stored in FAT")
