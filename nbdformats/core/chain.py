@@ -109,6 +109,9 @@ class Component:
     # True when callbacks may block (disk, network, heavy CPU): the server then calls them
     # in worker threads instead of inline on the event loop.
     blocking: ClassVar[bool] = False
+    # The thread model of the whole chain (the strictest of its components), set by
+    # Chain.get_ready() before get_ready() runs, as nbdkit passes it to .get_ready.
+    final_thread_model: ThreadModel = ThreadModel.PARALLEL
 
     # Free-form parameters (the python plugin hands them to its script): undeclared key=value
     # pairs go to config(key, value) in command-line order instead of being refused.
@@ -539,6 +542,8 @@ class Chain:
 
     def get_ready(self) -> None:
         # Plugin first, then filters from the innermost out, as nbdkit does.
+        for component in [*self.filters, self.plugin]:
+            component.final_thread_model = self.thread_model
         self.plugin.get_ready()
         for f in reversed(self.filters):
             f.get_ready()

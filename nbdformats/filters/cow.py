@@ -1,0 +1,312 @@
+"""cow filter: a temporary writable overlay over a read-only plugin (nbdkit-cow-filter compatible).
+
+The layer below is opened read-only and never written.  Writes go to a sparse temporary file
+under $TMPDIR (default /var/tmp), unlinked at once so it vanishes with the server, at the
+same offsets as on the disk.  The disk is cut into blocks of cow-block-size; each block is
+absent (read from the plugin), ALLOCATED (read from the overlay) or ZEROED (reads as zeroes:
+zero and trim of whole blocks, which also frees the overlay's space).  A partial write to an
+absent block copies the block from the plugin first.  All connections share one overlay.
+
+Concurrency: requests run in worker threads (`blocking = True`).  Each block is guarded by one
+of LOCK_STRIPES locks, taken in ascending order around every change, so concurrent partial
+writes to one block cannot lose an update, and a cow-on-read copy never overwrites newer data.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from ..core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, NONE, Extents, Filter, FilterHandle, Layer
+from ..core.params import Bool, Param, ParamType, Size, parse_bool
+from ._zero import fill_zero
+from .cache import punch_hole
+
+ALLOCATED, ZEROED = 1, 2
+LOCK_STRIPES = 256
+
+
+class CowOnRead(ParamType):
+    """`true`, `false`, or an absolute path: on while that path exists."""
+
+    metavar = "true|false|/PATH"
+
+    def parse(self, text: str) -> bool | str:
+        return text if text.startswith("/") else parse_bool(text)
+
+
+class Overlay:
+    """The shared overlay file and the state of each block (absent blocks are not in `states`)."""
+
+    def __init__(self, block_size: int) -> None:
+        directory = os.environ.get("TMPDIR") or "/var/tmp"
+        fd, path = tempfile.mkstemp(prefix="nbdformats-cow-", dir=directory)
+        os.unlink(path)
+        self.fd = fd
+        self.block_size = block_size
+        self.states: dict[int, int] = {}
+        self.stripes = [threading.Lock() for _ in range(LOCK_STRIPES)]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    @contextmanager
+    def locked(self, first: int, last: int) -> Iterator[None]:
+        """Hold the locks of blocks first..last (inclusive), taken in ascending stripe order."""
+        if last - first + 1 >= LOCK_STRIPES:
+            stripes = range(LOCK_STRIPES)
+        else:
+            stripes = sorted({block % LOCK_STRIPES for block in range(first, last + 1)})
+        taken = []
+        try:
+            for index in stripes:
+                self.stripes[index].acquire()
+                taken.append(self.stripes[index])
+            yield
+        finally:
+            for lock in reversed(taken):
+                lock.release()
+
+    def runs(self, offset: int, end: int) -> Iterator[tuple[int, int, int | None]]:
+        """(start, stop, state) of the runs of blocks with one state covering [offset, end)."""
+        if end <= offset:
+            return
+        bs, states = self.block_size, self.states
+        block = offset // bs
+        start = offset
+        state = states.get(block)
+        while True:
+            block += 1
+            stop = min(block * bs, end)
+            if stop >= end:
+                yield start, end, state
+                return
+            following = states.get(block)
+            if following != state:
+                yield start, stop, state
+                start, state = stop, following
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:  # never written (past the file's end): zeroes
+                fill_zero(buf[done:])
+                return
+            done += n
+
+    def write(self, buf: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buf):
+            done += os.pwritev(self.fd, [buf[done:]], offset + done)
+
+    def zero_blocks(self, first: int, last: int) -> None:
+        """Make blocks first..last read as zeroes and free their space (caller holds their locks)."""
+        bs = self.block_size
+        try:
+            punch_hole(self.fd, first * bs, (last - first + 1) * bs)
+        except OSError:
+            pass  # the ZEROED state alone makes them read as zeroes
+        for block in range(first, last + 1):
+            self.states[block] = ZEROED
+
+
+class CowFilter(Filter):
+    """Make any plugin writable: writes go to a temporary overlay, the plugin is never written."""
+
+    name = "cow"
+    blocking = True  # overlay file I/O
+    cow_block_size = Param(Size(minimum=4096, maximum=1 << 30, power_of_two=True), default=64 * 1024,
+                           help="Block size of the overlay (a power of two, at least 4K; default 64K)")
+    cow_on_read = Param(CowOnRead(), default=False,
+                        help="Also keep data read from the plugin in the overlay (true, false, or an "
+                             "absolute path: on while it exists)")
+    cow_on_cache = Param(Bool(), default=False,
+                         help="Copy data named by cache (prefetch) requests into the overlay")
+
+    def get_ready(self) -> None:
+        self.overlay = Overlay(self.cow_block_size)
+
+    def cleanup(self) -> None:
+        self.overlay.close()
+
+    def open(self, next_open, readonly: bool, export_name: str) -> FilterHandle:
+        below = next_open(True, export_name)  # the plugin is never written
+        try:
+            return self.Handle(self, below, readonly, export_name)
+        except BaseException:
+            below.close()
+            raise
+
+    def copy_on_read(self) -> bool:
+        setting = self.cow_on_read
+        return os.path.exists(setting) if isinstance(setting, str) else setting
+
+    class Handle(FilterHandle):
+        filter: "CowFilter"
+
+        def __init__(self, filter: "CowFilter", next: Layer, readonly: bool, export_name: str) -> None:
+            super().__init__(filter, next, readonly, export_name)
+            self.overlay = filter.overlay
+            self.bs = filter.cow_block_size
+            self.size = next.get_size()
+
+        def can_write(self) -> bool:
+            return True
+
+        def can_flush(self) -> bool:
+            return True
+
+        def can_trim(self) -> bool:
+            return True
+
+        def can_zero(self) -> int:
+            return NATIVE
+
+        def can_fast_zero(self) -> bool:
+            return True
+
+        def can_fua(self) -> int:
+            return NATIVE  # the overlay lives as long as the server: nothing to make durable
+
+        def can_multi_conn(self) -> bool:
+            return True  # one overlay for every connection, no per-connection caching
+
+        def can_extents(self) -> bool:
+            return True
+
+        def can_cache(self) -> int:
+            if self.filter.cow_on_cache:
+                return NATIVE
+            return NATIVE if self.next.can_cache() != NONE else NONE
+
+        # -- reads ---------------------------------------------------------------------------
+        def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+            overlay = self.overlay
+            for start, stop, state in overlay.runs(offset, offset + len(buf)):
+                part = buf[start - offset:stop - offset]
+                if state == ALLOCATED:
+                    overlay.read(part, start)
+                elif state == ZEROED:
+                    fill_zero(part)
+                else:
+                    self.next.pread(part, start, 0)
+                    if self.filter.copy_on_read():
+                        self._keep(part, start)
+
+        def _keep(self, data: memoryview, offset: int) -> None:
+            """Store the whole blocks of `data` (read from the plugin) that are still absent."""
+            bs, overlay = self.bs, self.overlay
+            end = offset + len(data)
+            first = -(-offset // bs)
+            last_end = end if end == self.size else end - end % bs  # the disk's last block may be short
+            if first * bs >= last_end:
+                return
+            last = (last_end - 1) // bs
+            with overlay.locked(first, last):
+                for block in range(first, last + 1):
+                    if block not in overlay.states:
+                        start = block * bs
+                        overlay.write(data[start - offset:min(start + bs, last_end) - offset], start)
+                        overlay.states[block] = ALLOCATED
+
+        def _block(self, block: int) -> bytearray:
+            """The current content of a block (caller holds its lock)."""
+            start = block * self.bs
+            data = bytearray(min(self.bs, self.size - start))
+            state = self.overlay.states.get(block)
+            if state == ALLOCATED:
+                self.overlay.read(memoryview(data), start)
+            elif state is None:
+                self.next.pread(memoryview(data), start, 0)
+            return data
+
+        # -- writes --------------------------------------------------------------------------
+        def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+            self._change(offset, len(buf), buf)
+
+        def zero(self, count: int, offset: int, flags: int) -> None:
+            self._change(offset, count, None)
+
+        def trim(self, count: int, offset: int, flags: int) -> None:
+            # The whole blocks are dropped and read as zeroes; trimmed bytes of partial blocks
+            # are zeroed too, so a trim never exposes the plugin's data again.
+            self._change(offset, count, None)
+
+        def _change(self, offset: int, count: int, data: memoryview | None) -> None:
+            """Write `data` (None: zeroes) over [offset, offset+count) in the overlay."""
+            bs, overlay, end = self.bs, self.overlay, offset + count
+            first, last = offset // bs, (end - 1) // bs
+            with overlay.locked(first, last):
+                block = first
+                while block <= last:
+                    start = block * bs
+                    stop = min(start + bs, self.size)
+                    if offset <= start and end >= stop:  # whole blocks: one I/O for the run
+                        run_end = min(end - (end - start) % bs if end < self.size else end, self.size)
+                        run_last = (run_end - 1) // bs
+                        if data is None:
+                            overlay.zero_blocks(block, run_last)
+                        else:
+                            overlay.write(data[start - offset:run_end - offset], start)
+                            for b in range(block, run_last + 1):
+                                overlay.states[b] = ALLOCATED
+                        block = run_last + 1
+                        continue
+                    lo, hi = max(offset, start), min(end, stop)
+                    piece = data[lo - offset:hi - offset] if data is not None else None
+                    if overlay.states.get(block) == ALLOCATED:  # just the changed bytes
+                        if piece is None:
+                            overlay.write(memoryview(bytes(hi - lo)), lo)
+                        else:
+                            overlay.write(piece, lo)
+                    else:
+                        content = self._block(block)
+                        content[lo - start:hi - start] = piece if piece is not None else bytes(hi - lo)
+                        overlay.write(memoryview(content), start)
+                        overlay.states[block] = ALLOCATED
+                    block += 1
+
+        def flush(self, flags: int) -> None:
+            pass  # the overlay does not outlive the server: nothing to make durable
+
+        # -- metadata ------------------------------------------------------------------------
+        def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
+            end = min(offset + count, extents.end)
+            for start, stop, state in self.overlay.runs(offset, end):
+                if state == ALLOCATED:
+                    extents.add(start, stop - start, EXTENT_DATA)
+                elif state == ZEROED:
+                    extents.add(start, stop - start, EXTENT_HOLE | EXTENT_ZERO)
+                else:
+                    inner = Extents(start, stop)
+                    self.next.extents(stop - start, start, flags, inner)
+                    for piece_start, length, kind in inner:
+                        extents.add(piece_start, length, kind)
+                    if inner.covered < stop:
+                        return  # the plugin answered less: the client asks again from there
+
+        def cache(self, count: int, offset: int, flags: int) -> None:
+            if not self.filter.cow_on_cache:
+                if self.next.can_cache() != NONE:
+                    self.next.cache(count, offset, flags)
+                return
+            bs = self.bs
+            start = offset - offset % bs
+            end = min(offset + count + (-(offset + count) % bs), self.size)
+            buf = bytearray(min(end - start, 64 * bs))
+            position = start
+            while position < end:
+                n = min(len(buf), end - position)
+                for run_start, run_stop, state in self.overlay.runs(position, position + n):
+                    if state is None:
+                        part = memoryview(buf)[run_start - position:run_stop - position]
+                        self.next.pread(part, run_start, 0)
+                        self._keep(part, run_start)
+                position += n
+
+
+FILTER = CowFilter
