@@ -52,8 +52,18 @@ def make_listeners(config: ListenConfig) -> list[socket.socket]:
         if os.path.exists(config.unix_path) and not os.path.isfile(config.unix_path):
             os.unlink(config.unix_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(config.unix_path)
-        sock.listen(128)
+        # Bind under a temporary name and rename after listen(): a client that sees the path
+        # can connect at once (no "connection refused" window between bind and listen).
+        temporary = f"{config.unix_path}.{os.getpid()}.tmp"
+        try:
+            sock.bind(temporary)
+            sock.listen(128)
+            os.rename(temporary, config.unix_path)
+        except OSError as e:
+            sock.close()
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise OSError(e.errno, f"cannot listen on {config.unix_path}: {e.strerror}") from None
         return [sock]
     port = config.port or "10809"
     hosts = config.addresses or [None]
