@@ -73,8 +73,8 @@ def names(kind: str) -> list[str]:
             continue
         try:
             if hasattr(importlib.import_module(f"nbdformats.{kind}s.{module.name}"), attr):
-                found.append(module.name)
+                found.append(module.name.replace("_", "-"))  # user-facing names use dashes (multi-conn)
         except ImportError:
-            found.append(module.name)  # listed, so that --list shows why it cannot load
+            found.append(module.name.replace("_", "-"))  # listed, so that --list shows why it cannot load
     found += [ep.name for ep in metadata.entry_points(group=f"nbdformats.{kind}s")]
     return sorted(set(found))

@@ -413,3 +413,15 @@ class TestResize:
             if expected:
                 layer.resize(2 << 20)
                 assert layer.get_size() == 2 << 20
+
+
+def test_size_preserving_filters_pass_resize_through():
+    for name in ("rate", "fua", "nozero"):
+        from nbdformats.registry import load_filter
+        chain = Chain([load_filter(name)()], load_plugin("memory")())
+        chain.configure({1: [("size", "1M")]})
+        chain.get_ready()
+        layer = chain.open(False, "")
+        assert layer.can_resize(), name
+        layer.resize(3 << 20)
+        assert layer.get_size() == 3 << 20

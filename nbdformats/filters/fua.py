@@ -20,6 +20,7 @@ class FuaFilter(Filter):
     """Disable, emulate, force or discard FUA and flush, as nbdkit's fua filter."""
 
     name = "fua"
+    resize_passthrough = True  # its size is the size of the layer below
     fuamode = Param(Enum("none", "emulate", "native", "force", "pass", "discard"), default="none",
                     help="none: do not advertise FUA; emulate: FUA by flush; native: advertise "
                          "native FUA; force: FUA on every write, flush is a no-op; pass: no change; "

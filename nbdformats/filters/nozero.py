@@ -21,6 +21,7 @@ class NozeroFilter(Filter):
     """Disable or emulate WRITE_ZEROES and fast zero, as nbdkit's nozero filter."""
 
     name = "nozero"
+    resize_passthrough = True  # its size is the size of the layer below
     zeromode = Param(Enum("none", "emulate", "notrim", "plugin"), default="none",
                      help="none: do not advertise zeroing; emulate: zero by writing zeroes; "
                           "notrim: pass zero requests without the may-trim flag; plugin: pass them unchanged")

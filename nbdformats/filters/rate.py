@@ -265,6 +265,7 @@ class RateFilter(Filter):
     """Limit bandwidth per connection, per client and in total, as nbdkit's rate filter."""
 
     name = "rate"
+    resize_passthrough = True  # its size is the size of the layer below
     blocking = True  # requests sleep: in worker threads, never on the event loop
     rate = Param(BitRate(), help="total bandwidth limit of the server (bits per second)")
     connection_rate = Param(BitRate(), help="bandwidth limit of each connection")
