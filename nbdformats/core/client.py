@@ -319,7 +319,7 @@ def negotiate(export_name: str = "", *, tls: str = "off", structured: bool = Tru
     if final.type == P.REP_ERR_UNSUP:  # a server older than NBD_OPT_GO
         return (yield from _export_name(result, export_name, no_zeroes))
     if final.is_error:
-        hint = " (connect with TLS)" if final.type == P.REP_ERR_TLS_REQD else ""
+        hint = " (use TLS: tls=on, tls=require or an nbds:// URI)" if final.type == P.REP_ERR_TLS_REQD else ""
         raise HandshakeError(f"the server refused export {export_name!r}: {_describe_error(final)}{hint}")
     result.export_name = export_name
     have_export = False
