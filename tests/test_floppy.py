@@ -330,6 +330,27 @@ def test_extents_report_free_space_as_holes(source) -> None:
     assert extents[0]["offset"] == 0 and extents[0]["type"] == 0  # the MBR is data
 
 
+def test_holes_of_sparse_host_files(tmp: Path) -> None:
+    """A sparse host file's holes are holes of the disk: copies skip them, reads give zeros."""
+    src = tmp / "src"
+    src.mkdir()
+    data = os.urandom(MIB)
+    with open(src / "sparse.img", "wb") as f:
+        f.truncate(64 * MIB)
+        f.seek(20 * MIB)
+        f.write(data)
+    (src / "small.txt").write_text("small\n")
+    with serve("floppy", str(src)) as srv:
+        extents = nbdinfo_json(srv.uri, "--map")
+        nbdcopy_to_file(srv.uri, tmp / "disk.img")
+    holes = [e["length"] for e in extents if e["type"] & 1]
+    assert max(holes) >= 20 * MIB - 4096 and sum(holes) >= 63 * MIB - 4096
+    out = tmp / "out"
+    extract_all(tmp / "disk.img", out, PARTITION_OFFSET)
+    assert (out / "sparse.img").read_bytes() == bytes(20 * MIB) + data + bytes(43 * MIB)
+    assert (out / "small.txt").read_text() == "small\n"
+
+
 def test_extents_in_chain(source) -> None:
     root, _ = source
     _, top = open_chain(("dir", str(root)))

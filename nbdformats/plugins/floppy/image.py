@@ -21,6 +21,9 @@ from .tree import DirNode, FileNode
 
 MAX_DIRECTORY_ENTRIES = 65536  # spec section 6: a directory may not grow past 2 MiB
 ReadHost = Callable[[str, int, memoryview], None]
+# (path, offset, length) -> (offset, length, is data) ranges of a host file, for its holes.
+HostRanges = Callable[[str, int, int], list[tuple[int, int, bool]]]
+SPARSE_CHECK_MIN = 1 << 20  # host files at least this big are asked for their holes
 
 _ZEROS = bytes(1 << 20)
 
@@ -131,6 +134,12 @@ class FatImage:
             next_cluster += count
             chain_ends.append(next_cluster - 1)
         self._allocated_end = next_cluster
+        self._data_start = g.hidden_sectors * SECTOR + g.data_start * SECTOR
+        large = [i for i, size in enumerate(self._sizes)
+                 if size >= SPARSE_CHECK_MIN and self._directories[i] is not None]
+        self._sparse_objects = array("I", large)
+        self._sparse_starts = array("Q", ((self._starts[i] - 2) * cluster_size for i in large))
+        self._sparse_ends = array("Q", ((self._starts[i] - 2) * cluster_size + self._sizes[i] for i in large))
         self._fill_clusters(directories)
         self.fat = FatTable(g, chain_ends, next_cluster)
 
@@ -278,8 +287,13 @@ class FatImage:
             view = view[len(part):]
             offset += len(part)
 
-    def extents(self, offset: int, count: int) -> list[tuple[int, int, int]]:
-        """(offset, length, type) covering offset..offset+count."""
+    def extents(self, offset: int, count: int, host_ranges: HostRanges | None = None
+                ) -> list[tuple[int, int, int]]:
+        """(offset, length, type) covering offset..offset+count.
+
+        With `host_ranges`, the holes of large sparse host files are holes of the disk too
+        (so a copy skips them); smaller files are not worth a look.
+        """
         out: list[tuple[int, int, int]] = []
         end = offset + count
         position = offset
@@ -296,8 +310,38 @@ class FatImage:
             if position < start:
                 n = min(start, end) - position
                 out.append((position, n, hole))
+            elif start == self._data_start and host_ranges is not None:
+                n = min(stop, end) - position
+                self._data_extents(position - start, n, host_ranges, out)
             else:
                 n = min(stop, end) - position
                 out.append((position, n, EXTENT_DATA))
             position += n
         return out
+
+    def _data_extents(self, offset: int, count: int, host_ranges: HostRanges,
+                      out: list[tuple[int, int, int]]) -> None:
+        """Extents of data-region bytes offset..offset+count: data but for the holes of
+        the large host files there."""
+        starts, ends, objects = self._sparse_starts, self._sparse_ends, self._sparse_objects
+        base = self._data_start
+        end = offset + count
+        position = offset
+        k = max(0, bisect_right(starts, position) - 1)
+        while position < end:
+            if k < len(starts) and ends[k] <= position:
+                k += 1
+                continue
+            if k == len(starts) or starts[k] >= end:
+                out.append((base + position, end - position, EXTENT_DATA))
+                return
+            if position < starts[k]:
+                out.append((base + position, starts[k] - position, EXTENT_DATA))
+                position = starts[k]
+            stop = min(ends[k], end)
+            index = objects[k]
+            path = f"{self._directories[index]}/{self._payloads[index]}"
+            for start, length, is_data in host_ranges(path, position - starts[k], stop - position):
+                out.append((base + starts[k] + start, length, EXTENT_DATA if is_data else EXTENT_HOLE | EXTENT_ZERO))
+            position = stop
+            k += 1

@@ -45,6 +45,37 @@ def read_host(path: str, offset: int, view: memoryview) -> None:
         os.close(fd)
 
 
+def host_ranges(path: str, offset: int, length: int) -> list[tuple[int, int, bool]]:
+    """Data and hole ranges of a host file (SEEK_DATA/SEEK_HOLE); all data if unknown."""
+    everything = [(offset, length, True)]
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return everything  # the read will report the error
+    try:
+        ranges: list[tuple[int, int, bool]] = []
+        position, end = offset, offset + length
+        while position < end:
+            try:
+                data = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: only a hole is left
+                    return everything
+                data = end
+            if data > position:
+                ranges.append((position, min(data, end) - position, False))
+                position = min(data, end)
+                continue
+            stop = min(os.lseek(fd, position, os.SEEK_HOLE), end)
+            ranges.append((position, stop - position, True))
+            position = stop
+        return ranges
+    except OSError:
+        return everything
+    finally:
+        os.close(fd)
+
+
 def _check_label(text: str) -> None:
     volume_label(text)
 
@@ -167,5 +198,5 @@ class FloppyPlugin(Plugin):
             self.image.read(buf, offset, read_host)
 
         def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
-            for start, length, kind in self.image.extents(offset, count):
+            for start, length, kind in self.image.extents(offset, count, host_ranges):
                 extents.add(start, length, kind)
