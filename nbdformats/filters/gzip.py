@@ -63,7 +63,7 @@ class GzipFilter(DecompressFilter):
             check_magic(head)
         except GzipFormatError as e:
             raise DecompressError(str(e)) from None
-        mark = fingerprint(reader, compressed)
+        mark = fingerprint(reader, compressed) if self.gzip_index is not None else b""
         if self.gzip_index is not None:
             index = self._load_saved(reader, compressed, mark)
             if index is not None:
