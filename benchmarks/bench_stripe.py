@@ -1,0 +1,143 @@
+"""stripe over 1, 2 and 4 local nbdformats servers: sequential read and write throughput with nbdcopy.
+
+    .venv/bin/python benchmarks/bench_stripe.py [--size-mib 128] [--leg-rate 400M] [--repeat 3]
+
+Each leg is `nbdformats file` serving a random file of size/N in the page cache, so the striped
+disk has the same size whatever N is.  For each N a fresh front server runs `stripe` over the legs
+and nbdcopy (4 connections, its defaults) copies the source into it (write) and the disk to
+/dev/null (read); the best of --repeat runs is reported, and one read is checked by sha256.
+
+Two settings, reported one after the other:
+  unlimited  legs as fast as this machine serves them: everything shares the same cores, so this
+             measures what the extra hop and the splitting cost;
+  --leg-rate each leg limited by nbdformats' rate filter (bits/s, nbdkit's rate= syntax; default
+             400M = 50 MiB/s): stands for servers on other machines, each limited by its disk or
+             link, which is what striping is for.
+Also reported for reference: the same file served directly by one nbdformats server (no stripe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OURS = [sys.executable, "-m", "nbdformats", "-f"]
+ENV = dict(os.environ, PATH="/usr/bin:/usr/sbin:/bin:/sbin:" + os.environ.get("PATH", ""))
+MiB = 1024 * 1024
+STRIPE_SIZE = "1M"
+
+
+def start(argv: list[str], sock: str) -> subprocess.Popen:
+    proc = subprocess.Popen([*argv[:len(OURS)], "-U", sock, *argv[len(OURS):]], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{argv} did not start")
+        time.sleep(0.02)
+    return proc
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        proc.wait(30)
+
+
+def uri(sock: str) -> str:
+    return f"nbd+unix:///?socket={sock}"
+
+
+def timed(argv: list[str]) -> float:
+    started = time.monotonic()
+    subprocess.run(argv, check=True, env=ENV, timeout=3600, stdout=subprocess.DEVNULL)
+    return time.monotonic() - started
+
+
+def digest(target: str) -> str:
+    copier = subprocess.Popen(["nbdcopy", target, "-"], stdout=subprocess.PIPE, env=ENV)
+    h = hashlib.sha256()
+    assert copier.stdout is not None
+    while chunk := copier.stdout.read(4 * MiB):
+        h.update(chunk)
+    if copier.wait(600):
+        raise SystemExit(f"nbdcopy {target} failed")
+    return h.hexdigest()
+
+
+def measure(front: str, source: Path, size: int, repeat: int) -> tuple[float, float]:
+    """(write MiB/s, read MiB/s), best of `repeat`."""
+    writes = [timed(["nbdcopy", str(source), front]) for _ in range(repeat)]
+    reads = [timed(["nbdcopy", front, "null:"]) for _ in range(repeat)]
+    return size / MiB / min(writes), size / MiB / min(reads)
+
+
+def run_setting(work: Path, source: Path, size: int, legs_counts: list[int], rate: str | None,
+                repeat: int) -> None:
+    label = f"legs limited to {rate} bit/s each" if rate else "unlimited legs"
+    print(f"\n{label} ({size // MiB} MiB disk, stripe-size={STRIPE_SIZE})")
+    print(f"{'setup':<26}{'write MiB/s':>12}{'read MiB/s':>12}")
+    expected = hashlib.sha256(source.read_bytes()).hexdigest()
+    rate_filter, rate_param = (["--filter=rate"], [f"rate={rate}", "burstiness=0.1"]) if rate else ([], [])
+    direct_sock = str(work / "direct.sock")
+    direct = start([*OURS, *rate_filter, "file", str(work / "direct.img"), *rate_param], direct_sock)
+    try:
+        write, read = measure(uri(direct_sock), source, size, repeat)
+    finally:
+        stop([direct])
+    print(f"{'one server, no stripe':<26}{write:>12.0f}{read:>12.0f}")
+    for count in legs_counts:
+        procs = []
+        try:
+            socks = []
+            for leg in range(count):
+                image = work / f"leg{count}-{leg}.img"
+                with open(image, "wb") as f:
+                    f.truncate(size // count)
+                sock = str(work / f"leg{count}-{leg}.sock")
+                procs.append(start([*OURS, *rate_filter, "file", str(image), *rate_param], sock))
+                socks.append(sock)
+            front_sock = str(work / f"front{count}.sock")
+            servers = [f"server={uri(s)}" for s in socks]
+            procs.append(start([*OURS, "stripe", *servers, f"stripe-size={STRIPE_SIZE}"], front_sock))
+            write, read = measure(uri(front_sock), source, size, repeat)
+            if digest(uri(front_sock)) != expected:
+                raise SystemExit(f"stripe over {count}: data read back differs from the source")
+        finally:
+            stop(procs)
+        print(f"{f'stripe over {count}':<26}{write:>12.0f}{read:>12.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=128)
+    parser.add_argument("--leg-rate", default="400M", help="rate= of each leg in the limited setting ('' to skip)")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    size = args.size_mib * MiB
+    with tempfile.TemporaryDirectory(prefix="bench-stripe-") as tmp:
+        work = Path(tmp)
+        source = work / "source.img"
+        with open(source, "wb") as f:
+            for _ in range(args.size_mib):
+                f.write(os.urandom(MiB))
+        with open(work / "direct.img", "wb") as f:
+            f.truncate(size)
+        print(f"{os.cpu_count()} CPUs; nbdcopy defaults (4 connections, 64 requests each)")
+        run_setting(work, source, size, [1, 2, 4], None, args.repeat)
+        if args.leg_rate:
+            run_setting(work, source, size, [1, 2, 4], args.leg_rate, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
