@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import threading
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import IntEnum
@@ -113,6 +114,13 @@ class Component:
     # Chain.get_ready() before get_ready() runs, as nbdkit passes it to .get_ready.
     final_thread_model: ThreadModel = ThreadModel.PARALLEL
 
+    # A plugin whose pread can be tried on the event loop: it raises WouldBlock when
+    # must_not_block() is true and the data is not at hand (file: RWF_NOWAIT).
+    nowait_reads: ClassVar[bool] = False
+    # A filter whose reads are safe to abandon half-way with WouldBlock and redo (no state
+    # changed on the way); chains of such filters over a nowait_reads plugin try reads inline.
+    nowait_safe: ClassVar[bool] = False
+
     # Free-form parameters (the python plugin hands them to its script): undeclared key=value
     # pairs go to config(key, value) in command-line order instead of being refused.
     accepts_any_key: ClassVar[bool] = False
@@ -143,6 +151,26 @@ class Component:
 
         Raise (e.g. NBDError(errno.EPERM, "...")) to refuse the connection; the ip filter does.
         """
+
+
+class WouldBlock(Exception):
+    """Raised by a component asked not to block (see must_not_block()) when it would have to."""
+
+
+_thread_state = threading.local()
+
+
+def must_not_block() -> bool:
+    """True when the caller is the event loop's thread trying a request inline.
+
+    A plugin that declares `nowait_reads = True` checks this in pread and raises WouldBlock
+    instead of waiting (e.g. os.preadv with RWF_NOWAIT); the server then retries in a worker.
+    """
+    return getattr(_thread_state, "must_not_block", False)
+
+
+def set_must_not_block(value: bool) -> None:
+    _thread_state.must_not_block = value
 
 
 # The server installs a function here that stops it gracefully (like nbdkit_shutdown()).
@@ -523,6 +551,7 @@ class Chain:
         components: list[Component] = [*filters, plugin]
         self.thread_model = min(c.thread_model for c in components)
         self.blocking = any(c.blocking for c in components)
+        self.nowait_reads = plugin.nowait_reads and all(f.nowait_safe and not f.blocking for f in filters)
         self.buffer_alignment = plugin.buffer_alignment
         for index, f in enumerate(filters):
             f.open_below = functools.partial(self._open, index + 1)  # type: ignore[method-assign]

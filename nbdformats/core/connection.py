@@ -17,14 +17,14 @@ import errno
 import logging
 import ssl
 from collections import deque
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from . import protocol as P
-from .chain import Chain, Layer, ThreadModel
+from .chain import Chain, Layer, ThreadModel, WouldBlock, set_must_not_block
 from .errors import NBDError, ProtocolError
 from .handshake import Abort, ExportRequest, ListExports, NeedData, ServerHandshake, StartTLS, oldstyle_greeting
+from .workers import WorkerPool
 from .transmission import Request, RequestDecoder, Transmission, export_info
 
 log = logging.getLogger("nbdformats")
@@ -52,15 +52,17 @@ class ServerSettings:
     threads: int = 16
     handshake_timeout: float = 60.0
     description: str = ""
-    executor: Executor | None = None  # shared worker pool for blocking chains
-    serial_executor: Executor | None = None  # one worker: SERIALIZE_ALL_REQUESTS
     on_connection_closed: Callable[["Connection"], None] | None = None
     connections: set = field(default_factory=set)
+    _pools: dict = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if self.chain.blocking:
-            self.executor = ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="nbdformats")
-            self.serial_executor = ThreadPoolExecutor(1, thread_name_prefix="nbdformats-serial")
+    def pool(self, loop: asyncio.AbstractEventLoop, model: ThreadModel) -> WorkerPool:
+        """The shared worker pool for a thread model: `-t` threads when parallel, else one."""
+        key = "parallel" if model == ThreadModel.PARALLEL else "serial"
+        if key not in self._pools:
+            self._pools[key] = WorkerPool(loop, max(1, self.threads) if key == "parallel" else 1,
+                                          name=f"nbdformats-{key}")
+        return self._pools[key]
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -88,18 +90,20 @@ class Connection(asyncio.BufferedProtocol):
         self._reading_paused = False
         self.peer: Any = None
         self.client_socket: Any = None
-        self.executor: Executor | None = None
+        self.pool: WorkerPool | None = None
+        self._own_pool = False
         self.closed = self.loop.create_future()
         model = self.chain.thread_model
         self.inline = not self.chain.blocking
+        # Reads a blocking plugin can try without blocking (page cache hits) run inline first.
+        self.try_inline_reads = not self.inline and self.chain.nowait_reads and model == ThreadModel.PARALLEL
         if not self.inline:
-            if model == ThreadModel.PARALLEL:
-                self.executor = settings.executor
-            elif model == ThreadModel.SERIALIZE_ALL_REQUESTS:
-                self.executor = settings.serial_executor
+            set_must_not_block(True)  # this is the event loop's thread
+            if model in (ThreadModel.PARALLEL, ThreadModel.SERIALIZE_ALL_REQUESTS):
+                self.pool = settings.pool(self.loop, model)
             else:  # SERIALIZE_REQUESTS, SERIALIZE_CONNECTIONS: one request at a time on this connection
-                self.executor = ThreadPoolExecutor(1, thread_name_prefix="nbdformats-conn")
-                self._own_executor = True
+                self.pool = WorkerPool(self.loop, 1, name="nbdformats-conn")
+                self._own_pool = True
 
     # -- asyncio callbacks ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -175,7 +179,7 @@ class Connection(asyncio.BufferedProtocol):
     async def _run_chain(self, func: Callable[..., Any], *args: Any) -> Any:
         if self.inline:
             return func(*args)
-        return await self.loop.run_in_executor(self.executor, func, *args)
+        return await self.pool.run(func, *args)
 
     async def _negotiate(self) -> None:
         try:
@@ -321,19 +325,23 @@ class Connection(asyncio.BufferedProtocol):
             if self.inline:
                 self._send(transmission.process(req))
                 continue
+            if self.try_inline_reads and req.type == P.CMD_READ:
+                try:
+                    self._send(transmission.process(req, nowait=True))
+                    continue
+                except WouldBlock:
+                    pass  # not in the page cache: read it in a worker
             cost = req.length if req.type == P.CMD_READ else 0
             self._in_flight += 1
             self._in_flight_bytes += cost
-            future = self.loop.run_in_executor(self.executor, transmission.process, req)
-            future.add_done_callback(lambda f, cost=cost: self._request_done(f, cost))
+            self.pool.submit(transmission.process, (req,),
+                             lambda result, error, cost=cost: self._request_done(result, error, cost))
 
-    def _request_done(self, future: asyncio.Future, cost: int) -> None:
+    def _request_done(self, buffers: Any, error: BaseException | None, cost: int) -> None:
         self._in_flight -= 1
         self._in_flight_bytes -= cost
-        try:
-            buffers = future.result()
-        except Exception:  # process() catches request errors; this is a bug
-            log.exception("request failed unexpectedly")
+        if error is not None:  # process() catches request errors; this is a bug
+            log.error("request failed unexpectedly", exc_info=error)
             self._abort()
             return
         self._send(buffers)
@@ -411,9 +419,9 @@ class Connection(asyncio.BufferedProtocol):
             if self.inline:
                 self._close_layer(layer)
             else:
-                self.loop.run_in_executor(self.executor, self._close_layer, layer)
-        if getattr(self, "_own_executor", False):
-            self.executor.shutdown(wait=False)
+                self.pool.submit(self._close_layer, (layer,), lambda result, error: None)
+        if self._own_pool:
+            self.pool.shutdown()
         self.settings.connections.discard(self)
         self.closed.set_result(None)
         if self.settings.on_connection_closed is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from . import protocol as P
 from .chain import (EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, FLAG_REQ_ONE, NONE,
-                    Extents, Layer)
+                    Extents, Layer, WouldBlock)
 from .errors import NBDError, ProtocolError
 from .handshake import ExportInfo
 
@@ -335,8 +335,11 @@ class Transmission:
         # Structured READ/BLOCK_STATUS past the end answer the valid part, then an offset error.
         return self.structured and req.type in (P.CMD_READ, P.CMD_BLOCK_STATUS) and req.offset < self.size
 
-    def process(self, req: Request) -> list[bytes | bytearray | memoryview]:
-        """Run one request (already through check()) and return the reply buffers."""
+    def process(self, req: Request, nowait: bool = False) -> list[bytes | bytearray | memoryview]:
+        """Run one request (already through check()) and return the reply buffers.
+
+        With `nowait`, a WouldBlock from the chain propagates so the caller can retry in a worker.
+        """
         try:
             type = req.type
             if type == P.CMD_RESIZE:
@@ -368,6 +371,11 @@ class Transmission:
             elif type == P.CMD_BLOCK_STATUS:
                 return self._block_status(req)
             return [self.replies.ok(req.cookie, req.offset)]
+        except WouldBlock:
+            if nowait:
+                raise
+            err, message = errno.EIO, "a component refused to block outside the event loop"
+            return [self.replies.error(req.cookie, req.offset, err, message)]
         except Exception as e:  # any failure of one request fails only that request
             err, message = self.failure(e, req)
             return [self.replies.error(req.cookie, req.offset, err, message)]

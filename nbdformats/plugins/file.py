@@ -9,8 +9,7 @@ import stat
 import struct
 
 from ..core.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATIVE,
-                          Export,
-                          Extents, Plugin, PluginHandle)
+                          Export, Extents, Plugin, PluginHandle, WouldBlock, must_not_block)
 from ..core.errors import ConfigError, NBDError
 from ..core.params import Enum, Param, Path
 
@@ -42,6 +41,7 @@ class FilePlugin(Plugin):
 
     name = "file"
     blocking = True  # disk I/O: run in worker threads so a slow disk cannot stall other clients
+    nowait_reads = True  # page-cache hits are read on the event loop (RWF_NOWAIT), misses in a worker
     file = Param(Path("any"), magic=True, help="The file or block device to serve")
     dir = Param(Path("dir"), help="Serve every regular file in this directory as an export")
     cache = Param(Enum("default", "none"), default="default",
@@ -133,6 +133,14 @@ class FilePlugin(Plugin):
 
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             fd, done, count = self.fd, 0, len(buf)
+            if must_not_block():
+                # On the event loop: only what the page cache holds; otherwise a worker reads it.
+                try:
+                    if os.preadv(fd, [buf], offset, os.RWF_NOWAIT) == count:
+                        return
+                except (BlockingIOError, OSError):
+                    pass
+                raise WouldBlock()
             while done < count:
                 n = os.preadv(fd, [buf[done:]], offset + done)
                 if n == 0:
