@@ -35,7 +35,7 @@ def fill_zero(view: memoryview) -> None:
 
 
 class _Directory:
-    """A directory's entries, encoded before clusters are known; `cluster_fields` holds the
+    """A directory's entries, encoded before clusters are known; `entry_offsets` holds the
     offset of each child's short entry so its first cluster can be filled in later."""
 
     __slots__ = ("node", "parent", "data", "children", "entry_offsets", "cluster")
@@ -105,53 +105,53 @@ class FatImage:
         self.size = g.disk_size
 
         # Clusters, in order: directories (the root first on FAT32), then file data.
-        objects: list[_Directory | FileNode] = [*(directories if g.fat_bits == 32 else directories[1:]),
-                                                *files]
+        self._allocate([*(directories if g.fat_bits == 32 else directories[1:]), *files])
+        self._fill_clusters(directories)
+        self.fat = FatTable(g, self._chain_ends, self._allocated_end)
+        self._vbr = boot_sector(g, label or b"NO NAME    ", serial)
+        self._mbr_code: bytes | None = None
+        free = g.clusters - (self._allocated_end - 2)
+        self._fsinfo = fsinfo_sector(free, self._allocated_end if free else 0xFFFFFFFF)
+        self._root_region = root_dir.data if g.fat_bits != 32 else b""
+        self._build_map()
+
+    # -- Building ----------------------------------------------------------------------
+
+    def _allocate(self, objects: list[_Directory | FileNode]) -> None:
+        """Consecutive clusters from cluster 2 for each object, in order."""
+        g = self.geometry
+        cluster_size = g.cluster_size
         self._starts = array("I")
         self._sizes = array("Q")
         # What each object holds: bytes, or a host file (its name in `_directories[i]`).
         self._payloads: list[bytes | bytearray | str] = []
         self._directories: list[str | None] = []
         self._generated: dict[int, int] = {}  # id(FileNode) -> object index, for in-memory files
-        cluster_size = g.cluster_size
+        self._chain_ends = array("I")
         next_cluster = 2
-        chain_ends = array("I")
         for obj in objects:
-            length = len(obj.data) if isinstance(obj, _Directory) else obj.size
-            count = max(1, -(-length // cluster_size))
+            obj.cluster = next_cluster
             if isinstance(obj, _Directory):
-                obj.cluster = next_cluster
+                length = len(obj.data)
                 self._payloads.append(obj.data)
                 self._directories.append(None)
             else:
-                obj.cluster = next_cluster
+                length = obj.size
                 if obj.directory is None:
                     self._generated[id(obj)] = len(self._payloads)
                 self._payloads.append(obj.source)
                 self._directories.append(obj.directory)
             self._starts.append(next_cluster)
             self._sizes.append(length)
-            next_cluster += count
-            chain_ends.append(next_cluster - 1)
+            next_cluster += max(1, -(-length // cluster_size))
+            self._chain_ends.append(next_cluster - 1)
         self._allocated_end = next_cluster
-        self._data_start = g.hidden_sectors * SECTOR + g.data_start * SECTOR
+        self._data_start = (g.hidden_sectors + g.data_start) * SECTOR
         large = [i for i, size in enumerate(self._sizes)
                  if size >= SPARSE_CHECK_MIN and self._directories[i] is not None]
         self._sparse_objects = array("I", large)
         self._sparse_starts = array("Q", ((self._starts[i] - 2) * cluster_size for i in large))
         self._sparse_ends = array("Q", ((self._starts[i] - 2) * cluster_size + self._sizes[i] for i in large))
-        self._fill_clusters(directories)
-        self.fat = FatTable(g, chain_ends, next_cluster)
-
-        self._label = label
-        self._vbr = boot_sector(g, label or b"NO NAME    ", serial)
-        self._mbr_code: bytes | None = None
-        free = g.clusters - (next_cluster - 2)
-        self._fsinfo = fsinfo_sector(free, next_cluster if free else 0xFFFFFFFF)
-        self._root_region = root_dir.data if g.fat_bits != 32 else b""
-        self._build_map()
-
-    # -- Building ----------------------------------------------------------------------
 
     @staticmethod
     def _encode_tree(root: DirNode, label: bytes | None) -> list[_Directory]:
