@@ -22,6 +22,8 @@ from typing import Any, Callable, Protocol
 from ..core.chain import NONE, Filter, FilterHandle, Layer, OpenNext
 from ..core.errors import ConfigError, NBDError
 from ..core.params import Param, Size
+from ..core.progress import Progress as ProgressBar
+from ..core.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +78,18 @@ def read_exact(reader: Reader, offset: int, length: int, what: str) -> bytes:
 
 
 class Progress:
-    """Log lines "NAME: WHAT 42% (...)" every few seconds during a long start-up step."""
+    """Log lines "NAME: WHAT 42% (...)" every few seconds during a long start-up step, and a
+    progress bar on a terminal."""
 
     def __init__(self, name: str, what: str, interval: float = 2.0) -> None:
         self.name, self.what, self.interval = name, what, interval
         self.started = self.last = time.monotonic()
+        self.bar: ProgressBar | None = None
 
     def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = progress(total, f"{self.name}: {self.what}")
+        self.bar.set(done)
         now = time.monotonic()
         if now - self.last >= self.interval:
             self.last = now
@@ -90,6 +97,8 @@ class Progress:
                      100 * done // max(total, 1), done >> 20, total >> 20)
 
     def finished(self, detail: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
         log.info("%s: %s done in %.1f s: %s", self.name, self.what, time.monotonic() - self.started, detail)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import sys
 from bisect import bisect_left
 from typing import Callable
 
@@ -20,6 +19,7 @@ from ...core.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, 
                            FilterHandle, Layer, OpenNext)
 from ...core.errors import ConfigError, NBDError
 from ...core.params import Enum, Param, String
+from ...core.progress import progress
 from .archive import BAD, CHUNK_SIZE, GOOD, UNCHECKED, Archive, Chunk, Disk, XvaError, checksum, index
 
 log = logging.getLogger("nbdformats.xva")
@@ -84,20 +84,20 @@ class XvaFilter(Filter):
     def _verify_all(self, below: Layer) -> None:
         todo = [(disk, chunk) for disk in self.archive.disks for chunk in disk.chunks.values()
                 if chunk.state == UNCHECKED]
-        progress = _Progress(sum(chunk.size for _, chunk in todo))
-        log.info("xva: verifying the checksums of %d chunks (%d MiB)", len(todo), progress.total >> 20)
+        total = sum(chunk.size for _, chunk in todo)
+        log.info("xva: verifying the checksums of %d chunks (%d MiB)", len(todo), total >> 20)
         buffer = bytearray(CHUNK_SIZE)
         failed: list[str] = []
-        for disk, chunk in sorted(todo, key=lambda item: item[1].source):  # in archive order
-            data = memoryview(buffer)[:chunk.size]
-            try:
-                below.pread(data, chunk.source, 0)
-            except NBDError as e:
-                raise ConfigError(f"xva: cannot read the archive: {e}") from None
-            if not self.check(disk, chunk, data):
-                failed.append(f"{disk.label} chunk {chunk.number:08d}")
-            progress.advance(chunk.size)
-        progress.finish()
+        with progress(total, "xva: verifying checksums") as bar:
+            for disk, chunk in sorted(todo, key=lambda item: item[1].source):  # in archive order
+                data = memoryview(buffer)[:chunk.size]
+                try:
+                    below.pread(data, chunk.source, 0)
+                except NBDError as e:
+                    raise ConfigError(f"xva: cannot read the archive: {e}") from None
+                if not self.check(disk, chunk, data):
+                    failed.append(f"{disk.label} chunk {chunk.number:08d}")
+                bar.update(chunk.size)
         if failed:
             shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
             raise ConfigError(f"xva: {len(failed)} chunk(s) failed checksum verification: {shown}")
@@ -218,27 +218,6 @@ class XvaFilter(Filter):
                 if chunk is not None and within < chunk.size:
                     self.next.cache(min(n, chunk.size - within), chunk.source + within, 0)
                 offset += n
-
-
-class _Progress:
-    """A progress line on a terminal's stderr (nothing when stderr is not a terminal)."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.shown = total, 0, -1
-        self.tty = sys.stderr.isatty()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        percent = 100 * self.done // max(self.total, 1)
-        if self.tty and percent != self.shown:
-            self.shown = percent
-            bar = "#" * (percent // 4)
-            sys.stderr.write(f"\rxva: verifying checksums [{bar:<25}] {percent:3d}%")
-            sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.tty and self.total:
-            sys.stderr.write("\n")
 
 
 FILTER = XvaFilter

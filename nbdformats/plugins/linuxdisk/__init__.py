@@ -16,13 +16,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import uuid
 
 from ...core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents, Plugin, PluginHandle
 from ...core.errors import ConfigError, NBDError
 from ...core.params import Bool, Enum, Param, ParamType, Path, Size, String
+from ...core.progress import progress
 from . import gpt, tree
 from .tree import TreeStats
 
@@ -33,7 +33,6 @@ PARTITION_START = 2048 * SECTOR  # 1 MiB alignment, as nbdkit and partitioning t
 JOURNAL_ALLOWANCE = 32 << 20  # nbdkit adds this for ext3/ext4 to its estimate
 INODE_SIZE = 256  # mke2fs.conf's default inode_size: room each inode takes in the inode tables
 RESERVED_INODES = 11  # EXT2_GOOD_OLD_FIRST_INO: inodes 1-10 are reserved, 11 is lost+found
-PROGRESS_MIN_BYTES = 64 << 20  # smaller builds take well under a second: no progress bar
 DEFAULT_TMPDIR = "/var/tmp"  # large files do not belong in /tmp (often RAM), as nbdkit
 
 
@@ -325,13 +324,7 @@ def _default_inodes(program: str, fs_type: str, path: str, fd: int) -> int | Non
 def _run_with_progress(command: list[str], fd: int, expected: int, description: str) -> tuple[int, str]:
     """Run mke2fs (which has no progress output of its own); on a terminal, show how much of
     the expected data the image already holds.  Returns (exit status, its messages)."""
-    bar = None
-    if expected >= PROGRESS_MIN_BYTES and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=expected, desc=description, unit="B", unit_scale=True, unit_divisor=1024, delay=1.0,
-                   leave=False, file=sys.stderr)
-    with tempfile.TemporaryFile() as messages:
+    with tempfile.TemporaryFile() as messages, progress(expected, description) as bar:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=messages, stderr=messages,
                                    pass_fds=(fd,), env=dict(os.environ, LC_ALL="C"))
         try:
@@ -340,15 +333,11 @@ def _run_with_progress(command: list[str], fd: int, expected: int, description: 
                     process.wait(0.2)
                     break
                 except subprocess.TimeoutExpired:
-                    if bar is not None:
-                        bar.update(min(os.fstat(fd).st_blocks * 512, expected) - bar.n)
+                    bar.set(min(os.fstat(fd).st_blocks * 512, expected))
         except BaseException:
             process.kill()
             process.wait()
             raise
-        finally:
-            if bar is not None:
-                bar.close()
         messages.seek(0)
         text = messages.read().decode(errors="replace").strip()
     return process.returncode, " / ".join(text.splitlines()[-3:])
