@@ -521,11 +521,19 @@ def test_directory_entry_limit(tmp: Path) -> None:
 # -- booting with qemu (TCG) ------------------------------------------------------------------
 
 
+SYSLINUX_MODULES = Path("/usr/lib/syslinux/modules/bios")  # syslinux-common
+
+
 @pytest.fixture(scope="module")
 def boot_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """syslinux.cfg makes SYSLINUX load a COM32 module (reboot.c32 and its library, read
+    from the disk through SYSLINUX's FAT driver) that reboots: qemu -no-reboot exits."""
     root = tmp_path_factory.mktemp("boot") / "src"
-    root.mkdir()
-    (root / "syslinux.cfg").write_text("SERIAL 0 115200\nSAY hello from syslinux.cfg\nPROMPT 0\n")
+    (root / "boot" / "syslinux").mkdir(parents=True)
+    (root / "boot" / "syslinux" / "syslinux.cfg").write_text(
+        "SERIAL 0 115200\nDEFAULT reboot\nLABEL reboot\n  COM32 reboot.c32\n")
+    for module in ("reboot.c32", "libcom32.c32"):
+        shutil.copy(SYSLINUX_MODULES / module, root / "boot" / "syslinux" / module)
     (root / "other file.txt").write_text("not needed to boot\n")
     return root
 
@@ -533,11 +541,13 @@ def boot_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("args,interface", [((), "virtio"), (("fat=12",), "floppy"), (("fat=16",), "virtio")])
 def test_boot_syslinux(boot_tree: Path, tmp: Path, args, interface) -> None:
     with serve("floppy", str(boot_tree), "boot=syslinux", *args) as srv:
-        output = qemu_boot(srv.uri, interface, b"hello from syslinux.cfg")
+        status, output = qemu_boot(srv.uri, interface)
         nbdcopy_to_file(srv.uri, tmp / "disk.img")
     assert b"SYSLINUX 6" in output
+    assert status == 0  # the configured reboot.c32 ran: qemu -no-reboot exits cleanly
     offset = 0 if "fat=12" in args else PARTITION_OFFSET
     fsck(tmp / "disk.img", offset)
+    assert "ldlinux.sys" in mdir_paths(tmp / "disk.img", offset)
 
 
 @pytest.mark.parametrize("args,interface", [(("fat=12",), "floppy"), ((), "virtio")])
@@ -545,8 +555,10 @@ def test_boot_sector_parameter(boot_tree: Path, tmp: Path, args, interface) -> N
     code = tmp / "boot.bin"
     code.write_bytes(make_boot_sector())
     with serve("floppy", str(boot_tree), f"boot-sector={code}", *args) as srv:
-        qemu_boot(srv.uri, interface, BOOT_MESSAGE)
+        status, output = qemu_boot(srv.uri, interface)
         nbdcopy_to_file(srv.uri, tmp / "disk.img")
+    assert BOOT_MESSAGE in output
+    assert status == 1  # isa-debug-exit with 0: (0 << 1) | 1
     offset = 0 if args else PARTITION_OFFSET
     vbr = (tmp / "disk.img").read_bytes()[offset:offset + 512]
     assert vbr[0x5A:0x60] == make_boot_sector()[0x5A:0x60]  # the code, with our BPB
