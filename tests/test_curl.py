@@ -124,6 +124,25 @@ def test_readahead_random_reads_go_direct(executor: ThreadPoolExecutor) -> None:
     assert all(n == 4096 for _, n in source.calls), "random reads must not fetch whole windows"
 
 
+def test_readahead_short_runs_waste_little(executor: ThreadPoolExecutor) -> None:
+    """A filter reading one compressed block (two chunks), then jumping to a far one."""
+    size = 64 * MiB
+    source = FakeSource(size)
+    reader = ReadAhead(source.fetch, size, MiB, 8, executor)
+    wanted = 0
+    for block in range(8):
+        for chunk in range(2):
+            offset = block * 8 * MiB + chunk * MiB
+            buf = bytearray(MiB)
+            reader.read(memoryview(buf), offset)
+            assert buf == source.data[offset:offset + MiB]
+            wanted += MiB
+    executor.shutdown(wait=True)
+    fetched = sum(n for _, n in source.calls)
+    assert fetched <= 2 * wanted, (fetched, wanted)
+    assert len(reader.windows) <= 3
+
+
 def test_readahead_concurrent_out_of_order_reads(executor: ThreadPoolExecutor) -> None:
     """As nbdcopy: many requests in flight, served by worker threads in any order."""
     size = 6 * MiB
@@ -375,11 +394,14 @@ def test_nginx_stopped_mid_copy(site: Nginx, tmp: Path) -> None:
     with serve("curl", f"url={site.url}/slow/disk.raw", "retries=1", "retry-delay=0.1") as srv:
         stopper = threading.Timer(0.5, site.stop)
         stopper.start()
+        started = time.monotonic()
         try:
             proc = run(["nbdcopy", srv.uri, tmp / "copy.raw"], check=False, timeout=60)
         finally:
+            elapsed = time.monotonic() - started
             stopper.join()
             site.start()
+        assert elapsed > 0.5  # it was copying (4 MiB at 1 MB/s per connection) when nginx stopped
         assert proc.returncode != 0
         assert b"Input/output error" in proc.stderr or b"EIO" in proc.stderr, proc.stderr
         assert srv.proc.poll() is None
