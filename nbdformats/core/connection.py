@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
+import socket
 import ssl
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,8 +26,9 @@ from . import protocol as P
 from .chain import Chain, Layer, ThreadModel, WouldBlock, set_must_not_block
 from .errors import NBDError, ProtocolError
 from .handshake import Abort, ExportRequest, ListExports, NeedData, ServerHandshake, StartTLS, oldstyle_greeting
-from .workers import WorkerPool
+from .threaded import ThreadedTransmission
 from .transmission import Request, RequestDecoder, Transmission, export_info
+from .workers import WorkerPool
 
 log = logging.getLogger("nbdformats")
 
@@ -80,6 +83,9 @@ class Connection(asyncio.BufferedProtocol):
         self._hs_wakeup: asyncio.Future | None = None
         self._hs_task: asyncio.Task | None = None
         self._early_requests = bytearray()
+        self._handed_off = False
+        self._threaded: ThreadedTransmission | None = None
+        self._threads_done: asyncio.Future | None = None
         self._idle: asyncio.Future | None = None  # set when running requests finish (shutdown waits)
         self._closed = False
         self._disconnecting = False
@@ -151,6 +157,8 @@ class Connection(asyncio.BufferedProtocol):
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handed_off:
+            return  # the connection lives on in worker threads (core/threaded.py)
         self._closed = True
         self._wake()
         if self._hs_task is not None and not self._hs_task.done():
@@ -203,8 +211,8 @@ class Connection(asyncio.BufferedProtocol):
             info = export_info("", layer, False)
             if settings.oldstyle:
                 self.transport.write(oldstyle_greeting(info))
-            self._start_transmission(layer, info, structured=False, extended=False, meta_context_id=None,
-                                     leftover=bytes(self._early_requests))
+            await self._begin_transmission(layer, info, structured=False, extended=False, meta_context_id=None,
+                                           leftover=bytes(self._early_requests))
             return
         hs = self.handshake = ServerHandshake(tls=settings.tls)
         while not self._closed:
@@ -243,8 +251,9 @@ class Connection(asyncio.BufferedProtocol):
             if ready is None:  # NBD_OPT_INFO: the client only wanted to know
                 await self._run_chain(layer.close)
                 continue
-            self._start_transmission(layer, info, structured=hs.structured_replies, extended=hs.extended_headers,
-                                     meta_context_id=hs.meta_context_id, leftover=hs.leftover())
+            await self._begin_transmission(layer, info, structured=hs.structured_replies,
+                                           extended=hs.extended_headers, meta_context_id=hs.meta_context_id,
+                                           leftover=hs.leftover())
             return
 
     async def _open(self, name: str) -> Layer:
@@ -265,17 +274,22 @@ class Connection(asyncio.BufferedProtocol):
         self.transport = await self.loop.start_tls(self.transport, self, context, server_side=True)
         self.handshake.tls_established()
 
-    def _start_transmission(self, layer: Layer, info: Any, *, structured: bool, extended: bool,
-                            meta_context_id: int | None, leftover: bytes) -> None:
+    async def _begin_transmission(self, layer: Layer, info: Any, *, structured: bool, extended: bool,
+                                  meta_context_id: int | None, leftover: bytes) -> None:
         self.layer = layer
         self.transmission = Transmission(layer, info, structured=structured, extended=extended,
                                          meta_context_id=meta_context_id, alignment=self.chain.buffer_alignment)
         decoder = RequestDecoder(extended=extended, alignment=self.chain.buffer_alignment)
-        self.decoder = decoder
         log.debug("%s: transmission starts: export %r size %d", self.peer or "client", info.name, info.size)
         if self._closed:
             self._maybe_release()
             return
+        raw_socket = self.transport.get_extra_info("socket")
+        tls = self.transport.get_extra_info("sslcontext") is not None
+        if self.chain.blocking and raw_socket is not None and not tls:
+            await self._hand_to_threads(raw_socket, decoder, leftover)
+            return
+        self.decoder = decoder
         if leftover:
             try:
                 requests = decoder.receive(leftover)
@@ -284,6 +298,43 @@ class Connection(asyncio.BufferedProtocol):
                 self._abort()
                 return
             self._dispatch(requests)
+
+    async def _hand_to_threads(self, raw_socket: Any, decoder: RequestDecoder, leftover: bytes) -> None:
+        """Blocking chain: worker threads read, run and answer requests themselves (core/threaded.py)."""
+        self.transport.pause_reading()
+        for _ in range(1000):  # the handshake's last reply must be on the wire before threads write
+            if self.transport.get_write_buffer_size() == 0 or self._closed:
+                break
+            await asyncio.sleep(0.001)
+        if self._closed:
+            self._maybe_release()
+            return
+        sock = socket.socket(fileno=os.dup(raw_socket.fileno()))
+        sock.setblocking(True)
+        model = self.chain.thread_model
+        threads = max(1, self.settings.threads) if model == ThreadModel.PARALLEL else 1
+        self._threaded = ThreadedTransmission(
+            sock, self.transmission, decoder, threads=threads,
+            serialize_all=model == ThreadModel.SERIALIZE_ALL_REQUESTS, peer=self.peer,
+            on_finished=lambda: self.loop.call_soon_threadsafe(self._threads_finished))
+        # Drop the transport but not the connection: our duplicate descriptor keeps it open.
+        self._handed_off = True
+        self.transport.abort()
+        try:
+            self._threaded.start(leftover)
+        except ProtocolError as e:
+            log.warning("%s: %s", self.peer or "client", e)
+            sock.close()
+            self._closed = True
+            self._maybe_release()
+
+    def _threads_finished(self) -> None:
+        self._threaded.sock.close()
+        self._closed = True
+        if self._threads_done is not None and not self._threads_done.done():
+            self._threads_done.set_result(None)  # shutdown() flushes, then releases
+        else:
+            self._maybe_release()
 
     # -- Transmission --------------------------------------------------------------------------
     def _dispatch(self, requests: Sequence[Request]) -> None:
@@ -385,6 +436,17 @@ class Connection(asyncio.BufferedProtocol):
             return
         if self.transmission is None:  # still negotiating: nothing to finish
             self._close_when_sent()
+            return
+        if self._threaded is not None:
+            self._threads_done = self.loop.create_future()
+            self._threaded.stop()
+            await self._threads_done
+            if self.layer is not None and self.layer.can_write() and self.layer.can_flush():
+                try:
+                    await self._run_chain(self.layer.flush, 0)
+                except Exception as e:
+                    log.warning("flush at shutdown failed: %s", e)
+            self._maybe_release()
             return
         self._disconnecting = True
         if self.transport is not None:
