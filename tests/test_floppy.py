@@ -442,6 +442,22 @@ def test_symlinks_and_special_files(tmp: Path) -> None:
         assert fragment in log, fragment
 
 
+def test_links_that_multiply_the_tree_are_bounded(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbdformats.plugins.floppy import tree
+    monkeypatch.setattr(tree, "MAX_ENTRIES_THROUGH_LINKS", 5000)
+    level = tmp / "src" / "level0"
+    level.mkdir(parents=True)
+    (level / "file").write_text("x")
+    for i in range(1, 16):  # two links to the level below in each: 2**15 copies of "file"
+        above = tmp / "src" / f"level{i}"
+        above.mkdir()
+        (above / "a").symlink_to(level)
+        (above / "b").symlink_to(level)
+        level = above
+    with pytest.raises(tree.TreeError, match="bring more than 5000 entries"):
+        tree.scan([str(tmp / "src")], lambda message: None)
+
+
 def test_file_over_4_gib_is_refused(tmp: Path) -> None:
     src = tmp / "src"
     src.mkdir()
@@ -454,7 +470,8 @@ def test_file_over_4_gib_is_refused(tmp: Path) -> None:
 @pytest.mark.parametrize("pairs,message", [
     ((("label", "TWELVE CHARS"),), "label=TWELVE CHARS: a FAT volume label holds at most 11"),
     ((("label", "bad/label"),), "'/' cannot be stored in a FAT volume label"),
-    ((("size", "10M"),), "FAT32 needs at least 65525 clusters"),
+    ((("size", "10M"),), "size=10485760: FAT32 needs at least 65525 clusters"),
+    ((("size", "10M"),), "these files need a disk of 35138048 bytes or more"),
     ((("size", "2M"), ("fat", "16")), "FAT16 needs at least 4085 clusters"),
     ((("boot", "syslinux"), ("boot-sector", __file__)), "cannot be used together"),
     ((("fat", "16"), ("size", "5G")), "too big for FAT16"),

@@ -101,7 +101,17 @@ class FatImage:
         files = [child for d in directories for child in d.children
                  if isinstance(child, FileNode) and child.size > 0]
         needs = Needs([len(d.data) for d in directories[1:]], [f.size for f in files], len(root_dir.data))
-        self.geometry = g = plan(fat, partition, size, needs)
+        try:
+            self.geometry = g = plan(fat, partition, size, needs)
+        except LayoutError as e:
+            if size is None:
+                raise
+            try:
+                minimum = plan(fat, partition, None, needs).disk_size
+            except LayoutError:
+                raise e from None
+            raise LayoutError(f"size={size}: {e}; these files need a disk of {minimum} bytes or more "
+                              f"with these options") from None
         self.size = g.disk_size
 
         # Clusters, in order: directories (the root first on FAT32), then file data.

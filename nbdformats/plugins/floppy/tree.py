@@ -18,6 +18,9 @@ from .dirents import ATTR_ARCHIVE
 from .names import decode_host_name, fold, windows_name
 
 MAX_FILE_SIZE = 0xFFFFFFFF  # DIR_FileSize is 32 bits
+# Links to directories can multiply a tree without any loop (two links to one directory in
+# each of 30 nested directories make 2**30 copies): bound what links bring in.
+MAX_ENTRIES_THROUGH_LINKS = 1_000_000
 
 
 class TreeError(ValueError):
@@ -88,22 +91,29 @@ def scan(directories: list[str], warn: Warn) -> DirNode:
     root = DirNode("", directories[-1], last.st_ctime, last.st_atime, last.st_mtime)
     # Breadth-first with a FIFO: for any directory, the host directories merged into it
     # are visited in the order of `directories`, so later ones win at every depth.
-    pending: deque[tuple[DirNode, str, str, tuple[str, ...]]] = deque(
-        (root, real, shown, (real,)) for real, shown in zip(roots, directories))
+    pending: deque[tuple[DirNode, str, str, tuple[str, ...], bool]] = deque(
+        (root, real, shown, (real,), False) for real, shown in zip(roots, directories))
+    through_links = 0
     while pending:
-        node, real_dir, shown_dir, chain = pending.popleft()
-        _merge(node, real_dir, shown_dir, chain, roots, warn, pending)
+        node, real_dir, shown_dir, chain, via_link = pending.popleft()
+        count = _merge(node, real_dir, shown_dir, chain, via_link, roots, warn, pending)
+        if via_link:
+            through_links += count
+            if through_links > MAX_ENTRIES_THROUGH_LINKS:
+                raise TreeError(f"symbolic links to directories bring more than {MAX_ENTRIES_THROUGH_LINKS} "
+                                f"entries into the tree (last: {shown_dir}); do links multiply it?")
     return root
 
 
-def _merge(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...], roots: list[str],
-           warn: Warn, pending: deque) -> None:
+def _merge(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...], via_link: bool,
+           roots: list[str], warn: Warn, pending: deque) -> int:
+    """Merge one host directory into `node`; returns how many entries it had."""
     try:
         with os.scandir(real_dir) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError as e:
         warn(f"skipping directory {shown_dir}: {e.strerror}")
-        return
+        return 0
     children = node.children
     # Entries already there come from an earlier directory merged into this one.
     earlier = {fold(child.name): i for i, child in enumerate(children)}
@@ -111,7 +121,8 @@ def _merge(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...],
     for entry in entries:
         name = windows_name(decode_host_name(entry.name))
         try:
-            if entry.is_symlink():
+            is_link = entry.is_symlink()
+            if is_link:
                 target = os.path.realpath(entry.path)
                 if not _inside(target, roots):
                     warn(f"skipping symbolic link {os.path.join(shown_dir, entry.name)}: it points "
@@ -152,7 +163,7 @@ def _merge(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...],
                 child = existing
                 child.name, child.origin = name, shown
                 child.ctime, child.atime, child.mtime = st.st_ctime, st.st_atime, st.st_mtime
-            pending.append((child, real, shown, chain + (real,)))
+            pending.append((child, real, shown, chain + (real,), via_link or is_link))
         elif stat.S_ISREG(st.st_mode):
             shown_file = entry.path if real_dir == shown_dir else os.path.join(shown_dir, entry.name)
             if isinstance(existing, DirNode):
@@ -174,3 +185,4 @@ def _merge(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...],
         else:
             warn(f"skipping {os.path.join(shown_dir, entry.name)}: {_kind(st.st_mode)} cannot be "
                  f"stored in FAT")
+    return len(entries)
