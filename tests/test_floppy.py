@@ -187,11 +187,12 @@ def test_plan_gives_cluster_counts_that_match_the_fat_type(fat, partition, size,
         assert g.data_start % g.sectors_per_cluster == 0
 
 
-def test_plan_floppy_matches_mkfs_fat(tmp: Path) -> None:
-    """1.44M: the BPB mkfs.fat writes for a floppy, field by field."""
-    run(["mkfs.fat", "-C", str(tmp / "ref.img"), "1440"])
+@pytest.mark.parametrize("kib", [360, 720, 1200, 1440, 2880])
+def test_plan_floppy_matches_mkfs_fat(tmp: Path, kib: int) -> None:
+    """The PC floppy formats: the BPB mkfs.fat writes, field by field."""
+    run(["mkfs.fat", "-C", str(tmp / "ref.img"), str(kib)])
     reference = (tmp / "ref.img").read_bytes()[:512]
-    ours = layout.boot_sector(plan("12", None, 1440 * 1024, Needs([], [], 0)), b"NO NAME    ", 0)
+    ours = layout.boot_sector(plan("12", None, kib * 1024, Needs([], [], 0)), b"NO NAME    ", 0)
     fields = "<HBHBHHBHHHII"  # bytes per sector .. total sectors 32
     assert struct.unpack_from(fields, ours, 11) == struct.unpack_from(fields, reference, 11)
     assert ours[0x26] == reference[0x26] == 0x29 and ours[0x36:0x3E] == reference[0x36:0x3E] == b"FAT12   "

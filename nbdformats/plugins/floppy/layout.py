@@ -54,7 +54,7 @@ FLOPPY_FORMATS = (
     FloppyFormat(720, 2, 112, 0xF9, 9, 2),
     FloppyFormat(1200, 1, 224, 0xF9, 15, 2),
     FloppyFormat(1440, 1, 224, 0xF0, 18, 2),
-    FloppyFormat(2880, 2, 240, 0xF0, 36, 2),
+    FloppyFormat(2880, 2, 224, 0xF0, 36, 2),
 )
 
 
