@@ -21,6 +21,8 @@ import pytest
 
 from conftest import nbdinfo_json, nbdsh, run, serve, serve_nbdkit, sha256_file
 from fixtures.compressed import make_image
+from fixtures.luks import KEYFILE_DATA, cryptsetup_encrypt_in_place
+from fixtures.xva import XvaDisk, make_xva
 from fixtures.nginx import COOKIE, PASSWORD, TOKEN, USER, Nginx
 from nbdformats.core.chain import Chain, Layer
 from nbdformats.core.errors import ConfigError, NBDError
@@ -192,6 +194,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
     run(["tar", "-C", root, "-cf", root / "disk.tar", "disk.raw"], timeout=60)
     (root / "disk.tar.gz").write_bytes(run(["gzip", "-1", "-c", root / "disk.tar"], timeout=60).stdout)
     run(["zip", "-q", "-j", root / "disk.zip", root / "disk.raw"], timeout=60)
+    make_xva(root / "vm.xva", [XvaDisk((root / "disk.raw").read_bytes())])
+    # LUKS2 made by cryptsetup from known plaintext: the 2 MiB added at the end make room for the header.
+    (base / "keyfile").write_bytes(KEYFILE_DATA)
+    (root / "disk.luks").write_bytes((root / "disk.raw").read_bytes() + bytes(2 * MiB))
+    cryptsetup_encrypt_in_place(root / "disk.luks", base / "keyfile")
     with Nginx(root, base / "nginx") as server:
         yield server
 
@@ -359,6 +366,40 @@ def test_empty_object_and_missing_one(site: Nginx) -> None:
 ])
 def test_format_filters_over_curl(site: Nginx, tmp: Path, filters: list[str], name: str, entry: list[str]) -> None:
     with serve(*filters, "curl", f"url={site.url}/{name}", *entry) as srv:
+        assert copy_sha(srv.uri, tmp) == expected(site)
+
+
+def test_luks_and_xva_over_curl(site: Nginx, tmp: Path) -> None:
+    keyfile = site.workdir.parent / "keyfile"
+    with serve("--filter=luks", "curl", f"url={site.url}/disk.luks", f"keyfile={keyfile}") as srv:
+        run(["nbdcopy", srv.uri, tmp / "plain.raw"], timeout=60)
+    # cryptsetup's header took 1 MiB of the 2 added: the payload is the image and 1 MiB more.
+    assert (tmp / "plain.raw").read_bytes()[:IMAGE_SIZE] == (site.root / "disk.raw").read_bytes()
+    with serve("--filter=xva", "curl", f"url={site.url}/vm.xva") as srv:
+        assert copy_sha(srv.uri, tmp) == expected(site)
+
+
+def test_random_access_into_remote_gzip_uses_the_index(site: Nginx) -> None:
+    """A read near the end of a remote .gz costs a few ranged requests, not the file up to there."""
+    offset = IMAGE_SIZE - 3 * 4096
+    with serve("--filter=gzip", "curl", f"url={site.url}/disk.raw.gz", "gzip-span=64K", "readahead=0") as srv:
+        before = len(site.requests())
+        nbdsh(srv.uri, f"assert h.pread(4096, {offset}) == open({str(site.root / 'disk.raw')!r}, 'rb')"
+                       f".read()[{offset}:{offset + 4096}]")
+    sent = sum(int(line.split()[-2]) for line in site.requests()[before:])
+    compressed = (site.root / "disk.raw.gz").stat().st_size
+    assert 0 < sent < compressed // 2, (sent, compressed)
+
+
+def test_documented_cache_stacks(site: Nginx, tmp: Path) -> None:
+    """docs/plugins/curl.md: cache-on-read keeps what was read; a second copy does not reach nginx."""
+    with serve("--filter=cache", "curl", f"url={site.url}/disk.raw", "cache-on-read=true") as srv:
+        assert copy_sha(srv.uri, tmp) == expected(site)
+        before = len(site.requests())
+        assert copy_sha(srv.uri, tmp) == expected(site)
+        assert site.requests()[before:] == []
+    with serve("--filter=readahead", "--filter=cache", "--filter=xz", "curl", f"url={site.url}/disk.raw.xz",
+               "cache-on-read=true") as srv:
         assert copy_sha(srv.uri, tmp) == expected(site)
 
 
