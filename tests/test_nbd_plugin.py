@@ -166,6 +166,21 @@ def test_tls_to_nbdkit_and_to_ourselves(tmp_path):
                 assert nbdinfo_json(srv.uri)["exports"][0]["export-size"] == 2 << 20
 
 
+def test_tls_client_certificate_for_servers_that_verify_peers(tmp_path):
+    pki = make_certificates(tmp_path / "pki")
+    no_client_cert = tmp_path / "ca-only"
+    no_client_cert.mkdir()
+    (no_client_cert / "ca-cert.pem").write_bytes((pki / "ca-cert.pem").read_bytes())
+    tls = ("--tls=require", f"--tls-certificates={pki}", "--tls-verify-peer")
+    for start_upstream in (serve_nbdkit, serve):
+        with start_upstream("memory", "1M", options=tls) as up:
+            with serve("nbd", f"socket={up.socket}", f"tls-certificates={pki}") as srv:
+                nbdsh(srv.uri, "h.pwrite(b'peer', 0)\nassert h.pread(4, 0) == b'peer'\n")
+            with serve("nbd", f"socket={up.socket}", f"tls-certificates={no_client_cert}") as srv:
+                assert run(["nbdinfo", srv.uri], check=False).returncode != 0
+                assert "cannot connect" in srv.stderr()
+
+
 def test_tls_over_tcp_checks_the_host_name(tmp_path):
     pki = make_certificates(tmp_path / "pki")
     port = free_port()

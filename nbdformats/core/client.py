@@ -1023,9 +1023,9 @@ class NBDClient:
                 for command in decoder.buffer_updated(n):
                     with self._lock:
                         self._commands.pop(command.cookie, None)
-        except (OSError, ValueError, ProtocolError) as e:  # ValueError: the socket was closed under us
+        except Exception as e:  # whatever stops the reader fails the requests waiting for it
             if not (self._closing and not self._commands):
-                self._connection_failed(str(e) or type(e).__name__)
+                self._connection_failed(str(e) if isinstance(e, (OSError, ProtocolError)) else repr(e))
 
     def _connection_failed(self, reason: str) -> None:
         """Fail every request in flight, and all later ones."""
