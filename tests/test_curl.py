@@ -23,7 +23,7 @@ from conftest import nbdinfo_json, nbdsh, run, serve, serve_nbdkit, sha256_file
 from fixtures.compressed import make_image
 from fixtures.luks import KEYFILE_DATA, cryptsetup_encrypt_in_place
 from fixtures.xva import XvaDisk, make_xva
-from fixtures.nginx import COOKIE, PASSWORD, TOKEN, USER, Nginx
+from fixtures.nginx import COOKIE, PASSWORD, PROXY_PASSWORD, PROXY_USER, TOKEN, USER, Nginx
 from nbdformats.core.chain import Chain, Layer
 from nbdformats.core.errors import ConfigError, NBDError
 from nbdformats.plugins.curl.messages import (ContentRange, Validators, parse_content_range, parse_header_option,
@@ -347,6 +347,15 @@ def test_server_ignoring_range_is_a_startup_error(site: Nginx) -> None:
 def test_unix_socket_path(site: Nginx, tmp: Path) -> None:
     with serve("curl", "url=http://localhost/disk.raw", f"unix-socket-path={site.socket}") as srv:
         assert copy_sha(srv.uri, tmp) == expected(site)
+
+
+def test_http_proxy_with_credentials(site: Nginx, tmp: Path) -> None:
+    with serve("curl", f"url={site.url}/disk.raw", f"proxy=http://127.0.0.1:{site.proxy_port}",
+               f"proxy-user={PROXY_USER}", f"proxy-password={PROXY_PASSWORD}") as srv:
+        assert copy_sha(srv.uri, tmp) == expected(site)
+    assert any("206" in line for line in site.proxy_log.read_text().splitlines())
+    with pytest.raises(ConfigError, match="HTTP 407"):
+        make_curl(("url", f"{site.url}/disk.raw"), ("proxy", f"http://127.0.0.1:{site.proxy_port}"))
 
 
 def test_empty_object_and_missing_one(site: Nginx) -> None:

@@ -29,7 +29,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError, NewConnectionError, SSLError
 from urllib3.util import SKIP_HEADER
 
-from .messages import ContentRange, Validators, parse_content_range, parse_header_lines, redact_url
+from .messages import (ContentRange, Validators, basic_auth, parse_content_range, parse_header_lines,
+                       redact_url)
 
 log = logging.getLogger("nbdformats.curl")
 
@@ -152,16 +153,19 @@ def _unix_connection(base: type[HTTPConnection], path: str) -> type[HTTPConnecti
 
 
 def make_pool(*, connections: int, ssl_context: ssl.SSLContext, socket_options: list[tuple[int, int, int]],
-              proxy: str | None = None, proxy_headers: dict[str, str] | None = None,
+              proxy: str | None = None, proxy_user: str | None = None, proxy_password: str | None = None,
               unix_socket_path: str | None = None) -> urllib3.PoolManager:
     """The keep-alive pool: at most `connections` connections per host, requests wait for one."""
     kw: dict[str, Any] = dict(num_pools=4, maxsize=connections, block=True, ssl_context=ssl_context,
                               socket_options=socket_options)
-    if proxy and urlsplit(proxy).scheme.startswith("socks"):
+    if proxy and urlsplit(proxy).scheme.lower().startswith("socks"):
         from urllib3.contrib.socks import SOCKSProxyManager  # needs PySocks; the plugin checks
-        return SOCKSProxyManager(proxy, headers=None, **kw)
+        return SOCKSProxyManager(proxy, username=proxy_user, password=proxy_password, **kw)
     if proxy:
-        return urllib3.ProxyManager(proxy, proxy_headers=proxy_headers, **kw)
+        headers = None
+        if proxy_user is not None or proxy_password is not None:
+            headers = {"Proxy-Authorization": basic_auth(proxy_user or "", (proxy_password or "").encode())}
+        return urllib3.ProxyManager(proxy, proxy_headers=headers, **kw)
     pool = urllib3.PoolManager(**kw)
     if unix_socket_path:
         http_conn = _unix_connection(HTTPConnection, unix_socket_path)

@@ -161,12 +161,9 @@ class CurlPlugin(Plugin):
         socket_options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if self.tcp_nodelay else 0)]
         if self.tcp_keepalive:
             socket_options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
-        proxy_headers = None
-        if self.proxy_user is not None or self.proxy_password is not None:
-            password = _text(self.proxy_password) if self.proxy_password is not None else ""
-            proxy_headers = {"Proxy-Authorization": basic_auth(self.proxy_user or "", password.encode())}
         self.pool = make_pool(connections=self.connections, ssl_context=self._ssl_context(),
-                              socket_options=socket_options, proxy=self.proxy, proxy_headers=proxy_headers,
+                              socket_options=socket_options, proxy=self.proxy, proxy_user=self.proxy_user,
+                              proxy_password=None if self.proxy_password is None else _text(self.proxy_password),
                               unix_socket_path=self.unix_socket_path)
         timeout = urllib3.Timeout(connect=self.timeout or 30, read=self.timeout or 60)
         headers = Headers(self.fixed_headers, self.url, self.header_script, self.header_script_renew,
