@@ -76,6 +76,17 @@ def test_flags_and_limits_pass_through(tmp_path):
         assert ours["contexts"] == ["base:allocation"]
 
 
+def test_agrees_with_nbdkits_nbd_plugin(tmp_path):
+    image = sparse_image(tmp_path / "disk.img")
+    fields = ("export-size", "is_read_only", "can_flush", "can_fua", "can_trim", "can_zero", "can_fast_zero",
+              "can_cache", "can_multi_conn", "can_df", "contexts")
+    with serve_qemu_nbd(str(image)) as up, serve("nbd", f"socket={up.socket}") as ours, \
+            serve_nbdkit("nbd", f"socket={up.socket}") as theirs:
+        mine, reference = nbdinfo_json(ours.uri)["exports"][0], nbdinfo_json(theirs.uri)["exports"][0]
+        assert {f: mine[f] for f in fields} == {f: reference[f] for f in fields}
+        assert extent_map(ours.uri) == extent_map(theirs.uri)
+
+
 def test_requests_are_forwarded_with_their_flags(tmp_path):
     log = tmp_path / "upstream.log"
     with serve_nbdkit("--filter=log", "memory", "1M", f"logfile={log}") as up, \

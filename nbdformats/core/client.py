@@ -807,7 +807,7 @@ class NBDClient:
     Data methods split requests larger than the server's maximum block size into pipelined pieces.
     """
 
-    def __init__(self, sock: socket.socket, info: Negotiated, address: Address | None = None) -> None:
+    def __init__(self, sock: socket.socket | TLSSocket, info: Negotiated, address: Address | None = None) -> None:
         self.sock = sock
         self.info = info
         self.address = address

@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import replace
 
@@ -175,6 +174,10 @@ class NbdPlugin(Plugin):
             address = replace(address, tls_certificates=self.tls_certificates)
         if self.tls_verify is not None:
             address = replace(address, tls_verify=self.tls_verify)
+        certificates = address.tls_certificates
+        if certificates and address.tls_verify and not os.path.exists(os.path.join(certificates, "ca-cert.pem")):
+            raise ConfigError(f"nbd: {certificates} has no ca-cert.pem to verify the server with "
+                              "(or use tls-verify=false)")
         return address
 
     def _port(self) -> int:
@@ -193,7 +196,6 @@ class NbdPlugin(Plugin):
     def get_ready(self) -> None:
         self.spawned: SpawnedServer | None = None
         self.shared_client: NBDClient | None = None
-        self._shared_lock = threading.Lock()
         if self.command is not None:
             self.spawned = SpawnedServer([self.command, *self.arg])
             self.address = replace(self.address, unix=self.spawned.path)
