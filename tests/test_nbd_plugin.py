@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -228,6 +229,28 @@ def test_command_that_fails_to_start_is_reported(tmp_path):
                check=False, timeout=60)
     assert proc.returncode != 0
     assert "qemu-nbd exited with status" in proc.stderr.decode()
+
+
+def test_socket_fd_uses_an_inherited_connection(tmp_path):
+    sock = tmp_path / "front.sock"
+    with serve("memory", "1M") as up, socket.socket(socket.AF_UNIX) as connection:
+        connection.connect(up.socket)
+        front = subprocess.Popen([*NBDFORMATS, "-f", "-U", str(sock), "nbd", f"socket-fd={connection.fileno()}"],
+                                 pass_fds=(connection.fileno(),), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 start_new_session=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not sock.exists():
+                assert front.poll() is None and time.monotonic() < deadline, front.stderr.read().decode()
+                time.sleep(0.02)
+            uri = f"nbd+unix:///?socket={sock}"
+            nbdsh(uri, "h.pwrite(b'fd', 0)\n")
+            nbdsh(uri, "assert h.pread(2, 0) == b'fd'\n")  # a second client: the same shared connection
+        finally:
+            front.terminate()
+            front.wait(10)
+        with NBDClient.connect(up.uri) as direct:
+            assert direct.pread(2, 0) == b"fd"
 
 
 def test_dynamic_export_lists_and_opens_upstream_exports(tmp_path):
