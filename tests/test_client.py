@@ -336,6 +336,16 @@ def test_client_splits_requests_at_the_servers_maximum(tmp_path):
         assert nbd.pread(len(data), 12_345) == data
 
 
+@pytest.mark.parametrize("start", [serve, serve_nbdkit])
+def test_client_speaks_oldstyle(start):
+    with start("memory", "1M", options=("--oldstyle",)) as srv, NBDClient.connect(unix_uri(srv)) as nbd:
+        assert nbd.info.style == "oldstyle" and not nbd.info.structured and nbd.size == 1 << 20
+        nbd.pwrite(b"old", 100)
+        assert nbd.pread(3, 100) == b"old"
+        with pytest.raises(NBDError, match="did not agree to base:allocation"):
+            nbd.block_status(4096, 0)
+
+
 def test_client_reports_a_lost_server():
     with serve("memory", "1M") as srv:
         nbd = NBDClient.connect(unix_uri(srv))
