@@ -1,0 +1,131 @@
+"""TLS: --tls=require leaks nothing to plain clients, --tls=on serves both, --tls-verify-peer
+needs a client certificate from the CA; certificates are made here with openssl."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from conftest import NBDFORMATS, SYSTEM_PYTHON, run, serve
+from fixtures.hardening import Raw
+from nbdformats.core import protocol as P
+
+
+def openssl(*args) -> None:
+    run(["openssl", *args], timeout=60)
+
+
+def make_ca(directory: Path, name: str) -> None:
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+            "-subj", f"/CN={name}", "-keyout", directory / "ca-key.pem", "-out", directory / "ca-cert.pem")
+
+
+def sign(directory: Path, ca: Path, stem: str, cn: str, extensions: str) -> None:
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", f"/CN={cn}",
+            "-keyout", directory / f"{stem}-key.pem", "-out", directory / f"{stem}.csr")
+    (directory / f"{stem}.cnf").write_text(extensions)
+    openssl("x509", "-req", "-in", directory / f"{stem}.csr", "-CA", ca / "ca-cert.pem", "-CAkey",
+            ca / "ca-key.pem", "-CAcreateserial", "-days", "2", "-extfile", directory / f"{stem}.cnf",
+            "-out", directory / f"{stem}-cert.pem")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    """server/: CA + server cert; client/: CA + client cert; stranger/: client cert of another CA;
+    anonymous/: only the CA (no client certificate)."""
+    root = tmp_path_factory.mktemp("pki")
+    dirs = {name: root / name for name in ("server", "client", "stranger", "anonymous", "other-ca")}
+    for d in dirs.values():
+        d.mkdir()
+    make_ca(dirs["server"], "test CA")
+    make_ca(dirs["other-ca"], "other CA")
+    sign(dirs["server"], dirs["server"], "server", "localhost",
+         "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    sign(dirs["client"], dirs["server"], "client", "alice", "extendedKeyUsage=clientAuth\n")
+    sign(dirs["stranger"], dirs["other-ca"], "client", "mallory", "extendedKeyUsage=clientAuth\n")
+    for name in ("client", "stranger", "anonymous"):
+        shutil.copy(dirs["server"] / "ca-cert.pem", dirs[name] / "ca-cert.pem")
+    return dirs
+
+
+def tls_uri(srv, certs: Path, export: str = "") -> str:
+    return f"nbds+unix:///{export}?socket={srv.socket}&tls-certificates={certs}"
+
+
+CLIENT = ("import nbd, sys\nh = nbd.NBD()\nh.set_uri_allow_local_file(True)\nh.connect_uri(sys.argv[1])\n"
+          "h.pwrite(b'over tls', 0)\nprint(h.pread(8, 0).decode(), h.get_tls_negotiated())\n")
+
+
+def test_require_refuses_plain_clients_before_anything_leaks(pki):
+    with serve("memory", "1M", options=("--tls=require", f"--tls-certificates={pki['server']}")) as srv:
+        raw = Raw(srv.socket)
+        raw.greeting()
+        raw.send(struct.pack(">I", P.CLIENT_FLAG_FIXED_NEWSTYLE | P.CLIENT_FLAG_NO_ZEROES))
+        name = b"disk"
+        info = struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, P.INFO_NAME)
+        meta = struct.pack(">II", 0, 1) + struct.pack(">I", 15) + b"base:allocation"
+        for code, payload in [(P.OPT_LIST, b""), (P.OPT_INFO, info), (P.OPT_GO, info),
+                              (P.OPT_STRUCTURED_REPLY, b""), (P.OPT_LIST_META_CONTEXT, meta)]:
+            raw.send(P.OPTION_HEADER.pack(P.IHAVEOPT, code, len(payload)) + payload)
+            magic, opt, reply, length = P.OPTION_REPLY.unpack(raw.recv_exact(P.OPTION_REPLY.size))
+            assert (magic, opt, reply) == (P.OPTION_REPLY_MAGIC, code, P.REP_ERR_TLS_REQD)
+            assert b"TLS" in raw.recv_exact(length)
+        # NBD_OPT_EXPORT_NAME cannot be refused with an error: the server hangs up, no size sent.
+        raw.send(P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_EXPORT_NAME, 0))
+        assert raw.closed_by_server(10)
+        plain = run(["nbdinfo", "--list", srv.uri], check=False)
+        assert plain.returncode != 0 and b"1048576" not in plain.stdout
+        assert run(["nbdinfo", "--size", tls_uri(srv, pki["client"])]).stdout.strip() == b"1048576"
+
+
+def test_tls_on_serves_plain_and_tls_clients(pki):
+    with serve("memory", "1M", options=("--tls=on", f"--tls-certificates={pki['server']}")) as srv:
+        assert run(["nbdinfo", "--size", srv.uri]).stdout.strip() == b"1048576"
+        out = run([SYSTEM_PYTHON, "-c", CLIENT, tls_uri(srv, pki["anonymous"])]).stdout.split()
+        assert out == [b"over", b"tls", b"True"]
+
+
+def test_verify_peer_needs_a_client_certificate_from_the_ca(pki):
+    opts = ("--tls=require", f"--tls-certificates={pki['server']}", "--tls-verify-peer")
+    with serve("memory", "1M", options=opts) as srv:
+        out = run([SYSTEM_PYTHON, "-c", CLIENT, tls_uri(srv, pki["client"])]).stdout.split()
+        assert out == [b"over", b"tls", b"True"]
+        for who in ("anonymous", "stranger"):  # no certificate; a certificate from another CA
+            refused = run([SYSTEM_PYTHON, "-c", CLIENT, tls_uri(srv, pki[who])], check=False)
+            assert refused.returncode != 0, who
+            assert b"over tls" not in refused.stdout
+        assert srv.proc.poll() is None
+        # and the server still serves the good client afterwards
+        assert run(["nbdinfo", "--size", tls_uri(srv, pki["client"])]).stdout.strip() == b"1048576"
+
+
+def test_without_verify_peer_any_tls_client_is_served(pki):
+    with serve("memory", "1M", options=("--tls=require", f"--tls-certificates={pki['server']}")) as srv:
+        for who in ("anonymous", "stranger"):
+            out = run([SYSTEM_PYTHON, "-c", CLIENT, tls_uri(srv, pki[who])]).stdout.split()
+            assert out == [b"over", b"tls", b"True"], who
+
+
+def test_garbage_instead_of_a_tls_handshake_does_not_hurt(pki):
+    with serve("memory", "1M", options=("--tls=require", f"--tls-certificates={pki['server']}")) as srv:
+        for junk in (b"\x16\x03\x01\x00\x05hello", b"\x00" * 64, b"GET / HTTP/1.0\r\n\r\n"):
+            raw = Raw(srv.socket)
+            raw.greeting()
+            raw.send(struct.pack(">I", 3) + P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_STARTTLS, 0))
+            magic, opt, reply, length = P.OPTION_REPLY.unpack(raw.recv_exact(P.OPTION_REPLY.size))
+            assert reply == P.REP_ACK
+            raw.send(junk)
+            assert raw.closed_by_server(15)
+        assert run(["nbdinfo", "--size", tls_uri(srv, pki["client"])]).stdout.strip() == b"1048576"
+        assert srv.proc.poll() is None
+
+
+def test_psk_is_refused_with_a_clear_message(tmp_path):
+    keys = tmp_path / "keys.psk"
+    keys.write_text("alice:" + "00" * 32 + "\n")
+    out = run([*NBDFORMATS, "-U", "-", "--tls=require", f"--tls-psk={keys}", "memory", "1M", "--run", "true"],
+              check=False)
+    assert out.returncode != 0 and b"--tls-psk" in out.stderr and b"00000000" not in out.stderr
