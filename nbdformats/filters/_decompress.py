@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 Reader = Callable[[int, int], bytes]
 READ_CHUNK = 4 << 20  # layers below may limit request sizes
+MIN_CACHE_BYTES = 96 << 20  # a block cache may keep more than its depth of units up to this
 
 
 class Source(Protocol):
@@ -233,6 +234,7 @@ class BlockSource:
         self.decode, self.stream = decode, stream
         self.max_unit, self.max_depth = max_unit, max_depth
         self.cache: OrderedDict[int, bytes] = OrderedDict()
+        self.cached_bytes = 0
         self.spills: dict[int, Any] = {}
         self.lock = threading.Lock()
         self.unit_locks: dict[int, threading.Lock] = {}
@@ -296,8 +298,11 @@ class BlockSource:
                                               f"bytes, not the {unit.size} its index says")
                 with self.lock:
                     self.cache[unit.number] = data
-                    while len(self.cache) > self.max_depth:
-                        self.cache.popitem(last=False)
+                    self.cached_bytes += len(data)
+                    # Small units (1 MiB zstd frames) get MIN_CACHE_BYTES: readers with many
+                    # requests in flight (nbdcopy: 4 connections x 16 MiB) would thrash N units.
+                    while len(self.cache) > self.max_depth and self.cached_bytes > MIN_CACHE_BYTES:
+                        self.cached_bytes -= len(self.cache.popitem(last=False)[1])
         return data
 
     def _spill(self, unit: Unit) -> Any:
