@@ -272,7 +272,9 @@ class DeflateIndex:
             self.size_limit, self.limit_reason = max_size, "max-size"
         self.checkpoints = [Checkpoint(0, start, header=not raw)]
         self._outs = [0]  # checkpoint output offsets, for bisect
-        self._lock = threading.Lock()  # checkpoints, parked streams
+        self._lock = threading.Lock()  # checkpoints, the frontier's progress
+        self._idle = threading.Condition(threading.Lock())  # parked and busy streams
+        self._busy: dict[_Stream, int] = {}  # streams in use -> the output offset they will stop at
         self._frontier_lock = threading.Lock()  # the frontier stream (decoding forward)
         self._frontier: _Stream | None = None
         self._frontier_done = False
@@ -298,13 +300,13 @@ class DeflateIndex:
                     if offset >= stream.out:
                         self._run(stream, reader, end, buf, offset, frontier=True)
                         return
-        stream = self._take_stream(offset)
+        stream = self._take_stream(offset, end)
         try:
             self._run(stream, reader, end, buf, offset, frontier=False)
         except BaseException:
-            stream.close()
+            self._release(stream, park=False)
             raise
-        self._park(stream)
+        self._release(stream, park=True)
 
     def build(self, progress: Callable[[int, int], None] | None = None,
               read_compressed: Reader | None = None) -> int:
@@ -372,32 +374,49 @@ class DeflateIndex:
             self.checkpoints.append(point)
             self._outs.append(point.out)
 
-    def _take_stream(self, offset: int) -> _Stream:
-        """The closest parked stream at or before `offset`, else a new one at a checkpoint."""
-        with self._lock:
-            point = self.checkpoints[bisect.bisect_right(self._outs, offset) - 1]
-            best = None
-            for stream in self._parked:
-                if point.out <= stream.out <= offset and (best is None or stream.out > best.out):
-                    best = stream
-            if best is not None:
-                self._parked.remove(best)
-                return best
-        return _Stream(self, point)
+    def _take_stream(self, offset: int, end: int) -> _Stream:
+        """The closest parked stream at or before `offset`, else a new one at a checkpoint.
 
-    def _park(self, stream: _Stream) -> None:
-        if stream.finished:
-            stream.close()
-            return
-        with self._lock:
-            self._parked.append(stream)
-            evicted = self._parked.pop(0) if len(self._parked) > PARKED_STREAMS else None
+        A sequential reader with many requests in flight (nbdcopy) would otherwise start a
+        stream from a checkpoint for each request: when a busy stream will stop between the
+        checkpoint and `offset`, continuing it decodes less, so wait for it.
+        """
+        with self._idle:
+            while True:
+                point = self.checkpoints[bisect.bisect_right(self._outs, offset) - 1]
+                best = None
+                for stream in self._parked:
+                    if point.out <= stream.out <= offset and (best is None or stream.out > best.out):
+                        best = stream
+                if best is not None:
+                    self._parked.remove(best)
+                    self._busy[best] = end
+                    return best
+                if not any(point.out <= stop <= offset for stop in self._busy.values()):
+                    break
+                self._idle.wait()
+        stream = _Stream(self, point)
+        with self._idle:
+            self._busy[stream] = end
+        return stream
+
+    def _release(self, stream: _Stream, park: bool) -> None:
+        evicted = None
+        with self._idle:
+            self._busy.pop(stream, None)
+            if park and not stream.finished:
+                self._parked.append(stream)
+                if len(self._parked) > PARKED_STREAMS:
+                    evicted = self._parked.pop(0)
+            else:
+                evicted = stream
+            self._idle.notify_all()
         if evicted is not None:
             evicted.close()
 
     def close(self) -> None:
         """Free the zlib streams (also done by the garbage collector)."""
-        with self._lock:
+        with self._idle:
             parked, self._parked = self._parked, []
         for stream in parked:
             stream.close()
