@@ -167,3 +167,35 @@ def test_bad_streams_fail_cleanly() -> None:
     index = DeflateIndex(reader(bytes(bad_crc)), 0, len(bad_crc), None, raw=False)
     with pytest.raises(NBDError, match="incorrect data check"):
         index.build()
+
+
+def test_concurrent_sequential_requests() -> None:
+    """nbdcopy's pattern: many requests in flight for consecutive ranges, served by threads
+    (requests wait for the stream that is about to reach them)."""
+    blob = gzip.compress(DATA)
+    index = DeflateIndex(reader(blob), 0, len(blob), None, raw=False, span=SPAN)
+    index.build()
+    got = bytearray(len(DATA))
+    offsets = iter(range(0, len(DATA), 65536))
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            while True:
+                with lock:
+                    offset = next(offsets, None)
+                if offset is None:
+                    return
+                n = min(65536, len(DATA) - offset)
+                index.read_into(memoryview(got)[offset:offset + n], offset)
+        except BaseException as e:  # collected for the main thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures and got == DATA
+    assert not index._busy and len(index._parked) <= 4
