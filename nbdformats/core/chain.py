@@ -17,7 +17,8 @@ import threading
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Callable, ClassVar, Iterable, Iterator
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 
 from .errors import ConfigError, NBDError
 from .params import apply_params
@@ -120,10 +121,20 @@ class Component:
     # A filter whose reads are safe to abandon half-way with WouldBlock and redo (no state
     # changed on the way); chains of such filters over a nowait_reads plugin try reads inline.
     nowait_safe: ClassVar[bool] = False
+    # Whether asking for extents is cheap (no network round trip, no side effects).  The server
+    # asks before each large structured READ to send holes as OFFSET_HOLE only when the whole
+    # chain is cheap: plugins must say so (memory, file do); filters are assumed cheap.
+    cheap_extents: ClassVar[bool] = False
 
     # Free-form parameters (the python plugin hands them to its script): undeclared key=value
     # pairs go to config(key, value) in command-line order instead of being refused.
     accepts_any_key: ClassVar[bool] = False
+
+    # Debug flags the component reads (nbdkit's -D NAME.FLAG=N): flag -> what it shows.
+    debug_flag_help: ClassVar[dict[str, str]] = {}
+    # The values given with -D (flags not given are absent), set before configure() runs.
+    # Read with self.debug_flags.get("flag", 0); see core/debugflags.py.
+    debug_flags: Mapping[str, int] = MappingProxyType({})
 
     @classmethod
     def summary(cls) -> str:
@@ -145,6 +156,12 @@ class Component:
 
     def cleanup(self) -> None:
         """Called once when the server exits."""
+
+    def dump_plugin(self) -> None:
+        """Print extra `key=value` lines for --dump-plugin (nbdkit's .dump_plugin).
+
+        The parameters given on the command line were parsed; config_complete() has not run.
+        """
 
     def preconnect(self, client: Any, readonly: bool) -> None:
         """A client connected (`client` is its socket), before the handshake.
@@ -371,6 +388,7 @@ class Filter(Component):
     """Base class of filters.  Subclasses set `name`, declare Params and define `Handle`."""
 
     Handle: ClassVar[type[FilterHandle]] = FilterHandle
+    cheap_extents: ClassVar[bool] = True
     # True when the filter's size is the size of the layer below and its state does not depend
     # on it, so NBD_CMD_RESIZE can pass through (cache, cow, rate, fua, nozero, log ...).
     resize_passthrough: ClassVar[bool] = False
@@ -552,6 +570,7 @@ class Chain:
         self.thread_model = min(c.thread_model for c in components)
         self.blocking = any(c.blocking for c in components)
         self.nowait_reads = plugin.nowait_reads and all(f.nowait_safe and not f.blocking for f in filters)
+        self.cheap_extents = plugin.cheap_extents and all(f.cheap_extents for f in filters)
         self.buffer_alignment = plugin.buffer_alignment
         for index, f in enumerate(filters):
             f.open_below = functools.partial(self._open, index + 1)  # type: ignore[method-assign]
@@ -615,20 +634,24 @@ class Chain:
                 below.close()
             raise
 
-    def open(self, readonly: bool, export_name: str, client: Any = None) -> Layer:
+    def open(self, readonly: bool, export_name: str, client: Any = None, tls: bool | None = None) -> Layer:
         """Open the whole chain for one connection; returns the top layer.
 
-        `client` is the connection's socket (what `current_client()` returns while the
-        plugin and filters open), so that filters can group connections by client.
+        `client` is the connection's socket and `tls` whether it negotiated TLS (what
+        `current_client()` and `current_tls()` return while the plugin and filters open), so
+        that filters can group connections by client and plugins can answer nbdkit.is_tls().
         """
-        token = _current_client.set(client)
+        client_token = _current_client.set(client)
+        tls_token = _current_tls.set(tls)
         try:
             return self._open(0, readonly, export_name)
         finally:
-            _current_client.reset(token)
+            _current_tls.reset(tls_token)
+            _current_client.reset(client_token)
 
 
 _current_client: ContextVar[Any] = ContextVar("nbdformats_current_client", default=None)
+_current_tls: ContextVar[bool | None] = ContextVar("nbdformats_current_tls", default=None)
 
 
 def current_client() -> Any:
@@ -638,3 +661,11 @@ def current_client() -> Any:
     it to `Chain.open`): use getpeername(), or SO_PEERCRED for Unix sockets.
     """
     return _current_client.get()
+
+
+def current_tls() -> bool | None:
+    """Whether the connection being opened negotiated TLS; None if unknown (outside a server).
+
+    Valid while `Plugin.open`, `Filter.open` and handle constructors run, like current_client().
+    """
+    return _current_tls.get()

@@ -26,6 +26,7 @@ from . import protocol as P
 from .chain import Chain, Layer, ThreadModel, WouldBlock, set_must_not_block
 from .errors import NBDError, ProtocolError
 from .handshake import Abort, ExportRequest, ListExports, NeedData, ServerHandshake, StartTLS, oldstyle_greeting
+from .stats import StatsRecorder
 from .threaded import ThreadedTransmission
 from .transmission import Request, RequestDecoder, Transmission, export_info
 from .workers import WorkerPool
@@ -56,6 +57,7 @@ class ServerSettings:
     handshake_timeout: float = 60.0
     description: str = ""
     on_connection_closed: Callable[["Connection"], None] | None = None
+    stats: StatsRecorder | None = None  # --stats-json: times every request of every connection
     connections: set = field(default_factory=set)
     _pools: dict = field(default_factory=dict)
 
@@ -261,7 +263,7 @@ class Connection(asyncio.BufferedProtocol):
         tls = self.handshake.tls_active if self.handshake else False
         if not name:
             name = await self._run_chain(self.chain.default_export, readonly, tls)
-        return await self._run_chain(self.chain.open, readonly, name, self.client_socket)
+        return await self._run_chain(self.chain.open, readonly, name, self.client_socket, tls)
 
     def _send_handshake(self) -> None:
         data = self.handshake.data_to_send() if self.handshake else b""
@@ -278,7 +280,10 @@ class Connection(asyncio.BufferedProtocol):
                                   meta_context_id: int | None, leftover: bytes) -> None:
         self.layer = layer
         self.transmission = Transmission(layer, info, structured=structured, extended=extended,
-                                         meta_context_id=meta_context_id, alignment=self.chain.buffer_alignment)
+                                         meta_context_id=meta_context_id, alignment=self.chain.buffer_alignment,
+                                         sparse_reads=self.chain.cheap_extents)
+        if self.settings.stats is not None:
+            self.settings.stats.instrument(self.transmission)
         decoder = RequestDecoder(extended=extended, alignment=self.chain.buffer_alignment)
         log.debug("%s: transmission starts: export %r size %d", self.peer or "client", info.name, info.size)
         if self._closed:

@@ -269,7 +269,7 @@ class Transmission:
     """Runs requests against one connection's chain and encodes the replies."""
 
     def __init__(self, layer: Layer, info: ExportInfo, *, structured: bool, extended: bool,
-                 meta_context_id: int | None, alignment: int = 1) -> None:
+                 meta_context_id: int | None, alignment: int = 1, sparse_reads: bool = True) -> None:
         self.layer = layer
         self.info = info
         self.size = info.size
@@ -278,7 +278,8 @@ class Transmission:
         self.structured = structured or extended
         self.meta_context_id = meta_context_id
         self.alignment = alignment
-        self.sparse_reads = self.structured and layer.can_extents()
+        # Large reads ask for extents first (holes go out as OFFSET_HOLE) when that is cheap.
+        self.sparse_reads = sparse_reads and self.structured and layer.can_extents()
 
     def check(self, req: Request) -> tuple[int, str] | None:
         """Why a request must fail before it reaches the backend, or None."""

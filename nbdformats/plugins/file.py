@@ -40,6 +40,7 @@ class FilePlugin(Plugin):
     """Serve a file or block device (or each file of a directory as an export)."""
 
     name = "file"
+    cheap_extents = True  # extents come from a dict / lseek: ask before large reads to send holes
     blocking = True  # disk I/O: run in worker threads so a slow disk cannot stall other clients
     nowait_reads = True  # page-cache hits are read on the event loop (RWF_NOWAIT), misses in a worker
     file = Param(Path("any"), magic=True, help="The file or block device to serve")

@@ -17,6 +17,7 @@ class MemoryPlugin(Plugin):
     """A RAM disk (sparse: unwritten and trimmed pages read as zeroes and cost nothing)."""
 
     name = "memory"
+    cheap_extents = True  # extents come from a dict / lseek: ask before large reads to send holes
     size = Param(Size(maximum=(1 << 63) - 1), required=True, magic=True,
                  help="Size of the disk, e.g. 1G (nbdkit's size suffixes)")
 
