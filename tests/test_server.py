@@ -511,3 +511,17 @@ def test_sigterm_finishes_running_requests_and_flushes(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert disk.read_bytes()[:4] == b"done"
+
+
+def test_serialize_connections_serves_one_client_at_a_time():
+    plugin = str(Path(__file__).parent / "fixtures" / "serialconn.py")
+    with serve(plugin, "1M") as srv:
+        first = RawClient(srv.socket)
+        first.go()
+        second = RawClient(srv.socket)
+        second.sock.settimeout(1)
+        with pytest.raises(socket.timeout):
+            second.recv_exact(18)  # no greeting while the first client is served
+        first.send(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC, 1, 0, 0))
+        second.sock.settimeout(20)
+        assert struct.unpack(">Q", second.recv_exact(18)[:8])[0] == P.NBDMAGIC

@@ -60,6 +60,8 @@ class ServerSettings:
     stats: StatsRecorder | None = None  # --stats-json: times every request of every connection
     connections: set = field(default_factory=set)
     _pools: dict = field(default_factory=dict)
+    # serialize_connections: a client is served only when the previous one has gone.
+    one_connection_at_a_time: asyncio.Lock | None = None
 
     def pool(self, loop: asyncio.AbstractEventLoop, model: ThreadModel) -> WorkerPool:
         """The shared worker pool for a thread model: `-t` threads when parallel, else one."""
@@ -86,6 +88,7 @@ class Connection(asyncio.BufferedProtocol):
         self._hs_task: asyncio.Task | None = None
         self._early_requests = bytearray()
         self._handed_off = False
+        self._holds_connection_lock = False
         self._threaded: ThreadedTransmission | None = None
         self._threads_done: asyncio.Future | None = None
         self._idle: asyncio.Future | None = None  # set when running requests finish (shutdown waits)
@@ -192,6 +195,14 @@ class Connection(asyncio.BufferedProtocol):
         return await self.pool.run(func, *args)
 
     async def _negotiate(self) -> None:
+        if self.chain.thread_model == ThreadModel.SERIALIZE_CONNECTIONS:
+            if self.settings.one_connection_at_a_time is None:
+                self.settings.one_connection_at_a_time = asyncio.Lock()
+            await self.settings.one_connection_at_a_time.acquire()
+            self._holds_connection_lock = True
+            if self._closed:  # gave up while waiting
+                self._maybe_release()
+                return
         try:
             await asyncio.wait_for(self._negotiate_steps(), self.settings.handshake_timeout)
         except asyncio.TimeoutError:
@@ -490,6 +501,9 @@ class Connection(asyncio.BufferedProtocol):
         if self._own_pool:
             self.pool.shutdown()
         self.settings.connections.discard(self)
+        if self._holds_connection_lock:
+            self._holds_connection_lock = False
+            self.settings.one_connection_at_a_time.release()
         self.closed.set_result(None)
         if self.settings.on_connection_closed is not None:
             self.settings.on_connection_closed(self)
