@@ -139,15 +139,28 @@ def _normalise(opts: Options) -> None:
             opts.values[name] = opts.values.pop(alias)
 
 
-def build_chain(plugin_name: str, filter_names: list[str], args: list[str]):
+def build_chain(plugin_name: str, filter_names: list[str], args: list[str], debug_flags: list | None = None):
     """Load, configure and ready the plugin and filters from PLUGIN [[KEY=]VALUE ...]."""
     from .core.chain import Chain
-    from .core.params import magic_param, params_of
+    from .core.debugflags import apply_debug_flags
     from .registry import load_filter, load_plugin
 
     plugin_cls = load_plugin(plugin_name)
     filter_classes = [load_filter(name) for name in filter_names]
-    components = [*filter_classes, plugin_cls]
+    pairs = assign_args(plugin_name, [*filter_classes, plugin_cls], args)
+    chain = Chain([cls() for cls in filter_classes], plugin_cls())
+    # As nbdkit sets debug variables when it loads a plugin: before configuring.
+    for warning in apply_debug_flags([*chain.filters, chain.plugin], debug_flags or []):
+        log.warning("%s", warning)
+    chain.configure(pairs)
+    return chain
+
+
+def assign_args(plugin_name: str, components: list, args: list[str]) -> dict[int, list[tuple[str, str]]]:
+    """key=value pairs per component (filters first, the plugin last) from [[KEY=]VALUE ...]."""
+    from .core.params import magic_param, params_of
+
+    plugin_cls = components[-1]
     declared = [{p.key for p in params_of(cls)} for cls in components]
     pairs: dict[int, list[tuple[str, str]]] = {}
     for arg in args:
@@ -168,9 +181,7 @@ def build_chain(plugin_name: str, filter_names: list[str], args: list[str]):
                 raise ConfigError(f"unknown parameter {key!r} (not a parameter of {owners}; "
                                   f"see 'nbdformats {plugin_name} --help')")
         pairs.setdefault(index, []).append((key, value))
-    chain = Chain([cls() for cls in filter_classes], plugin_cls())
-    chain.configure(pairs)
-    return chain
+    return pairs
 
 
 def print_help(plugin_name: str | None, filter_names: list[str]) -> None:
@@ -182,26 +193,52 @@ def print_help(plugin_name: str | None, filter_names: list[str]) -> None:
         return
     for name in filter_names:
         cls = load_filter(name)
-        print(f"filter {cls.name}: {cls.summary()}\n{describe_params(cls)}\n")
+        print(f"filter {cls.name}: {cls.summary()}\n{describe_params(cls)}{describe_debug_flags(cls)}\n")
     cls = load_plugin(plugin_name)
-    print(f"plugin {cls.name}: {cls.summary()}\n{describe_params(cls)}")
+    print(f"plugin {cls.name}: {cls.summary()}\n{describe_params(cls)}{describe_debug_flags(cls)}")
 
 
-def dump_plugin(plugin_name: str) -> None:
-    from .core.params import params_of
+def describe_debug_flags(cls) -> str:
+    if not cls.debug_flag_help:
+        return ""
+    return "\n  debug flags (-D NAME.FLAG=N):\n" + "\n".join(
+        f"    -D {cls.name}.{flag}=N  {text}" for flag, text in sorted(cls.debug_flag_help.items()))
+
+
+def dump_plugin(plugin_name: str, args: list[str]) -> None:
+    """nbdkit's --dump-plugin: the core's lines, then the plugin's own (its dump_plugin()).
+
+    As nbdkit, the arguments are parsed (nbdkit calls .config) but config_complete does not
+    run: `--dump-plugin python script.py` loads the script and prints its dump_plugin too.
+    """
+    import contextlib
+    import io
+
+    from .core.params import apply_params, params_of
     from .registry import load_plugin
 
     cls = load_plugin(plugin_name)
-    print(f"path={sys.modules[cls.__module__].__file__}")
+    plugin = cls()
+    if args:
+        apply_params(plugin, assign_args(plugin_name, [cls], args).get(0, []), cls.name)
+    # The plugin's lines come last but may change what the first ones say (a script's thread model).
+    own_lines = io.StringIO()
+    with contextlib.redirect_stdout(own_lines):
+        plugin.dump_plugin()
+    module = sys.modules.get(cls.__module__)  # a plugin loaded by path is not in sys.modules
+    print(f"path={getattr(module, '__file__', None) or os.path.abspath(plugin_name)}")
     print(f"name={cls.name}")
     print(f"version={__version__}")
     print("api_version=2")
-    print(f"thread_model={cls.thread_model.name.lower()}")
-    print(f"blocking={'yes' if cls.blocking else 'no'}")
+    print(f"thread_model={plugin.thread_model.name.lower()}")
+    print(f"blocking={'yes' if plugin.blocking else 'no'}")
     for p in params_of(cls):
         magic = " (magic)" if p.magic else ""
         print(f"param={p.key}:{p.type.metavar}{magic}")
+    for flag in sorted(cls.debug_flag_help):
+        print(f"debug_flag={cls.name}.{flag}")
     print(f"{cls.name}_summary={cls.summary()}")
+    print(own_lines.getvalue(), end="", flush=True)
 
 
 def list_components() -> None:
@@ -217,7 +254,47 @@ def list_components() -> None:
             print(f"  {name:14} {summary}")
 
 
+def component_of(logger_name: str) -> str:
+    """The plugin or filter a logger belongs to: nbdformats.luks, nbdformats.filters.luks.header
+    and nbdformats.plugins.luks all give "luks"; the server's own loggers give ""."""
+    parts = logger_name.split(".")
+    if parts[0] != "nbdformats" or len(parts) < 2 or parts[1] in _NOT_COMPONENTS:
+        return ""
+    if parts[1] in ("filters", "plugins"):
+        # Shared helper modules (_decompress, _members ...) are not components.
+        if len(parts) < 3 or parts[2].startswith("_"):
+            return ""
+        return parts[2].replace("_", "-")
+    return parts[1]
+
+
+_NOT_COMPONENTS = {"core", "cli", "registry", "formats", "statsplot", "nbdkit_compat", "__main__"}
+
+
+class ComponentFormatter(logging.Formatter):
+    """`nbdformats: luks: debug: message`: the component that logged, like nbdkit's
+    `nbdkit: luks: debug: ...`; the server's own messages have no component.  A message that
+    already starts with "luks: " does not say it twice."""
+
+    def __init__(self, prefix: str, with_pid: bool = False) -> None:
+        super().__init__()
+        self.prefix, self.with_pid = prefix, with_pid
+
+    def format(self, record: logging.LogRecord) -> str:
+        component = component_of(record.name)
+        message = record.getMessage()
+        prefix = f"{self.prefix}[{record.process}]" if self.with_pid else self.prefix
+        if component:
+            prefix = f"{prefix}: {component}"
+            message = message.removeprefix(f"{component}: ")
+        text = f"{prefix}: {record.levelname.lower()}: {message}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
 def setup_logging(verbose: bool, destination: str) -> None:
+    """-v: debug messages of every component (each line names its component); --log: where to."""
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger("nbdformats")
     root.setLevel(level)
@@ -227,11 +304,11 @@ def setup_logging(verbose: bool, destination: str) -> None:
     elif destination == "syslog":
         handler = logging.handlers.SysLogHandler(address="/dev/log") if os.path.exists("/dev/log") \
             else logging.NullHandler()
-        handler.setFormatter(logging.Formatter("nbdformats[%(process)d]: %(levelname)s: %(message)s"))
+        handler.setFormatter(ComponentFormatter("nbdformats", with_pid=True))
         root.addHandler(handler)
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("nbdformats: %(levelname)s: %(message)s"))
+        handler.setFormatter(ComponentFormatter("nbdformats"))
         root.addHandler(handler)
     root.propagate = False
 
@@ -310,7 +387,7 @@ def _main(argv: list[str]) -> int:
     if plugin_name is None:
         raise ConfigError(f"no plugin given\n{USAGE}")
     if opts.flag("dump-plugin"):
-        dump_plugin(plugin_name)
+        dump_plugin(plugin_name, plugin_args)
         return 0
 
     foreground = opts.flag("foreground") or opts.flag("single") or opts.get("run") is not None \
@@ -321,7 +398,9 @@ def _main(argv: list[str]) -> int:
     if opts.flag("swap"):
         lock_memory_for_swap()
 
-    chain = build_chain(plugin_name, filters, plugin_args)
+    from .core.debugflags import parse_debug_flag
+    debug_flags = [parse_debug_flag(str(text)) for text in opts.get("debug", [])]  # type: ignore[union-attr]
+    chain = build_chain(plugin_name, filters, plugin_args, debug_flags)
     try:
         chain.get_ready()
     except ConfigError:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from .. import nbdkit_compat
 from ..core.chain import (EMULATE, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATIVE, NONE, Export, Extents,
-                          Plugin, PluginHandle, ThreadModel)
+                          Plugin, PluginHandle, ThreadModel, current_client, current_tls)
 from ..core.errors import ConfigError, NBDError
 from ..core.params import Param, Path
 
@@ -129,12 +129,18 @@ class PythonPlugin(Plugin):
         self.script_pairs.append((key, value))
 
     def config_complete(self) -> None:
+        self.load(check_required=True)
+        self.call_at_start("config_complete")
+        self.set_thread_model()
+
+    def load(self, check_required: bool) -> None:
+        """Run the script and hand it the key=value pairs (its config callback)."""
         self.script_name = os.path.basename(self.script)
         self.module = load_script(self.script)
         self.api_version = api_version_of(self.module, self.script)
         self.find_callbacks()
         missing = [name for name in REQUIRED if name not in self.callbacks]
-        if missing:
+        if missing and check_required:
             raise ConfigError(f"{self.script}: one of the required callbacks 'open', 'get_size' or 'pread' "
                               f"is not defined by this Python script (missing: {', '.join(missing)})")
         for key, value in self.script_pairs:
@@ -142,7 +148,9 @@ class PythonPlugin(Plugin):
                 raise ConfigError(f"{self.script}: this plugin does not need command line configuration "
                                   f"(got {key}=)")
             self.call_at_start("config", key, value)
-        self.call_at_start("config_complete")
+
+    def set_thread_model(self) -> None:
+        """The script's thread_model() if it has one, and whether its callbacks run in threads."""
         model = self.call_at_start("thread_model")
         if model is not None:
             try:
@@ -188,11 +196,19 @@ class PythonPlugin(Plugin):
             logger.error("%s: cleanup: %s%s", self.script_name, where(e, self.script), describe(e))
 
     def dump_plugin(self) -> None:
-        """Print what nbdkit's `--dump-plugin` prints for this plugin, then run the script's dump_plugin."""
+        """Print what nbdkit's `--dump-plugin` prints for this plugin, then run the script's dump_plugin.
+
+        With a script given, it is loaded and gets its config(key, value) calls first, but
+        not config_complete, as under nbdkit; its thread_model() sets ours.
+        """
+        if vars(self).get("script") and not self.callbacks:  # parsed from the command line
+            self.load(check_required=False)
+            self.set_thread_model()
         print(f"python_version={platform.python_version()}")
+        print("python_pep_384_abi_version=3")
         print(f"nbdkit_python_maximum_api_version={MAX_API_VERSION}", flush=True)
         if "dump_plugin" in self.callbacks:
-            self.callbacks["dump_plugin"]()
+            self.call_at_start("dump_plugin")
 
     def call_export_callback(self, name: str, *args: Any) -> Any:
         state = nbdkit_compat.call_state
@@ -254,10 +270,10 @@ class Handle(PluginHandle):
         self.script_name = plugin.script_name
         self.export_name = export_name
         self.callbacks = callbacks = plugin.callbacks
-        # The server does not tell plugins about the socket or TLS yet: peer_* and is_tls()
-        # raise rather than guess.
-        self.sock: socket.socket | None = None
-        self.tls: bool | None = None
+        # The client's socket and TLS state, for nbdkit.peer_*() and is_tls(); None when the
+        # handle is opened outside a server connection (then those functions raise).
+        self.sock: socket.socket | None = current_client()
+        self.tls: bool | None = current_tls()
         self._pread = callbacks["pread"]
         self._pwrite = callbacks.get("pwrite") or not_implemented("pwrite")
         self._flush = callbacks.get("flush") or not_implemented("flush")
