@@ -229,3 +229,23 @@ def test_cluster_stops_answering_mid_copy(ceph: Ceph, tmp: Path) -> None:
             assert srv.proc.poll() is None
             assert h.pread(MiB, 5 * MiB) == data.read_bytes()[5 * MiB:6 * MiB]
             h.shutdown()
+
+
+def test_one_front_server_over_rbd_and_s3(ceph: Ceph, tmp: Path) -> None:
+    """The mirror plugin (NBD client) in front: every write lands in an RBD image and in S3 objects."""
+    data = random_file(tmp / "data.img", 4 * MiB, seed=17)
+    with ceph.image("8M") as name, ceph.bucket() as bucket:
+        s3_params = ceph.s3_params(bucket, "m", "size=8M", "object-size=1M")
+        with serve("rbd", f"image={name}") as rbd_srv, serve("S3", *s3_params) as s3_srv, \
+                serve("mirror", f"server={rbd_srv.uri}", f"server={s3_srv.uri}", "write-quorum=2") as front:
+            run(["nbdcopy", str(data), front.uri])
+            h = connect(front.uri)
+            h.pwrite(b"both" * 256, 7 * MiB + 3)
+            h.flush()
+            h.shutdown()
+            nbdcopy_to_file(s3_srv.uri, tmp / "s3.img")
+        ceph.rbd("export", "--no-progress", f"{ceph.pool}/{name}", str(tmp / "rbd.img"))
+    expected = bytearray(data.read_bytes() + bytes(4 * MiB))
+    expected[7 * MiB + 3:7 * MiB + 1027] = b"both" * 256
+    assert (tmp / "rbd.img").read_bytes() == bytes(expected)
+    assert (tmp / "s3.img").read_bytes() == bytes(expected)
