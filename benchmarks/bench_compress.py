@@ -45,14 +45,14 @@ def sh(argv: list, out: Path | None = None, timeout: float = 3600) -> None:
         subprocess.run([str(a) for a in argv], check=True, stdout=f, timeout=timeout, env=ENV)
 
 
-def first_read(argv: list, sock: str, offset: int) -> tuple[subprocess.Popen, float, bytes]:
+def first_read(argv: list, sock: str, offset: int, log: Path) -> tuple[subprocess.Popen, float, bytes]:
     """Start a server; seconds until a 4 KiB read at `offset` is answered."""
     started = time.monotonic()
-    proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=ENV, start_new_session=True)
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([str(a) for a in argv], stdout=f, stderr=f, env=ENV, start_new_session=True)
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"{argv} exited {proc.returncode}")
+            raise SystemExit(f"{argv} exited {proc.returncode}: {log.read_text()[-2000:]}")
         h = nbd.NBD()  # a handle whose connect failed cannot be used again
         try:
             h.connect_unix(sock)
@@ -61,7 +61,11 @@ def first_read(argv: list, sock: str, offset: int) -> tuple[subprocess.Popen, fl
             if time.monotonic() - started > 600:
                 raise SystemExit(f"{argv}: no socket after 600 s")
             time.sleep(0.005)
-    data = h.pread(4096, offset)
+    try:
+        data = h.pread(4096, offset)
+    except nbd.Error as e:
+        stop(proc)
+        raise SystemExit(f"{argv}: {e}\n{log.read_text()[-2000:]}") from None
     elapsed = time.monotonic() - started
     h.shutdown()
     return proc, elapsed, data
@@ -139,7 +143,7 @@ def main() -> None:
     print(f"{'variant':34} {'first 4K':>9} {'full read':>10} {'MiB/s':>7}  bytes")
     for label, argv in variants:
         Path(sock).unlink(missing_ok=True)
-        proc, first, data = first_read(argv, sock, offset)
+        proc, first, data = first_read(argv, sock, offset, work / "server.log")
         try:
             ok = data == source[offset:offset + 4096]
             started = time.monotonic()
