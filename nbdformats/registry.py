@@ -39,7 +39,9 @@ def _load(kind: str, name: str, attr: str, base: type) -> Any:
         module_name = name.lower().replace("-", "_")
         try:
             module = importlib.import_module(f"nbdformats.{kind}s.{module_name}")
-            cls = getattr(module, attr)
+            cls = getattr(module, attr, None)
+            if cls is None:
+                raise ConfigError(f"{name!r} is not a {kind} (available: {', '.join(names(kind))})")
         except ModuleNotFoundError as e:
             if e.name != f"nbdformats.{kind}s.{module_name}":
                 raise

@@ -14,7 +14,7 @@ import zlib
 import pytest
 
 from nbdformats.core.errors import NBDError
-from nbdformats.filters.deflate_index import DeflateIndex
+from nbdformats.formats.deflate_index import DeflateIndex
 
 SPAN = 128 * 1024
 

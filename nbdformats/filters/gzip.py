@@ -25,7 +25,7 @@ from ..core.chain import Layer
 from ..core.params import Bool, Param, Path, Size
 from ..formats.gzip import GzipFormatError, bgzf_block_size, check_magic, parse_bgzf
 from ._decompress import DecompressError, DecompressFilter, Progress, Reader, Source, read_exact
-from .deflate_index import DEFAULT_SPAN, Checkpoint, DeflateIndex
+from ..formats.deflate_index import DEFAULT_SPAN, Checkpoint, DeflateIndex
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from ..core.params import Bool, Param, String
 from ..formats.zip import (DEFLATED, LOCAL, STORED, ZipEntry, ZipError, data_offset, parse_central_directory,
                            read_central_directory)
 from ._members import ArchiveError, Member, MemberFilter, Segment, SegmentHandle, read_exact
-from .deflate_index import DeflateIndex
+from ..formats.deflate_index import DeflateIndex
 
 log = logging.getLogger(__name__)
 
