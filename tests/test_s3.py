@@ -262,3 +262,14 @@ def test_replaced_object_and_unreachable_store_fail_requests_server_stays_up(cep
             assert fresh.pread(65536, MiB - 65536) == b"2" * 65536
             h.shutdown()
             fresh.shutdown()
+
+
+def test_tar_over_gzip_over_s3(ceph: Ceph, tmp: Path) -> None:
+    plain = random_file(tmp / "disk.img", 3 * MiB + 512, seed=6)
+    run(["tar", "-C", str(tmp), "-czf", str(tmp / "vm.tar.gz"), "disk.img"])
+    with ceph.bucket() as bucket:
+        ceph.s3().upload_file(str(tmp / "vm.tar.gz"), bucket, "vm.tar.gz")
+        with serve("--filter=tar", "--filter=gzip", "S3", *ceph.s3_params(bucket, "vm.tar.gz"),
+                   "tar-entry=disk.img") as srv:
+            nbdcopy_to_file(srv.uri, tmp / "out.img")
+    assert sha256_file(tmp / "out.img") == sha256_file(plain)
