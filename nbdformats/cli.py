@@ -34,7 +34,8 @@ usage: nbdformats [-D PLUGIN.FLAG=N] [-e EXPORTNAME] [--exit-with-parent] [-f]
                   [--filter=FILTER ...] [-g GROUP] [-i IPADDR] [-4|-6]
                   [--log=stderr|syslog|null] [--max-connections N] [--exit-last]
                   [-o|--oldstyle] [-P PIDFILE] [-p PORT] [--print-uri] [-r]
-                  [--run CMD] [-s] [-t THREADS] [--tls=off|on|require]
+                  [--run CMD] [-s] [--stats-json PATH [--stats-interval SECONDS]]
+                  [-t THREADS] [--tls=off|on|require]
                   [--tls-certificates DIR] [--tls-verify-peer] [-U SOCKET|-]
                   [--fd N [--no-handshake]] [-v] [-V]
                   PLUGIN [[KEY=]VALUE ...]
@@ -55,7 +56,7 @@ _LONG = {
     "exit-last": False, "max-connections": True, "fd": True, "no-handshake": False, "log": True,
     "handshake-timeout": True, "description": True, "swap": False, "user": True, "group": True,
     "mask-handshake": True, "no-sr": False, "no-mc": False, "keepalive": False, "selinux-label": True,
-    "time-limit": True, "vsock": False,
+    "time-limit": True, "vsock": False, "stats-json": True, "stats-interval": True,
 }
 _SHORT = {"f": "foreground", "r": "readonly", "p": "port", "i": "ipaddr", "4": "ipv4-only", "6": "ipv6-only",
           "U": "unix", "s": "single", "e": "exportname", "t": "threads", "P": "pidfile", "v": "verbose",
@@ -313,6 +314,28 @@ def setup_logging(verbose: bool, destination: str) -> None:
     root.propagate = False
 
 
+def open_stats_file(opts: Options, settings) -> None:
+    """--stats-json PATH [--stats-interval SECONDS]: open the file now, so errors reach the terminal."""
+    path = opts.get("stats-json")
+    if path is None:
+        if opts.get("stats-interval") is not None:
+            raise ConfigError("--stats-interval goes with --stats-json")
+        return
+    from .core.stats import StatsRecorder
+
+    try:
+        interval = float(str(opts.get("stats-interval", 1)))
+    except ValueError:
+        interval = 0.0
+    if not 0.01 <= interval <= 86400:
+        raise ConfigError("--stats-interval must be a number of seconds between 0.01 and 86400")
+    try:
+        settings.stats = StatsRecorder.open(os.path.abspath(str(path)), interval,
+                                            connections=lambda: len(settings.connections))
+    except OSError as e:
+        raise ConfigError(f"--stats-json: cannot write {path}: {e.strerror}") from None
+
+
 def exit_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     PR_SET_PDEATHSIG = 1
@@ -467,6 +490,7 @@ def _main(argv: list[str]) -> int:
         handshake_timeout=float(str(opts.get("handshake-timeout", 60))),
         description=str(opts.get("description", "")),
     )
+    open_stats_file(opts, settings)
     listeners = []
     if not (config.single or config.fd is not None):
         try:
@@ -492,6 +516,8 @@ def _main(argv: list[str]) -> int:
     try:
         return asyncio.run(_serve(settings, config, listeners, run_cmd, uri, export))
     finally:
+        if settings.stats is not None:
+            settings.stats.close()
         chain.cleanup()
         if private_dir:
             shutil.rmtree(private_dir, ignore_errors=True)
@@ -512,6 +538,10 @@ async def _serve(settings, config, listeners, run_cmd, uri: str, export: str) ->
 
     server = Server(settings, config)
     await server.start(listeners)
+    if settings.stats is not None:
+        chain = settings.chain
+        settings.stats.start(asyncio.get_running_loop(), version=__version__, plugin=chain.plugin.name,
+                             filters=[f.name for f in chain.filters], readonly=settings.readonly)
     install_signal_handlers(server)
     status = 0
     if run_cmd is not None:

@@ -1,4 +1,4 @@
-"""Operator features: -D debug flags and -v, progress bars,
+"""Operator features: --stats-json and nbdformats-stats, -D debug flags and -v, progress bars,
 connection details for python plugins (is_tls, peer_*), --dump-plugin of a python script, and
 the sample service files."""
 
@@ -17,11 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NBDFORMATS, ROOT, SYSTEM_PYTHON, nbdsh, run, serve
+from conftest import NBDFORMATS, ROOT, SYSTEM_PYTHON, nbdsh, random_file, run, serve
 from fixtures.nbd_servers import make_certificates
 from nbdformats.core.chain import Filter, Plugin
 from nbdformats.core.debugflags import DebugFlag, apply_debug_flags, parse_debug_flag, parse_int
 from nbdformats.core.errors import ConfigError
+from nbdformats.core.stats import StatsRecorder, bucket_bounds, bucket_of, percentile, reply_failed
+from nbdformats.core.transmission import ReplyEncoder
+from nbdformats.statsplot import load_runs, series
 
 FIXTURES = ROOT / "tests" / "fixtures" / "operator_plugins"
 FLAGDEMO = str(FIXTURES / "flagdemo.py")
@@ -215,4 +218,159 @@ def test_dump_plugin_of_a_python_script_as_nbdkit():
     # Without a script: the plugin's own lines.
     bare, _ = dump([*NBDFORMATS, "--dump-plugin", "python"])
     assert bare["name"] == "python" and bare["nbdkit_python_maximum_api_version"] == "2"
+
+
+# -- --stats-json and nbdformats-stats ---------------------------------------------------------
+
+def test_latency_buckets_are_contiguous_and_tight():
+    previous = -1
+    for ns in [*range(0, 5000), *range(5000, 10**7, 997), 10**9, 10**11]:
+        bucket = bucket_of(ns)
+        low, high = bucket_bounds(bucket)
+        assert low <= ns <= high and (high - low) <= max(low, 1) / 16
+        assert bucket >= previous
+        previous = bucket
+    assert bucket_bounds(bucket_of(999))[1] + 1 == bucket_bounds(bucket_of(999) + 1)[0]
+
+
+def test_percentiles_within_three_percent():
+    values = [1000 * (i + 1) for i in range(1000)]  # 1 us .. 1 ms
+    histogram: dict[int, int] = {}
+    for v in values:
+        histogram[bucket_of(v)] = histogram.get(bucket_of(v), 0) + 1
+    for p, exact in ((50, 500_000), (90, 900_000), (99, 990_000), (100, 1_000_000)):
+        assert abs(percentile(histogram, len(values), p) - exact) <= exact * 0.03
+
+
+@pytest.mark.parametrize("structured,extended", [(False, False), (True, False), (True, True)])
+def test_reply_failed_reads_the_last_reply_header(structured, extended):
+    replies = ReplyEncoder(structured, extended)
+    assert not reply_failed([replies.ok(7, 0)])
+    assert reply_failed([replies.error(7, 0, 5, "EIO")])
+    whole, _ = replies.read_data(7, 0, 0, 4096, done=True)
+    assert not reply_failed([whole])
+    if structured:  # a read that ends in an error chunk after its data
+        assert reply_failed([whole, replies.error(7, 0, 22, "beyond the end", at=4096)])
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_recorder_lines(tmp_path):
+    import io
+    import json
+    out = io.StringIO()
+    clock = FakeClock()
+    recorder = StatsRecorder(out, 1.0, connections=lambda: 3, clock=clock, wall_clock=lambda: 1.7e9)
+    out.close = lambda: None  # keep the text readable after close()
+    recorder.start(plugin="memory", filters=["cow"])
+    for i in range(100):
+        recorder.record(0, 4096, (i + 1) * 1000, failed=i == 99)  # reads of 1..100 us, the last failed
+    recorder.record(1, 65536, 50_000, failed=False)
+    clock.now = 101.0
+    recorder.flush_interval()
+    clock.now = 102.0
+    recorder.flush_interval()  # idle: no line
+    clock.now = 102.5
+    recorder.record(3, 0, 2_000, failed=False)
+    recorder.close()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["start", "interval", "interval", "stop"]
+    assert lines[0]["plugin"] == "memory" and lines[0]["filters"] == ["cow"] and lines[0]["interval"] == 1.0
+    first = lines[1]
+    assert first["elapsed"] == 1.0 and first["seconds"] == 1.0 and first["connections"] == 3
+    read = first["ops"]["read"]
+    assert (read["count"], read["bytes"], read["errors"]) == (100, 409600, 1)
+    assert abs(read["latency_us"]["p50"] - 50) <= 1.5 and abs(read["latency_us"]["p99"] - 99) <= 3
+    assert read["latency_us"]["max"] == 100.0
+    assert first["ops"]["write"]["latency_us"] == {"p50": 50.0, "p90": 50.0, "p99": 50.0, "max": 50.0}
+    assert lines[2]["seconds"] == 0.5 and list(lines[2]["ops"]) == ["flush"]
+    runs = load_runs(out.getvalue().splitlines())
+    assert len(runs) == 1 and runs[0].stopped
+    drawn = series(runs[0])
+    # The idle second between the two lines is drawn as zero throughput.
+    assert drawn["read"].mib_per_s[0] == pytest.approx(409600 / 2**20)
+    assert 0.0 in drawn["read"].mib_per_s[1:-1]
+
+
+def read_stats(path: Path) -> list[dict]:
+    import json
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def totals(lines: list[dict]) -> dict[str, dict[str, int]]:
+    result: dict[str, dict[str, int]] = {}
+    for line in lines:
+        for name, op in line.get("ops", {}).items():
+            entry = result.setdefault(name, {"count": 0, "bytes": 0, "errors": 0, "refused": 0})
+            for key in entry:
+                entry[key] += op[key]
+    return result
+
+
+def test_stats_json_counts_every_request(tmp_path):
+    stats = tmp_path / "stats.jsonl"
+    script = ("import time\n"
+              "for i in range(100): h.pwrite(b'x' * 4096, i * 4096)\n"
+              "time.sleep(0.5)\n"
+              "for i in range(50): h.pread(65536, 0)\n"
+              "h.flush()\n"
+              "for offset in (16 << 20, (16 << 20) - 512):  # refused; half done then an error\n"
+              "    try:\n        h.pread(4096, offset)\n    except nbd.Error:\n        pass\n"
+              "time.sleep(0.3)\n")
+    with serve("memory", "16M", options=(f"--stats-json={stats}", "--stats-interval=0.1")) as srv:
+        nbdsh(srv.uri, script)
+        srv.proc.terminate()
+        assert srv.proc.wait(10) == 0
+    lines = read_stats(stats)
+    assert lines[0]["event"] == "start" and lines[-1]["event"] == "stop"
+    assert totals(lines) == {"write": {"count": 100, "bytes": 409600, "errors": 0, "refused": 0},
+                             "read": {"count": 52, "bytes": 50 * 65536 + 2 * 4096, "errors": 2, "refused": 1},
+                             "flush": {"count": 1, "bytes": 0, "errors": 0, "refused": 0}}
+    intervals = [line for line in lines if line["event"] == "interval"]
+    assert len(intervals) >= 2  # the writes and the reads were half a second apart
+    assert all(line["connections"] in (0, 1) for line in intervals)
+    assert all(0 < op["latency_us"]["p50"] <= op["latency_us"]["p99"] <= op["latency_us"]["max"] < 1e6
+               for line in intervals for op in line["ops"].values() if op["refused"] < op["count"])
+
+
+def test_stats_json_with_worker_threads_and_a_plot(tmp_path):
+    disk = random_file(tmp_path / "disk.img", 8 << 20, seed=3)
+    stats = tmp_path / "stats.jsonl"
+    with serve("file", str(disk), options=(f"--stats-json={stats}", "--stats-interval=0.1", "-r")) as srv:
+        run(["nbdcopy", "--connections=2", "--requests=16", srv.uri, "null:"])
+        time.sleep(0.2)
+    lines = read_stats(stats)
+    assert totals(lines)["read"]["bytes"] == 8 << 20  # concurrent requests all counted
+    plot = tmp_path / "plot.png"
+    proc = run([sys.executable, "-m", "nbdformats.statsplot", stats, "-o", plot], timeout=60)
+    assert b"requests over" in proc.stdout
+    header = plot.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", header[16:24]) == (1000, 900)  # width, height
+    assert plot.stat().st_size > 20_000  # axes, lines and labels, not a blank canvas
+
+
+def test_stats_plot_errors(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"event":"start","time":1,"interval":1}\n{"event":"stop","time":2}\n')
+    proc = run([sys.executable, "-m", "nbdformats.statsplot", empty], check=False)
+    assert proc.returncode == 1 and b"recorded no requests" in proc.stderr
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("hello\n")
+    proc = run([sys.executable, "-m", "nbdformats.statsplot", garbage], check=False)
+    assert proc.returncode == 1 and b"line 1: not a line written by --stats-json" in proc.stderr
+
+
+def test_stats_json_bad_options():
+    proc = run([*NBDFORMATS, "-f", "--stats-json=/nonexistent/dir/s.jsonl", "-U", "-", "memory", "1M",
+                "--run", "true"], check=False)
+    assert proc.returncode == 1 and b"--stats-json: cannot write /nonexistent/dir/s.jsonl" in proc.stderr
+    proc = run([*NBDFORMATS, "-f", "--stats-interval=1", "-U", "-", "memory", "1M", "--run", "true"], check=False)
+    assert proc.returncode == 1 and b"--stats-interval goes with --stats-json" in proc.stderr
 
