@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import re
 import select
 import struct
 import subprocess
@@ -373,4 +374,21 @@ def test_stats_json_bad_options():
     assert proc.returncode == 1 and b"--stats-json: cannot write /nonexistent/dir/s.jsonl" in proc.stderr
     proc = run([*NBDFORMATS, "-f", "--stats-interval=1", "-U", "-", "memory", "1M", "--run", "true"], check=False)
     assert proc.returncode == 1 and b"--stats-interval goes with --stats-json" in proc.stderr
+
+
+def test_luks_keyslots_debug_flag(tmp_path):
+    from fixtures.luks import add_key, cryptsetup_format, fast_pbkdf
+    first, second = tmp_path / "key0", tmp_path / "key1"
+    first.write_bytes(b"first passphrase")
+    second.write_bytes(b"second passphrase")
+    image = cryptsetup_format(tmp_path / "disk.luks", first, "luks2", 20 << 20, *fast_pbkdf("argon2id"))
+    add_key(image, first, second)  # keyslot 1, pbkdf2
+    with serve("--filter=luks", "file", str(image), f"keyfile={second}",
+               options=("-v", "-D", "luks.keyslots=1")) as srv:
+        log = srv.stderr()
+    assert re.search(r"nbdformats: luks: debug: keyslot 0 \(argon2id, 4 passes, 32768 KiB, 1 lanes\): "
+                     r"no match in \d+\.\d{3} s", log), log
+    assert re.search(r"nbdformats: luks: debug: keyslot 1 \(pbkdf2-sha256, 1000 iterations\): opened in", log), log
+    with serve("--filter=luks", "file", str(image), f"keyfile={second}", options=("-v",)) as srv:
+        assert "keyslot 0" not in srv.stderr()  # the flag is off by default
 

@@ -17,7 +17,8 @@ from ...core.errors import ConfigError, NBDError
 from ...core.params import Int, Param, Path, Secret, SecretValue
 from .cipher import SectorCipher
 from .errors import LuksError
-from .header import Volume, read_volume
+from .header import Keyslot, Volume, read_volume
+from .kdf import Argon2
 from .unlock import unlock
 
 log = logging.getLogger("nbdformats.luks")
@@ -77,10 +78,21 @@ def _reader(layer: Layer):
     return read
 
 
+def _log_keyslot(slot: Keyslot, opened: bool, seconds: float) -> None:
+    kdf = slot.kdf
+    if isinstance(kdf, Argon2):
+        what = f"{kdf.variant}, {kdf.time} passes, {kdf.memory_kib} KiB, {kdf.lanes} lanes"
+    else:
+        what = f"pbkdf2-{kdf.hash}, {kdf.iterations} iterations"
+    log.debug("luks: keyslot %d (%s): %s in %.3f s", slot.index, what, "opened" if opened else "no match", seconds)
+
+
 class LuksFilter(Filter):
     """Decrypt (and encrypt) a LUKS1 or LUKS2 disk image, as cryptsetup and qemu make them."""
 
     name = "luks"
+    debug_flag_help = {"keyslots": "log each keyslot tried at unlock: its KDF, whether the passphrase "
+                                   "opened it and how long that took (with -v)"}
     blocking = True  # AES and key derivation are CPU work
     passphrase = Param(Secret(), help="The passphrase: SECRET, +FILE, - (prompt) or -FD (as nbdkit)")
     keyfile = Param(Path("file"), help="A cryptsetup key file: its whole contents are the passphrase")
@@ -125,7 +137,8 @@ class LuksFilter(Filter):
             if unlocked is None:
                 for warning in volume.warnings:
                     log.warning("luks: %s", warning)
-                key = unlock(volume, self.passphrase.reveal(), read, device_size, self.keyslot)
+                tried = _log_keyslot if self.debug_flags.get("keyslots") else None
+                key = unlock(volume, self.passphrase.reveal(), read, device_size, self.keyslot, tried)
                 segment = volume.segment
                 unlocked = Unlocked(volume, SectorCipher(segment.cipher, key, segment.sector_size,
                                                          segment.iv_tweak))

@@ -3,10 +3,15 @@ check it against the digest (sans-IO: reads through a `read(offset, length)` fun
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 from .cipher import SectorCipher
 from .errors import LuksError
 from .header import Keyslot, Reader, Volume
 from .kdf import af_merge
+
+Tried = Callable[[Keyslot, bool, float], None]
 
 
 def keyslot_order(volume: Volume, keyslot: int | None) -> list[Keyslot]:
@@ -38,11 +43,16 @@ def open_keyslot(slot: Keyslot, secret: bytes, read: Reader, device_size: int) -
     return candidate if slot.digest.matches(candidate) else None
 
 
-def unlock(volume: Volume, secret: bytes, read: Reader, device_size: int, keyslot: int | None = None) -> bytes:
-    """The volume key, or LuksError("no keyslot matches ...")."""
+def unlock(volume: Volume, secret: bytes, read: Reader, device_size: int, keyslot: int | None = None,
+           tried: Tried | None = None) -> bytes:
+    """The volume key, or LuksError("no keyslot matches ...").  `tried(slot, opened, seconds)`
+    hears about each keyslot tried (-D luks.keyslots=1)."""
     slots = keyslot_order(volume, keyslot)
     for slot in slots:
+        started = time.monotonic()
         key = open_keyslot(slot, secret, read, device_size)
+        if tried is not None:
+            tried(slot, key is not None, time.monotonic() - started)
         if key is not None:
             volume.segment.cipher.check_key_size(len(key))
             return key
