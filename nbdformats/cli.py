@@ -18,6 +18,7 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -336,6 +337,14 @@ def open_stats_file(opts: Options, settings) -> None:
         raise ConfigError(f"--stats-json: cannot write {path}: {e.strerror}") from None
 
 
+def stderr_is_stdin_socket() -> bool:
+    try:
+        stdin, stderr = os.fstat(0), os.fstat(2)
+    except OSError:
+        return False
+    return stat.S_ISSOCK(stdin.st_mode) and (stdin.st_dev, stdin.st_ino) == (stderr.st_dev, stderr.st_ino)
+
+
 def exit_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     PR_SET_PDEATHSIG = 1
@@ -415,7 +424,10 @@ def _main(argv: list[str]) -> int:
 
     foreground = opts.flag("foreground") or opts.flag("single") or opts.get("run") is not None \
         or opts.get("fd") is not None
-    setup_logging(opts.flag("verbose"), str(opts.get("log", "stderr" if foreground else "syslog")))
+    # inetd and xinetd hand -s the client's socket as stderr too: messages there would corrupt
+    # the NBD stream, so they go to syslog unless --log says otherwise.
+    to_stderr = foreground and not (opts.flag("single") and stderr_is_stdin_socket())
+    setup_logging(opts.flag("verbose"), str(opts.get("log", "stderr" if to_stderr else "syslog")))
     if opts.flag("exit-with-parent"):
         exit_with_parent()
     if opts.flag("swap"):

@@ -392,3 +392,82 @@ def test_luks_keyslots_debug_flag(tmp_path):
     with serve("--filter=luks", "file", str(image), f"keyfile={second}", options=("-v",)) as srv:
         assert "keyslot 0" not in srv.stderr()  # the flag is off by default
 
+
+# -- sample service files (docs/examples) ------------------------------------------------------
+
+EXAMPLES = ROOT / "docs" / "examples"
+
+
+def sample_command(line: str, image: Path) -> list[str]:
+    """A sample's command line with our interpreter for /usr/local/bin/nbdformats and `image`
+    for /srv/disk.img."""
+    import shlex
+    words = shlex.split(line)
+    assert words[0] == "/usr/local/bin/nbdformats" and "/srv/disk.img" in words, words
+    return [*NBDFORMATS, *(str(image) if w == "/srv/disk.img" else w for w in words[1:])]
+
+
+def active_lines(path: Path, key: str) -> list[str]:
+    return [line.split("=", 1)[1].strip() for line in path.read_text().splitlines()
+            if line.strip().startswith(key) and "=" in line and not line.lstrip().startswith("#")]
+
+
+def test_systemd_units_are_valid(tmp_path):
+    service = (EXAMPLES / "nbdformats.service").read_text()
+    (tmp_path / "nbdformats.service").write_text(
+        service.replace("/usr/local/bin/nbdformats", str(Path(sys.executable).parent / "nbdformats")))
+    (tmp_path / "nbdformats.socket").write_text((EXAMPLES / "nbdformats.socket").read_text())
+    proc = run(["systemd-analyze", "verify", "--man=no", tmp_path / "nbdformats.socket",
+                tmp_path / "nbdformats.service"], timeout=60)
+    assert proc.stderr == b"", proc.stderr  # unknown keys and bad values are only warnings
+
+
+def test_systemd_service_command_under_socket_activation(tmp_path):
+    image = random_file(tmp_path / "disk.img", 1 << 20, seed=5)
+    (exec_start,) = active_lines(EXAMPLES / "nbdformats.service", "ExecStart")
+    sock = tmp_path / "sock"
+    with open(tmp_path / "log", "wb") as log:
+        proc = subprocess.Popen(["systemd-socket-activate", "-l", str(sock), "--", *sample_command(exec_start, image)],
+                                stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        uri = f"nbd+unix:///?socket={sock}"
+        out = nbdsh(uri, "print(h.pread(4096, 8192).hex(), h.is_read_only())").stdout.split()
+        assert out == [image.read_bytes()[8192:12288].hex().encode(), b"True"]
+        proc.terminate()  # what systemctl stop sends
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_xinetd_sample_with_the_socket_on_stdin_stdout_and_stderr(tmp_path, verbose):
+    import socket
+
+    import nbd
+    image = random_file(tmp_path / "disk.img", 1 << 20, seed=6)
+    (server,) = active_lines(EXAMPLES / "xinetd.conf", "server ")
+    (server_args,) = active_lines(EXAMPLES / "xinetd.conf", "server_args")
+    command = sample_command(f"{server} {server_args}", image)
+    if verbose:  # debug messages must not reach the client's socket
+        command.insert(len(NBDFORMATS), "-v")
+    ours, theirs = socket.socketpair()
+    # As xinetd does: the connection is the server's stdin, stdout and stderr.
+    proc = subprocess.Popen(command, stdin=theirs, stdout=theirs, stderr=theirs, cwd=ROOT)
+    theirs.close()
+    try:
+        h = nbd.NBD()
+        h.connect_socket(ours.detach())
+        assert h.pread(4096, 4096) == image.read_bytes()[4096:8192]
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"x" * 512, 0)  # -r
+        h.shutdown()
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
