@@ -24,6 +24,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -48,13 +49,17 @@ def start(argv: list, sock: Path) -> subprocess.Popen:
     proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=ENV, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not sock.exists():
+    while True:  # until the server accepts connections (the socket file appears a little earlier)
         if proc.poll() is not None:
             raise SystemExit(f"{argv} exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
         if time.monotonic() > deadline:
-            raise SystemExit(f"{argv}: no socket after 120 s")
-        time.sleep(0.01)
-    return proc
+            raise SystemExit(f"{argv}: not listening after 120 s")
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(str(sock))
+            return proc
+        except OSError:
+            time.sleep(0.01)
 
 
 def stop(proc: subprocess.Popen) -> None:

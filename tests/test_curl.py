@@ -378,6 +378,12 @@ def test_format_filters_over_curl(site: Nginx, tmp: Path, filters: list[str], na
         assert copy_sha(srv.uri, tmp) == expected(site)
 
 
+def test_qemu_img_convert_over_gzip_and_curl(site: Nginx, tmp: Path) -> None:
+    with serve("--filter=gzip", "curl", f"url={site.url}/disk.raw.gz") as srv:
+        run(["qemu-img", "convert", "-f", "raw", "-O", "raw", srv.uri, tmp / "converted.raw"], timeout=60)
+    assert sha256_file(tmp / "converted.raw") == expected(site)
+
+
 def test_luks_and_xva_over_curl(site: Nginx, tmp: Path) -> None:
     keyfile = site.workdir.parent / "keyfile"
     with serve("--filter=luks", "curl", f"url={site.url}/disk.luks", f"keyfile={keyfile}") as srv:
@@ -564,6 +570,9 @@ def test_bad_parameters() -> None:
         ([("url", "http://example.com/x"), ("header", "X: 1"), ("header-script", "true")], "header-script"),
         ([("url", "http://example.com/x"), ("tls13-ciphers", "TLS_AES_128_GCM_SHA256")], "tls13-ciphers"),
         ([("url", "http://example.com/x"), ("header", "Range: bytes=0-1")], "Range"),
+        ([("url", "http://example.com/x"), ("cookie", "a=1\r\nX-Injected: 1")], "line break"),
+        ([("url", "http://example.com/x"), ("header", "X-Token secret-value")], "Name: value"),
     ]:
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(ConfigError, match=message) as info:
             Chain([], load_plugin("curl")()).configure({0: params})
+        assert "secret-value" not in str(info.value)

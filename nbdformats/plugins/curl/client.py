@@ -26,7 +26,7 @@ from urllib.parse import urljoin, urlsplit
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import HTTPError, NewConnectionError, SSLError
+from urllib3.exceptions import HTTPError, LocationValueError, NewConnectionError, SSLError
 from urllib3.util import SKIP_HEADER
 
 from .messages import (ContentRange, Validators, basic_auth, parse_content_range, parse_header_lines,
@@ -214,6 +214,8 @@ class RangeClient:
             try:
                 response = self.pool.urlopen("GET", url, headers=headers, redirect=False, retries=False,
                                              preload_content=False, decode_content=False, timeout=self.timeout)
+            except LocationValueError as e:
+                raise RequestError(f"{redact_url(url)}: bad URL: {e}") from None
             except SSLError as e:
                 raise RequestError(f"{redact_url(url)}: TLS failed: {_tls_reason(e)} (trust a private CA "
                                    f"with cainfo= or capath=, or skip the check with sslverify=false)") from None

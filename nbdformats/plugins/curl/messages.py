@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass
+from typing import Mapping
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 # RFC 9110 5.6.2: field names are tokens.
@@ -103,9 +104,8 @@ class Validators:
     last_modified: str | None
 
     @classmethod
-    def from_headers(cls, headers: object) -> "Validators":
-        get = getattr(headers, "get")
-        return cls(get("ETag"), get("Last-Modified"))
+    def from_headers(cls, headers: Mapping[str, str]) -> "Validators":
+        return cls(headers.get("ETag"), headers.get("Last-Modified"))
 
     def differs(self, later: "Validators") -> str | None:
         """Why `later` (a response's validators) is another version than self, or None.

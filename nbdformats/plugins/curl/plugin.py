@@ -129,6 +129,10 @@ class CurlPlugin(Plugin):
         password = _text(self.password) if self.password is not None else url_password
         if user is not None or password is not None:
             headers.insert(0, ("Authorization", basic_auth(user or "", (password or "").encode())))
+        for key, value in (("cookie", self.cookie), ("user-agent", self.user_agent)):
+            text = _text(value) if isinstance(value, SecretValue) else value
+            if text is not None and any(c in text for c in "\r\n\0"):
+                raise ConfigError(f"curl: {key}= contains a line break or NUL")
         if self.cookie is not None:
             headers.insert(0, ("Cookie", _text(self.cookie)))
         if self.user_agent is not None:

@@ -58,13 +58,19 @@ class ReadAhead:
         first, last = offset // self.window, (end - 1) // self.window
         with self.lock:
             streaming = first in self.windows or first - 1 in self.windows or offset in self.recent_ends
+            # A read of depth windows or more is a large request already: it goes straight.
+            streaming = streaming and last - first < self.depth
             self.recent_ends.append(end)
             if streaming:
-                for index in range(first, min(last + 1 + self.ahead, self.count)):
-                    if index not in self.windows:
-                        # The reader is past the bytes before `offset`: count them as served.
-                        self.windows[index] = _Window(self.executor.submit(self._fetch_window, index),
-                                                      max(0, offset - index * self.window), index > last)
+                try:
+                    for index in range(first, min(last + 1 + self.ahead, self.count)):
+                        if index not in self.windows:
+                            # The reader is past the bytes before `offset`: count them as served.
+                            self.windows[index] = _Window(self.executor.submit(self._fetch_window, index),
+                                                          max(0, offset - index * self.window), index > last)
+                except RuntimeError:  # the executor is shut down: the server is exiting
+                    streaming = False
+            if streaming:
                 self._evict(first)
                 needed = [(index, self.windows[index]) for index in range(first, last + 1)]
         if not streaming:
