@@ -295,6 +295,13 @@ def test_wrong_password_fails_without_showing_it(site: Nginx) -> None:
             pass
     assert "HTTP 401" in str(info.value)
     assert "WrongHorse42" not in str(info.value)
+    # nor from the URL: user information and the query string (signed URLs) are not shown
+    with pytest.raises(AssertionError) as info:
+        with serve("curl", f"url=http://{USER}:WrongHorse43@127.0.0.1:{site.port}/private/disk.raw?sig=TopSecret",
+                   options=("-v",)):
+            pass
+    assert "HTTP 401" in str(info.value) and "/private/disk.raw?…" in str(info.value)
+    assert "WrongHorse43" not in str(info.value) and "TopSecret" not in str(info.value)
 
 
 def test_header_script_and_cookie(site: Nginx, tmp: Path) -> None:
