@@ -93,6 +93,39 @@ def test_progress_bar_hidden_when_stderr_is_not_a_terminal():
     assert proc.returncode == 0 and proc.stderr == b"done\n"
 
 
+class RecordingProgress:
+    """Stands in for core.progress.progress: records what a component reports."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.done = 0
+
+    def __call__(self, total, description, unit="B"):
+        self.calls.append((total, description, unit))
+        return self
+
+    def update(self, n: int) -> None:
+        self.done += n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.calls.append("closed")
+
+
+def test_floppy_scan_reports_progress(tmp_path, monkeypatch):
+    from nbdformats.plugins.floppy import tree
+    (tmp_path / "sub").mkdir()
+    for name in ("a.txt", "b.txt", "sub/c.txt"):
+        (tmp_path / name).write_text(name)
+    recorder = RecordingProgress()
+    monkeypatch.setattr(tree, "progress", recorder)
+    tree.scan([str(tmp_path)], print)
+    assert recorder.calls == [(None, "floppy: scanning", "entries"), "closed"]
+    assert recorder.done == 4  # a.txt, b.txt, sub, sub/c.txt
+
+
 # -- -D debug flags and -v ---------------------------------------------------------------------
 
 def test_parse_debug_flags_as_nbdkit():

@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ...core.progress import progress
 from .dirents import ATTR_ARCHIVE
 from .names import decode_host_name, fold, windows_name
 
@@ -94,14 +95,17 @@ def scan(directories: list[str], warn: Warn) -> DirNode:
     pending: deque[tuple[DirNode, str, str, tuple[str, ...], bool]] = deque(
         (root, real, shown, (real,), False) for real, shown in zip(roots, directories))
     through_links = 0
-    while pending:
-        node, real_dir, shown_dir, chain, via_link = pending.popleft()
-        count = _merge(node, real_dir, shown_dir, chain, via_link, roots, warn, pending)
-        if via_link:
-            through_links += count
-            if through_links > MAX_ENTRIES_THROUGH_LINKS:
-                raise TreeError(f"symbolic links to directories bring more than {MAX_ENTRIES_THROUGH_LINKS} "
-                                f"entries into the tree (last: {shown_dir}); do links multiply it?")
+    with progress(None, "floppy: scanning", unit="entries") as bar:  # big trees take a while
+        while pending:
+            node, real_dir, shown_dir, chain, via_link = pending.popleft()
+            count = _merge(node, real_dir, shown_dir, chain, via_link, roots, warn, pending)
+            bar.update(count)
+            if via_link:
+                through_links += count
+                if through_links > MAX_ENTRIES_THROUGH_LINKS:
+                    raise TreeError(f"symbolic links to directories bring more than "
+                                    f"{MAX_ENTRIES_THROUGH_LINKS} entries into the tree (last: {shown_dir}); "
+                                    "do links multiply it?")
     return root
 
 
