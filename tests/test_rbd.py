@@ -207,7 +207,7 @@ def test_filters_over_rbd_luks_xz_cache(ceph: Ceph, tmp: Path) -> None:
         other = random_file(tmp / "other.img", 4 * MiB, seed=15)
         with serve("--filter=luks", "--filter=cache", "rbd", f"image={luks_image}",
                    "passphrase=rbd secret", "cache=writeback") as srv:
-            run(["nbdcopy", str(other), srv.uri])  # nbdcopy flushes at the end
+            run(["nbdcopy", "--flush", str(other), srv.uri])
         ceph.rbd("export", "--no-progress", f"{ceph.pool}/{luks_image}", str(tmp / "export.img"))
     qemu_read_plain(tmp / "export.img", "rbd secret", tmp / "qemu-plain.img")
     assert sha256_file(tmp / "qemu-plain.img") == sha256_file(other)

@@ -87,7 +87,7 @@ class S3Plugin(Plugin):
         if self.multi_object:
             self._check("", lambda: self.s3.head_bucket(Bucket=self.bucket))
         else:
-            self.object_length, self.etag = self._check(self.key, self.head)
+            self._check(self.key, self.head)
 
     def cleanup(self) -> None:
         executor = getattr(self, "executor", None)
