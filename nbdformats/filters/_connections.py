@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+import time
 from typing import Any, Callable
 
 WATCH_INTERVAL = 0.05  # seconds between checks of a connection that is between opens
@@ -107,15 +108,16 @@ class ConnectionTracker:
             self.on_end(remaining)
 
     def _watch(self, connection: _Connection) -> None:
-        event = threading.Event()
-        while not event.wait(WATCH_INTERVAL):
+        while True:
+            time.sleep(WATCH_INTERVAL)
             with self.lock:
                 if connection.opens > 0:  # opened again (NBD_OPT_GO after NBD_OPT_INFO)
                     connection.watched = False
                     return
                 if not connection.gone():
                     continue
-                del self.connections[id(connection.client)]
+                if self.connections.pop(id(connection.client), None) is None:
+                    return  # already forgotten (pruned by a limit check)
                 remaining = len(self.connections) + self._anonymous
             if self.on_end is not None:
                 self.on_end(remaining)
