@@ -21,7 +21,8 @@ S3_ACCESS=${NBDF_CEPH_S3_ACCESS:-nbdformats-access}
 S3_SECRET=${NBDF_CEPH_S3_SECRET:-nbdformats-secret-key}
 OSD_FILE_SIZE=${NBDF_CEPH_OSD_SIZE:-4G}       # sparse: costs only what is written
 
-PACKAGES=(ceph-mon ceph-mgr ceph-osd ceph-common radosgw python3-rados python3-rbd uuid-runtime curl)
+# python3-boto3: nbdkit's S3 plugin, the reference the S3 tests compare with, imports it.
+PACKAGES=(ceph-mon ceph-mgr ceph-osd ceph-common radosgw python3-rados python3-rbd python3-boto3 uuid-runtime curl)
 DAEMONS=(mon.a mgr.a osd.0 client.rgw.a)
 
 export CEPH_CONF=$DIR/ceph.conf
@@ -172,7 +173,13 @@ if [[ ! -e $DIR/mon.a/.made ]]; then
   ceph-mon --mkfs -i a --monmap "$DIR/monmap" --keyring "$DIR/keys/mon..keyring"
   touch "$DIR/mon.a/.made"
 fi
-running mon.a || { say "starting mon.a"; ceph-mon -i a 2>>"$DIR/log/daemons.log"; }
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+if ! running mon.a; then
+  for port in "$MON_PORT" "$MON_PORT_V1"; do
+    port_taken "$port" && die "port $port is taken (another Ceph?): choose NBDF_CEPH_MON_PORT / NBDF_CEPH_MON_PORT_V1"
+  done
+  say "starting mon.a"; ceph-mon -i a 2>>"$DIR/log/daemons.log"
+fi
 wait_for 30 "the monitor" timeout 10 ceph --connect-timeout 5 mon stat
 
 # ---- manager ----------------------------------------------------------------------------------
@@ -224,7 +231,10 @@ for pool in .rgw.root default.rgw.log default.rgw.control default.rgw.meta \
 done
 wait_all() { local pid; for pid in $(jobs -p); do wait "$pid" || return 1; done; }
 wait_all || die "could not create the radosgw pools"
-running client.rgw.a || { say "starting radosgw"; radosgw -n client.rgw.a 2>>"$DIR/log/daemons.log"; }
+if ! running client.rgw.a; then
+  port_taken "$RGW_PORT" && die "port $RGW_PORT is taken: choose NBDF_CEPH_RGW_PORT"
+  say "starting radosgw"; radosgw -n client.rgw.a 2>>"$DIR/log/daemons.log"
+fi
 wait_for 60 "radosgw" curl -fsS -o /dev/null "http://127.0.0.1:$RGW_PORT/"
 if ! radosgw-admin user info --uid=nbdformats >/dev/null 2>&1; then
   say "creating the S3 user"
