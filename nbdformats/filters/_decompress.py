@@ -17,13 +17,14 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 from ..core.chain import NONE, Filter, FilterHandle, Layer, OpenNext
 from ..core.errors import ConfigError, NBDError
 from ..core.params import Param, Size
 from ..core.progress import Progress as ProgressBar
 from ..core.progress import progress
+from ._spill import ChunkDecoder, InOrder, Spill
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ class BlockSource:
     """
 
     def __init__(self, name: str, units: list[Unit], decode: Callable[[Unit, Reader], bytes],
-                 stream: Callable[[Unit], Any], max_unit: int, max_depth: int, unit_word: str = "block") -> None:
+                 stream: Callable[[Unit], ChunkDecoder], max_unit: int, max_depth: int, unit_word: str = "block") -> None:
         self.name, self.unit_word = name, unit_word
         self.units = units
         self.outs = [u.out for u in units]
@@ -235,7 +236,7 @@ class BlockSource:
         self.max_unit, self.max_depth = max_unit, max_depth
         self.cache: OrderedDict[int, bytes] = OrderedDict()
         self.cached_bytes = 0
-        self.spills: dict[int, Any] = {}
+        self.spills: dict[int, Spill] = {}
         self.lock = threading.Lock()
         self.unit_locks: dict[int, threading.Lock] = {}
         self.prefetching = False  # a read-ahead thread is decoding the next unit
@@ -305,14 +306,12 @@ class BlockSource:
                         self.cached_bytes -= len(self.cache.popitem(last=False)[1])
         return data
 
-    def _spill(self, unit: Unit) -> Any:
-        from ._spill import Spill  # _spill imports this module
-
+    def _spill(self, unit: Unit) -> Spill:
         with self.lock:
             spill = self.spills.get(unit.number)
             if spill is None:
                 log.info("%s: %s %d is %d bytes, more than the cache limit %d: decoding it into a "
                          "spill file on demand", self.name, self.unit_word, unit.number, unit.size, self.max_unit)
-                spill = self.spills[unit.number] = Spill(unit.size, self.stream(unit),
+                spill = self.spills[unit.number] = Spill(InOrder(self.stream(unit)), unit.size,
                                                          f"{self.name} {self.unit_word} {unit.number}")
             return spill

@@ -13,8 +13,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import os
-import tempfile
 import threading
 from typing import Iterator
 
@@ -26,6 +24,7 @@ from ..core.chain import EMULATE, NONE, Filter, FilterHandle, Layer
 from ..core.errors import NBDError
 from ..core.params import Param, Secret, SecretValue, Size, String
 from ._members import ArchiveError, Member, MemberFilter
+from ._spill import Spill
 
 log = logging.getLogger(__name__)
 
@@ -125,86 +124,39 @@ class LayerReader:
         self.close()
 
 
-class Unpacker:
-    """One member unpacked forward on demand into a spill; bytes below `done` are final."""
+class MemberBlocks:
+    """A Producer for a Spill: one member's data, block by block as libarchive unpacks it
+    (reading the archive through the layer each call is given)."""
 
-    def __init__(self, reader: LayerReader, name: str, size: int, spill_in_memory: bool) -> None:
+    def __init__(self, reader: LayerReader, name: str, size: int) -> None:
         self.reader = reader
         self.name = name
         self.size = size
-        self.lock = threading.Lock()
-        self.done = 0
-        self.finished = False
-        self.failure: str | None = None
-        self.memory: bytearray | None = None
-        self.spill_fd = -1
-        if spill_in_memory:
-            self.memory = bytearray(size)
-        else:
-            spill = tempfile.TemporaryFile(prefix="nbdformats-archive-")
-            self.spill_fd = os.dup(spill.fileno())
-            spill.close()
-            os.ftruncate(self.spill_fd, size)  # sparse: holes cost nothing
+        self.position = 0  # end of the blocks produced so far
 
-    def unpack_to(self, end: int, layer: Layer) -> None:
-        """Unpack until `end` bytes are final (or the member ends), reading through `layer`."""
-        if end <= self.done:
-            return
-        with self.lock:
-            self.reader.layer = layer
-            while self.done < end and not self.finished:
-                if self.failure is not None:
-                    raise NBDError(errno.EIO, self.failure)
-                try:
-                    self._step()
-                except (ArchiveError, NBDError) as e:
-                    self.failure = f"archive: unpacking {self.name!r} failed at byte {self.done}: {e}"
-                    self.reader.close()
-                    raise NBDError(errno.EIO, self.failure) from None
-
-    def _step(self) -> None:
-        reader = self.reader
-        block = reader.read_block()
+    def read(self, layer: Layer) -> tuple[int, ctypes.Array] | None:
+        self.reader.layer = layer
+        try:
+            block = self.reader.read_block()
+        except (ArchiveError, NBDError) as e:
+            raise NBDError(errno.EIO, f"archive: unpacking {self.name!r} failed at byte {self.position}: "
+                                      f"{e}") from None
         if block is None:
-            self.finished = True
-            self.done = self.size  # a trailing hole of a sparse member reads as zeroes
-            reader.close()
-            return
+            return None  # a trailing hole of a sparse member reads as zeroes
         address, length, offset = block
-        end = offset + length
-        if end > self.size:
+        if offset + length > self.size:
             # A corrupt or hostile archive (a decompression bomb): serve what its header
             # declares, unpack no further.
             log.warning("archive: %r unpacks to more than its declared size (%d bytes): the rest is ignored",
                         self.name, self.size)
-            end = self.size
-            self.finished = True
-        if end > offset:
-            data = (ctypes.c_char * (end - offset)).from_address(address)  # libarchive's buffer
-            if self.memory is not None:
-                self.memory[offset:end] = data
-            else:
-                os.pwrite(self.spill_fd, data, offset)
-        self.done = max(self.done, end)
-        if self.finished:
-            reader.close()
-
-    def pread(self, buf: memoryview, offset: int, layer: Layer) -> None:
-        end = offset + len(buf)
-        self.unpack_to(end, layer)
-        if self.done < end:
-            raise NBDError(errno.EIO, f"archive: {self.name!r} ended after {self.done} bytes")
-        if self.memory is not None:
-            buf[:] = self.memory[offset:end]
-        elif os.preadv(self.spill_fd, [buf], offset) != len(buf):
-            raise NBDError(errno.EIO, f"archive: short read from the spill file of {self.name!r}")
+            length = max(self.size - offset, 0)
+            if not length:
+                return None
+        self.position = max(self.position, offset + length)
+        return offset, (ctypes.c_char * length).from_address(address)  # libarchive's buffer
 
     def close(self) -> None:
-        with self.lock:
-            self.reader.close()
-        if self.spill_fd >= 0:
-            os.close(self.spill_fd)
-            self.spill_fd = -1
+        self.reader.close()
 
 
 class ArchiveFilter(MemberFilter):
@@ -224,7 +176,7 @@ class ArchiveFilter(MemberFilter):
                               "temporary file in $TMPDIR (default 64M)")
 
     def get_ready(self) -> None:
-        self.unpackers: dict[tuple[str, str], Unpacker] = {}
+        self.unpackers: dict[tuple[str, str], Spill] = {}  # by (export below, name asked for)
         self.lock = threading.Lock()
         super().get_ready()
 
@@ -252,7 +204,7 @@ class ArchiveFilter(MemberFilter):
                 self.unpackers[(below_export, wanted)] = unpacker
         return UnpackedHandle(self, below, unpacker)
 
-    def start_unpacking(self, below: Layer, member: Member) -> Unpacker:
+    def start_unpacking(self, below: Layer, member: Member) -> Spill:
         reader, ordinal = member.detail
         size = member.size
         if size < 0:
@@ -269,13 +221,14 @@ class ArchiveFilter(MemberFilter):
         in_memory = size <= self.memory_limit
         log.debug("archive: unpacking %r (%s bytes) on demand into %s", member.name, size,
                   "memory" if in_memory else "a temporary file")
-        return Unpacker(reader, member.name, size, in_memory)
+        return Spill(MemberBlocks(reader, member.name, size), size, f"archive: {member.name!r}",
+                     in_memory=in_memory, sparse=True)
 
 
 class UnpackedHandle(FilterHandle):
     """Reads come from the shared spill, unpacking further first when needed; read-only."""
 
-    def __init__(self, filter: Filter, next: Layer, unpacker: Unpacker) -> None:
+    def __init__(self, filter: Filter, next: Layer, unpacker: Spill) -> None:
         self.filter, self.next = filter, next
         self.unpacker = unpacker
 
@@ -307,7 +260,7 @@ class UnpackedHandle(FilterHandle):
         return NONE
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-        self.unpacker.pread(buf, offset, self.next)
+        self.unpacker.read_into(buf, offset, self.next)
 
 
 FILTER = ArchiveFilter

@@ -23,7 +23,7 @@ from ..formats.zstd import (SEEK_FOOTER, Frame, ZstdFormatError, parse_frame_hea
                             parse_seek_table_footer, seek_table_size, walk_frames)
 from ._decompress import (BlockSource, DecompressError, DecompressFilter, Reader, Source, Unit, buffered,
                           read_exact)
-from ._spill import Spill
+from ._spill import InOrder, Spill
 
 try:
     import xxhash
@@ -174,11 +174,11 @@ class ZstdFilter(DecompressFilter):
     def _single_frame(self, unit: Unit, reader: Reader) -> Spill:
         log.info("zstd: a single frame: no random access; decoding it into a spill file as reads "
                  "need it (compress with pzstd or in the seekable format for random access)")
-        spill = Spill(unit.size if unit.size >= 0 else None, FrameStream(unit.offset, unit.length),
+        spill = Spill(InOrder(FrameStream(unit.offset, unit.length)), unit.size if unit.size >= 0 else None,
                       "zstd", max_size=self.max_size)
         if unit.size < 0:
             log.info("zstd: the frame does not declare its size: decoding it all now")
-            spill.decode_all(reader)
+            spill.produce_all(reader)
         return spill
 
 
