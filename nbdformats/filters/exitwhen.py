@@ -60,6 +60,10 @@ class ExitwhenFilter(Filter):
         for path in self.exit_when_file_deleted:
             self.checks.append(lambda path=path: not self._file_created(path))
         for fd in [*self.exit_when_pipe_closed, *self.exit_when_fd_closed]:
+            try:
+                os.fstat(fd)
+            except OSError as e:
+                raise ConfigError(f"exit-when-pipe-closed={fd}: {e.strerror}") from None
             self.checks.append(lambda fd=fd: self._pipe_closed(fd))
         for pid in [*self.exit_when_process_exits, *self.exit_when_pid_exits]:
             watch = process_watch(pid)

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from ..core.chain import Extents, Filter, FilterHandle
 from ..core.errors import ConfigError
@@ -157,7 +158,7 @@ class StatsFilter(Filter):
     class Handle(FilterHandle):
         filter: "StatsFilter"
 
-        def _timed(self, op: str, count: int, offset: int | None, call, *args) -> None:
+        def _timed(self, op: str, count: int, offset: int | None, call: Callable[..., None], *args: Any) -> None:
             record = self.filter.record
             started = time.monotonic_ns()
             try:
