@@ -1,4 +1,6 @@
 """What the gzip, xz and zstd filters share: a read-only view of decompressed data.
+(`SourceHandle`, that view, also serves the zip filter's deflated members and the archive
+filter's unpacked ones.)
 
 A filter subclasses `DecompressFilter` and implements `load(below, reader)`, which inspects
 the compressed data once per export and returns a `Source` (the uncompressed size and a
@@ -17,7 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from ..core.chain import NONE, Filter, FilterHandle, Layer, OpenNext
 from ..core.errors import ConfigError, NBDError
@@ -34,9 +36,11 @@ MIN_CACHE_BYTES = 96 << 20  # a block cache may keep more than its depth of unit
 
 
 class Source(Protocol):
+    """Read-only data of a known size, shared by all connections (so thread-safe)."""
+
     size: int
 
-    def read_into(self, buf: memoryview, offset: int, reader: Reader) -> None: ...
+    def read_into(self, buf: memoryview, offset: int, reader: Any) -> None: ...
 
 
 class DecompressError(ValueError):
@@ -104,6 +108,59 @@ class Progress:
         log.info("%s: %s done in %.1f s: %s", self.name, self.what, time.monotonic() - self.started, detail)
 
 
+class SourceHandle(FilterHandle):
+    """A connection's read-only view of a Source shared by all connections; `reader` is what
+    the source reads its input through on this connection (a Reader over the layer below,
+    or the layer itself for the archive filter's spills)."""
+
+    def __init__(self, filter: Filter, next: Layer, source: Source, reader: Any, cache_mode: int = NONE) -> None:
+        self.filter, self.next = filter, next
+        self.source, self.reader = source, reader
+        self.cache_mode = cache_mode  # EMULATE where reading ahead pays (it fills a spill or an index)
+
+    def get_size(self) -> int:
+        return self.source.size
+
+    def block_size(self) -> tuple[int, int, int] | None:
+        return None
+
+    def can_write(self) -> bool:
+        return False
+
+    def can_flush(self) -> bool:
+        return False
+
+    def can_trim(self) -> bool:
+        return False
+
+    def can_zero(self) -> int:
+        return NONE
+
+    def can_fast_zero(self) -> bool:
+        return False
+
+    def can_fua(self) -> int:
+        return NONE
+
+    def can_extents(self) -> bool:
+        return False
+
+    def can_cache(self) -> int:
+        return self.cache_mode
+
+    def can_multi_conn(self) -> bool:
+        return True  # read-only: every connection sees the same bytes
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        self.source.read_into(buf, offset, self.reader)
+
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        raise NBDError(errno.EROFS, f"{self.filter.name}: the data is read-only")
+
+    def flush(self, flags: int) -> None:
+        pass
+
+
 class DecompressFilter(Filter):
     """Base of the decompressing filters (read-only; one shared Source per export)."""
 
@@ -159,53 +216,9 @@ class DecompressFilter(Filter):
         # Decompressed data is read-only: the layer below is opened read-only too.
         return super().open(next_open, True, export_name)
 
-    class Handle(FilterHandle):
+    class Handle(SourceHandle):
         def __init__(self, filter: "DecompressFilter", next: Layer, readonly: bool, export_name: str) -> None:
-            super().__init__(filter, next, readonly, export_name)
-            self.source = filter.source_for(next, export_name)
-            self.reader = layer_reader(next)
-
-        def get_size(self) -> int:
-            return self.source.size
-
-        def block_size(self) -> tuple[int, int, int] | None:
-            return None
-
-        def can_write(self) -> bool:
-            return False
-
-        def can_flush(self) -> bool:
-            return False
-
-        def can_trim(self) -> bool:
-            return False
-
-        def can_zero(self) -> int:
-            return NONE
-
-        def can_fast_zero(self) -> bool:
-            return False
-
-        def can_fua(self) -> int:
-            return NONE
-
-        def can_extents(self) -> bool:
-            return False
-
-        def can_cache(self) -> int:
-            return NONE
-
-        def can_multi_conn(self) -> bool:
-            return True  # read-only: every connection sees the same bytes
-
-        def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-            self.source.read_into(buf, offset, self.reader)
-
-        def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-            raise NBDError(errno.EROFS, f"{self.filter.name}: compressed data is read-only")
-
-        def flush(self, flags: int) -> None:
-            pass
+            super().__init__(filter, next, filter.source_for(next, export_name), layer_reader(next))
 
 
 @dataclass(frozen=True)

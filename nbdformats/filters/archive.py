@@ -20,9 +20,10 @@ from libarchive import ffi
 from libarchive.entry import ArchiveEntry
 from libarchive.exception import ArchiveError as LibarchiveError
 
-from ..core.chain import EMULATE, NONE, Filter, FilterHandle, Layer
+from ..core.chain import EMULATE, FilterHandle, Layer
 from ..core.errors import NBDError
 from ..core.params import Param, Secret, SecretValue, Size, String
+from ._decompress import SourceHandle
 from ._members import ArchiveError, Member, MemberFilter
 from ._spill import Spill
 
@@ -202,7 +203,8 @@ class ArchiveFilter(MemberFilter):
                     unpacker = self.start_unpacking(below, member)
                     self.unpackers[(below_export, member.name)] = unpacker
                 self.unpackers[(below_export, wanted)] = unpacker
-        return UnpackedHandle(self, below, unpacker)
+        # Read-only; the spill reads the archive through this connection's layer; reading ahead unpacks.
+        return SourceHandle(self, below, unpacker, below, cache_mode=EMULATE)
 
     def start_unpacking(self, below: Layer, member: Member) -> Spill:
         reader, ordinal = member.detail
@@ -223,44 +225,6 @@ class ArchiveFilter(MemberFilter):
                   "memory" if in_memory else "a temporary file")
         return Spill(MemberBlocks(reader, member.name, size), size, f"archive: {member.name!r}",
                      in_memory=in_memory, sparse=True)
-
-
-class UnpackedHandle(FilterHandle):
-    """Reads come from the shared spill, unpacking further first when needed; read-only."""
-
-    def __init__(self, filter: Filter, next: Layer, unpacker: Spill) -> None:
-        self.filter, self.next = filter, next
-        self.unpacker = unpacker
-
-    def get_size(self) -> int:
-        return self.unpacker.size
-
-    def block_size(self) -> tuple[int, int, int] | None:
-        return None
-
-    def can_write(self) -> bool:
-        return False
-
-    def can_flush(self) -> bool:
-        return False
-
-    def can_extents(self) -> bool:
-        return False
-
-    def can_multi_conn(self) -> bool:
-        return True
-
-    def can_cache(self) -> int:
-        return EMULATE  # reading ahead unpacks into the spill
-
-    def can_zero(self) -> int:
-        return NONE
-
-    def can_fua(self) -> int:
-        return NONE
-
-    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-        self.unpacker.read_into(buf, offset, self.next)
 
 
 FILTER = ArchiveFilter

@@ -12,15 +12,16 @@ import errno
 import logging
 import threading
 from dataclasses import replace
-from typing import Callable, Iterator
+from typing import Iterator
 
-from ..core.chain import EMULATE, NONE, Filter, FilterHandle, Layer
+from ..core.chain import EMULATE, FilterHandle, Layer
 from ..core.errors import NBDError
 from ..core.params import Bool, Param, String
 from ..formats.zip import (DEFLATED, LOCAL, STORED, ZipEntry, ZipError, data_offset, parse_central_directory,
                            read_central_directory)
-from ._members import ArchiveError, Member, MemberFilter, Segment, SegmentHandle, read_exact
 from ..formats.deflate_index import DeflateIndex
+from ._decompress import SourceHandle
+from ._members import ArchiveError, Member, MemberFilter, Segment, SegmentHandle, read_exact
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class ZipFilter(MemberFilter):
                                           f"{entry.compressed_size} bytes stored for {entry.size}")
             stored = replace(member, segments=(Segment(0, entry.size, start),))
             return SegmentHandle(self, below, stored, writable=self.zip_write)
+
         def read_compressed(offset: int, length: int) -> bytes:
             return read_exact(below, offset, max(0, min(length, start + entry.compressed_size - offset)))
 
@@ -89,48 +91,8 @@ class ZipFilter(MemberFilter):
             if index is None:
                 index = DeflateIndex(read_compressed, start, entry.compressed_size, uncompressed_size=entry.size)
                 self.indexes[(below_export, start)] = index
-        return DeflatedHandle(self, below, entry.size, index, read_compressed)
-
-
-class DeflatedHandle(FilterHandle):
-    """A deflated member: read-only, read through the shared checkpoint index."""
-
-    def __init__(self, filter: Filter, next: Layer, size: int, index: DeflateIndex,
-                 read_compressed: Callable[[int, int], bytes]) -> None:
-        self.filter, self.next = filter, next
-        self.size = size
-        self.index = index
-        self.read_compressed = read_compressed  # through this connection's layer
-
-    def get_size(self) -> int:
-        return self.size
-
-    def block_size(self) -> tuple[int, int, int] | None:
-        return None
-
-    def can_write(self) -> bool:
-        return False
-
-    def can_flush(self) -> bool:
-        return False
-
-    def can_extents(self) -> bool:
-        return False
-
-    def can_multi_conn(self) -> bool:
-        return True
-
-    def can_cache(self) -> int:
-        return EMULATE  # reading ahead records checkpoints
-
-    def can_zero(self) -> int:
-        return NONE
-
-    def can_fua(self) -> int:
-        return NONE
-
-    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-        self.index.read_into(buf, offset, self.read_compressed)
+        # Deflated members are read-only; reading ahead records checkpoints.
+        return SourceHandle(self, below, index, read_compressed, cache_mode=EMULATE)
 
 
 FILTER = ZipFilter
