@@ -221,6 +221,18 @@ def test_readahead_prefetches_after_each_read(tmp):
     assert sorted(caches) == sorted((offset + count, 32768) for offset, count in reads)
 
 
+def test_readahead_window():
+    from nbdformats.filters.readahead import READAHEAD_MAX, READAHEAD_MIN, Window
+    window = Window()
+    assert window.after_read(0, 4096, 1 << 30) == (4096, READAHEAD_MIN)
+    # Reads that land beyond what was prefetched double the window (for the next prefetch), up to 4M.
+    sizes = [window.after_read(offset, 4096, 1 << 30)[1] for offset in range(MIB, 64 * MIB, 4 * MIB)]
+    assert sizes[:3] == [READAHEAD_MIN, 2 * READAHEAD_MIN, 4 * READAHEAD_MIN] and sizes[-1] == READAHEAD_MAX
+    window.after_read(0, 4096, 1 << 30)  # backwards: back to the minimum
+    assert window.after_read(4096, 4096, 1 << 30) == (8192, READAHEAD_MIN)
+    assert window.after_read((1 << 30) - 4096, 4096, 1 << 30) is None  # nothing after the end
+
+
 def test_readahead_warns_without_cache_below(tmp):
     with serve("--filter=readahead", RECORDER, "cache=none") as srv:
         nbdsh(srv.uri, "h.pread(4096, 0)")
