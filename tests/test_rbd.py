@@ -8,6 +8,7 @@ libnbd-bin, python3-libnbd, qemu-utils, xz-utils.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import uuid
@@ -109,6 +110,9 @@ def test_snapshot_is_served_read_only(ceph: Ceph, tmp: Path) -> None:
 def test_startup_errors_are_clear(ceph: Ceph, tmp: Path) -> None:
     bogus = tmp / "bogus.keyring"
     bogus.write_text("[client.admin]\n\tkey = AQBvaBVhAAAAABAAmbm+RXkkN0Op7gQx8CFaXw==\n")
+    nowhere = tmp / "nowhere.conf"  # monitors on ports nobody listens on
+    nowhere.write_text(re.sub(r"mon host = .*", "mon host = [v2:127.0.0.1:9,v1:127.0.0.1:7]",
+                              Path(ceph.conf).read_text()))
     with ceph.image("4M") as name:
         cases = [
             ([("image", "no-such-image")], "image rbd/no-such-image does not exist"),
@@ -117,6 +121,7 @@ def test_startup_errors_are_clear(ceph: Ceph, tmp: Path) -> None:
             ([("image", name), ("id", "nobody")], "no key for this client"),
             ([("image", name), ("keyring", str(bogus)), ("timeout", "5")], "cannot connect"),
             ([("image", name), ("snapshot", "s"), ("exclusive", "true")], "snapshot is read-only"),
+            ([("image", name), ("conf", str(nowhere)), ("timeout", "1")], "no monitor answered"),
         ]
         for params, message in cases:
             with pytest.raises(ConfigError, match=message):

@@ -24,6 +24,15 @@ from ..core.errors import ConfigError, NBDError
 from ..core.params import Bool, Int, Param, Path, String
 
 
+# What a failed connect usually means, by librados' errno.
+CONNECT_HINTS = {
+    errno.ENOENT: " (no key for this client: check id= and keyring=)",
+    errno.EACCES: " (key refused: check id= and keyring=)",
+    errno.EPERM: " (key refused: check id= and keyring=)",
+    errno.ETIMEDOUT: " (no monitor answered: check conf= and that the cluster is up)",
+}
+
+
 def _bindings() -> tuple[Any, Any]:
     try:
         import rados
@@ -85,10 +94,7 @@ class RBDPlugin(Plugin):
             self.cluster.connect(timeout=self.timeout)
         except rados.Error as e:
             self.cluster.shutdown()
-            hint = {errno.ENOENT: " (no key for this client: check id= and keyring=)",
-                    errno.EACCES: " (key refused: check id= and keyring=)", errno.EPERM: " (key refused: check id= and keyring=)",
-                    errno.ETIMEDOUT: " (no monitor answered: check conf= and that the cluster is up)"}.get(
-                        getattr(e, "errno", 0) or 0, "")
+            hint = CONNECT_HINTS.get(getattr(e, "errno", 0) or 0, "")
             raise ConfigError(f"rbd: cannot connect to the Ceph cluster as client.{self.id}{hint}: {e}") from None
         try:
             try:
