@@ -31,7 +31,7 @@ class Progress:
             byte_units = unit == "B"
             self._bar = tqdm(total=total, desc=description, unit=unit, unit_scale=byte_units,
                              unit_divisor=1024 if byte_units else 1000, delay=SHOW_AFTER, leave=False,
-                             file=stream, dynamic_ncols=True)
+                             file=stream, dynamic_ncols=True, miniters=1)  # redraw by time, not count
 
     def update(self, n: int) -> None:
         self.done += n
