@@ -26,12 +26,12 @@ from ..core.errors import ConfigError, NBDError
 from ..core.params import Param, Size
 from ..core.progress import Progress as ProgressBar
 from ..core.progress import progress
+from ._layer_bytes import read_bytes
 from ._spill import ChunkDecoder, InOrder, Spill
 
 log = logging.getLogger(__name__)
 
 Reader = Callable[[int, int], bytes]
-READ_CHUNK = 4 << 20  # layers below may limit request sizes
 MIN_CACHE_BYTES = 96 << 20  # a block cache may keep more than its depth of units up to this
 
 
@@ -51,12 +51,7 @@ def layer_reader(layer: Layer) -> Reader:
     """read(offset, length) over a layer: short at the end of the data, chunked for big reads."""
 
     def read(offset: int, length: int) -> bytes:
-        length = max(0, min(length, layer.get_size() - offset))
-        buf = bytearray(length)
-        view = memoryview(buf)
-        for start in range(0, length, READ_CHUNK):
-            layer.pread(view[start:start + READ_CHUNK], offset + start, 0)
-        return bytes(buf)
+        return read_bytes(layer, offset, max(0, min(length, layer.get_size() - offset)))
 
     return read
 

@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterator
 from ..core.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, NONE, Export, Extents, Filter,
                           FilterHandle, Layer, OpenNext)
 from ..core.errors import ConfigError, NBDError
+from ._layer_bytes import read_bytes
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 1 << 20
 LISTED_NAMES = 20  # how many member names an error message shows
 
 
@@ -30,16 +30,12 @@ class ArchiveError(ValueError):
     """The archive is corrupt, truncated or uses something we cannot serve (message says which)."""
 
 
-def read_exact(layer: Layer, offset: int, length: int) -> bytes:
-    """`length` bytes at `offset` of the layer below (in chunks: layers may limit request sizes)."""
+def read_archive(layer: Layer, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset` of the archive in the layer below; ArchiveError past its end."""
     if offset < 0 or offset + length > layer.get_size():
         raise ArchiveError(f"truncated archive: need bytes {offset}..{offset + length} "
                            f"but there are only {layer.get_size()}")
-    buf = bytearray(length)
-    view = memoryview(buf)
-    for start in range(0, length, READ_CHUNK):
-        layer.pread(view[start:start + READ_CHUNK], offset + start, 0)
-    return bytes(buf)
+    return read_bytes(layer, offset, length)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Iterator
 from ..core.chain import FilterHandle, Layer
 from ..core.params import Param, String
 from ..formats.tar import TarEntry, TarError, walk
-from ._members import ArchiveError, Member, MemberFilter, Segment, SegmentHandle, normalize, read_exact
+from ._members import ArchiveError, Member, MemberFilter, Segment, SegmentHandle, normalize, read_archive
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class TarFilter(MemberFilter):
     def read_members(self, below: Layer) -> Iterator[Member]:
         files: dict[str, TarEntry] = {}
         try:
-            for entry in walk(lambda offset, n: read_exact(below, offset, n), below.get_size()):
+            for entry in walk(lambda offset, n: read_archive(below, offset, n), below.get_size()):
                 if entry.kind == "file":
                     files.setdefault(normalize(entry.name), entry)
                     yield tar_member(entry)

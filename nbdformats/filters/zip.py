@@ -21,7 +21,7 @@ from ..formats.zip import (DEFLATED, LOCAL, STORED, ZipEntry, ZipError, data_off
                            read_central_directory)
 from ..formats.deflate_index import DeflateIndex
 from ._decompress import SourceHandle
-from ._members import ArchiveError, Member, MemberFilter, Segment, SegmentHandle, read_exact
+from ._members import ArchiveError, Member, MemberFilter, Segment, SegmentHandle, read_archive
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class ZipFilter(MemberFilter):
 
     def read_members(self, below: Layer) -> Iterator[Member]:
         try:
-            directory, raw = read_central_directory(lambda offset, n: read_exact(below, offset, n),
+            directory, raw = read_central_directory(lambda offset, n: read_archive(below, offset, n),
                                                     below.get_size())
             for entry in parse_central_directory(raw, directory):
                 if not entry.is_dir:
@@ -70,7 +70,7 @@ class ZipFilter(MemberFilter):
             raise NBDError(errno.ENOTSUP, f"zip: {entry.name!r} is compressed with {entry.method_name}, which this "
                                           "filter cannot read (--filter=archive reads more methods)")
         try:
-            start = data_offset(read_exact(below, entry.header_offset, LOCAL.size), entry)
+            start = data_offset(read_archive(below, entry.header_offset, LOCAL.size), entry)
         except (ArchiveError, ZipError) as e:
             raise NBDError(errno.EIO, f"zip: {e}") from None
         if start + entry.compressed_size > below.get_size():
@@ -84,7 +84,7 @@ class ZipFilter(MemberFilter):
             return SegmentHandle(self, below, stored, writable=self.zip_write)
 
         def read_compressed(offset: int, length: int) -> bytes:
-            return read_exact(below, offset, max(0, min(length, start + entry.compressed_size - offset)))
+            return read_archive(below, offset, max(0, min(length, start + entry.compressed_size - offset)))
 
         with self.lock:
             index = self.indexes.get((below_export, start))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ...core.chain import EMULATE, EXTENT_DATA, FLAG_FUA, Extents, Filter, FilterHandle, Layer
 from ...core.errors import ConfigError, NBDError
 from ...core.params import Int, Param, Path, Secret, SecretValue
+from .._layer_bytes import read_bytes
 from .cipher import SectorCipher
 from .errors import LuksError
 from .header import Keyslot, Volume, read_volume
@@ -70,14 +71,6 @@ class SharedExclusiveLock:
             self._cond.notify_all()
 
 
-def _reader(layer: Layer):
-    def read(offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        layer.pread(memoryview(buf), offset, 0)
-        return bytes(buf)
-    return read
-
-
 def _log_keyslot(slot: Keyslot, opened: bool, seconds: float) -> None:
     kdf = slot.kdf
     if isinstance(kdf, Argon2):
@@ -130,7 +123,10 @@ class LuksFilter(Filter):
     def unlock(self, below: Layer) -> Unlocked:
         """The volume behind `below` with its cipher; the key derivation runs once per header."""
         device_size = below.get_size()
-        read = _reader(below)
+
+        def read(offset: int, length: int) -> bytes:
+            return read_bytes(below, offset, length)
+
         volume = read_volume(read, device_size)
         with self._unlock_lock:
             unlocked = self._unlocked.get(volume.identity)

@@ -20,6 +20,7 @@ from ...core.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, 
 from ...core.errors import ConfigError, NBDError
 from ...core.params import Enum, Param, String
 from ...core.progress import progress
+from .._layer_bytes import read_bytes
 from .archive import BAD, CHUNK_SIZE, GOOD, UNCHECKED, Archive, Chunk, Disk, XvaError, checksum, index
 
 log = logging.getLogger("nbdformats.xva")
@@ -57,15 +58,9 @@ class XvaFilter(Filter):
             below.close()
 
     def _index(self, below: Layer) -> Archive:
-        def read(offset: int, length: int) -> bytes:
-            data = bytearray(length)
-            view = memoryview(data)
-            for start in range(0, length, CHUNK_SIZE):  # layers may limit request sizes
-                below.pread(view[start:start + CHUNK_SIZE], offset + start, 0)
-            return bytes(data)
-
         try:
-            return index(read, below.get_size(), with_checksums=self.xva_verify != "none")
+            return index(lambda offset, length: read_bytes(below, offset, length), below.get_size(),
+                         with_checksums=self.xva_verify != "none")
         except XvaError as e:
             raise ConfigError(f"xva: {e}") from None
         except NBDError as e:
