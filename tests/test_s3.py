@@ -273,3 +273,27 @@ def test_tar_over_gzip_over_s3(ceph: Ceph, tmp: Path) -> None:
                    "tar-entry=disk.img") as srv:
             nbdcopy_to_file(srv.uri, tmp / "out.img")
     assert sha256_file(tmp / "out.img") == sha256_file(plain)
+
+
+def test_trim_and_zero_of_many_objects_list_then_delete(ceph: Ceph) -> None:
+    """Ranges of more than 1000 objects are not deleted name by name but from a listing."""
+    with ceph.bucket() as bucket:
+        chain, top = s3_chain(ceph, bucket, "many", ("size", "8M"), ("object-size", "4K"))  # 2048 objects
+        try:
+            for index in (0, 5, 1500, 2047):
+                top.pwrite(memoryview(bytes([index % 251 + 1]) * 4096), index * 4096, 0)
+            ceph.s3().put_object(Bucket=bucket, Key="many/not-an-object", Body=b"x")  # left alone
+            extents = Extents(0, 8 * MiB)
+            top.extents(8 * MiB, 0, 0, extents)
+            assert [e for e in extents if e[2] == EXTENT_DATA] == \
+                [(0, 4096, 0), (5 * 4096, 4096, 0), (1500 * 4096, 4096, 0), (2047 * 4096, 4096, 0)]
+            top.trim(8 * MiB - 4096, 0, 0)  # objects 0-2046
+            assert set(object_keys(ceph, bucket, "many/")) == {"many/00000000000007ff", "many/not-an-object"}
+            top.zero(100, 8 * MiB - 100, 0)  # the last object's edge is zeroed, the rest deleted
+            assert set(object_keys(ceph, bucket, "many/")) == {"many/00000000000007ff", "many/not-an-object"}
+            out = bytearray(4096)
+            top.pread(memoryview(out), 2047 * 4096, 0)
+            assert out == bytes([2047 % 251 + 1]) * (4096 - 100) + bytes(100)
+        finally:
+            top.close()
+            chain.cleanup()

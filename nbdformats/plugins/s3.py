@@ -464,10 +464,17 @@ class ObjectSet:
         return -(-offset // size), (offset + count) // size
 
     def zero(self, count: int, offset: int) -> None:
+        """Zero the partial objects at the edges, delete the whole ones between (which may be many)."""
+        size = self.object_size
+        head, head_start = divmod(offset, size)
+        tail, tail_length = divmod(offset + count, size)
+        if head == tail:
+            edges = [(head, head_start, count)] if count else []
+        else:
+            edges = [(head, head_start, size - head_start)] if head_start else []
+            edges += [(tail, 0, tail_length)] if tail_length else []
+        calls: list[Callable[[], None]] = [lambda i=i, s=s, n=n: self._zero_partial(i, s, n) for i, s, n in edges]
         first, end = self._whole_objects(offset, count)
-        calls: list[Callable[[], None]] = [lambda i=i, s=s, n=n: self._zero_partial(i, s, n)
-                                           for i, s, n, _ in self.pieces(offset, count)
-                                           if n != self.object_size]
         if first < end:
             calls.append(lambda: self._delete_range(first, end))
         if calls:
