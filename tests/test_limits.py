@@ -15,7 +15,7 @@ import pytest
 from conftest import random_file, serve
 from fixtures.hardening import Raw, rss_mib
 from nbdformats.core import protocol as P
-from nbdformats.core.connection import MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES
+from nbdformats.core.threaded import MAX_IN_FLIGHT_BYTES
 from nbdformats.core.transmission import MAX_PAYLOAD
 
 GATE = str(Path(__file__).parent / "fixtures" / "plugins" / "gate.py")
@@ -78,11 +78,11 @@ def probe(sock: str) -> int:
     return count
 
 
-@pytest.mark.parametrize("length,limit", [(4096, MAX_IN_FLIGHT), (16 << 20, MAX_IN_FLIGHT_BYTES // (16 << 20))])
-def test_in_flight_limit_per_connection(length, limit):
-    """Pipelined requests beyond the limit wait unread: at most MAX_IN_FLIGHT requests, or
-    MAX_IN_FLIGHT_BYTES of reads, run at once for one connection (with threads to spare)."""
-    with serve(GATE, options=("-t", "128")) as srv:
+@pytest.mark.parametrize("length,threads,limit", [(4096, 8, 8), (16 << 20, 128, MAX_IN_FLIGHT_BYTES // (16 << 20))])
+def test_in_flight_limit_per_connection(length, threads, limit):
+    """Pipelined requests beyond the limit wait unread: a blocking plugin runs at most -t requests
+    of one connection at once, and at most MAX_IN_FLIGHT_BYTES of reads however many threads."""
+    with serve(GATE, options=("-t", str(threads))) as srv:
         client = Raw(srv.socket)
         client.go()
         for cookie in range(limit * 2):

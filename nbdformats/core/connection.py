@@ -27,16 +27,13 @@ from .chain import Chain, Layer, ThreadModel, WouldBlock, set_must_not_block
 from .errors import NBDError, ProtocolError
 from .handshake import Abort, ExportRequest, ListExports, NeedData, ServerHandshake, StartTLS, oldstyle_greeting
 from .stats import StatsRecorder
-from .threaded import ThreadedTransmission
+from .threaded import MAX_IN_FLIGHT_BYTES, ThreadedTransmission
 from .transmission import Request, RequestDecoder, Transmission, export_info
 from .workers import WorkerPool
 
 log = logging.getLogger("nbdformats")
 
 MAX_IN_FLIGHT = 64  # requests running in threads per connection before we stop reading more
-# Bytes of READ replies being produced in threads per connection: 64 reads of 64 MiB must not
-# all run at once for a client that does not read them.  One request always runs.
-MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 # Replies queued in user space before we stop reading requests: room for several 256 KiB reads
 # keeps a single pipelining client (nbdcopy -C 1) streaming; memory per connection stays bounded.
 WRITE_HIGH_WATER = 4 * 1024 * 1024

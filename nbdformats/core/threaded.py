@@ -24,6 +24,9 @@ log = logging.getLogger("nbdformats")
 
 # One lock for chains whose thread model is serialize_all_requests: one request at a time server-wide.
 SERVER_WIDE_LOCK = threading.Lock()
+# Bytes of READ replies being built or sent per connection: without it, 16 threads each blocked
+# sending a 64 MiB reply to a client that does not read would hold 1 GiB.  One read always runs.
+MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 
 
 class ThreadedTransmission:
@@ -41,6 +44,8 @@ class ThreadedTransmission:
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._stopping = False  # DISC, EOF, an error, or the server shutting down
+        self._budget = threading.Condition()
+        self._budget_used = 0  # bytes of READ replies in flight
         self._running = threads
         self._threads = [threading.Thread(target=self._serve, name=f"nbdformats-conn-{i}", daemon=True)
                          for i in range(threads)]
@@ -102,18 +107,29 @@ class ThreadedTransmission:
                 if req is None:
                     break
                 problem = transmission.check(req)
-                if problem is not None:
-                    buffers = [transmission.replies.error(req.cookie, req.offset, *problem)]
-                elif self.serialize_all:
-                    with SERVER_WIDE_LOCK:
-                        buffers = transmission.process(req)
-                else:
-                    buffers = transmission.process(req)
+                cost = req.length if problem is None and req.type == P.CMD_READ else 0
+                with self._budget:
+                    while self._budget_used and self._budget_used + cost > MAX_IN_FLIGHT_BYTES:
+                        self._budget.wait()
+                    self._budget_used += cost
                 try:
-                    self._send(buffers)
-                except OSError:
-                    self._stopping = True
-                    break
+                    if problem is not None:
+                        buffers = [transmission.replies.error(req.cookie, req.offset, *problem)]
+                    elif self.serialize_all:
+                        with SERVER_WIDE_LOCK:
+                            buffers = transmission.process(req)
+                    else:
+                        buffers = transmission.process(req)
+                    try:
+                        self._send(buffers)
+                    except OSError:
+                        self._stopping = True
+                        break
+                finally:
+                    buffers = None  # the reply's memory goes with its budget
+                    with self._budget:
+                        self._budget_used -= cost
+                        self._budget.notify_all()
         except Exception:
             log.exception("connection thread failed")
             self._stopping = True
