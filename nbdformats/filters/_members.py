@@ -20,6 +20,7 @@ from ..core.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, N
                           FilterHandle, Layer, OpenNext)
 from ..core.errors import ConfigError, NBDError
 from ._layer_bytes import read_bytes
+from ._zero import fill_zero
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ class SegmentHandle(FilterHandle):
         for start, n, segment in self._pieces(offset, len(buf)):
             piece = buf[start - offset:start - offset + n]
             if segment is None:
-                piece[:] = bytes(n)
+                fill_zero(piece)
             else:
                 self.next.pread(piece, segment.source + start - segment.offset, flags)
 

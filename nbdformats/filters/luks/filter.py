@@ -16,6 +16,7 @@ from ...core.chain import EMULATE, EXTENT_DATA, FLAG_FUA, Extents, Filter, Filte
 from ...core.errors import ConfigError, NBDError
 from ...core.params import Int, Param, Path, Secret, SecretValue
 from .._layer_bytes import read_bytes
+from .._zero import ZERO_CHUNK
 from .cipher import SectorCipher
 from .errors import LuksError
 from .header import Keyslot, Volume, read_volume
@@ -25,7 +26,6 @@ from .unlock import unlock
 log = logging.getLogger("nbdformats.luks")
 
 KEYFILE_MAX = 8 * 1024 * 1024  # cryptsetup's default --keyfile-size limit
-ZERO_CHUNK = 1024 * 1024
 NO_MAXIMUM = 0xFFFFFFFF
 
 
@@ -242,10 +242,9 @@ class LuksFilter(Filter):
         def trim(self, count: int, offset: int, flags: int) -> None:
             # Punching a hole below would leave ciphertext-less plaintext zeroes (and show the
             # host which blocks are unused): write encrypted zeroes instead.
-            zeroes = memoryview(bytes(min(count, ZERO_CHUNK)))
             while count > 0:
-                n = min(count, len(zeroes))
-                self.pwrite(zeroes[:n], offset, flags & FLAG_FUA)
+                n = min(count, len(ZERO_CHUNK))
+                self.pwrite(ZERO_CHUNK[:n], offset, flags & FLAG_FUA)  # pwrite encrypts a copy
                 offset += n
                 count -= n
 

@@ -21,12 +21,10 @@ from ...core.errors import ConfigError, NBDError
 from ...core.params import Enum, Param, String
 from ...core.progress import progress
 from .._layer_bytes import read_bytes
+from .._zero import fill_zero
 from .archive import BAD, CHUNK_SIZE, GOOD, UNCHECKED, Archive, Chunk, Disk, XvaError, checksum, index
 
 log = logging.getLogger("nbdformats.xva")
-
-ZEROES = memoryview(bytes(CHUNK_SIZE))
-
 
 class XvaFilter(Filter):
     """Serve the disks of a XenServer/XCP-ng export (XVA) straight from the archive."""
@@ -172,7 +170,7 @@ class XvaFilter(Filter):
                     else:
                         self._read_checked(chunk, target, within)
                 if from_chunk < n:
-                    buf[done + from_chunk:done + n] = ZEROES[:n - from_chunk]
+                    fill_zero(buf[done + from_chunk:done + n])
                 done += n
 
         def _read_checked(self, chunk: Chunk, target: memoryview, within: int) -> None:

@@ -13,6 +13,7 @@ from collections import deque
 from typing import Callable
 
 from ...core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO
+from ...filters._zero import fill_zero
 from .dirents import ATTR_DIRECTORY, ENTRY_SIZE, Times, dot_entries, short_entry, volume_label_entry
 from .layout import (BACKUP_BOOT_SECTOR, FSINFO_SECTOR, SECTOR, FatTable, LayoutError, Needs, boot_sector,
                      fsinfo_sector, mbr_sector, plan, with_boot_code)
@@ -24,14 +25,6 @@ ReadHost = Callable[[str, int, memoryview], None]
 # (path, offset, length) -> (offset, length, is data) ranges of a host file, for its holes.
 HostRanges = Callable[[str, int, int], list[tuple[int, int, bool]]]
 SPARSE_CHECK_MIN = 1 << 20  # host files at least this big are asked for their holes
-
-_ZEROS = bytes(1 << 20)
-
-
-def fill_zero(view: memoryview) -> None:
-    for start in range(0, len(view), len(_ZEROS)):
-        part = view[start:start + len(_ZEROS)]
-        part[:] = _ZEROS[:len(part)]
 
 
 class _Directory:
