@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 EOCD = struct.Struct("<4sHHHHIIH")  # signature, disk, cd disk, entries here, entries, cd size, cd offset, comment
 EOCD_SIGNATURE = b"PK\x05\x06"
@@ -114,12 +114,18 @@ def read_central_directory(read: Callable[[int, int], bytes], archive_size: int)
     return directory, read(directory.offset, cd_size)
 
 
-def _zip64_extra(extra: bytes, size: int, compressed: int, offset: int) -> tuple[int, int, int]:
-    """Replace the 0xFFFFFFFF fields by the zip64 extra field's values (present in this order)."""
+def _extra_fields(extra: bytes) -> Iterator[tuple[int, bytes]]:
+    """(tag, body) of each field of an extra area: a 2-byte tag, a 2-byte length, the body."""
     position = 0
     while position + 4 <= len(extra):
         tag, length = struct.unpack_from("<HH", extra, position)
-        body = extra[position + 4:position + 4 + length]
+        yield tag, extra[position + 4:position + 4 + length]
+        position += 4 + length
+
+
+def _zip64_extra(extra: bytes, size: int, compressed: int, offset: int) -> tuple[int, int, int]:
+    """Replace the 0xFFFFFFFF fields by the zip64 extra field's values (present in this order)."""
+    for tag, body in _extra_fields(extra):
         if tag == EXTRA_ZIP64:
             values = [v for (v,) in struct.iter_unpack("<Q", body[:len(body) // 8 * 8])]
             wanted = [size == 0xFFFFFFFF, compressed == 0xFFFFFFFF, offset == 0xFFFFFFFF]
@@ -130,7 +136,6 @@ def _zip64_extra(extra: bytes, size: int, compressed: int, offset: int) -> tuple
             compressed = next(it) if wanted[1] else compressed
             offset = next(it) if wanted[2] else offset
             return size, compressed, offset
-        position += 4 + length
     if 0xFFFFFFFF in (size, compressed, offset):
         raise ZipError("a size or offset is 0xFFFFFFFF but the zip64 extra field is missing")
     return size, compressed, offset
@@ -138,14 +143,10 @@ def _zip64_extra(extra: bytes, size: int, compressed: int, offset: int) -> tuple
 
 def _unicode_path(extra: bytes, raw_name: bytes) -> str | None:
     """Info-ZIP Unicode Path: a UTF-8 name, valid while the CRC of the header name matches."""
-    position = 0
-    while position + 4 <= len(extra):
-        tag, length = struct.unpack_from("<HH", extra, position)
-        body = extra[position + 4:position + 4 + length]
+    for tag, body in _extra_fields(extra):
         if tag == EXTRA_UNICODE_PATH and len(body) >= 5 and body[0] == 1:
             if struct.unpack_from("<I", body, 1)[0] == zlib.crc32(raw_name):
                 return body[5:].decode("utf-8", "replace")
-        position += 4 + length
     return None
 
 
