@@ -237,7 +237,7 @@ def test_cluster_stops_answering_mid_copy(ceph: Ceph, tmp: Path) -> None:
 
 
 def test_one_front_server_over_rbd_and_s3(ceph: Ceph, tmp: Path) -> None:
-    """The mirror plugin (NBD client) in front: every write lands in an RBD image and in S3 objects."""
+    """The mirror plugin in front: every write lands in an RBD image and in S3 objects; the nbd plugin relays."""
     data = random_file(tmp / "data.img", 4 * MiB, seed=17)
     with ceph.image("8M") as name, ceph.bucket() as bucket:
         s3_params = ceph.s3_params(bucket, "m", "size=8M", "object-size=1M")
@@ -249,8 +249,11 @@ def test_one_front_server_over_rbd_and_s3(ceph: Ceph, tmp: Path) -> None:
             h.flush()
             h.shutdown()
             nbdcopy_to_file(s3_srv.uri, tmp / "s3.img")
+            with serve("nbd", f"socket={rbd_srv.socket}") as relay:  # the nbd plugin in front of rbd
+                nbdcopy_to_file(relay.uri, tmp / "relay.img")
         ceph.rbd("export", "--no-progress", f"{ceph.pool}/{name}", str(tmp / "rbd.img"))
     expected = bytearray(data.read_bytes() + bytes(4 * MiB))
     expected[7 * MiB + 3:7 * MiB + 1027] = b"both" * 256
     assert (tmp / "rbd.img").read_bytes() == bytes(expected)
     assert (tmp / "s3.img").read_bytes() == bytes(expected)
+    assert (tmp / "relay.img").read_bytes() == bytes(expected)
