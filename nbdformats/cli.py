@@ -15,11 +15,9 @@ import ctypes
 import logging
 import logging.handlers
 import os
-import shlex
 import shutil
 import signal
 import stat
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field

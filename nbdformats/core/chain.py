@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import threading
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -167,6 +168,14 @@ class Component:
         """A client connected (`client` is its socket), before the handshake.
 
         Raise (e.g. NBDError(errno.EPERM, "...")) to refuse the connection; the ip filter does.
+        """
+
+    def disconnected(self, client: Any) -> None:
+        """A client whose preconnect() passed has gone, and its chain is closed (or never opened).
+
+        Called on the server's event loop; with preconnect() it counts connections (exitlast,
+        limit), which are not the same as opens: a client may open the chain for NBD_OPT_INFO
+        and again for NBD_OPT_GO.
         """
 
 
@@ -587,6 +596,13 @@ class Chain:
         """Every component may refuse a new client before the handshake (outermost first)."""
         for component in [*self.filters, self.plugin]:
             component.preconnect(client, readonly)
+
+    def disconnected(self, client: Any) -> None:
+        for component in [*self.filters, self.plugin]:
+            try:
+                component.disconnected(client)
+            except Exception:  # one component's bookkeeping must not stop the others'
+                logging.getLogger("nbdformats").exception("%s: disconnected() failed", component.name)
 
     def get_ready(self) -> None:
         # Plugin first, then filters from the innermost out, as nbdkit does.

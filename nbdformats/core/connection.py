@@ -13,7 +13,6 @@ requests wait in a backlog while replies are over the high-water mark or too man
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import socket
@@ -85,6 +84,7 @@ class Connection(asyncio.BufferedProtocol):
         self._hs_task: asyncio.Task | None = None
         self._early_requests = bytearray()
         self._handed_off = False
+        self._preconnected = False  # preconnect() passed: disconnected() is owed at the end
         self._holds_connection_lock = False
         self._threaded: ThreadedTransmission | None = None
         self._threads_done: asyncio.Future | None = None
@@ -129,6 +129,7 @@ class Connection(asyncio.BufferedProtocol):
             self._closed = True
             self._maybe_release()
             return
+        self._preconnected = True
         self._hs_task = self.loop.create_task(self._negotiate())
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -498,6 +499,8 @@ class Connection(asyncio.BufferedProtocol):
         if self._own_pool:
             self.pool.shutdown()
         self.settings.connections.discard(self)
+        if self._preconnected:
+            self.chain.disconnected(self.client_socket)
         if self._holds_connection_lock:
             self._holds_connection_lock = False
             self.settings.one_connection_at_a_time.release()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 
-from ..core.chain import Filter, FilterHandle, Layer, current_client, request_shutdown
+from typing import Any
+
+from ..core.chain import Filter, request_shutdown
 from ._connections import ConnectionTracker
 
 log = logging.getLogger("nbdformats.exitlast")
@@ -29,16 +31,11 @@ class ExitlastFilter(Filter):
             log.debug("exitlast: exiting on last client connection")
             request_shutdown()
 
-    class Handle(FilterHandle):
-        filter: "ExitlastFilter"
+    def preconnect(self, client: Any, readonly: bool) -> None:
+        self.tracker.connected(client)
 
-        def __init__(self, filter: "ExitlastFilter", next: Layer, readonly: bool, export_name: str) -> None:
-            super().__init__(filter, next, readonly, export_name)
-            self.client = current_client()
-            filter.tracker.opened(self.client)
-
-        def close(self) -> None:
-            self.filter.tracker.closed(self.client)
+    def disconnected(self, client: Any) -> None:
+        self.tracker.disconnected(client)
 
 
 FILTER = ExitlastFilter

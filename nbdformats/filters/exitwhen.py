@@ -17,7 +17,7 @@ import subprocess
 import threading
 from typing import Any, Callable
 
-from ..core.chain import Filter, FilterHandle, Layer, current_client, request_shutdown
+from ..core.chain import Filter, request_shutdown
 from ..core.errors import ConfigError, NBDError
 from ..core.params import Float, Int, Param, Path, String
 from ._connections import ConnectionTracker
@@ -141,22 +141,15 @@ class ExitwhenFilter(Filter):
     def preconnect(self, client: Any, readonly: bool) -> None:
         if self.event_happened():
             raise NBDError(errno.ESHUTDOWN, "exitwhen: the server is exiting: rejecting new connection")
+        self.tracker.connected(client)
+
+    def disconnected(self, client: Any) -> None:
+        self.tracker.disconnected(client)
 
     def _connection_ended(self, remaining: int) -> None:
         if self.event_happened() and remaining == 0:
             log.debug("exitwhen: exiting on last client connection")
             request_shutdown()
-
-    class Handle(FilterHandle):
-        filter: "ExitwhenFilter"
-
-        def __init__(self, filter: "ExitwhenFilter", next: Layer, readonly: bool, export_name: str) -> None:
-            super().__init__(filter, next, readonly, export_name)
-            self.client = current_client()
-            filter.tracker.opened(self.client)
-
-        def close(self) -> None:
-            self.filter.tracker.closed(self.client)
 
 
 FILTER = ExitwhenFilter
