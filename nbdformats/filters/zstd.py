@@ -19,8 +19,8 @@ import zstandard
 from ..core.chain import Layer
 from ..core.errors import NBDError
 from ..core.params import Int, Param, Size
-from ..formats.zstd import (SEEK_FOOTER, Frame, ZstdFormatError, parse_frame_header, parse_seek_table,
-                            parse_seek_table_footer, seek_table_size, walk_frames)
+from ..formats.zstd import (SEEK_FOOTER, Frame, ZstdFormatError, parse_seek_table, parse_seek_table_footer,
+                            seek_table_size, walk_frames)
 from ._decompress import (BlockSource, DecompressError, DecompressFilter, Reader, Source, Unit, buffered,
                           read_exact)
 from ._spill import InOrder, Spill

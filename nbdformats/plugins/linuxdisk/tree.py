@@ -29,7 +29,6 @@ LINK_FALLBACK_ERRNOS = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES)
 @dataclass
 class TreeStats:
     allocated: int = 0  # bytes allocated to every inode once (what `du -s` counts)
-    file_data: int = 0  # bytes allocated to regular files: what mke2fs copies
     inodes: int = 0  # distinct inodes below (and including) the top directory
     linked: int = 0  # staging: entries hard-linked
     copied: int = 0  # staging: entries recreated because the link was refused
@@ -101,8 +100,6 @@ class _Walker:
             self.seen_inodes.add(key)
         self.stats.inodes += 1
         self.stats.allocated += st.st_blocks * 512
-        if stat.S_ISREG(st.st_mode):
-            self.stats.file_data += st.st_blocks * 512
 
     def _entry(self, relative: str, path: str, st: os.stat_result) -> None:
         # mke2fs reports an unreadable file by its base name only, after building for a while.
