@@ -11,6 +11,7 @@ import zlib
 from ...core.chain import Extents, Plugin, PluginHandle
 from ...core.errors import ConfigError, NBDError
 from ...core.params import Enum, Param, Path, Size, String
+from .._sparse import data_and_holes
 from . import syslinux
 from .dirents import ATTR_ARCHIVE, ATTR_HIDDEN, ATTR_READ_ONLY, ATTR_SYSTEM
 from .image import FatImage
@@ -53,23 +54,7 @@ def host_ranges(path: str, offset: int, length: int) -> list[tuple[int, int, boo
     except OSError:
         return everything  # the read will report the error
     try:
-        ranges: list[tuple[int, int, bool]] = []
-        position, end = offset, offset + length
-        while position < end:
-            try:
-                data = os.lseek(fd, position, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:  # ENXIO: only a hole is left
-                    return everything
-                data = end
-            if data > position:
-                ranges.append((position, min(data, end) - position, False))
-                position = min(data, end)
-                continue
-            stop = min(os.lseek(fd, position, os.SEEK_HOLE), end)
-            ranges.append((position, stop - position, True))
-            position = stop
-        return ranges
+        return list(data_and_holes(fd, offset, offset + length))
     except OSError:
         return everything
     finally:

@@ -23,6 +23,7 @@ from ...core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents
 from ...core.errors import ConfigError, NBDError
 from ...core.params import Bool, Enum, Param, ParamType, Path, Size, String
 from ...core.progress import progress
+from .._sparse import data_and_holes
 from . import gpt, tree
 from .tree import TreeStats
 
@@ -278,23 +279,13 @@ class LinuxDiskPlugin(Plugin):
             if offset < self.fs_start:
                 extents.add(0, head_data, EXTENT_DATA)
                 extents.add(head_data, self.fs_start - head_data, EXTENT_HOLE | EXTENT_ZERO)
-            position = max(offset, self.fs_start)
-            while position < min(end, self.fs_end):
-                # SEEK_DATA/SEEK_HOLE on the image: mke2fs leaves free space as holes.
-                file_position = position - self.fs_start
-                try:
-                    data = os.lseek(self.fd, file_position, os.SEEK_DATA) + self.fs_start
-                except OSError as e:
-                    if e.errno != errno.ENXIO:
-                        raise NBDError(e.errno, f"extents: {e.strerror}") from None
-                    data = self.fs_end  # a hole to the end of the image
-                if data > position:
-                    extents.add(position, data - position, EXTENT_HOLE | EXTENT_ZERO)
-                    position = data
-                    continue
-                hole = os.lseek(self.fd, file_position, os.SEEK_HOLE) + self.fs_start
-                extents.add(position, hole - position, EXTENT_DATA)
-                position = hole
+            # mke2fs leaves free space as holes in the image.
+            try:
+                for start, length, is_data in data_and_holes(self.fd, max(offset, self.fs_start) - self.fs_start,
+                                                              min(end, self.fs_end) - self.fs_start):
+                    extents.add(self.fs_start + start, length, EXTENT_DATA if is_data else EXTENT_HOLE | EXTENT_ZERO)
+            except OSError as e:
+                raise NBDError(e.errno, f"extents: {e.strerror}") from None
             if end > self.fs_end:
                 extents.add(self.fs_end, self.plugin.disk_size - self.fs_end, EXTENT_DATA)
 

@@ -19,6 +19,7 @@ import stat
 from dataclasses import dataclass, field
 
 from ...core.errors import ConfigError
+from .._sparse import data_and_holes
 
 log = logging.getLogger(__name__)
 
@@ -174,24 +175,18 @@ def _copy_file_data(source: str, target: str) -> int:
         except OSError:
             pass
         size = os.fstat(sfd).st_size
-        copied = position = 0
-        while position < size:
-            try:
-                data = os.lseek(sfd, position, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                break  # a hole up to the end
-            hole = os.lseek(sfd, data, os.SEEK_HOLE)
-            os.lseek(dfd, data, os.SEEK_SET)
-            offset = data
-            while offset < hole:
-                sent = os.sendfile(dfd, sfd, offset, hole - offset)
+        copied = 0
+        for start, length, is_data in data_and_holes(sfd, 0, size):
+            if not is_data:
+                continue
+            os.lseek(dfd, start, os.SEEK_SET)
+            offset, end = start, start + length
+            while offset < end:
+                sent = os.sendfile(dfd, sfd, offset, end - offset)
                 if sent == 0:
                     raise OSError(errno.EIO, f"{source} shrank while being copied")
                 offset += sent
-            copied += hole - data
-            position = hole
+            copied += length
         os.ftruncate(dfd, size)
         return copied
 
