@@ -274,23 +274,26 @@ def _auto_fat(partitioned: bool | None, fs_sectors: int | None, needs: Needs) ->
     return 32
 
 
+def _fs_sectors(disk_size: int | None, partitioned: bool | None) -> int | None:
+    """The sectors a `disk_size` disk leaves for the file system (None: no size given)."""
+    if disk_size is None:
+        return None
+    fs_sectors = disk_size // SECTOR - (PARTITION_START if partitioned else 0)
+    if fs_sectors <= 0:
+        raise LayoutError(f"size {disk_size} is too small")
+    return fs_sectors
+
+
 def plan(fat: str, partition: str | None, disk_size: int | None, needs: Needs) -> Geometry:
     """The geometry for `fat` (12, 16, 32, auto) and `partition` (mbr, none, or None for
     the default: none for FAT12, mbr otherwise), sized `disk_size` or just big enough."""
     if fat == "auto":
         partitioned = None if partition is None else partition == "mbr"
-        offset = PARTITION_START if partitioned else 0
-        fs_sectors = None if disk_size is None else disk_size // SECTOR - offset
-        if fs_sectors is not None and fs_sectors <= 0:
-            raise LayoutError(f"size {disk_size} is too small")
-        bits = _auto_fat(partitioned, fs_sectors, needs)
+        bits = _auto_fat(partitioned, _fs_sectors(disk_size, partitioned), needs)
     else:
         bits = int(fat)
     partitioned = (partition == "mbr") if partition is not None else bits != 12
-    hidden = PARTITION_START if partitioned else 0
-    fs_sectors = None if disk_size is None else disk_size // SECTOR - hidden
-    if fs_sectors is not None and fs_sectors <= 0:
-        raise LayoutError(f"size {disk_size} is too small")
+    fs_sectors = _fs_sectors(disk_size, partitioned)
     geometry: Geometry | None = None
     if bits == 12 and not partitioned:
         geometry = _plan_floppy(fs_sectors, needs)
@@ -302,7 +305,7 @@ def plan(fat: str, partition: str | None, disk_size: int | None, needs: Needs) -
     if partitioned:
         if geometry.total_sectors > MAX_PARTITION_SECTORS:
             raise LayoutError("an MBR partition holds at most 2 TiB (use partition=none)")
-        geometry = replace(geometry, hidden_sectors=hidden)
+        geometry = replace(geometry, hidden_sectors=PARTITION_START)
     return geometry
 
 
