@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import random
 import zipfile
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 
 from conftest import nbdinfo_json, run, serve, sha256_file
 from fixtures.archives import bsdtar, compress, gnu_tar, make_tree, py_zip, truncated_copy
-from fixtures.filterchain import make_chain
+from fixtures.reads import check_random_reads, filter_over_file, read_export
 from nbdformats.core.errors import ConfigError, NBDError
 from nbdformats.filters._members import normalize
 
@@ -28,17 +27,7 @@ def tree(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
 
 
 def chain_for(path: Path, *params: tuple[str, str]):
-    return make_chain([("archive", list(params))], "file", [("file", str(path))])
-
-
-def read_member(chain, export: str = "") -> bytes:
-    top = chain.open(readonly=True, export_name=export)
-    try:
-        buf = bytearray(top.get_size())
-        top.pread(memoryview(buf), 0, 0)
-        return bytes(buf)
-    finally:
-        top.close()
+    return filter_over_file("archive", path, *params)
 
 
 FORMATS = [
@@ -71,17 +60,10 @@ def test_every_member_reads_back(tree, fmt, make, spill):
     top = chain.open(readonly=True, export_name=disk)
     assert not top.can_write()
     # Random reads first (forcing unpacking on demand), then everything.
-    content = files["disk.img"]
-    rng = random.Random(fmt)
-    for _ in range(30):
-        offset = rng.randrange(len(content))
-        n = min(rng.randrange(1, 200000), len(content) - offset)
-        buf = bytearray(n)
-        top.pread(memoryview(buf), offset, 0)
-        assert buf == content[offset:offset + n]
+    check_random_reads(top, files["disk.img"], fmt, 30, max_length=200000)
     top.close()
     for export in exports:
-        assert read_member(chain, export) == expected[normalize(export)], export
+        assert read_export(chain, export) == expected[normalize(export)], export
     chain.cleanup()
 
 
@@ -142,7 +124,7 @@ def test_output_beyond_the_declared_size_is_cut(tmp_path):
     data[22:26] = (1000).to_bytes(4, "little")  # and local header
     (tmp_path / "lie.zip").write_bytes(data)
     chain = chain_for(tmp_path / "lie.zip")
-    assert read_member(chain, "b.img") == b"A" * 1000
+    assert read_export(chain, "b.img") == b"A" * 1000
     [unpacker] = set(chain.filters[0].unpackers.values())
     assert unpacker.finished and unpacker.done == 1000
     chain.cleanup()
@@ -163,12 +145,12 @@ def test_passphrase(tmp_path):
     (tmp_path / "pw").write_text("hunter2\n")
     for passphrase in ("hunter2", f"+{tmp_path / 'pw'}"):
         chain = chain_for(tmp_path / "enc.zip", ("archive-passphrase", passphrase))
-        assert read_member(chain, "secret.img") == b"top secret " * 3000
+        assert read_export(chain, "secret.img") == b"top secret " * 3000
         chain.cleanup()
     for params in ([("archive-passphrase", "wrong")], []):
         chain = chain_for(tmp_path / "enc.zip", *params)
         with pytest.raises(NBDError) as failure:
-            read_member(chain, "secret.img")
+            read_export(chain, "secret.img")
         assert "hunter2" not in str(failure.value) and "wrong" not in str(failure.value)
         chain.cleanup()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import random
 import tarfile
 from pathlib import Path
 
@@ -14,10 +13,10 @@ import pytest
 
 from conftest import NBDFORMATS, nbdinfo_json, nbdsh, run, serve, serve_nbdkit, sha256_file
 from fixtures.compressed import gzip_members, make_image, seekable_zstd, tool
-from fixtures.filterchain import make_chain
+from fixtures.reads import check_random_reads, filter_over_file, read_range
 from nbdformats.core.chain import Layer
 from nbdformats.core.errors import ConfigError, NBDError
-from nbdformats.formats.xz import XzFormatError, locate_blocks
+from nbdformats.formats.xz import locate_blocks
 from nbdformats.formats.zstd import walk_frames
 
 SIZE = 3 * 1024 * 1024 + 12345  # not a multiple of any block size
@@ -52,25 +51,14 @@ def files(tmp_path_factory) -> dict:
 
 
 def open_filter(name: str, path: Path, *params: tuple[str, str]) -> Layer:
-    chain = make_chain([(name, list(params))], "file", [("file", str(path))])
-    return chain.open(readonly=True, export_name="")
-
-
-def read(layer: Layer, offset: int, length: int) -> bytes:
-    buf = bytearray(length)
-    layer.pread(memoryview(buf), offset, 0)
-    return bytes(buf)
+    return filter_over_file(name, path, *params).open(readonly=True, export_name="")
 
 
 def check_reads(layer: Layer, data: bytes, seed: int = 0, count: int = 40) -> None:
     """Random reads, the last byte, then a sequential pass in 256 KiB requests (as nbdcopy)."""
     assert layer.get_size() == len(data)
-    rng = random.Random(seed)
-    for _ in range(count):
-        offset = rng.randrange(len(data))
-        length = min(rng.randint(1, 300_000), len(data) - offset)
-        assert read(layer, offset, length) == data[offset:offset + length], (offset, length)
-    assert read(layer, len(data) - 1, 1) == data[-1:]
+    check_random_reads(layer, data, seed, count)
+    assert read_range(layer, len(data) - 1, 1) == data[-1:]
     whole = bytearray(len(data))
     for offset in range(0, len(data), 256 * 1024):
         n = min(256 * 1024, len(data) - offset)
@@ -94,7 +82,7 @@ def test_reads_match_source(files, name: str, key: str, params) -> None:
     assert not layer.can_write() and not layer.can_trim() and layer.can_multi_conn()
     check_reads(layer, files["data"], seed=len(key))
     with pytest.raises(NBDError) as e:
-        read(layer, SIZE - 10, 20)
+        read_range(layer, SIZE - 10, 20)
     assert e.value.errno == errno.EIO
 
 
@@ -115,14 +103,14 @@ def test_gzip_bgzf_indexed_from_headers(files, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="nbdformats"):
         layer = open_filter("gzip", files["bgzf"])
     assert "BGZF file" in caplog.text and "indexing" not in caplog.text
-    assert read(layer, 2_000_000, 100_000) == files["data"][2_000_000:2_100_000]
+    assert read_range(layer, 2_000_000, 100_000) == files["data"][2_000_000:2_100_000]
 
 
 def test_gzip_index_saved_and_loaded(files, tmp_path, caplog) -> None:
     index = tmp_path / "disk.gzi"
     layer = open_filter("gzip", files["gz"], ("gzip-index", str(index)), ("gzip-span", "256K"))
     assert index.stat().st_size > 1000
-    assert read(layer, 3_000_000, 4096) == files["data"][3_000_000:3_004_096]
+    assert read_range(layer, 3_000_000, 4096) == files["data"][3_000_000:3_004_096]
     with caplog.at_level(logging.INFO, logger="nbdformats"):
         layer = open_filter("gzip", files["gz"], ("gzip-index", str(index)))
     assert "loaded the index" in caplog.text and "indexing" not in caplog.text
@@ -181,7 +169,7 @@ def test_corrupt_data_is_an_error_not_wrong_bytes(files, tmp_path, name, key) ->
     for offset in range(0, len(data), 512 * 1024):
         n = min(512 * 1024, len(data) - offset)
         try:
-            assert read(layer, offset, n) == data[offset:offset + n]
+            assert read_range(layer, offset, n) == data[offset:offset + n]
         except NBDError as e:
             assert e.errno == errno.EIO, e
             failed = True
@@ -219,10 +207,10 @@ def test_zstd_seek_table_checksum_is_checked(files, tmp_path) -> None:
     bad = tmp_path / "bad.zst"
     bad.write_bytes(bytes(blob))
     layer = open_filter("zstd", bad)
-    assert read(layer, 0, 4096) == files["data"][:4096]
+    assert read_range(layer, 0, 4096) == files["data"][:4096]
     frames = -(-SIZE // (256 * 1024))
     with pytest.raises(NBDError, match="checksum"):
-        read(layer, (frames - 3) * 256 * 1024, 10)
+        read_range(layer, (frames - 3) * 256 * 1024, 10)
 
 
 # --- through the server, with real clients --------------------------------------------------

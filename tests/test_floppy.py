@@ -22,6 +22,7 @@ import pytest
 from conftest import NBDFORMATS, nbdcopy_to_file, nbdinfo_json, nbdsh, run, serve, serve_nbdkit
 from fixtures.floppy import (BOOT_MESSAGE, MIB, MTOOLS_ENV, PARTITION_OFFSET, extract_all, fsck, host_tree,
                              make_boot_sector, make_tree, mdir_paths, qemu_boot)
+from fixtures.reads import read_range
 from nbdformats.core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Chain
 from nbdformats.core.errors import ConfigError
 from nbdformats.plugins.floppy import layout, names, syslinux
@@ -47,10 +48,8 @@ def open_chain(*pairs: tuple[str, str]):
 def image_of(tmp: Path, *pairs: tuple[str, str], name: str = "disk.img") -> Path:
     """The whole disk read through the chain into a file."""
     _, top = open_chain(*pairs)
-    buf = bytearray(top.get_size())
-    top.pread(memoryview(buf), 0, 0)
     path = tmp / name
-    path.write_bytes(buf)
+    path.write_bytes(read_range(top, 0, top.get_size()))
     return path
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from conftest import NBDFORMATS, nbdcopy_to_file, nbdsh, random_file, run, serve, serve_nbdkit, sha256_file
-from fixtures.filterchain import make_chain
 from fixtures.luks import (KEYFILE_DATA, add_key, cryptsetup_encrypt_in_place, cryptsetup_format, dump_layout, dump_volume_key, fast_pbkdf,
                            qemu_luks1, qemu_read_plain, qemu_write_plain, reference_crypt, rewrite_luks2_json)
+from fixtures.reads import filter_over_file, read_range
 from nbdformats.core.chain import EXTENT_DATA, FLAG_FAST_ZERO, Extents
 from nbdformats.core.errors import ConfigError, NBDError
 from nbdformats.filters.luks import filter as luks_filter
@@ -36,14 +36,8 @@ MiB = 1024 * 1024
 
 
 def open_luks(image: Path, *params: tuple[str, str], readonly: bool = False):
-    chain = make_chain([("luks", list(params))], "file", [("file", str(image))])
+    chain = filter_over_file("luks", image, *params)
     return chain, chain.open(readonly=readonly, export_name="")
-
-
-def pread(layer, offset: int, count: int) -> bytes:
-    buf = bytearray(count)
-    layer.pread(memoryview(buf), offset, 0)
-    return bytes(buf)
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +148,8 @@ def test_cryptsetup_image_read_and_write(tmp, keyfile, case):
     try:
         assert top.get_size() == payload
         assert top.block_size()[0] == sector
-        assert pread(top, 0, payload) == plain
-        assert pread(top, 1000, 5000) == plain[1000:6000]  # unaligned: read and trimmed to fit
+        assert read_range(top, 0, payload) == plain
+        assert read_range(top, 1000, 5000) == plain[1000:6000]  # unaligned: read and trimmed to fit
         # Writes, aligned and not, land encrypted where the reference cipher expects them.
         expected = bytearray(plain)
         for where, length in [(sector * 3, sector * 2), (sector * 7 + 100, 3000), (payload - 17, 17)]:
@@ -179,7 +173,7 @@ def test_luks2_encrypted_in_place_by_cryptsetup(tmp, keyfile, options):
     cryptsetup_encrypt_in_place(image, keyfile, *options)
     chain, top = open_luks(image, ("keyfile", str(keyfile)), readonly=True)
     try:
-        assert pread(top, 0, len(plain)) == plain
+        assert read_range(top, 0, len(plain)) == plain
     finally:
         top.close()
 
@@ -213,7 +207,7 @@ def test_qemu_luks1_reads_what_qemu_wrote_and_qemu_reads_our_writes(tmp, qemu_im
     expected = bytearray(plain.read_bytes())
     try:
         assert top.get_size() == len(expected)
-        assert pread(top, 0, len(expected)) == expected
+        assert read_range(top, 0, len(expected)) == expected
         for where, length in [(0, 64 * 1024), (MiB + 511, 2), (3 * MiB - 700, 5000)]:
             data = os.urandom(length)
             top.pwrite(memoryview(data), where, 0)
@@ -330,7 +324,7 @@ def test_concurrent_partial_writes_to_one_sector_all_land(tmp, keyfile):
             t.start()
         for t in threads:
             t.join(60)
-        data = pread(top, 0, 2 * sector)
+        data = read_range(top, 0, 2 * sector)
         for index in range(8):
             assert data[index * 8:index * 8 + 8] == bytes([index + 1]) * 8
             assert data[sector + index * 8:sector + index * 8 + 8] == bytes([index + 1]) * 8
@@ -350,7 +344,7 @@ def test_several_keyslots_and_keyslot_parameter(tmp, keyfile):
     for params in [[("keyfile", str(keyfile))], [("keyfile", str(second))],
                    [("keyfile", str(second)), ("keyslot", "3")], [("passphrase", "another passphrase")]]:
         chain, top = open_luks(image, *params, readonly=True)
-        data = pread(top, 0, 65536)
+        data = read_range(top, 0, 65536)
         top.close()
         assert first_data is None or data == first_data
         first_data = data
@@ -369,7 +363,7 @@ def test_passphrase_from_file_and_fd(tmp, qemu_images):
     expected = plain.read_bytes()[:8192]
     for source in [f"+{tmp / 'pass'}", f"-{read_fd}"]:
         chain, top = open_luks(image, ("passphrase", source), readonly=True)
-        assert pread(top, 0, 8192) == expected
+        assert read_range(top, 0, 8192) == expected
         top.close()
 
 
@@ -383,7 +377,7 @@ def test_key_derivation_happens_once_at_start_up(tmp, keyfile, monkeypatch):
     monkeypatch.setattr(luks_filter, "unlock", no_more_derivation)
     for _ in range(3):
         layer = chain.open(readonly=False, export_name="")
-        assert pread(layer, 0, 4096) == pread(first, 0, 4096)
+        assert read_range(layer, 0, 4096) == read_range(first, 0, 4096)
         layer.close()
     first.close()
 
@@ -409,13 +403,13 @@ def test_wrong_passphrase_fails_at_start_up_and_writes_nothing(tmp, qemu_images)
 def test_luks2_damaged_primary_header_falls_back_to_secondary(tmp, keyfile, caplog):
     image = make_cryptsetup_image(tmp, keyfile, "luks2-pbkdf2-sha512-xts256")
     chain, top = open_luks(image, ("keyfile", str(keyfile)))
-    expected = pread(top, 0, 65536)
+    expected = read_range(top, 0, 65536)
     top.close()
     with open(image, "r+b") as f:
         f.seek(4096 + 10)  # inside the primary JSON area: its checksum no longer matches
         f.write(b"#")
     chain, top = open_luks(image, ("keyfile", str(keyfile)))
-    assert pread(top, 0, 65536) == expected
+    assert read_range(top, 0, 65536) == expected
     top.close()
     assert "primary LUKS2 header is damaged (bad sha256 checksum in the header at offset 0)" in caplog.text
     assert "using the secondary header at offset 16384" in caplog.text

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import random
 import shutil
 import tarfile
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from conftest import nbdinfo_json, nbdsh, run, serve, serve_nbdkit, sha256_file
 from fixtures.archives import LONG_DIR, bsdtar, compress, corrupt, gnu_tar, make_tree, truncated_copy
-from fixtures.filterchain import make_chain
+from fixtures.reads import check_random_reads, filter_over_file, read_export
 from nbdformats.core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Extents
 from nbdformats.core.errors import ConfigError, NBDError
 from nbdformats.formats.tar import BLOCK, TarError, parse_number, parse_pax, parse_sparse_1_0_map, walk
@@ -32,17 +31,7 @@ def tree(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
 
 
 def chain_for(path: Path, *params: tuple[str, str]):
-    return make_chain([("tar", list(params))], "file", [("file", str(path))])
-
-
-def read_member(chain, export: str = "") -> bytes:
-    top = chain.open(readonly=True, export_name=export)
-    try:
-        buf = bytearray(top.get_size())
-        top.pread(memoryview(buf), 0, 0)
-        return bytes(buf)
-    finally:
-        top.close()
+    return filter_over_file("tar", path, *params)
 
 
 # (id, maker, sparse stored as sparse, all names fit)
@@ -71,7 +60,7 @@ def test_every_member_reads_back(tree, fmt, make, sparse, all_names):
     exports = [e.name for e in chain.list_exports(True, False)]
     assert sorted(normalize(n) for n in exports) == sorted(expected)
     for export in exports:
-        assert read_member(chain, export) == expected[normalize(export)], export
+        assert read_export(chain, export) == expected[normalize(export)], export
     # Holes of a sparse member are reported as holes; the data regions as data.
     top = chain.open(readonly=False, export_name=next(e for e in exports if e.endswith("sparse.img")))
     extents = Extents(0, 256 * 1024)
@@ -82,14 +71,7 @@ def test_every_member_reads_back(tree, fmt, make, sparse, all_names):
     else:
         assert top.can_write()
     # Random reads across the sparse member's holes and regions.
-    rng = random.Random(fmt)
-    content = files["sparse.img"]
-    for _ in range(50):
-        offset = rng.randrange(len(content))
-        n = min(rng.randrange(1, 300000), len(content) - offset)
-        buf = bytearray(n)
-        top.pread(memoryview(buf), offset, 0)
-        assert buf == content[offset:offset + n]
+    check_random_reads(top, files["sparse.img"], fmt, 50)
     top.close()
 
 
@@ -108,13 +90,13 @@ def test_walk_matches_python_tarfile(tree):
 def test_tar_entry_exact_and_without_dot_slash(tree):
     root, files = tree
     archive = gnu_tar(root / "src", root / "entry.tar", "gnu")
-    assert read_member(chain_for(archive, ("tar-entry", "./disk.img"))) == files["disk.img"]
-    assert read_member(chain_for(archive, ("tar-entry", "disk.img"))) == files["disk.img"]
+    assert read_export(chain_for(archive, ("tar-entry", "./disk.img"))) == files["disk.img"]
+    assert read_export(chain_for(archive, ("tar-entry", "disk.img"))) == files["disk.img"]
     long_name = next(n for n in files if n.startswith(LONG_DIR))
-    assert read_member(chain_for(archive, ("tar-entry", long_name))) == files[long_name]
+    assert read_export(chain_for(archive, ("tar-entry", long_name))) == files[long_name]
     # Without tar-entry, the empty export name is the first member.
     first = chain_for(archive).default_export(True, False)
-    assert read_member(chain_for(archive), "") == files[normalize(first)]
+    assert read_export(chain_for(archive), "") == files[normalize(first)]
 
 
 def test_missing_entry_is_a_startup_error_listing_members(tree):
@@ -131,7 +113,7 @@ def test_hardlink_serves_its_target(tmp_path):
     (tmp_path / "a.img").write_bytes(b"x" * 5000)
     (tmp_path / "b.img").hardlink_to(tmp_path / "a.img")
     archive = gnu_tar(tmp_path, tmp_path / "links.tar", "gnu", names=["a.img", "b.img"])
-    assert read_member(chain_for(archive, ("tar-entry", "b.img"))) == b"x" * 5000
+    assert read_export(chain_for(archive, ("tar-entry", "b.img"))) == b"x" * 5000
 
 
 def test_writes_land_in_the_member(tree, tmp_path):
@@ -249,8 +231,8 @@ def test_member_names_with_path_tricks_are_just_names(tmp_path):
             t.addfile(info, fileobj=io.BytesIO(name.encode().ljust(1024, b"!")))
     chain = chain_for(path)
     assert [e.name for e in chain.list_exports(True, False)] == ["../../etc/passwd", "/abs/disk.img"]
-    assert read_member(chain, "../../etc/passwd").startswith(b"../../etc/passwd!")
-    assert read_member(chain, "abs/disk.img").startswith(b"/abs/disk.img!")
+    assert read_export(chain, "../../etc/passwd").startswith(b"../../etc/passwd!")
+    assert read_export(chain, "abs/disk.img").startswith(b"/abs/disk.img!")
 
 
 # --- through the server, with real clients --------------------------------------------------

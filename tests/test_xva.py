@@ -21,7 +21,7 @@ import pytest
 import xxhash
 
 from conftest import NBDFORMATS, nbdinfo_json, nbdsh, run, serve, sha256_file
-from fixtures.filterchain import make_chain
+from fixtures.reads import filter_over_file, read_export
 from fixtures.xva import CHUNK, XvaDisk, make_xva, ova_xml, sparse_image, write_tar, xva_members
 from nbdformats.core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, Extents
 from nbdformats.core.errors import ConfigError, NBDError
@@ -44,18 +44,7 @@ def data_disk(**kw) -> XvaDisk:
 
 
 def chain_for(path: Path, **params: str):
-    return make_chain([("xva", [(k.replace("_", "-"), v) for k, v in params.items()])], "file",
-                      [("file", str(path))])
-
-
-def read_all(chain, export: str = "") -> bytes:
-    top = chain.open(readonly=True, export_name=export)
-    try:
-        buf = bytearray(top.get_size())
-        top.pread(memoryview(buf), 0, 0)
-        return bytes(buf)
-    finally:
-        top.close()
+    return filter_over_file("xva", path, *((k.replace("_", "-"), v) for k, v in params.items()))
 
 
 def index_bytes(blob: bytes, with_checksums: bool = True) -> archive.Archive:
@@ -142,8 +131,8 @@ def test_reads_match_the_image(tmp, checksum, keepalives):
     disks = [root_disk(keepalives=keepalives), data_disk()]
     path = make_xva(tmp / "vm.xva", disks, checksum=checksum)
     chain = chain_for(path)
-    assert read_all(chain) == disks[0].data
-    assert read_all(chain, "data") == disks[1].data
+    assert read_export(chain) == disks[0].data
+    assert read_export(chain, "data") == disks[1].data
 
 
 def test_keepalive_members_are_written_as_xapi_does(tmp):
@@ -175,7 +164,7 @@ def test_size_not_a_multiple_of_a_mib_and_tiny_disks(tmp):
              XvaDisk(bytes(CHUNK + 1), "zeroes", 2)]
     chain = chain_for(make_xva(tmp / "vm.xva", disks))
     for disk in disks:
-        assert read_all(chain, disk.name) == disk.data
+        assert read_export(chain, disk.name) == disk.data
 
 
 @pytest.mark.parametrize("format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
@@ -184,7 +173,7 @@ def test_other_tar_flavours_and_dot_slash_names(tmp, format):
     members = [(f"./{name}", data) for name, data in xva_members(disks)]
     members.append(("./notes/" + "a-very-long-directory-name/" * 6 + "README", b"hello"))
     chain = chain_for(write_tar(tmp / "vm.xva", members, format=format))
-    assert read_all(chain) == disks[0].data
+    assert read_export(chain) == disks[0].data
 
 
 def test_disk_order_names_and_selection(tmp):
@@ -212,9 +201,9 @@ def test_exports_list_every_disk(tmp):
     assert [e.name for e in exports] == ["root", "data"]
     assert "web01" in exports[1].description and "Ref:7" in exports[1].description
     assert chain.default_export(True, False) == "data"
-    assert read_all(chain) == data_disk().data  # "" is xva-disk=
-    assert read_all(chain, "Ref:4") == root_disk().data
-    assert read_all(chain, "0") == root_disk().data
+    assert read_export(chain) == data_disk().data  # "" is xva-disk=
+    assert read_export(chain, "Ref:4") == root_disk().data
+    assert read_export(chain, "0") == root_disk().data
     with pytest.raises(NBDError) as e:
         chain.open(readonly=True, export_name="swap")
     assert e.value.errno == errno.ENOENT and "root" in str(e.value)
@@ -297,13 +286,13 @@ def test_full_verification_refuses_to_start(tmp):
                                           r"chunk 00000001"):
         chain_for(path, xva_verify="full")
     chain = chain_for(make_xva(tmp / "ok.xva", [root_disk(), data_disk()]), xva_verify="full")
-    assert read_all(chain, "data") == data_disk().data
+    assert read_export(chain, "data") == data_disk().data
 
 
 def test_no_verification_serves_the_bytes_as_stored(tmp):
     disk = root_disk(corrupt={0})
     chain = chain_for(make_xva(tmp / "vm.xva", [disk]), xva_verify="none")
-    served = read_all(chain)
+    served = read_export(chain)
     assert served[0] == disk.data[0] ^ 0xFF and served[1:] == disk.data[1:]
 
 
@@ -312,7 +301,7 @@ def test_verification_without_checksums_warns(tmp, caplog):
     disk = root_disk(corrupt={0})
     chain = chain_for(make_xva(tmp / "vm.xva", [disk], checksum=None), xva_verify="full")
     assert any("no checksums" in r.getMessage() for r in caplog.records)
-    assert read_all(chain)[1:] == disk.data[1:]
+    assert read_export(chain)[1:] == disk.data[1:]
 
 
 # --- interop with real clients -------------------------------------------------------------------

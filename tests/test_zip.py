@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import zipfile
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 
 from conftest import nbdsh, run, serve, sha256_file
 from fixtures.archives import bsdtar, make_tree, py_zip, truncated_copy, zip64_sparse_archive
-from fixtures.filterchain import make_chain
+from fixtures.reads import check_random_reads, filter_over_file, read_export
 from nbdformats.core.errors import ConfigError, NBDError
 from nbdformats.filters._members import normalize
 from nbdformats.formats.zip import ZipError, find_end_record
@@ -27,27 +26,7 @@ def tree(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
 
 
 def chain_for(path: Path, *params: tuple[str, str]):
-    return make_chain([("zip", list(params))], "file", [("file", str(path))])
-
-
-def read_member(chain, export: str = "") -> bytes:
-    top = chain.open(readonly=True, export_name=export)
-    try:
-        buf = bytearray(top.get_size())
-        top.pread(memoryview(buf), 0, 0)
-        return bytes(buf)
-    finally:
-        top.close()
-
-
-def check_random_reads(top, content: bytes, seed: str, count: int = 60) -> None:
-    rng = random.Random(seed)
-    for _ in range(count):
-        offset = rng.randrange(len(content))
-        n = min(rng.randrange(1, 300000), len(content) - offset)
-        buf = bytearray(n)
-        top.pread(memoryview(buf), offset, 0)
-        assert buf == content[offset:offset + n], (offset, n)
+    return filter_over_file("zip", path, *params)
 
 
 def info_zip(root: Path, out: Path) -> Path:
@@ -74,9 +53,9 @@ def test_every_member_reads_back(tree, maker, request):
     exports = [e.name for e in chain.list_exports(True, False)]
     assert sorted(normalize(n) for n in exports) == sorted(files)
     for export in exports:
-        assert read_member(chain, export) == files[normalize(export)], export
+        assert read_export(chain, export) == files[normalize(export)], export
     top = chain.open(readonly=True, export_name=next(e for e in exports if e.endswith("disk.img")))
-    check_random_reads(top, files["disk.img"], request.node.callspec.id)
+    check_random_reads(top, files["disk.img"], request.node.callspec.id, count=60)
     top.close()
 
 
@@ -117,7 +96,7 @@ def test_prefixed_archive_self_extracting_stub(tree, tmp_path):
     prefixed = tmp_path / "sfx.zip"
     prefixed.write_bytes(b"#!/bin/sh\necho stub\n" + bytes(5000) + inner.read_bytes())
     assert zipfile.ZipFile(prefixed).read("disk.img") == files["disk.img"]
-    assert read_member(chain_for(prefixed, ("zip-entry", "disk.img"))) == files["disk.img"]
+    assert read_export(chain_for(prefixed, ("zip-entry", "disk.img"))) == files["disk.img"]
 
 
 def test_comment_after_end_record():
