@@ -12,17 +12,16 @@ import re
 import shutil
 import socket
 import struct
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import NBDFORMATS, nbdcopy_to_file, nbdinfo_json, nbdsh, run, serve, serve_nbdkit
+from conftest import nbdcopy_to_file, nbdinfo_json, nbdsh, run, serve, serve_nbdkit
 from fixtures.floppy import (BOOT_MESSAGE, MIB, MTOOLS_ENV, PARTITION_OFFSET, extract_all, fsck, host_tree,
                              make_boot_sector, make_tree, mdir_paths, qemu_boot)
 from fixtures.reads import read_range
+from fixtures.serving import copy_out, fails
 from nbdformats.core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Chain
 from nbdformats.core.errors import ConfigError
 from nbdformats.plugins.floppy import layout, names, syslinux
@@ -53,16 +52,6 @@ def image_of(tmp: Path, *pairs: tuple[str, str], name: str = "disk.img") -> Path
     return path
 
 
-def copy_out(tmp: Path, *args: str, name: str = "disk.img") -> tuple[Path, dict, str]:
-    """Serve floppy ARGS and copy the disk out with nbdcopy: (image, nbdinfo export, log)."""
-    image = tmp / name
-    with serve("floppy", *args) as srv:
-        info = nbdinfo_json(srv.uri)["exports"][0]
-        nbdcopy_to_file(srv.uri, image)
-        log = srv.stderr()
-    return image, info, log
-
-
 def check_contents(image: Path, tmp: Path, expected: dict[str, bytes | None], offset: int) -> None:
     out = tmp / "extracted"
     shutil.rmtree(out, ignore_errors=True)
@@ -71,16 +60,6 @@ def check_contents(image: Path, tmp: Path, expected: dict[str, bytes | None], of
     assert sorted(found) == sorted(expected)
     for path, data in expected.items():
         assert found[path] == data, path
-
-
-def fails(*args: str) -> str:
-    """The server must refuse ARGS before listening; returns its messages."""
-    sock = os.path.join(tempfile.mkdtemp(prefix="nbdf-test-"), "sock")
-    proc = subprocess.run([*NBDFORMATS, "-f", "-U", sock, "floppy", *args], capture_output=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
-    assert proc.returncode != 0, proc.stderr
-    assert not os.path.exists(sock)
-    return proc.stderr.decode(errors="replace")
 
 
 # -- names (sans-IO) ----------------------------------------------------------------------
@@ -245,7 +224,7 @@ def test_syslinux_patch_reproduces_the_installer(tmp: Path) -> None:
 
 def test_served_fat32_disk(source, tmp: Path) -> None:
     root, expected = source
-    image, info, _ = copy_out(tmp, str(root))
+    image, info, _ = copy_out(tmp, "floppy", str(root))
     assert info["is_read_only"] is True and info["export-size"] == image.stat().st_size
     mbr = image.read_bytes()[:512]
     assert mbr[446 + 4] == 0x0C and struct.unpack_from("<I", mbr, 446 + 8)[0] == 2048
@@ -269,7 +248,7 @@ def test_served_fat32_disk(source, tmp: Path) -> None:
 ])
 def test_served_fat_variants(source, tmp: Path, args, bits, offset) -> None:
     root, expected = source
-    image, info, _ = copy_out(tmp, str(root), *args)
+    image, info, _ = copy_out(tmp, "floppy", str(root), *args)
     fsck(image, offset)
     boot = image.read_bytes()[offset:offset + 512]
     assert boot[0x52 if bits == 32 else 0x36:][:8] == f"FAT{bits}".ljust(8).encode()
@@ -286,7 +265,7 @@ def test_served_fat_variants(source, tmp: Path, args, bits, offset) -> None:
 def test_agrees_with_nbdkit_floppy(source, tmp: Path) -> None:
     """What mdir lists: nbdkit's image (made big enough for mtools to read it as FAT32) and ours."""
     root, _ = source
-    ours, _, _ = copy_out(tmp, str(root))
+    ours, _, _ = copy_out(tmp, "floppy", str(root))
     reference = tmp / "nbdkit.img"
     with serve_nbdkit("floppy", str(root), "size=1200M") as srv:
         nbdcopy_to_file(srv.uri, reference)
@@ -381,7 +360,7 @@ def test_merged_directories(tmp: Path) -> None:
                        b / "common/from-b": b"2\n", b / "README.txt": b"b readme\n"}.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-    image, _, _ = copy_out(tmp, f"dir={a}", f"dir={b}", "fat=12")
+    image, _, _ = copy_out(tmp, "floppy", f"dir={a}", f"dir={b}", "fat=12")
     fsck(image)
     check_contents(image, tmp, {"same.txt": b"from b\n", "only-a.txt": b"a\n", "only-b.txt": b"b\n",
                                 "common": None, "common/x": b"bx\n", "common/from-a": b"1\n",
@@ -392,7 +371,7 @@ def test_merge_file_against_directory_is_an_error(tmp: Path) -> None:
     (tmp / "a").mkdir()
     (tmp / "a" / "thing").write_text("file")
     (tmp / "b" / "Thing").mkdir(parents=True)
-    message = fails(f"dir={tmp / 'a'}", f"dir={tmp / 'b'}")
+    message = fails("floppy", f"dir={tmp / 'a'}", f"dir={tmp / 'b'}")
     assert f"{tmp / 'a' / 'thing'} is a file but {tmp / 'b' / 'Thing'} is a directory" in message
 
 
@@ -404,7 +383,7 @@ def test_names_fat_cannot_hold(tmp: Path) -> None:
     (src / os.fsdecode(b"caf\xe9 latin1.txt")).write_text("3")
     (src / "Clash.txt").write_text("4")
     (src / "clash.TXT").write_text("5")
-    image, _, log = copy_out(tmp, str(src), "fat=12")
+    image, _, log = copy_out(tmp, "floppy", str(src), "fat=12")
     fsck(image)
     out = tmp / "out"
     extract_all(image, out)
@@ -430,7 +409,7 @@ def test_symlinks_and_special_files(tmp: Path) -> None:
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(src / "socket"))
     try:
-        image, _, log = copy_out(tmp, str(src), "fat=12")
+        image, _, log = copy_out(tmp, "floppy", str(src), "fat=12")
     finally:
         sock.close()
     fsck(image)
@@ -463,7 +442,7 @@ def test_file_over_4_gib_is_refused(tmp: Path) -> None:
     src.mkdir()
     with open(src / "huge.img", "wb") as f:
         f.truncate(4 << 30)  # sparse: 4 GiB, one byte too many
-    message = fails(str(src))
+    message = fails("floppy", str(src))
     assert f"{src / 'huge.img'} is 4294967296 bytes" in message
 
 
@@ -486,11 +465,12 @@ def test_boot_sector_errors(source, tmp: Path) -> None:
     root, _ = source
     short = tmp / "short.bin"
     short.write_bytes(bytes(100))
-    assert "a boot sector is 512 bytes, this file is 100 bytes" in fails(str(root), f"boot-sector={short}")
+    assert "a boot sector is 512 bytes, this file is 100 bytes" in fails("floppy", str(root),
+                                                                         f"boot-sector={short}")
     into_bpb = tmp / "bpb.bin"
     into_bpb.write_bytes(b"\xeb\x3c\x90" + bytes(509))  # jumps to 0x3E: inside the FAT32 BPB
     assert "must start with a jump past the FAT32 BPB (to offset 0x5a or later)" in \
-        fails(str(root), f"boot-sector={into_bpb}")
+        fails("floppy", str(root), f"boot-sector={into_bpb}")
 
 
 def test_floppy_root_directory_overflow(tmp: Path) -> None:

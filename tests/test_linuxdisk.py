@@ -12,7 +12,6 @@ import os
 import shutil
 import stat
 import struct
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -21,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NBDFORMATS, nbdcopy_to_file, nbdinfo_json, nbdsh, run, serve, serve_nbdkit
+from conftest import nbdcopy_to_file, nbdinfo_json, nbdsh, run, serve, serve_nbdkit
 from fixtures.linuxdisk import (IS_ROOT, LONG_TARGET, SPARSE_SIZE, Expected, debugfs, listing, make_tree,
                                 quote, sparse_content, stat_field)
+from fixtures.serving import copy_out, fails
 from nbdformats.core.errors import ConfigError
 from nbdformats.plugins import linuxdisk
 from nbdformats.plugins.linuxdisk import gpt, tree
@@ -35,31 +35,6 @@ PARTITION = 1 << 20  # the filesystem starts at LBA 2048
 def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Expected]:
     root = tmp_path_factory.mktemp("linuxdisk") / "src"
     return root, make_tree(root)
-
-
-def copy_out(tmp: Path, *args: str, name: str = "disk.img") -> tuple[Path, dict]:
-    """Serve linuxdisk ARGS, copy the whole disk out with nbdcopy; returns (image, nbdinfo)."""
-    image = tmp / name
-    with serve("linuxdisk", *args) as srv:
-        info = nbdinfo_json(srv.uri)
-        nbdcopy_to_file(srv.uri, image)
-    return image, info["exports"][0]
-
-
-def fails(*args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> str:
-    """Start the server with ARGS; it must exit non-zero before listening.  Returns its messages."""
-    sock_dir = tempfile.mkdtemp(prefix="nbdf-test-")
-    os.chmod(sock_dir, 0o777)
-    sock = os.path.join(sock_dir, "sock")
-    try:
-        proc = subprocess.run([*(prefix or []), *NBDFORMATS, "-f", "-U", sock, "linuxdisk", *args],
-                              capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
-                              env=dict(os.environ, **(env or {})))
-        assert proc.returncode != 0, proc.stderr
-        assert not os.path.exists(sock)
-        return proc.stderr.decode(errors="replace")
-    finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def symlink_target(image: str, path: str) -> str:
@@ -138,7 +113,7 @@ def test_gpt_rejects_partition_outside_usable_area() -> None:
 @pytest.mark.parametrize("fs_type", ["ext2", "ext3", "ext4"])
 def test_served_disk(source: tuple[Path, Expected], tmp: Path, fs_type: str) -> None:
     root, exp = source
-    image, info = copy_out(tmp, str(root), f"type={fs_type}", "label=rootfs")
+    image, info, _ = copy_out(tmp, "linuxdisk", str(root), f"type={fs_type}", "label=rootfs")
     assert info["is_read_only"] and image.stat().st_size == info["export-size"]
 
     table = json.loads(run(["sfdisk", "-J", image]).stdout)["partitiontable"]
@@ -171,7 +146,7 @@ def test_extents_show_free_space_as_holes(source: tuple[Path, Expected]) -> None
 
 def test_agrees_with_nbdkit(source: tuple[Path, Expected], tmp: Path) -> None:
     root, _ = source
-    ours, _ = copy_out(tmp, str(root), "type=ext4", name="ours.img")
+    ours, _, _ = copy_out(tmp, "linuxdisk", str(root), "type=ext4", name="ours.img")
     with serve_nbdkit("linuxdisk", str(root), "type=ext4") as srv:
         nbdcopy_to_file(srv.uri, tmp / "nbdkit.img")
 
@@ -216,7 +191,7 @@ def test_merge_type_clash_names_both_paths(tmp: Path) -> None:
     (tmp / "a" / "x").mkdir(parents=True)
     (tmp / "b").mkdir()
     (tmp / "b" / "x").write_bytes(b"file\n")
-    message = fails(str(tmp / "a"), str(tmp / "b"))
+    message = fails("linuxdisk", str(tmp / "a"), str(tmp / "b"))
     assert f"{tmp / 'a' / 'x'} (a directory)" in message and f"{tmp / 'b' / 'x'} (a file)" in message
 
 
@@ -253,7 +228,7 @@ def test_stage_copies_across_filesystems(source: tuple[Path, Expected], tmp: Pat
 
 def test_partition_none_with_free_space(source: tuple[Path, Expected], tmp: Path) -> None:
     root, exp = source
-    image, info = copy_out(tmp, str(root), "partition=none", "size=+20M", "type=ext4")
+    image, info, _ = copy_out(tmp, "linuxdisk", str(root), "partition=none", "size=+20M", "type=ext4")
     run(["e2fsck", "-fn", image])
     stats = debugfs(str(image), "stats").decode()
     free = int(stats.split("Free blocks:")[1].split()[0]) * int(stats.split("Block size:")[1].split()[0])
@@ -264,7 +239,7 @@ def test_partition_none_with_free_space(source: tuple[Path, Expected], tmp: Path
 def test_exact_size_uuid_and_label(source: tuple[Path, Expected], tmp: Path) -> None:
     root, _ = source
     fs_uuid = uuid.UUID("2a7f33c4-3b2c-4d0e-9a1b-6f3c5d2e1f00")
-    image, info = copy_out(tmp, str(root), "size=40M", f"uuid={fs_uuid}", "label=data")
+    image, info, _ = copy_out(tmp, "linuxdisk", str(root), "size=40M", f"uuid={fs_uuid}", "label=data")
     assert info["export-size"] == PARTITION + (40 << 20) + 33 * 512
     table = json.loads(run(["sfdisk", "-J", image]).stdout)["partitiontable"]
     assert table["partitions"][0]["size"] == (40 << 20) // 512
@@ -309,12 +284,13 @@ def test_writable(source: tuple[Path, Expected]) -> None:
 ])
 def test_bad_parameters(source: tuple[Path, Expected], args: list[str], message: str) -> None:
     root, _ = source
-    assert message in fails(*[str(root) if a == "SRC" else a for a in args])
+    assert message in fails("linuxdisk", *[str(root) if a == "SRC" else a for a in args])
 
 
 def test_missing_temporary_directory(source: tuple[Path, Expected]) -> None:
     root, _ = source
-    assert "/nonexistent/tmp does not exist (set TMPDIR)" in fails(str(root), env={"TMPDIR": "/nonexistent/tmp"})
+    assert "/nonexistent/tmp does not exist (set TMPDIR)" in fails("linuxdisk", str(root),
+                                                                   env={"TMPDIR": "/nonexistent/tmp"})
 
 
 def test_many_empty_files_get_enough_inodes(tmp: Path) -> None:
@@ -325,7 +301,7 @@ def test_many_empty_files_get_enough_inodes(tmp: Path) -> None:
         (root / f"d{d}").mkdir(parents=True)
         for i in range(1000):
             (root / f"d{d}" / f"file{i:04d}").touch()
-    image, _ = copy_out(tmp, str(root), "partition=none")
+    image, _, _ = copy_out(tmp, "linuxdisk", str(root), "partition=none")
     run(["e2fsck", "-fn", image])
     names = listing(str(image))
     assert len([p for p in names if "/file" in p]) == 3000
@@ -333,7 +309,7 @@ def test_many_empty_files_get_enough_inodes(tmp: Path) -> None:
 
 def test_size_too_small_names_the_size_needed(source: tuple[Path, Expected]) -> None:
     root, _ = source
-    message = fails(str(root), "size=300K")
+    message = fails("linuxdisk", str(root), "size=300K")
     assert "size=307200 is too small" in message
     needed = int(message.split("use size=")[1].split()[0])
     assert needed > 300 * 1024
@@ -352,7 +328,7 @@ def test_unreadable_file(tmp: Path) -> None:
         (base / "src" / "readable").write_bytes(b"ok\n")
         (base / "src" / "secret").write_bytes(b"no\n")
         (base / "src" / "secret").chmod(0o600)
-        message = fails(str(base / "src"), env={"TMPDIR": str(base)},
+        message = fails("linuxdisk", str(base / "src"), env={"TMPDIR": str(base)},
                         prefix=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
         assert f"cannot read {base / 'src' / 'secret'}: permission denied" in message
     finally:
