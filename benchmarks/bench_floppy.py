@@ -18,19 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
-SERVERS = {"nbdformats": [PYTHON, "-m", "nbdformats"], "nbdkit": ["nbdkit"]}
-ENV = dict(os.environ, PATH="/usr/bin:/usr/sbin:/bin:/sbin:" + os.environ.get("PATH", ""))
+from _common import NBDFORMATS, Server, sh, timed
+
+SERVERS = {"nbdformats": NBDFORMATS, "nbdkit": ["nbdkit"]}
 
 
 def make_tree(root: Path, files: int, per_dir: int, big_gib: int) -> None:
@@ -60,39 +55,16 @@ def warm_page_cache(tree: Path) -> None:
                     pass
 
 
-def peak_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-
 def measure(server: str, tree: Path, workdir: Path) -> dict[str, float]:
     sock = workdir / f"{server}.sock"
-    sock.unlink(missing_ok=True)
-    uri = f"nbd+unix:///?socket={sock}"
     started = time.perf_counter()
-    proc = subprocess.Popen([*SERVERS[server], "-f", "-U", str(sock), "floppy", f"dir={tree}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
-                            start_new_session=True)
-    try:
-        while not sock.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{server} exited {proc.returncode}")
-            if time.perf_counter() - started > 600:
-                raise RuntimeError(f"{server} did not start in 600 s")
-            time.sleep(0.005)
-        subprocess.run(["nbdinfo", "--size", uri], check=True, capture_output=True, timeout=60, env=ENV)
+    with Server([*SERVERS[server], "-f", "-U", sock, "floppy", f"dir={tree}"], sock) as running:
+        running.wait_for_socket(600)
+        sh("nbdinfo", "--size", running.uri, timeout=60)
         startup = time.perf_counter() - started
-        rss_ready = peak_rss_kib(proc.pid)
-        copy_started = time.perf_counter()
-        subprocess.run(["nbdcopy", uri, "null:"], check=True, capture_output=True, timeout=1800, env=ENV)
-        copy = time.perf_counter() - copy_started
-        rss_after = peak_rss_kib(proc.pid)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        rss_ready = running.peak_rss_kib()
+        copy = timed("nbdcopy", running.uri, "null:", timeout=1800)
+        rss_after = running.peak_rss_kib()
     return {"startup_s": startup, "rss_ready_mib": rss_ready / 1024, "copy_s": copy,
             "rss_after_copy_mib": rss_after / 1024}
 

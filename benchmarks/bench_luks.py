@@ -14,29 +14,21 @@ shows what the decryption itself costs.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _common import NBDFORMATS, ROOT, MiB, Server, nbdcopy_sha256, sh, timed
+
 sys.path.insert(0, str(ROOT))
 
 from nbdformats.filters.luks.cipher import SectorCipher, parse_cipher_spec  # noqa: E402
 
-MiB = 1024 * 1024
 PASSPHRASE = "benchmark passphrase"
 HEADER_ROOM = 4 * MiB  # more than any header here: the disk is at least as large as the source
-SERVERS = {"nbdkit": ["nbdkit"], "nbdformats": [sys.executable, "-m", "nbdformats"]}
-ENV = dict(os.environ, PATH="/usr/bin:/usr/sbin:/bin:/sbin:" + os.environ.get("PATH", ""))
-
-
-def sh(*argv: str | Path, timeout: float = 600) -> bytes:
-    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, timeout=timeout, env=ENV).stdout
+SERVERS = {"nbdkit": ["nbdkit"], "nbdformats": NBDFORMATS}
 
 
 def make_image(path: Path, luks_type: str, size: int, *options: str) -> None:
@@ -57,52 +49,19 @@ def make_image(path: Path, luks_type: str, size: int, *options: str) -> None:
             f.write(os.urandom(MiB))
 
 
-class Server:
-    def __init__(self, name: str, image: Path, tmp: Path) -> None:
-        self.socket = str(tmp / f"{name}-{image.stem}.sock")
-        argv = [*SERVERS[name], "-f", "-U", self.socket, "--filter=luks", "file", str(image),
-                f"passphrase={PASSPHRASE}"]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, env=ENV)
-        deadline = time.monotonic() + 60
-        while not os.path.exists(self.socket):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"server did not start: {' '.join(argv)}")
-            time.sleep(0.02)
-        self.uri = f"nbd+unix:///?socket={self.socket}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-
-
-def timed(*argv: str | Path) -> float:
-    start = time.perf_counter()
-    sh(*argv)
-    return time.perf_counter() - start
-
-
-def checksum(uri: str) -> str:
-    digest = hashlib.sha256()
-    with subprocess.Popen(["nbdcopy", uri, "-"], stdout=subprocess.PIPE, env=ENV) as proc:
-        while chunk := proc.stdout.read(MiB):
-            digest.update(chunk)
-    if proc.returncode:
-        raise SystemExit(f"nbdcopy {uri} failed")
-    return digest.hexdigest()
+def start_server(name: str, image: Path, tmp: Path) -> Server:
+    sock = tmp / f"{name}-{image.stem}.sock"
+    server = Server([*SERVERS[name], "-f", "-U", sock, "--filter=luks", "file", image,
+                     f"passphrase={PASSPHRASE}"], sock)
+    server.wait_for_socket()
+    return server
 
 
 def bench_servers(names: list[str], image: Path, tmp: Path, rounds: int, source: Path) -> dict[str, dict[str, float]]:
     """Best read (whole disk) and write (the source file) MB/s of each server."""
-    servers = {name: Server(name, image, tmp) for name in names}
+    servers = {name: start_server(name, image, tmp) for name in names}
     try:
-        sums = {name: checksum(server.uri) for name, server in servers.items()}
+        sums = {name: nbdcopy_sha256(server.uri) for name, server in servers.items()}
         if len(set(sums.values())) != 1:
             raise SystemExit(f"servers disagree on the plaintext: {sums}")
         disk_mb = int(sh("nbdinfo", "--size", next(iter(servers.values())).uri)) / 1e6

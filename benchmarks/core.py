@@ -18,17 +18,14 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import nbd
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-VENV_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
-NBDFORMATS = [VENV_PYTHON if os.path.exists(VENV_PYTHON) else sys.executable, "-m", "nbdformats"]
+from _common import NBDFORMATS, Server, timed
+
 BLOCK = 4096
 
 
@@ -37,43 +34,8 @@ def parse_size(text: str) -> int:
     return int(text[:-1]) * scale[text[-1].upper()] if text[-1].upper() in scale else int(text)
 
 
-class Server:
-    def __init__(self, name: str, argv: list[str], sock: str) -> None:
-        self.name, self.argv, self.sock = name, argv, sock
-        self.uri = f"nbd+unix:///?socket={sock}"
-
-    def __enter__(self) -> "Server":
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-        env = dict(os.environ, PATH="/usr/bin:/usr/sbin:" + os.environ.get("PATH", ""))
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        deadline = time.time() + 60
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"{self.name} did not start: {self.argv}")
-            time.sleep(0.02)
-        return self
-
-    def peak_rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def nbdcopy(src: str, dst: str, connections: int, size: int) -> float:
-    start = time.perf_counter()
-    subprocess.run(["nbdcopy", "-C", str(connections), src, dst], check=True, timeout=600)
-    return size / (time.perf_counter() - start) / 1e6
+    return size / timed("nbdcopy", "-C", connections, src, dst, timeout=600) / 1e6
 
 
 def random_io(uri: str, write: bool, depth: int, count: int, size: int) -> float:
@@ -124,7 +86,7 @@ def run_workloads(server: Server, source: str, size: int, count: int) -> dict[st
     results["randwrite_qd1"] = random_io(server.uri, True, 1, count // 3, size)
     results["randread_qd16"] = random_io(server.uri, False, 16, count, size)
     results["randread_qd1"] = random_io(server.uri, False, 1, count // 3, size)
-    results["peak_rss"] = server.peak_rss_mb()
+    results["peak_rss"] = server.peak_rss_kib() / 1024
     return results
 
 
@@ -166,7 +128,8 @@ def main() -> int:
         for round_number in range(args.rounds):
             for name, argv in servers:
                 print(f"round {round_number + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-                with Server(name, argv, sock) as server:
+                with Server(argv, sock) as server:
+                    server.wait_for_socket()
                     results[name].append(run_workloads(server, source, size, args.count))
         medians = {name: {w: statistics.median(r[w] for r in runs) for w in UNITS}
                    for name, runs in results.items()}
