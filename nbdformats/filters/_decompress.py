@@ -16,7 +16,6 @@ import bisect
 import errno
 import logging
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -24,8 +23,6 @@ from typing import Any, Callable, Protocol
 from ..core.chain import NONE, Filter, FilterHandle, Layer, OpenNext
 from ..core.errors import ConfigError, NBDError
 from ..core.params import Param, Size
-from ..core.progress import Progress as ProgressBar
-from ..core.progress import progress
 from ._layer_bytes import read_bytes
 from ._spill import ChunkDecoder, InOrder, Spill
 
@@ -76,31 +73,6 @@ def read_exact(reader: Reader, offset: int, length: int, what: str) -> bytes:
         raise DecompressError(f"truncated file: {what} at offset {offset} needs {length} bytes, "
                               f"only {len(data)} are there")
     return data
-
-
-class Progress:
-    """Log lines "NAME: WHAT 42% (...)" every few seconds during a long start-up step, and a
-    progress bar on a terminal."""
-
-    def __init__(self, name: str, what: str, interval: float = 2.0) -> None:
-        self.name, self.what, self.interval = name, what, interval
-        self.started = self.last = time.monotonic()
-        self.bar: ProgressBar | None = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = progress(total, f"{self.name}: {self.what}")
-        self.bar.set(done)
-        now = time.monotonic()
-        if now - self.last >= self.interval:
-            self.last = now
-            log.info("%s: %s %d%% (%d of %d compressed MiB)", self.name, self.what,
-                     100 * done // max(total, 1), done >> 20, total >> 20)
-
-    def finished(self, detail: str) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        log.info("%s: %s done in %.1f s: %s", self.name, self.what, time.monotonic() - self.started, detail)
 
 
 class SourceHandle(FilterHandle):

@@ -20,12 +20,14 @@ import logging
 import os
 import struct
 import tempfile
+import time
 
 from ..core.chain import Layer
 from ..core.params import Bool, Param, Path, Size
-from ..formats.gzip import GzipFormatError, bgzf_block_size, check_magic, parse_bgzf
-from ._decompress import DecompressError, DecompressFilter, Progress, Reader, Source, read_exact
+from ..core.progress import Progress, progress
 from ..formats.deflate_index import DEFAULT_SPAN, Checkpoint, DeflateIndex
+from ..formats.gzip import GzipFormatError, bgzf_block_size, check_magic, parse_bgzf
+from ._decompress import DecompressError, DecompressFilter, Reader, Source, read_exact
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,31 @@ def fingerprint(reader: Reader, size: int) -> bytes:
     h.update(reader(0, FINGERPRINT_BYTES))
     h.update(reader(max(0, size - FINGERPRINT_BYTES), FINGERPRINT_BYTES))
     return h.digest()
+
+
+class IndexingProgress:
+    """Log lines "NAME: WHAT 42% (...)" every few seconds during a long start-up step, and a
+    progress bar on a terminal."""
+
+    def __init__(self, name: str, what: str, interval: float = 2.0) -> None:
+        self.name, self.what, self.interval = name, what, interval
+        self.started = self.last = time.monotonic()
+        self.bar: Progress | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = progress(total, f"{self.name}: {self.what}")
+        self.bar.set(done)
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            log.info("%s: %s %d%% (%d of %d compressed MiB)", self.name, self.what,
+                     100 * done // max(total, 1), done >> 20, total >> 20)
+
+    def finished(self, detail: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        log.info("%s: %s done in %.1f s: %s", self.name, self.what, time.monotonic() - self.started, detail)
 
 
 class GzipFilter(DecompressFilter):
@@ -76,9 +103,9 @@ class GzipFilter(DecompressFilter):
             return self._lazy(reader, compressed)
         index = DeflateIndex(reader, 0, compressed, None, raw=False, span=self.gzip_span,
                              max_size=self.max_size)
-        progress = Progress(self.name, "indexing")
-        index.build(progress)
-        progress.finished(f"{index.size} bytes, {len(index.checkpoints)} checkpoints")
+        indexing = IndexingProgress(self.name, "indexing")
+        index.build(indexing)
+        indexing.finished(f"{index.size} bytes, {len(index.checkpoints)} checkpoints")
         if self.gzip_index is not None:
             self._save(index, mark)
         return index
