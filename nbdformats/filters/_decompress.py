@@ -53,20 +53,6 @@ def layer_reader(layer: Layer) -> Reader:
     return read
 
 
-def buffered(reader: Reader, window: int = 1 << 20) -> Reader:
-    """A reader for many small forward reads (headers): serves them from one cached window."""
-    cache = [0, b""]
-
-    def read(offset: int, length: int) -> bytes:
-        start, data = cache
-        if not (start <= offset and offset + length <= start + len(data)):
-            start, data = offset, reader(offset, max(length, window))
-            cache[:] = [start, data]
-        return data[offset - start:offset - start + length]
-
-    return read
-
-
 def read_exact(reader: Reader, offset: int, length: int, what: str) -> bytes:
     data = reader(offset, length)
     if len(data) != length:

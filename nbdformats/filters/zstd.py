@@ -21,8 +21,8 @@ from ..core.errors import NBDError
 from ..core.params import Int, Param, Size
 from ..formats.zstd import (SEEK_FOOTER, Frame, ZstdFormatError, parse_seek_table, parse_seek_table_footer,
                             seek_table_size, walk_frames)
-from ._decompress import (BlockSource, DecompressError, DecompressFilter, Reader, Source, Unit, buffered,
-                          read_exact)
+from ._decompress import BlockSource, DecompressError, DecompressFilter, Reader, Source, Unit, read_exact
+from ._layer_bytes import WindowedReader
 from ._spill import InOrder, Spill
 
 try:
@@ -117,7 +117,7 @@ class ZstdFilter(DecompressFilter):
         try:
             units = self._seek_table(reader, size, checksums)
             if units is None:
-                units = self._walk(buffered(reader), size, reader)
+                units = self._walk(WindowedReader(reader, size, 1 << 20), size, reader)  # headers
         except ZstdFormatError as e:
             raise DecompressError(str(e)) from None
         if len(units) == 1:

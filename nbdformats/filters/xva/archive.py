@@ -25,6 +25,7 @@ from typing import Callable
 import xxhash
 
 from ...formats import tar
+from .._layer_bytes import WindowedReader
 from . import ovaxml
 
 CHUNK_SIZE = 1 << 20
@@ -101,28 +102,6 @@ def checksum(algorithm: str, data: bytes | bytearray | memoryview) -> str:
     return format(xxhash.xxh64_intdigest(data), "016x")
 
 
-class ReadAhead:
-    """Serve the scan's small reads (headers, checksums) from bigger reads of the archive.
-
-    A chunk's checksum header, checksum and the next chunk's header are adjacent, so indexing
-    costs one read of the layer below per chunk.
-    """
-
-    def __init__(self, read: Callable[[int, int], bytes], size: int, window: int = 16384) -> None:
-        self._read, self._size, self._window = read, size, window
-        self._start, self._data = 0, b""
-
-    def __call__(self, offset: int, length: int) -> bytes:
-        start = offset - self._start
-        if 0 <= start and start + length <= len(self._data):
-            return self._data[start:start + length]
-        if length >= self._window:
-            return self._read(offset, length)
-        self._start = offset
-        self._data = self._read(offset, min(self._window, self._size - offset))
-        return self._data[:length]
-
-
 def _not_a_tar(first_bytes: bytes, error: tar.TarError) -> XvaError:
     for magic, kind in _COMPRESSED_MAGIC.items():
         if first_bytes.startswith(magic):
@@ -136,7 +115,9 @@ def index(read: Callable[[int, int], bytes], size: int, with_checksums: bool) ->
 
     `with_checksums` reads the checksum members too (cheap: they sit next to the headers).
     """
-    read_ahead = ReadAhead(read, size)
+    # A chunk's checksum header, checksum and the next chunk's header are adjacent: with a
+    # 16 KiB window, indexing costs one read of the layer below per chunk.
+    read_ahead = WindowedReader(read, size, 16384)
     ova_data: bytes | None = None
     directories: dict[str, dict[int, tar.TarEntry]] = {}  # in archive order
     checksums: dict[str, dict[int, tuple[str, str]]] = {}
