@@ -38,6 +38,7 @@ MAX_IN_FLIGHT = 64  # requests running in threads per connection before we stop 
 WRITE_HIGH_WATER = 4 * 1024 * 1024
 WRITE_LOW_WATER = 1024 * 1024
 HANDSHAKE_BUFFER = 16 * 1024
+SOCKET_SEND_BUFFER = 2 * 1024 * 1024  # capped by net.core.wmem_max
 
 
 @dataclass
@@ -119,6 +120,10 @@ class Connection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[attr-defined]
         self.peer = transport.get_extra_info("peername")
         self.client_socket = transport.get_extra_info("socket")
+        try:  # room in the kernel for several large replies: fewer partial writes buffered in user space
+            self.client_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
+        except (OSError, AttributeError):
+            pass
         self.settings.connections.add(self)
         log.debug("connection from %s", self.peer or "local socket")
         try:
