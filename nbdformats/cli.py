@@ -449,16 +449,18 @@ def _main(argv: list[str]) -> int:
         raise ConfigError("--tls must be off, on or require")
     context = None
     if tls_mode != "off":
-        if opts.get("tls-psk") is not None:
-            raise ConfigError("--tls-psk is not supported yet (Python's ssl module has no PSK before 3.13); "
-                              "use --tls-certificates")
+        psk_file = opts.get("tls-psk")
         cert_dir = opts.get("tls-certificates")
-        if cert_dir is None:
-            raise ConfigError("--tls needs --tls-certificates DIR")
-        try:
-            context = tls_context(str(cert_dir), opts.flag("tls-verify-peer"))
-        except (OSError, Exception) as e:
-            raise ConfigError(f"cannot load TLS certificates from {cert_dir}: {e}") from None
+        if psk_file is not None:  # as in nbdkit, PSK overrides X.509
+            from .core.tlspsk import psk_context
+            context = psk_context(str(psk_file))
+        elif cert_dir is None:
+            raise ConfigError("--tls needs --tls-certificates DIR or --tls-psk FILE")
+        else:
+            try:
+                context = tls_context(str(cert_dir), opts.flag("tls-verify-peer"))
+            except OSError as e:  # ssl.SSLError is an OSError
+                raise ConfigError(f"cannot load TLS certificates from {cert_dir}: {e}") from None
 
     run_cmd = opts.get("run")
     unix_path = opts.get("unix")

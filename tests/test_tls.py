@@ -123,9 +123,30 @@ def test_garbage_instead_of_a_tls_handshake_does_not_hurt(pki):
         assert srv.proc.poll() is None
 
 
-def test_psk_is_refused_with_a_clear_message(tmp_path):
+# -- TLS with pre-shared keys (nbdkit's --tls-psk, psktool's file format) ----------------------
+PSK_SCRIPT = ("import nbd, sys\nh = nbd.NBD()\nh.set_uri_allow_local_file(True)\nh.connect_uri(sys.argv[1])\n"
+              "h.pwrite(b'psk!', 0)\nprint(h.pread(4, 0).decode(), h.get_tls_negotiated())\n")
+
+
+def test_tls_psk(tmp_path):
     keys = tmp_path / "keys.psk"
-    keys.write_text("alice:" + "00" * 32 + "\n")
-    out = run([*NBDFORMATS, "-U", "-", "--tls=require", f"--tls-psk={keys}", "memory", "1M", "--run", "true"],
-              check=False)
-    assert out.returncode != 0 and b"--tls-psk" in out.stderr and b"00000000" not in out.stderr
+    keys.write_text("alice:" + "0123456789abcdef" * 4 + "\nbob:" + "fedcba9876543210" * 4 + "\n")
+    wrong = tmp_path / "wrong.psk"
+    wrong.write_text("alice:" + "00" * 32 + "\n")
+    with serve("memory", "1M", options=("--tls=require", f"--tls-psk={keys}")) as srv:
+        assert run(["nbdinfo", "--size", srv.uri], check=False).returncode != 0  # no TLS: refused
+        for user in ("alice", "bob"):
+            uri = f"nbds+unix://{user}@/?socket={srv.socket}&tls-psk-file={keys}"  # libnbd: user@ names the key
+            assert run([SYSTEM_PYTHON, "-c", PSK_SCRIPT, uri]).stdout.split() == [b"psk!", b"True"]
+        for keyfile, user in ((wrong, "alice"), (keys, "mallory")):
+            uri = f"nbds+unix://{user}@/?socket={srv.socket}&tls-psk-file={keyfile}"
+            assert run([SYSTEM_PYTHON, "-c", PSK_SCRIPT, uri], check=False).returncode != 0
+        assert "0123456789abcdef" not in srv.stderr()  # keys never logged
+
+
+def test_tls_psk_bad_file(tmp_path):
+    bad = tmp_path / "bad.psk"
+    bad.write_text("alice-without-a-key\n")
+    proc = run([*NBDFORMATS, "-f", "--tls=on", f"--tls-psk={bad}", "-U", "-", "memory", "1M", "--run", "true"],
+               check=False)
+    assert proc.returncode != 0 and b"expected USERNAME:HEXKEY" in proc.stderr
