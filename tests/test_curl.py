@@ -333,11 +333,12 @@ def test_header_script_renews(site: Nginx, tmp: Path) -> None:
     assert counter.read_text().split() == ["0", "1"]
 
 
-def test_redirects(site: Nginx, tmp: Path) -> None:
-    with serve("curl", f"url={site.url}/moved/disk.raw") as srv:
+def test_redirects_followed_only_when_asked(site: Nginx, tmp: Path) -> None:
+    with serve("curl", f"url={site.url}/moved/disk.raw", "followlocation=true") as srv:
         assert copy_sha(srv.uri, tmp) == expected(site)
-    with pytest.raises(ConfigError, match="followlocation=false"):
-        make_curl(("url", f"{site.url}/moved/disk.raw"), ("followlocation", "false"))
+    for asked in ((), (("followlocation", "false"),)):
+        with pytest.raises(ConfigError, match="add followlocation=true"):
+            make_curl(("url", f"{site.url}/moved/disk.raw"), *asked)
 
 
 def test_server_ignoring_range_is_a_startup_error(site: Nginx) -> None:

@@ -231,7 +231,7 @@ class RangeClient:
             target = urljoin(url, location)
             if not self.followlocation:
                 raise RequestError(f"{redact_url(url)} redirects (HTTP {response.status}) to "
-                                   f"{redact_url(target)}; followlocation=false forbids following it")
+                                   f"{redact_url(target)}; add followlocation=true to follow it")
             scheme = urlsplit(target).scheme.lower()
             if scheme not in self.protocols or scheme not in ("http", "https"):
                 raise RequestError(f"{redact_url(url)} redirects to a {scheme}: URL, which is not allowed")

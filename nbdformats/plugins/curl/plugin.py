@@ -61,7 +61,8 @@ class CurlPlugin(Plugin):
     ssl_version = Param(Enum(*SSL_VERSIONS, "sslv2", "sslv3"), help="Lowest TLS version to accept")
     ssl_cipher_list = Param(String(), help="OpenSSL cipher list for TLS 1.2 and older")
     tls13_ciphers = Param(String(), help="Not supported: Python's ssl module cannot choose TLS 1.3 suites")
-    followlocation = Param(Bool(), default=True, help="Follow redirects (default true, as nbdkit)")
+    followlocation = Param(Bool(), default=False,
+                           help="Follow redirects (default false: a redirect is reported; nbdkit follows by default)")
     protocols = Param(String(), help="Comma-separated protocols allowed in the URL and redirects")
     proxy = Param(String(), help="Proxy URL: http://, https://, socks5:// (socks needs PySocks)")
     proxy_user = Param(String(), help="Proxy user name")
@@ -73,6 +74,7 @@ class CurlPlugin(Plugin):
     unix_socket_path = Param(Path(None), help="Connect through this Unix socket instead of TCP")
     connections = Param(Int(minimum=1, maximum=256), default=4,
                         help="HTTP connections in the pool, shared by all clients (parallel requests)")
+    retry = Param(Int(minimum=0), help="Alias of retries= (the number of retries)")
     retries = Param(Int(minimum=0), default=3,
                     help="Retry a failed request this many times (connection errors, timeouts, 408/429/5xx)")
     retry_delay = Param(Float(minimum=0), default=0.5, help="Seconds before the first retry")
@@ -83,6 +85,8 @@ class CurlPlugin(Plugin):
     def config_complete(self) -> None:
         if int(urllib3.__version__.split(".")[0]) < 2:
             raise ConfigError("curl: needs urllib3 >= 2 (pip install 'urllib3>=2,<3')")
+        if self.retry is not None:
+            self.retries = self.retry
         scheme = urlsplit(self.url).scheme.lower()
         allowed = {p.strip().lower() for p in self.protocols.split(",")} if self.protocols else {"http", "https"}
         if scheme not in ("http", "https"):
