@@ -525,3 +525,17 @@ def test_serialize_connections_serves_one_client_at_a_time():
         first.send(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC, 1, 0, 0))
         second.sock.settimeout(20)
         assert struct.unpack(">Q", second.recv_exact(18)[:8])[0] == P.NBDMAGIC
+
+
+def test_file_reads_not_in_the_page_cache_are_read_by_blocking_threads(tmp_path):
+    """Reads first try the page cache without blocking (RWF_NOWAIT); misses must still return the data."""
+    disk = random_file(tmp_path / "disk.img", 16 << 20, seed=9)
+    with serve("file", str(disk)) as srv:
+        fd = os.open(disk, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # evict: the next reads go to the disk
+        finally:
+            os.close(fd)
+        run(["nbdcopy", srv.uri, tmp_path / "copy.img"])
+    assert sha256_file(tmp_path / "copy.img") == sha256_file(disk)

@@ -335,6 +335,7 @@ class Connection(asyncio.BufferedProtocol):
         self._threaded = ThreadedTransmission(
             sock, self.transmission, decoder, threads=threads,
             serialize_all=model == ThreadModel.SERIALIZE_ALL_REQUESTS, peer=self.peer,
+            try_nowait_reads=self.chain.nowait_reads and model == ThreadModel.PARALLEL,
             on_finished=lambda: self.loop.call_soon_threadsafe(self._threads_finished))
         # Drop the transport but not the connection: our duplicate descriptor keeps it open.
         self._handed_off = True
