@@ -391,3 +391,20 @@ def test_over_another_plugin(vm_xva, tmp):
     with serve("--filter=xva", "python", str(script), f"file={path}") as srv:
         run(["nbdcopy", srv.uri_for("data"), tmp / "out.raw"], timeout=60)
         assert (tmp / "out.raw").read_bytes() == disks[1].data
+
+
+def test_writable_through_the_cow_filter(tmp):
+    """XVA is read-only; the cow filter in front takes writes into an overlay, the archive never changes."""
+    path = make_xva(tmp / "vm.xva", [root_disk()])
+    before = sha256_file(path)
+    with serve("--filter=cow", "--filter=xva", "file", str(path)) as srv:
+        info = nbdinfo_json(srv.uri)["exports"][0]
+        assert info["is_read_only"] is False
+        out = nbdsh(srv.uri, "h.pwrite(b'overlay!' * 512, 4096)\nprint(h.pread(8, 4096 + 8).decode())")
+        assert out.stdout.strip() == b"overlay!"
+        # a second connection sees the same overlay, and unwritten bytes still come from the archive
+        out = nbdsh(srv.uri, f"print(h.pread(8, 4096).decode())\nimport sys\n"
+                             f"sys.stdout.buffer.write(h.pread(4096, {ROOT_SIZE} - 4096))")
+        assert out.stdout[:9] == b"overlay!\n"
+        assert out.stdout[9:] == root_disk().data[ROOT_SIZE - 4096:]
+    assert sha256_file(path) == before
