@@ -276,8 +276,10 @@ def test_parse_uri():
     assert parse_uri("nbd+unix:///x?socket=/tmp/s") == Address(unix="/tmp/s", export="x")
     tls = parse_uri("nbds+unix:///?socket=/s&tls-certificates=/c&tls-verify-peer=false")
     assert (tls.tls, tls.tls_certificates, tls.tls_verify) == ("require", "/c", False)
+    psk = parse_uri("nbds+unix://alice@/?socket=/s&tls-psk-file=/k")
+    assert (psk.unix, psk.tls_psk_file, psk.tls_username) == ("/s", "/k", "alice")
     for bad in ("http://x/", "nbd+unix:///", "nbd+unix://host/?socket=/s", "nbd:///x", "nbd://h/?socket=/s",
-                "nbd+vsock:///2", "nbds://h/?tls-psk-file=/k", "nbd://h/?bogus=1"):
+                "nbd+vsock:///2", "nbd://h/?bogus=1"):
         with pytest.raises(ValueError):
             parse_uri(bad)
 

@@ -295,7 +295,7 @@ def test_lost_upstream_fails_requests_and_the_server_stays_up(tmp_path):
     ((), "give exactly one of"),
     (("socket=/x", "uri=nbd://h/"), "give exactly one of"),
     (("uri=nbd+vsock:///2",), "vsock URIs are not supported"),
-    (("socket=/x", "tls-psk=/k"), "TLS-PSK"),
+    (("socket=/x", "tls-username=alice"), "tls-username= goes with tls-psk="),
     (("socket=/x", "dynamic-export=true", "shared=true"), "cannot be combined with shared"),
     (("uri=nbd://h/e", "export=f"), "export name goes in the URI"),
     (("command=true", "shared=false"), "need shared=true"),
@@ -305,3 +305,21 @@ def test_lost_upstream_fails_requests_and_the_server_stays_up(tmp_path):
 def test_bad_parameters_are_refused(tmp_path, params, message):
     proc = run([*NBDFORMATS, "-U", tmp_path / "sock", "nbd", *params], check=False, timeout=30)
     assert proc.returncode != 0 and message in proc.stderr.decode(), proc.stderr.decode()
+
+
+def test_tls_psk_upstream_nbdkit_and_ourselves(tmp_path):
+    """tls-psk= as nbdkit's nbd plugin: our client's OpenSSL PSK against nbdkit's GnuTLS, and against us."""
+    keys = tmp_path / "keys.psk"
+    keys.write_text("alice:" + "a1" * 32 + "\n")
+    disk = random_file(tmp_path / "disk.img", 2 << 20, seed=5)
+    upstreams = (serve_nbdkit("--tls=require", f"--tls-psk={keys}", "file", str(disk)),
+                 serve("file", str(disk), options=("--tls=require", f"--tls-psk={keys}")))
+    for upstream in upstreams:
+        with upstream as up:
+            with serve("nbd", f"socket={up.socket}", f"tls-psk={keys}", "tls-username=alice") as front:
+                run(["nbdcopy", front.uri, tmp_path / "copy.img"])
+                assert sha256_file(tmp_path / "copy.img") == sha256_file(disk)
+            wrong = tmp_path / "wrong.psk"
+            wrong.write_text("alice:" + "00" * 32 + "\n")
+            with serve("nbd", f"socket={up.socket}", f"tls-psk={wrong}", "tls-username=alice") as front:
+                assert run(["nbdinfo", "--size", front.uri], check=False).returncode != 0

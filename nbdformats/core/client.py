@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import _thread
 import errno
+import getpass
 import itertools
 import os
 import socket
@@ -71,6 +72,8 @@ class Address:
     tls_certificates: str | None = None  # directory with ca-cert.pem [client-cert.pem client-key.pem]
     tls_verify: bool = True
     tls_hostname: str | None = None  # name checked in the server certificate (default: host)
+    tls_psk_file: str | None = None  # pre-shared keys (psktool's format) instead of certificates
+    tls_username: str | None = None  # whose key from tls_psk_file (default: the login name)
 
     def describe(self) -> str:
         where = self.unix or (f"fd {self.fd}" if self.fd is not None else f"{self.host}:{self.port}")
@@ -100,8 +103,6 @@ def parse_uri(uri: str) -> Address:
                             "tls-psk-file"}
     if unknown:
         raise ValueError(f"{uri}: unknown URI query parameter {sorted(unknown)[0]!r}")
-    if "tls-psk-file" in query or "tls-username" in query:
-        raise ValueError(f"{uri}: TLS-PSK is not supported (Python's ssl module has no PSK); use X.509 certificates")
 
     def one(key: str) -> str | None:
         values = query.get(key)
@@ -111,14 +112,15 @@ def parse_uri(uri: str) -> Address:
     export = path[1:] if path.startswith("/") else path
     verify = one("tls-verify-peer")
     fields: dict[str, Any] = dict(export=export, tls=tls, tls_certificates=one("tls-certificates"),
-                                  tls_hostname=one("tls-hostname"))
+                                  tls_hostname=one("tls-hostname"), tls_psk_file=one("tls-psk-file"),
+                                  tls_username=one("tls-username") or parts.username)
     if verify is not None:
         fields["tls_verify"] = verify.lower() not in ("0", "false", "no", "off")
     if transport == "unix":
         socket_path = one("socket")
         if not socket_path:
             raise ValueError(f"{uri}: a Unix socket URI needs ?socket=PATH")
-        if parts.netloc:
+        if parts.hostname:
             raise ValueError(f"{uri}: a Unix socket URI has no host (write {scheme}:///EXPORT?socket=...)")
         return Address(unix=socket_path, **fields)
     if one("socket") is not None:
@@ -794,9 +796,13 @@ def handshake(sock: socket.socket, address: Address, *, structured: bool = True,
         elif isinstance(step, Send):
             sock.sendall(step.data)
         else:
-            context = tls_context(address.tls_certificates, address.tls_verify)
+            if address.tls_psk_file:
+                from .tlspsk import psk_client_context
+                context = psk_client_context(address.tls_psk_file, address.tls_username or getpass.getuser())
+            else:
+                context = tls_context(address.tls_certificates, address.tls_verify)
             hostname = address.tls_hostname or address.host
-            if not hostname:
+            if not hostname or address.tls_psk_file:
                 context.check_hostname = False  # a Unix socket has no name to check
             sock = TLSSocket(sock, context, hostname)  # type: ignore[assignment]
 

@@ -1,4 +1,5 @@
-"""TLS with pre-shared keys (`--tls-psk=FILE`, nbdkit's psktool format) on Python's ssl module.
+"""TLS with pre-shared keys (`--tls-psk=FILE`, nbdkit's psktool format) on Python's ssl module,
+for the server and for our client (the nbd plugin's tls-psk=).
 
 Python's ssl module gains PSK only in 3.13.  OpenSSL itself has had it for years, and Python's
 `_ssl` uses the system libssl, so we install OpenSSL's server PSK callback on the context's own
@@ -24,6 +25,11 @@ log = logging.getLogger("nbdformats")
 
 # unsigned int (*)(SSL *ssl, const char *identity, unsigned char *psk, unsigned int max_psk_len)
 _PSK_SERVER_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_uint, ctypes.c_void_p, ctypes.c_char_p,
+                                        ctypes.POINTER(ctypes.c_ubyte), ctypes.c_uint)
+# unsigned int (*)(SSL *ssl, const char *hint, char *identity, unsigned int max_identity_len,
+#                  unsigned char *psk, unsigned int max_psk_len)
+_PSK_CLIENT_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_uint, ctypes.c_void_p, ctypes.c_char_p,
+                                        ctypes.POINTER(ctypes.c_char), ctypes.c_uint,
                                         ctypes.POINTER(ctypes.c_ubyte), ctypes.c_uint)
 _keep_alive: list = []  # the callbacks must outlive every handshake
 
@@ -84,15 +90,19 @@ def _ssl_ctx_pointer(context: ssl.SSLContext, libssl: ctypes.CDLL) -> int:
     return pointer
 
 
+def _prepare(context: ssl.SSLContext) -> tuple[ctypes.CDLL, int]:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.2 PSK suites, and TLS 1.3's own (OpenSSL uses the callbacks for 1.3 too, with SHA-256).
+    context.set_ciphers("PSK:DHE-PSK:ECDHE-PSK:!aNULL:!eNULL")
+    libssl = _libssl()
+    return libssl, _ssl_ctx_pointer(context, libssl)
+
+
 def psk_context(path: str) -> ssl.SSLContext:
     """A server context that authenticates clients by the keys in a psktool file."""
     keys = read_psk_file(path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    # TLS 1.2 PSK suites, and TLS 1.3's own (OpenSSL uses the callback for 1.3 too, with SHA-256).
-    context.set_ciphers("PSK:DHE-PSK:ECDHE-PSK:!aNULL:!eNULL")
-    libssl = _libssl()
-    pointer = _ssl_ctx_pointer(context, libssl)
+    libssl, pointer = _prepare(context)
 
     def find_key(ssl_ptr, identity, psk, max_len):  # called by OpenSSL during each handshake
         key = keys.get(identity or b"")
@@ -107,4 +117,36 @@ def psk_context(path: str) -> ssl.SSLContext:
     libssl.SSL_CTX_set_psk_server_callback.restype = None
     libssl.SSL_CTX_set_psk_server_callback.argtypes = [ctypes.c_void_p, _PSK_SERVER_CALLBACK]
     libssl.SSL_CTX_set_psk_server_callback(pointer, callback)
+    return context
+
+
+def psk_client_context(path: str, username: str) -> ssl.SSLContext:
+    """A client context that proves itself with `username`'s key from a psktool file."""
+    keys = read_psk_file(path)
+    identity = username.encode()
+    key = keys.get(identity)
+    if key is None:
+        raise ConfigError(f"tls-psk: {path} has no key for user {username!r}")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # the key authenticates the server: it must know it too
+    context.verify_mode = ssl.CERT_NONE
+    libssl, pointer = _prepare(context)
+
+    def give_key(ssl_ptr, hint, identity_out, max_identity, psk, max_len):
+        if len(identity) + 1 > max_identity or len(key) > max_len:
+            return 0
+        ctypes.memmove(identity_out, identity + b"\0", len(identity) + 1)
+        ctypes.memmove(psk, key, len(key))
+        return len(key)
+
+    # CPython gives every context the session id context "Python"; the session OpenSSL builds from a
+    # TLS 1.3 PSK has none, and OpenSSL refuses the mismatch ("attempt to reuse session in different
+    # context").  A client context needs no session id context: clear it.
+    libssl.SSL_CTX_set_session_id_context.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint]
+    libssl.SSL_CTX_set_session_id_context(pointer, b"", 0)
+    callback = _PSK_CLIENT_CALLBACK(give_key)
+    _keep_alive.append((context, callback))
+    libssl.SSL_CTX_set_psk_client_callback.restype = None
+    libssl.SSL_CTX_set_psk_client_callback.argtypes = [ctypes.c_void_p, _PSK_CLIENT_CALLBACK]
+    libssl.SSL_CTX_set_psk_client_callback(pointer, callback)
     return context

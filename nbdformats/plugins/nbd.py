@@ -117,8 +117,8 @@ class NbdPlugin(Plugin):
     tls = Param(Enum("off", "on", "require"), help="TLS to the server (default off, on if another tls option is set)")
     tls_certificates = Param(Path(kind="dir"), help="directory with ca-cert.pem [client-cert.pem client-key.pem]")
     tls_verify = Param(Bool(), help="verify the server's certificate and name (default true)")
-    tls_username = Param(String(), help="not supported (TLS-PSK)")
-    tls_psk = Param(String(), help="not supported (TLS-PSK)")
+    tls_username = Param(String(), help="user whose key tls-psk= holds (default: the login name)")
+    tls_psk = Param(Path(kind="file"), help="pre-shared keys file (psktool's format) instead of certificates")
 
     def config_complete(self) -> None:
         sources = [k for k, v in (("uri", self.uri), ("socket", self.socket), ("socket-fd", self.socket_fd),
@@ -129,9 +129,8 @@ class NbdPlugin(Plugin):
                               f"(got {', '.join(sources) or 'none'})")
         if self.vsock is not None:
             raise ConfigError("nbd: vsock= is not supported")
-        if self.tls_psk is not None or self.tls_username is not None:
-            raise ConfigError("nbd: TLS-PSK (tls-psk=, tls-username=) is not supported (Python's ssl module has no "
-                              "PSK); use tls-certificates=")
+        if self.tls_username is not None and self.tls_psk is None:
+            raise ConfigError("nbd: tls-username= goes with tls-psk=")
         if self.arg and self.command is None:
             raise ConfigError("nbd: arg= needs command=")
         if self.port is not None and self.hostname is None:
@@ -149,7 +148,8 @@ class NbdPlugin(Plugin):
 
     def _address(self) -> Address:
         # "If omitted but another tls option is present, this defaults to on" (nbdkit-nbd-plugin(1)).
-        other_tls_option = self.tls_certificates is not None or self.tls_verify is not None
+        other_tls_option = self.tls_certificates is not None or self.tls_verify is not None or \
+            self.tls_psk is not None
         tls = self.tls or ("on" if other_tls_option else "off")
         if self.uri is not None:
             if self.export is not None:
@@ -174,6 +174,8 @@ class NbdPlugin(Plugin):
             address = replace(address, tls_certificates=self.tls_certificates)
         if self.tls_verify is not None:
             address = replace(address, tls_verify=self.tls_verify)
+        if self.tls_psk is not None:
+            address = replace(address, tls_psk_file=self.tls_psk, tls_username=self.tls_username)
         certificates = address.tls_certificates
         if certificates and address.tls_verify and not os.path.exists(os.path.join(certificates, "ca-cert.pem")):
             raise ConfigError(f"nbd: {certificates} has no ca-cert.pem to verify the server with "
