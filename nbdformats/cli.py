@@ -420,8 +420,11 @@ def _main(argv: list[str]) -> int:
         dump_plugin(plugin_name, plugin_args)
         return 0
 
+    # As nbdkit: --exit-with-parent and socket activation imply -f (a daemon would lose its
+    # parent, and systemd expects the service it started to stay in the foreground).
+    socket_activated = os.environ.get("LISTEN_PID") == str(os.getpid())
     foreground = opts.flag("foreground") or opts.flag("single") or opts.get("run") is not None \
-        or opts.get("fd") is not None
+        or opts.get("fd") is not None or opts.flag("exit-with-parent") or socket_activated
     # inetd and xinetd hand -s the client's socket as stderr too: messages there would corrupt
     # the NBD stream, so they go to syslog unless --log says otherwise.
     to_stderr = foreground and not (opts.flag("single") and stderr_is_stdin_socket())

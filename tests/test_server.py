@@ -298,8 +298,8 @@ def test_single_connection_on_stdin():
 
 
 def test_systemd_socket_activation():
-    script = (f"import nbd\nh = nbd.NBD()\nh.connect_systemd_socket_activation({[*NBDFORMATS, 'memory', '2M']!r})\n"
-              "print(h.get_size())\n")
+    script = (f"import nbd\nh = nbd.NBD()\nh.connect_systemd_socket_activation({[*NBDFORMATS, '--exit-with-parent', 'memory', '2M']!r})\n"
+              "print(h.get_size())\n")  # --exit-with-parent: the server goes with this script
     assert run([SYSTEM_PYTHON, "-c", script]).stdout.strip() == b"2097152"
 
 
