@@ -100,7 +100,8 @@ def _wait_for_socket(proc: subprocess.Popen, sock: str, log: str, timeout: float
 @contextlib.contextmanager
 def start(argv_before_socket: list[str], argv_after_socket: list[str], *, timeout: float = 60,
           export: str = "") -> Iterator[Server]:
-    tmp = tempfile.mkdtemp(prefix="nbdf-test-")
+    # Not under $TMPDIR: tests point TMPDIR at small filesystems for the server, not for its log.
+    tmp = tempfile.mkdtemp(prefix="nbdf-test-", dir="/tmp")
     sock = os.path.join(tmp, "sock")
     log = sock + ".log"
     with open(log, "wb") as logf:

@@ -31,12 +31,13 @@ SERVER_WIDE_LOCK = threading.Lock()
 # sending a 64 MiB reply to a client that does not read would hold 1 GiB.  One read always runs.
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 # Threads a connection starts with; more are added (up to -t) when the backend really blocks.
-# Threads contend for the GIL: with page-cache I/O two threads per connection measured 95-105k
-# random 4 KiB IOPS at QD16 here, sixteen 35k.  A read that a nowait_reads plugin cannot serve
-# from the page cache adds a thread at once; otherwise a watchdog adds one when every thread of a
-# connection has been inside a request for longer than SLOW_REQUEST (longer than a wait for the
-# GIL, whose switch interval is 5 ms).
-INITIAL_THREADS = 2
+# Threads contend for the GIL, and handing the receive lock from one to the next costs a wake-up
+# per request: one thread per connection measured as fast or faster than two here for page-cache
+# I/O at queue depth 1 and 16, and sixteen three times slower.  A read that a nowait_reads plugin
+# cannot serve from the page cache adds a thread at once; otherwise a watchdog adds one when every
+# thread of a connection has been inside a request for longer than SLOW_REQUEST (longer than a
+# wait for the GIL, whose switch interval is 5 ms).
+INITIAL_THREADS = 1
 SLOW_REQUEST = 0.02
 WATCHDOG_INTERVAL = 0.01
 
