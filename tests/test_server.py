@@ -539,3 +539,15 @@ def test_file_reads_not_in_the_page_cache_are_read_by_blocking_threads(tmp_path)
             os.close(fd)
         run(["nbdcopy", srv.uri, tmp_path / "copy.img"])
     assert sha256_file(tmp_path / "copy.img") == sha256_file(disk)
+
+
+def test_buffer_alignment_is_honoured(tmp_path):
+    """A plugin that declares buffer_alignment (O_DIRECT) only ever gets aligned buffers."""
+    source = random_file(tmp_path / "src.img", 4 << 20, seed=11)
+    plugin = str(Path(__file__).parent / "fixtures" / "aligned.py")
+    with serve(plugin, "4M") as srv:
+        run(["nbdcopy", source, srv.uri])
+        run(["nbdcopy", srv.uri, tmp_path / "back.img"])
+        out = nbdsh(srv.uri, "h.pwrite(b'x' * 4096, 8192)\nprint(h.pread(4096, 8192) == b'x' * 4096)")
+    assert sha256_file(tmp_path / "back.img") == sha256_file(source)  # misaligned buffers would be EIO
+    assert out.stdout.strip() == b"True"
