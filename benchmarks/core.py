@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,6 +91,22 @@ def run_workloads(server: Server, source: str, size: int, count: int) -> dict[st
     return results
 
 
+def startup_and_idle(argv_prefix: list[str], work: str) -> tuple[float, float]:
+    """Median wall time of `-U - memory 1M --run true` (start, serve nothing, exit) and idle RSS (MB)."""
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        subprocess.run([*argv_prefix, "-U", "-", "memory", "1M", "--run", "true"], check=True, timeout=60)
+        times.append(time.perf_counter() - start)
+    sock = os.path.join(work, "idle.sock")
+    with Server([*argv_prefix, "-f", "-U", sock, "memory", "1M"], sock) as server:
+        server.wait_for_socket()
+        time.sleep(0.5)
+        with open(f"/proc/{server.proc.pid}/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    return statistics.median(times), rss
+
+
 UNITS = {"seq_write": "MB/s", "seq_write_c1": "MB/s", "seq_read": "MB/s", "seq_read_c1": "MB/s",
          "randwrite_qd16": "IOPS", "randwrite_qd1": "IOPS", "randread_qd16": "IOPS", "randread_qd1": "IOPS",
          "peak_rss": "MB"}
@@ -131,6 +148,10 @@ def main() -> int:
                 with Server(argv, sock) as server:
                     server.wait_for_socket()
                     results[name].append(run_workloads(server, source, size, args.count))
+        print("\nstart-up (-U - memory 1M --run true, median of 5) and idle RSS:")
+        for name, prefix in (("nbdkit", ["nbdkit"]), ("nbdformats", NBDFORMATS)):
+            seconds, rss = startup_and_idle(prefix, work)
+            print(f"  {name:12} {seconds:6.3f} s   {rss:6.1f} MB")
         medians = {name: {w: statistics.median(r[w] for r in runs) for w in UNITS}
                    for name, runs in results.items()}
         names = [name for name, _ in servers]
