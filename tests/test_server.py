@@ -551,3 +551,38 @@ def test_buffer_alignment_is_honoured(tmp_path):
         out = nbdsh(srv.uri, "h.pwrite(b'x' * 4096, 8192)\nprint(h.pread(4096, 8192) == b'x' * 4096)")
     assert sha256_file(tmp_path / "back.img") == sha256_file(source)  # misaligned buffers would be EIO
     assert out.stdout.strip() == b"True"
+
+
+@pytest.mark.parametrize("plugin", ["memory", "file"])
+def test_resize_with_our_own_client(tmp_path, plugin):
+    """The resize extension through nbdformats.core.client (no common client sends NBD_CMD_RESIZE)."""
+    from nbdformats.core.client import NBDClient
+    from nbdformats.core.errors import NBDError
+
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    args = ["file", str(disk)] if plugin == "file" else ["memory", "1M"]
+    with serve(*args) as srv:
+        with NBDClient.connect(srv.uri) as client:
+            client.pwrite(b"kept", 1000)
+            client.resize(8 << 20)  # grow
+            assert client.size == 8 << 20
+            assert bytes(client.pread(4, 1000)) == b"kept" and bytes(client.pread(16, (8 << 20) - 16)) == bytes(16)
+            with NBDClient.connect(srv.uri) as second:  # a new connection sees the new size
+                assert second.size == 8 << 20
+            client.resize(2048)  # shrink
+            with pytest.raises(NBDError):
+                client.pread(4096, 0)  # past the new end
+            assert bytes(client.pread(4, 1000)) == b"kept"
+        assert nbdinfo_json(srv.uri)["exports"][0]["export-size"] == 2048
+
+
+def test_swap_locks_memory():
+    """--swap: mlockall and the OOM score, so a machine can swap to the export; what is not
+    permitted (this sandbox refuses oom_score_adj below 0 even to root) is said clearly."""
+    script = 'grep VmLck /proc/$PPID/status; cat /proc/$PPID/oom_score_adj; nbdinfo --size "$uri"'
+    proc = run([*NBDFORMATS, "--swap", "-U", "-", "memory", "1M", "--run", script])
+    out = proc.stdout.decode().split()
+    assert out[0] == "VmLck:" and int(out[1]) > 1000  # kB locked: the whole process
+    assert out[3] == "-1000" or b"--swap: cannot lower the OOM score" in proc.stderr
+    assert out[4] == str(1 << 20)

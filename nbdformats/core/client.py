@@ -992,6 +992,14 @@ class NBDClient:
     def flush(self, flags: int = 0) -> None:
         self.submit(P.CMD_FLUSH, 0, 0, flags).result()
 
+    def resize(self, size: int) -> None:
+        """NBD_CMD_RESIZE (the resize extension; needs NBD_FLAG_SEND_RESIZE): the new size travels
+        in the request's offset field.  Afterwards `size` is the new size."""
+        if not self._flag(P.TF_SEND_RESIZE):
+            raise NBDError(errno.ENOTSUP, "the server does not offer resizing")
+        self.submit(P.CMD_RESIZE, size, 0).result()
+        self.info = replace(self.info, size=size)
+
     def trim(self, count: int, offset: int, flags: int = 0) -> None:
         wait_all(self.submit_split(P.CMD_TRIM, offset, count, flags))
 
