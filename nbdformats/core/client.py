@@ -478,15 +478,7 @@ class ReplyDecoder:
 
     def receive(self, data: bytes) -> list[Command]:
         """Feed bytes that arrived by other means (tests)."""
-        finished: list[Command] = []
-        view = memoryview(data)
-        while view:
-            buf = self.get_buffer()
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            view = view[n:]
-            finished += self.buffer_updated(n)
-        return finished
+        return P.feed(self, data)
 
     def _expect(self, sink: memoryview, on_full: Any) -> None:
         self._sink, self._sink_filled, self._on_sink = sink, 0, on_full

@@ -159,3 +159,17 @@ STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
 
 MAX_STRING = 4096  # "MUST be no longer than 4096 bytes"
+
+
+def feed(decoder, data: bytes) -> list:
+    """Copy `data` into a BufferedProtocol-shaped decoder (get_buffer/buffer_updated), as the event
+    loop would; returns what the decoder yields.  For bytes that arrive by other means."""
+    results: list = []
+    view = memoryview(data)
+    while view:
+        buf = decoder.get_buffer()
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        view = view[n:]
+        results += decoder.buffer_updated(n)
+    return results

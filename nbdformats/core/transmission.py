@@ -95,15 +95,7 @@ class RequestDecoder:
 
     def receive(self, data: bytes) -> list[Request]:
         """Feed bytes that arrived by other means (tests, bytes left over from the handshake)."""
-        requests: list[Request] = []
-        view = memoryview(data)
-        while view:
-            buf = self.get_buffer()
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            view = view[n:]
-            requests += self.buffer_updated(n)
-        return requests
+        return P.feed(self, data)
 
     def _parse(self) -> list[Request]:
         requests = []
