@@ -150,3 +150,16 @@ def test_tls_psk_bad_file(tmp_path):
     proc = run([*NBDFORMATS, "-f", "--tls=on", f"--tls-psk={bad}", "-U", "-", "memory", "1M", "--run", "true"],
                check=False)
     assert proc.returncode != 0 and b"expected USERNAME:HEXKEY" in proc.stderr
+
+
+def test_tls_with_a_blocking_plugin(tmp_path):
+    """TLS connections of blocking chains stay on the event loop and hand requests to the worker pool."""
+    from conftest import random_file, sha256_file
+    keys = tmp_path / "keys.psk"
+    keys.write_text("alice:" + "5a" * 32 + "\n")
+    disk = random_file(tmp_path / "disk.img", 8 << 20, seed=3)
+    with serve("file", str(disk), options=("--tls=require", f"--tls-psk={keys}")) as srv:
+        uri = f"nbds+unix://alice@/?socket={srv.socket}&tls-psk-file={keys}"
+        run(["nbdcopy", uri, tmp_path / "copy.img"])
+        run(["nbdcopy", tmp_path / "copy.img", uri])  # and writes back through TLS
+    assert sha256_file(tmp_path / "copy.img") == sha256_file(disk)
