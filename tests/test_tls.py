@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NBDFORMATS, SYSTEM_PYTHON, run, serve
+from conftest import NBDFORMATS, SYSTEM_PYTHON, random_file, run, serve, sha256_file
 from fixtures.hardening import Raw
 from nbdformats.core import protocol as P
 
@@ -154,7 +154,6 @@ def test_tls_psk_bad_file(tmp_path):
 
 def test_tls_with_a_blocking_plugin(tmp_path):
     """TLS connections of blocking chains stay on the event loop and hand requests to the worker pool."""
-    from conftest import random_file, sha256_file
     keys = tmp_path / "keys.psk"
     keys.write_text("alice:" + "5a" * 32 + "\n")
     disk = random_file(tmp_path / "disk.img", 8 << 20, seed=3)
