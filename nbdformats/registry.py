@@ -51,7 +51,10 @@ def _load(kind: str, name: str, attr: str, base: type) -> Any:
                     break
             else:
                 known = ", ".join(sorted(names(kind)))
-                raise ConfigError(f"unknown {kind} {name!r} (available: {known})") from None
+                other = "filter" if kind == "plugin" else "plugin"
+                hint = f"; {name} is a {other}" + (f": use --filter={name}" if other == "filter" else "") \
+                    if name.lower() in names(other) else ""
+                raise ConfigError(f"unknown {kind} {name!r} (available: {known}){hint}") from None
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(f"{name}: {attr} is not a {base.__name__} subclass")
     return cls
