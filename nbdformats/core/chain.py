@@ -11,6 +11,7 @@ Flags and tri-state values use nbdkit's numbers so nbdkit Python plugins port un
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -415,6 +416,20 @@ class Filter(Component):
         members in list_exports or check it at start-up); the caller closes the Layer.
         The Chain replaces this with the real opener."""
         raise RuntimeError(f"{self.name}: filter is not part of a Chain")
+
+    @contextlib.contextmanager
+    def below_if_available(self, readonly: bool = True, export_name: str = "") -> Iterator["Layer | None"]:
+        """The layers below opened for a start-up check, or None when they cannot be opened yet
+        (no default export, a server not up yet): then each connection checks instead."""
+        try:
+            below: Layer | None = self.open_below(readonly, export_name)
+        except Exception:
+            below = None
+        try:
+            yield below
+        finally:
+            if below is not None:
+                below.close()
 
     def open(self, next_open: OpenNext, readonly: bool, export_name: str) -> FilterHandle:
         """Open the layer below (possibly with another readonly flag or export name), then ours."""

@@ -32,14 +32,8 @@ class FuaFilter(Filter):
         # is checked again when each connection opens it.
         if self.fuamode not in ("emulate", "native", "force"):
             return
-        try:
-            below = self.open_below(False, "")
-        except Exception:
-            return
-        try:
-            problem = self.unsupported(below)
-        finally:
-            below.close()
+        with self.below_if_available(readonly=False) as below:
+            problem = self.unsupported(below) if below is not None else None
         if problem:
             raise ConfigError(f"fua: {problem}")
 

@@ -71,16 +71,12 @@ class OffsetFilter(Filter):
     def get_ready(self) -> None:
         # Report a range beyond the disk at start-up when the plugin can be opened now;
         # otherwise (several exports, say) each connection checks its own disk.
-        try:
-            below = self.open_below(True, "")
-        except Exception:
-            return
-        try:
-            window(below.get_size(), self.offset, self.range)
-        except ValueError as e:
-            raise ConfigError(f"offset: {e}") from None
-        finally:
-            below.close()
+        with self.below_if_available() as below:
+            if below is not None:
+                try:
+                    window(below.get_size(), self.offset, self.range)
+                except ValueError as e:
+                    raise ConfigError(f"offset: {e}") from None
 
     class Handle(RangeHandle):
         def __init__(self, filter: "OffsetFilter", next: Layer, readonly: bool, export_name: str) -> None:

@@ -46,18 +46,15 @@ class PartitionFilter(Filter):
 
     def get_ready(self) -> None:
         # A missing table or partition is reported at start-up when the plugin can be opened now.
-        try:
-            below = self.open_below(True, "")
-        except Exception:
-            return
-        try:
-            locate(below, self.partition, sector_size_of(below, self.partition_sectorsize))
-        except PartitionError as e:
-            raise ConfigError(f"partition: {e}") from None
-        except NBDError:
-            return  # the plugin could not be read now; each connection tries again
-        finally:
-            below.close()
+        with self.below_if_available() as below:
+            if below is None:
+                return
+            try:
+                locate(below, self.partition, sector_size_of(below, self.partition_sectorsize))
+            except PartitionError as e:
+                raise ConfigError(f"partition: {e}") from None
+            except NBDError:
+                return  # the plugin could not be read now; each connection tries again
 
     class Handle(RangeHandle):
         def __init__(self, filter: "PartitionFilter", next: Layer, readonly: bool, export_name: str) -> None:
