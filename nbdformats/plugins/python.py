@@ -407,41 +407,27 @@ class Handle(PluginHandle):
 
     # -- data callbacks (API_VERSION 2: the script fills/reads our buffer, flags passed on)
 
-    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+    def _call(self, name: str, function: Any, *args: Any) -> None:
+        """Call a script callback for this connection; its failure fails the request (set_error's errno)."""
         state = nbdkit_compat.call_state
         state.connection = self
         state.error = 0
         try:
-            self._pread(self.h, buf, offset, flags)
+            function(self.h, *args)
         except CAUGHT as e:
-            raise self.failed("pread", e) from None
+            raise self.failed(name, e) from None
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        self._call("pread", self._pread, buf, offset, flags)
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        state = nbdkit_compat.call_state
-        state.connection = self
-        state.error = 0
-        try:
-            self._pwrite(self.h, buf.toreadonly(), offset, flags)
-        except CAUGHT as e:
-            raise self.failed("pwrite", e) from None
+        self._call("pwrite", self._pwrite, buf.toreadonly(), offset, flags)
 
     def flush(self, flags: int) -> None:
-        state = nbdkit_compat.call_state
-        state.connection = self
-        state.error = 0
-        try:
-            self._flush(self.h, flags)
-        except CAUGHT as e:
-            raise self.failed("flush", e) from None
+        self._call("flush", self._flush, flags)
 
     def trim(self, count: int, offset: int, flags: int) -> None:
-        state = nbdkit_compat.call_state
-        state.connection = self
-        state.error = 0
-        try:
-            self._trim(self.h, count, offset, flags)
-        except CAUGHT as e:
-            raise self.failed("trim", e) from None
+        self._call("trim", self._trim, count, offset, flags)
 
     def call_zero(self, count: int, offset: int, flags: int) -> None:
         self._zero(self.h, count, offset, flags)  # type: ignore[misc]
@@ -472,13 +458,7 @@ class Handle(PluginHandle):
             count -= n
 
     def cache(self, count: int, offset: int, flags: int) -> None:
-        state = nbdkit_compat.call_state
-        state.connection = self
-        state.error = 0
-        try:
-            self._cache(self.h, count, offset, flags)
-        except CAUGHT as e:
-            raise self.failed("cache", e) from None
+        self._call("cache", self._cache, count, offset, flags)
 
     def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
         if self._extents is None:  # can_extents said yes without an extents(): all data, as nbdkit
@@ -530,31 +510,13 @@ class HandleV1(Handle):
             raise self.failed("pread", e) from None
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        state = nbdkit_compat.call_state
-        state.connection = self
-        state.error = 0
-        try:
-            self._pwrite(self.h, buf.toreadonly(), offset)
-        except CAUGHT as e:
-            raise self.failed("pwrite", e) from None
+        self._call("pwrite", self._pwrite, buf.toreadonly(), offset)
 
     def flush(self, flags: int) -> None:
-        state = nbdkit_compat.call_state
-        state.connection = self
-        state.error = 0
-        try:
-            self._flush(self.h)
-        except CAUGHT as e:
-            raise self.failed("flush", e) from None
+        self._call("flush", self._flush)
 
     def trim(self, count: int, offset: int, flags: int) -> None:
-        state = nbdkit_compat.call_state
-        state.connection = self
-        state.error = 0
-        try:
-            self._trim(self.h, count, offset)
-        except CAUGHT as e:
-            raise self.failed("trim", e) from None
+        self._call("trim", self._trim, count, offset)
 
     def call_zero(self, count: int, offset: int, flags: int) -> None:
         self._zero(self.h, count, offset, bool(flags & FLAG_MAY_TRIM))  # type: ignore[misc]
