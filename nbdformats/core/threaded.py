@@ -66,8 +66,7 @@ def _watch(connection: "ThreadedTransmission") -> None:
 class ThreadedTransmission:
     def __init__(self, sock: socket.socket, transmission: Transmission, decoder: RequestDecoder, *,
                  threads: int, serialize_all: bool, peer: Any, on_finished: Callable[[], None],
-                 try_nowait_reads: bool = False,
-                 on_request: Callable[[Request], None] | None = None) -> None:
+                 try_nowait_reads: bool = False) -> None:
         self.sock = sock
         self.transmission = transmission
         self.decoder = decoder
