@@ -11,6 +11,7 @@ import pytest
 
 from conftest import nbdsh, random_file, run, serve, sha256_file
 from fixtures.hardening import Raw
+from fixtures.tmpfs import mounted_tmpfs
 from nbdformats.core import protocol as P
 
 SIZE = 8 << 20
@@ -89,13 +90,8 @@ def test_faults_on_one_connection_do_not_disturb_another(tmp_path):
 @pytest.fixture
 def full_filesystem(tmp_path):
     """A 1 MiB tmpfs (root, as the suite runs here and in CI) holding a sparse 8 MiB disk."""
-    mountpoint = tmp_path / "small"
-    mountpoint.mkdir()
-    run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)])
-    try:
+    with mounted_tmpfs(tmp_path / "small", "1m") as mountpoint:
         yield mountpoint
-    finally:
-        run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def test_disk_full_gives_enospc_to_the_client(full_filesystem):

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import nbdsh, random_file, run, serve, sha256_file
 from fixtures.filterchain import open_chain
+from fixtures.tmpfs import mounted_tmpfs
 from nbdformats.core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FUA, FLAG_MAY_TRIM, Extents
 from nbdformats.core.errors import ConfigError
 from nbdformats.filters import cache as C
@@ -441,13 +442,8 @@ def test_cache_on_read_switches_with_the_file(tmp, cache_tmpdir):
 @pytest.fixture
 def small_tmpfs(tmp):
     """A 512 KiB tmpfs (needs root, as the test suite runs here): the cache fills it up."""
-    mountpoint = tmp / "small"
-    mountpoint.mkdir()
-    run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mountpoint)])
-    try:
+    with mounted_tmpfs(tmp / "small", "512k") as mountpoint:
         yield mountpoint
-    finally:
-        run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def test_full_cache_filesystem_is_survived(tmp, small_tmpfs, monkeypatch):
