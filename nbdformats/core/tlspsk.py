@@ -98,6 +98,14 @@ def _prepare(context: ssl.SSLContext) -> tuple[ctypes.CDLL, int]:
     return libssl, _ssl_ctx_pointer(context, libssl)
 
 
+def _install(setter, pointer: int, callback, context: ssl.SSLContext) -> None:
+    """SSL_CTX_set_psk_{server,client}_callback(pointer, callback), keeping the callback alive."""
+    _keep_alive.append((context, callback))
+    setter.restype = None
+    setter.argtypes = [ctypes.c_void_p, type(callback)]
+    setter(pointer, callback)
+
+
 def psk_context(path: str) -> ssl.SSLContext:
     """A server context that authenticates clients by the keys in a psktool file."""
     keys = read_psk_file(path)
@@ -112,11 +120,7 @@ def psk_context(path: str) -> ssl.SSLContext:
         ctypes.memmove(psk, key, len(key))
         return len(key)
 
-    callback = _PSK_SERVER_CALLBACK(find_key)
-    _keep_alive.append((context, callback))
-    libssl.SSL_CTX_set_psk_server_callback.restype = None
-    libssl.SSL_CTX_set_psk_server_callback.argtypes = [ctypes.c_void_p, _PSK_SERVER_CALLBACK]
-    libssl.SSL_CTX_set_psk_server_callback(pointer, callback)
+    _install(libssl.SSL_CTX_set_psk_server_callback, pointer, _PSK_SERVER_CALLBACK(find_key), context)
     return context
 
 
@@ -144,9 +148,5 @@ def psk_client_context(path: str, username: str) -> ssl.SSLContext:
     # context").  A client context needs no session id context: clear it.
     libssl.SSL_CTX_set_session_id_context.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint]
     libssl.SSL_CTX_set_session_id_context(pointer, b"", 0)
-    callback = _PSK_CLIENT_CALLBACK(give_key)
-    _keep_alive.append((context, callback))
-    libssl.SSL_CTX_set_psk_client_callback.restype = None
-    libssl.SSL_CTX_set_psk_client_callback.argtypes = [ctypes.c_void_p, _PSK_CLIENT_CALLBACK]
-    libssl.SSL_CTX_set_psk_client_callback(pointer, callback)
+    _install(libssl.SSL_CTX_set_psk_client_callback, pointer, _PSK_CLIENT_CALLBACK(give_key), context)
     return context
