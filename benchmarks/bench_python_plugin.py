@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,32 +26,12 @@ import timeit
 from pathlib import Path
 
 import nbd  # libnbd's Python binding (Debian: python3-libnbd)
+from _common import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "tests" / "fixtures" / "python_plugins"
 DISK_SIZE = 64 * 1024 * 1024
 SERVERS = {"nbdkit": ["nbdkit"], "nbdformats": [sys.executable, "-m", "nbdformats"]}
-
-
-def start(argv: list[str], socket_path: str) -> subprocess.Popen:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(socket_path):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"server did not start: {' '.join(argv)}")
-        time.sleep(0.02)
-    return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 def batch_median(h: nbd.NBD, kind: str, offsets: list[int], data: bytes) -> float:
@@ -118,7 +96,9 @@ def main() -> None:
             for server, program in SERVERS.items():
                 for workload, plugin_args in workloads.items():
                     sock = os.path.join(tmp, f"{server}-{len(procs)}.sock")
-                    procs.append(start([*program, "-f", "-U", sock, *plugin_args], sock))
+                    server_process = Server([*program, "-f", "-U", sock, *plugin_args], sock)
+                    procs.append(server_process)
+                    server_process.wait_for_socket(30)
                     h = nbd.NBD()
                     h.connect_uri(f"nbd+unix:///?socket={sock}")
                     handles[server, workload] = h
@@ -138,8 +118,8 @@ def main() -> None:
             for h in handles.values():
                 h.shutdown()
         finally:
-            for proc in procs:
-                stop(proc)
+            for server_process in procs:
+                server_process.stop()
 
         latency = {key: statistics.median(values) for key, values in medians.items()}
         print(f"{args.block}-byte requests, queue depth 1, {args.batches} turns of {args.batch} per server: "
