@@ -481,7 +481,7 @@ def test_resize_grow_and_shrink(tmp_path, plugin):
         assert disk.stat().st_size == 4096
 
 
-def test_resize_refused_by_readonly_and_by_filters_that_change_size(tmp_path):
+def test_resize_refused_by_readonly(tmp_path):
     with serve("memory", "1M", options=("-r",)) as srv:
         raw = RawClient(srv.socket)
         assert not raw.go()[1] & P.TF_SEND_RESIZE

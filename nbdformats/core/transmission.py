@@ -319,6 +319,8 @@ class Transmission:
                 return (errno.EPERM if tf & P.TF_READ_ONLY else errno.EINVAL), "resize is not supported"
             if req.length:
                 return errno.EINVAL, "resize takes the new size in the offset field and a zero length"
+            if req.offset >= 1 << 63:  # sizes are signed 64-bit in every server and client we know
+                return errno.EINVAL, "resize to a size of 2^63 bytes or more"
             return None
         if req.offset > self.size or (req.offset + req.length > self.size and not self._partial_ok(req)):
             return errno.EINVAL, f"request [{req.offset}, +{req.length}) is beyond the end of the disk ({self.size})"

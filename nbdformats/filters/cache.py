@@ -21,6 +21,9 @@ Beyond nbdkit:
   a flush is followed by a flush of the plugin (except in unsafe mode), so a flushed write
   is never lost, whichever connection flushes.
 - One cache per export name (nbdkit shares one across exports).
+- Online resize (NBD_CMD_RESIZE) passes through to the plugin; cached blocks past a new,
+  smaller end are dropped (dirty ones too: those bytes are gone from the disk), so growing
+  again reads zeroes, as from the plugin.
 
 Concurrency: requests run in worker threads (`blocking = True`), in parallel.  Each block is
 guarded by one of LOCK_STRIPES locks, held across its cache file I/O, plugin I/O and state
@@ -116,6 +119,7 @@ class BlockCache:
         os.unlink(path)
         self.fd = fd
         self.block_size = block_size
+        self.size = 0  # the disk's size: set by each connection that opens, and by resize
         self.states: OrderedDict[int, int] = OrderedDict()
         self.dirty: set[int] = set()
         self.meta = threading.Lock()
@@ -216,6 +220,17 @@ class BlockCache:
     def allocated(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
 
+    def cut(self, size: int) -> None:
+        """The disk shrank to `size`: forget the blocks past it and zero the cached tail of the
+        block it ends in, which a later grow exposes (caller holds every block lock)."""
+        with self.meta:
+            gone = [block for block in self.states if block * self.block_size >= size]
+        for block in gone:
+            self.drop(block)
+        tail_end = min(-(-size // self.block_size) * self.block_size, self.size)
+        if size < tail_end and self.state(size // self.block_size, touch=False) is not None:
+            self.write(memoryview(bytes(tail_end - size)), size)
+
     # -- reclaim -------------------------------------------------------------------------------
     def reclaim(self, until: int, write_back: "Writeback | None" = None, limit: int | None = None) -> int:
         """Free blocks, least recently used first, until the file holds at most `until` bytes
@@ -282,7 +297,7 @@ class Writeback:
     def __call__(self, first: int, last: int, state: int) -> None:
         h = self.handle
         start = first * h.blksize
-        end = min((last + 1) * h.blksize, h.size)
+        end = min((last + 1) * h.blksize, h.store.size)
         if state == DIRTY_ZERO:
             h.zero_below(end - start, start, 0)
         else:
@@ -369,7 +384,7 @@ class CacheFilter(Filter):
             super().__init__(filter, next, readonly, export_name)
             self.store = filter.store_for(export_name)
             self.blksize = filter.blksize
-            self.size = next.get_size()
+            self.store.size = next.get_size()  # the plugin may have changed size since the last open
             self.mode = filter.mode
 
         # -- what we advertise -------------------------------------------------------------
@@ -407,7 +422,7 @@ class CacheFilter(Filter):
 
         def block_range(self, block: int) -> tuple[int, int]:
             start = block * self.blksize
-            return start, min(start + self.blksize, self.size)
+            return start, min(start + self.blksize, self.store.size)
 
         def through(self, flags: int) -> bool:
             return self.mode == "writethrough" or (self.mode == "writeback" and bool(flags & FLAG_FUA))
@@ -621,6 +636,15 @@ class CacheFilter(Filter):
                 else:
                     runs.append((block, block, state))
             return runs
+
+        def resize(self, size: int) -> None:
+            # Every block lock: no request of any connection is between the cache and the plugin.
+            with self.store.locked(0, LOCK_STRIPES - 1):
+                self.next.resize(size)  # first: if the plugin refuses, the cache is unchanged
+                size = self.next.get_size()
+                if size < self.store.size:
+                    self.store.cut(size)
+                self.store.size = size
 
         def cache(self, count: int, offset: int, flags: int) -> None:
             first, last = offset // self.blksize, (offset + count - 1) // self.blksize

@@ -14,6 +14,7 @@ writes to one block cannot lose an update, and a cow-on-read copy never overwrit
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import threading
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from ..core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, NONE, Extents, Filter, FilterHandle, Layer
+from ..core.errors import NBDError
 from ..core.params import Bool, Param, ParamType, Size, parse_bool
 from ._zero import fill_zero
 from .cache import punch_hole
@@ -49,6 +51,10 @@ class Overlay:
         self.block_size = block_size
         self.states: dict[int, int] = {}
         self.stripes = [threading.Lock() for _ in range(LOCK_STRIPES)]
+        # After a resize: the disk's size, and how much of the plugin is still visible (absent
+        # blocks read as zeroes from there on).  None: never resized, the plugin's size.
+        self.size: int | None = None
+        self.plugin_end: int | None = None
 
     def close(self) -> None:
         os.close(self.fd)
@@ -152,7 +158,42 @@ class CowFilter(Filter):
             super().__init__(filter, next, readonly, export_name)
             self.overlay = filter.overlay
             self.bs = filter.cow_block_size
-            self.size = next.get_size()
+
+        @property
+        def size(self) -> int:
+            """The disk's size now (every connection shares the overlay and its resizes)."""
+            size = self.overlay.size
+            return self.next.get_size() if size is None else size
+
+        def get_size(self) -> int:
+            return self.size
+
+        def can_resize(self) -> bool:
+            return True  # the overlay's size, not the plugin's (which is never written)
+
+        def resize(self, size: int) -> None:
+            overlay = self.overlay
+            with overlay.locked(0, LOCK_STRIPES - 1):
+                old = self.size
+                if size < old:
+                    # Blocks past the end go; the file's tail past `size` is cut, so the block
+                    # the disk now ends in reads zeroes after it if it grows again.
+                    for block in [b for b in overlay.states if b * self.bs >= size]:
+                        del overlay.states[block]
+                    if os.fstat(overlay.fd).st_size > size:
+                        os.ftruncate(overlay.fd, size)
+                visible = self.next.get_size() if overlay.plugin_end is None else overlay.plugin_end
+                overlay.plugin_end = min(visible, size)
+                overlay.size = size
+
+        def _read_below(self, part: memoryview, start: int) -> None:
+            """Read absent blocks' bytes from the plugin: zeroes past what a shrink hid."""
+            end = self.overlay.plugin_end
+            visible = len(part) if end is None else max(0, min(len(part), end - start))
+            if visible:
+                self.next.pread(part[:visible], start, 0)
+            if visible < len(part):
+                fill_zero(part[visible:])
 
         def can_write(self) -> bool:
             return True
@@ -193,7 +234,7 @@ class CowFilter(Filter):
                 elif state == ZEROED:
                     fill_zero(part)
                 else:
-                    self.next.pread(part, start, 0)
+                    self._read_below(part, start)
                     if self.filter.copy_on_read():
                         self._keep(part, start)
 
@@ -221,7 +262,7 @@ class CowFilter(Filter):
             if state == ALLOCATED:
                 self.overlay.read(memoryview(data), start)
             elif state is None:
-                self.next.pread(memoryview(data), start, 0)
+                self._read_below(memoryview(data), start)
             return data
 
         # -- writes --------------------------------------------------------------------------
@@ -241,6 +282,8 @@ class CowFilter(Filter):
             bs, overlay, end = self.bs, self.overlay, offset + count
             first, last = offset // bs, (end - 1) // bs
             with overlay.locked(first, last):
+                if end > self.size:  # this connection's size is older than another one's shrink
+                    raise NBDError(errno.ENOSPC, "write past the end of the disk: another connection shrank it")
                 block = first
                 while block <= last:
                     start = block * bs
@@ -282,12 +325,17 @@ class CowFilter(Filter):
                 elif state == ZEROED:
                     extents.add(start, stop - start, EXTENT_HOLE | EXTENT_ZERO)
                 else:
-                    inner = Extents(start, stop)
-                    self.next.extents(stop - start, start, flags, inner)
-                    for piece_start, length, kind in inner:
-                        extents.add(piece_start, length, kind)
-                    if inner.covered < stop:
-                        return  # the plugin answered less: the client asks again from there
+                    hidden = self.overlay.plugin_end  # a shrink hid the plugin from here: zeroes
+                    visible = stop if hidden is None else max(start, min(stop, hidden))
+                    if start < visible:
+                        inner = Extents(start, visible)
+                        self.next.extents(visible - start, start, flags, inner)
+                        for piece_start, length, kind in inner:
+                            extents.add(piece_start, length, kind)
+                        if inner.covered < visible:
+                            return  # the plugin answered less: the client asks again from there
+                    if visible < stop:
+                        extents.add(visible, stop - visible, EXTENT_HOLE | EXTENT_ZERO)
 
         def cache(self, count: int, offset: int, flags: int) -> None:
             if not self.filter.cow_on_cache:
@@ -304,7 +352,7 @@ class CowFilter(Filter):
                 for run_start, run_stop, state in self.overlay.runs(position, position + n):
                     if state is None:
                         part = memoryview(buf)[run_start - position:run_stop - position]
-                        self.next.pread(part, run_start, 0)
+                        self._read_below(part, run_start)
                         self._keep(part, run_start)
                 position += n
 
