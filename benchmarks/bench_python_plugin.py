@@ -11,6 +11,11 @@ server also serves the native `memory` plugin, the floor of that server's own ro
 One libnbd client sends synchronous requests (queue depth 1): each sample is a full round
 trip.  All servers run at once and take turns in short batches, so load from other processes
 on the machine falls on all of them alike; the figure is the median of the batch medians.
+
+At queue depth 1 where the scheduler puts client and server decides much of the round trip: on
+one CPU a request costs two context switches; on two, two wake-ups of an idle CPU (~20 us each
+in this VM).  Left to itself the scheduler picks either, run to run.  So each measurement runs
+three ways: all on one CPU, client and servers on different CPUs (taskset), and unpinned.
 Last, the in-process cost of our plugin layer is timed directly (no sockets).
 """
 
@@ -75,13 +80,69 @@ def layer_overhead(image: str) -> list[tuple[str, float]]:
     return results
 
 
+def measure(tmp: str, workloads: dict[str, list[str]], args: argparse.Namespace, client_cpus: set[int],
+            server_prefix: list[str]) -> dict[tuple[str, str, str], float]:
+    """Median microseconds per request for each (server, workload, read|write), the client
+    running on `client_cpus` and each server command prefixed with `server_prefix`."""
+    os.sched_setaffinity(0, client_cpus)
+    procs, handles = [], {}
+    try:
+        for server, program in SERVERS.items():
+            for workload, plugin_args in workloads.items():
+                sock = os.path.join(tmp, f"{server}-{len(procs)}.sock")
+                server_process = Server([*server_prefix, *program, "-f", "-U", sock, *plugin_args], sock)
+                procs.append(server_process)
+                server_process.wait_for_socket(30)
+                h = nbd.NBD()
+                h.connect_uri(f"nbd+unix:///?socket={sock}")
+                handles[server, workload] = h
+        data = os.urandom(args.block)
+        slots = DISK_SIZE // args.block
+        offsets = [((i * 7919) % slots) * args.block for i in range(args.batch)]
+        medians: dict[tuple[str, str, str], list[float]] = {}
+        for kind in ("read", "write"):
+            for h in handles.values():  # warm up: fill the disks, page in
+                batch_median(h, kind, offsets, data)
+            for turn in range(args.batches):
+                keys = list(handles)
+                keys = keys[turn % len(keys):] + keys[:turn % len(keys)]  # rotate who goes first
+                for key in keys:
+                    median = batch_median(handles[key], kind, offsets, data)
+                    medians.setdefault((*key, kind), []).append(median)
+        for h in handles.values():
+            h.shutdown()
+    finally:
+        for server_process in procs:
+            server_process.stop()
+    return {key: statistics.median(values) for key, values in medians.items()}
+
+
+def print_table(latency: dict[tuple[str, str, str], float], workloads: dict[str, list[str]]) -> None:
+    print(f"{'workload':<17} {'request':<7} {'nbdkit':>8} {'nbdformats':>11} {'speed-up':>9}   "
+          f"{'script cost: nbdkit':>20} {'nbdformats':>11}")
+    for workload in workloads:
+        for kind in ("read", "write"):
+            row = [latency[server, workload, kind] for server in SERVERS]
+            cost = ""
+            if workload != "memory (native)":
+                costs = [latency[server, workload, kind] - latency[server, "memory (native)", kind]
+                         for server in SERVERS]
+                cost = f"{costs[0]:>20.1f} {costs[1]:>11.1f}"
+            print(f"{workload:<17} {kind:<7} {row[0]:>8.1f} {row[1]:>11.1f} {row[0] / row[1]:>8.2f}x   {cost}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=40, help="turns per server (default 40)")
+    parser.add_argument("--batches", type=int, default=20, help="turns per server and placement (default 20)")
     parser.add_argument("--batch", type=int, default=250, help="requests per turn (default 250)")
     parser.add_argument("--block", type=int, default=4096, help="bytes per request (default 4096)")
     args = parser.parse_args()
 
+    cpus = sorted(os.sched_getaffinity(0))
+    placements = {"client and servers on one CPU": ({cpus[0]}, ["taskset", "-c", str(cpus[0])])}
+    if len(cpus) > 1:
+        placements["client on one CPU, servers on another"] = ({cpus[0]}, ["taskset", "-c", str(cpus[1])])
+        placements["unpinned (the scheduler decides)"] = (set(cpus), [])
     with tempfile.TemporaryDirectory(prefix="bench-python-plugin-") as tmp:
         image = os.path.join(tmp, "disk.img")
         with open(image, "wb") as f:
@@ -91,50 +152,13 @@ def main() -> None:
             "ramdisk.py": ["python", str(SCRIPTS / "ramdisk.py"), f"size={DISK_SIZE}"],
             "file.py": ["python", str(SCRIPTS / "file.py"), f"file={image}"],
         }
-        procs, handles = [], {}
-        try:
-            for server, program in SERVERS.items():
-                for workload, plugin_args in workloads.items():
-                    sock = os.path.join(tmp, f"{server}-{len(procs)}.sock")
-                    server_process = Server([*program, "-f", "-U", sock, *plugin_args], sock)
-                    procs.append(server_process)
-                    server_process.wait_for_socket(30)
-                    h = nbd.NBD()
-                    h.connect_uri(f"nbd+unix:///?socket={sock}")
-                    handles[server, workload] = h
-            data = os.urandom(args.block)
-            slots = DISK_SIZE // args.block
-            offsets = [((i * 7919) % slots) * args.block for i in range(args.batch)]
-            medians: dict[tuple[str, str, str], list[float]] = {}
-            for kind in ("read", "write"):
-                for h in handles.values():  # warm up: fill the disks, page in
-                    batch_median(h, kind, offsets, data)
-                for turn in range(args.batches):
-                    keys = list(handles)
-                    keys = keys[turn % len(keys):] + keys[:turn % len(keys)]  # rotate who goes first
-                    for key in keys:
-                        median = batch_median(handles[key], kind, offsets, data)
-                        medians.setdefault((*key, kind), []).append(median)
-            for h in handles.values():
-                h.shutdown()
-        finally:
-            for server_process in procs:
-                server_process.stop()
-
-        latency = {key: statistics.median(values) for key, values in medians.items()}
         print(f"{args.block}-byte requests, queue depth 1, {args.batches} turns of {args.batch} per server: "
-              "median microseconds per request\n")
-        print(f"{'workload':<17} {'request':<7} {'nbdkit':>8} {'nbdformats':>11}   "
-              f"{'script cost: nbdkit':>20} {'nbdformats':>11}")
-        for workload in workloads:
-            for kind in ("read", "write"):
-                row = [latency[server, workload, kind] for server in SERVERS]
-                cost = ""
-                if workload != "memory (native)":
-                    costs = [latency[server, workload, kind] - latency[server, "memory (native)", kind]
-                             for server in SERVERS]
-                    cost = f"{costs[0]:>20.1f} {costs[1]:>11.1f}"
-                print(f"{workload:<17} {kind:<7} {row[0]:>8.1f} {row[1]:>11.1f}   {cost}")
+              "median microseconds per request; speed-up = nbdkit / nbdformats")
+        for placement, (client_cpus, server_prefix) in placements.items():
+            latency = measure(tmp, workloads, args, client_cpus, server_prefix)
+            print(f"\n{placement}:")
+            print_table(latency, workloads)
+        os.sched_setaffinity(0, set(cpus))
         print("\nin process, what our plugin layer adds to one script call (no sockets):")
         for label, overhead in layer_overhead(image):
             print(f"  {label:<16} {overhead:6.2f} us")

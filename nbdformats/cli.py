@@ -34,7 +34,7 @@ usage: nbdformats [-D PLUGIN.FLAG=N] [-e EXPORTNAME] [--exit-with-parent] [-f]
                   [--log=stderr|syslog|null] [--max-connections N] [--exit-last]
                   [-o|--oldstyle] [-P PIDFILE] [-p PORT] [--print-uri] [-r]
                   [--run CMD] [-s] [--stats-json PATH [--stats-interval SECONDS]]
-                  [-t THREADS] [--tls=off|on|require]
+                  [-t THREADS] [--busy-poll US] [--tls=off|on|require]
                   [--tls-certificates DIR] [--tls-verify-peer] [-U SOCKET|-]
                   [--fd N [--no-handshake]] [-v] [-V]
                   PLUGIN [[KEY=]VALUE ...]
@@ -55,7 +55,7 @@ _LONG = {
     "exit-last": False, "max-connections": True, "fd": True, "no-handshake": False, "log": True,
     "handshake-timeout": True, "description": True, "swap": False, "user": True, "group": True,
     "mask-handshake": True, "no-sr": False, "no-mc": False, "keepalive": False, "selinux-label": True,
-    "time-limit": True, "vsock": False, "stats-json": True, "stats-interval": True,
+    "time-limit": True, "vsock": False, "stats-json": True, "stats-interval": True, "busy-poll": True,
 }
 _SHORT = {"f": "foreground", "r": "readonly", "p": "port", "i": "ipaddr", "4": "ipv4-only", "6": "ipv6-only",
           "U": "unix", "s": "single", "e": "exportname", "t": "threads", "P": "pidfile", "v": "verbose",
@@ -444,6 +444,7 @@ def _main(argv: list[str]) -> int:
     except OSError as e:
         raise ConfigError(f"{plugin_name}: {e}") from None
 
+    from .core.busypoll import DEFAULT_MAX_US
     from .core.connection import ServerSettings
     from .core.server import ListenConfig, make_listeners, tls_context, tune_malloc, use_fast_event_loop
 
@@ -499,9 +500,15 @@ def _main(argv: list[str]) -> int:
         threads = int(str(opts.get("threads", 16)))
     except ValueError:
         raise ConfigError("-t needs a number") from None
+    try:
+        busy_poll_us = int(str(opts.get("busy-poll", DEFAULT_MAX_US)))
+        if not 0 <= busy_poll_us <= 10_000:
+            raise ValueError
+    except ValueError:
+        raise ConfigError("--busy-poll needs microseconds from 0 (off) to 10000") from None
     settings = ServerSettings(
         chain=chain, readonly=opts.flag("readonly"), tls=tls_mode, tls_context=context,
-        oldstyle=opts.flag("oldstyle"), threads=max(1, threads),
+        oldstyle=opts.flag("oldstyle"), threads=max(1, threads), busy_poll_us=busy_poll_us,
         handshake_timeout=float(str(opts.get("handshake-timeout", 60))),
         description=str(opts.get("description", "")),
     )

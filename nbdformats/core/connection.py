@@ -17,11 +17,13 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from . import protocol as P
+from .busypoll import DEFAULT_MAX_US, BusyPoll
 from .chain import Chain, Layer, ThreadModel, WouldBlock, set_must_not_block
 from .errors import NBDError, ProtocolError
 from .handshake import Abort, ExportRequest, ListExports, NeedData, ServerHandshake, StartTLS, oldstyle_greeting
@@ -51,6 +53,7 @@ class ServerSettings:
     tls_context: ssl.SSLContext | None = None
     oldstyle: bool = False
     threads: int = 16
+    busy_poll_us: int = DEFAULT_MAX_US  # --busy-poll: connection threads poll this long at most
     handshake_timeout: float = 60.0
     description: str = ""
     on_connection_closed: Callable[["Connection"], None] | None = None
@@ -88,6 +91,10 @@ class Connection(asyncio.BufferedProtocol):
         self._preconnected = False  # preconnect() passed: disconnected() is owed at the end
         self._holds_connection_lock = False
         self._threaded: ThreadedTransmission | None = None
+        # Inline chains on a plain socket: busy poll it for the next request (core/busypoll.py).
+        self._busy_poll: BusyPoll | None = None
+        self._fd = -1
+        self._idle_since = 0  # perf_counter_ns when the loop last went back to waiting for us
         self._threads_done: asyncio.Future | None = None
         self._idle: asyncio.Future | None = None  # set when running requests finish (shutdown waits)
         self._closed = False
@@ -144,14 +151,11 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.decoder is not None:
-            try:
-                requests = self.decoder.buffer_updated(nbytes)
-            except ProtocolError as e:
-                log.warning("%s: %s; closing the connection", self.peer or "client", e)
-                self._abort()
-                return
-            if requests:
-                self._dispatch(requests)
+            if self._busy_poll is not None:
+                self._busy_poll.waited(time.perf_counter_ns() - self._idle_since)
+            self._received(nbytes)
+            if self._busy_poll is not None:
+                self._poll_for_requests(self._busy_poll)
             return
         data = bytes(self._hs_buffer[:nbytes])
         if self.handshake is not None:
@@ -159,6 +163,37 @@ class Connection(asyncio.BufferedProtocol):
         else:  # oldstyle or --no-handshake: the first requests may arrive before the export is open
             self._early_requests += data
         self._wake()
+
+    def _received(self, nbytes: int) -> None:
+        try:
+            requests = self.decoder.buffer_updated(nbytes)
+        except ProtocolError as e:
+            log.warning("%s: %s; closing the connection", self.peer or "client", e)
+            self._abort()
+            return
+        if requests:
+            self._dispatch(requests)
+
+    def _poll_for_requests(self, poller: BusyPoll) -> None:
+        """Busy poll the socket for the next requests, and answer them, before going back to the
+        loop; only while this is the server's one connection (the loop has nobody else to
+        serve) and the client reads its replies."""
+        def try_receive() -> int | None:
+            try:
+                return os.readv(self._fd, [self.decoder.get_buffer(-1)])
+            except BlockingIOError:
+                return None
+
+        while (len(self.settings.connections) == 1 and not self._backlog and not self._closed
+               and not self._disconnecting and self.transport.get_write_buffer_size() == 0):
+            try:
+                received = poller.poll(try_receive)
+            except OSError:
+                break  # the transport sees the same error and closes
+            if not received:  # nothing yet (the loop wakes us), or EOF (the transport sees it too)
+                break
+            self._received(received)
+        self._idle_since = time.perf_counter_ns()
 
     def eof_received(self) -> bool | None:
         self._wake()
@@ -309,6 +344,10 @@ class Connection(asyncio.BufferedProtocol):
             await self._hand_to_threads(raw_socket, decoder, leftover)
             return
         self.decoder = decoder
+        if raw_socket is not None and not tls and self.settings.busy_poll_us:
+            self._busy_poll = BusyPoll(self.settings.busy_poll_us)
+            self._fd = raw_socket.fileno()
+            self._idle_since = time.perf_counter_ns()
         if leftover:
             try:
                 requests = decoder.receive(leftover)
@@ -336,6 +375,7 @@ class Connection(asyncio.BufferedProtocol):
             sock, self.transmission, decoder, threads=threads,
             serialize_all=model == ThreadModel.SERIALIZE_ALL_REQUESTS, peer=self.peer,
             try_nowait_reads=self.chain.nowait_reads and model == ThreadModel.PARALLEL,
+            busy_poll_us=self.settings.busy_poll_us, server_connections=self.settings.connections,
             on_finished=lambda: self.loop.call_soon_threadsafe(self._threads_finished))
         # Drop the transport but not the connection: our duplicate descriptor keeps it open.
         self._handed_off = True

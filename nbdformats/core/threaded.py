@@ -6,7 +6,9 @@ letting each worker read the next request itself; so do we once the handshake is
 of a connection's threads takes the receive lock, decodes one request (`RequestDecoder`, the
 same sans-IO code as the event loop uses), releases the lock, runs it on the chain and sends
 the reply under the send lock.  Blocking sends are the backpressure: a thread whose client does
-not read waits, and with it the requests it would have read.
+not read waits, and with it the requests it would have read.  Before sleeping in recv(), the thread holding the receive lock of the
+server's only connection busy polls a while (core/busypoll.py): with several connections the
+spinning thread would take the GIL and a CPU from the others.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from . import protocol as P
+from .busypoll import DEFAULT_MAX_US, BusyPoll
 from .chain import WouldBlock, set_must_not_block
 from .errors import ProtocolError
 from .transmission import Request, RequestDecoder, Transmission
@@ -66,7 +69,8 @@ def _watch(connection: "ThreadedTransmission") -> None:
 class ThreadedTransmission:
     def __init__(self, sock: socket.socket, transmission: Transmission, decoder: RequestDecoder, *,
                  threads: int, serialize_all: bool, peer: Any, on_finished: Callable[[], None],
-                 try_nowait_reads: bool = False) -> None:
+                 try_nowait_reads: bool = False, busy_poll_us: int = DEFAULT_MAX_US,
+                 server_connections: Collection[Any] = ()) -> None:
         self.sock = sock
         self.transmission = transmission
         self.decoder = decoder
@@ -84,6 +88,8 @@ class ThreadedTransmission:
         self._max_threads = threads
         self._running = 0  # live threads; the last one to leave reports the connection finished
         self._busy_since: dict[int, float] = {}  # thread ident -> when its current request started
+        self._busy_poll = BusyPoll(busy_poll_us)
+        self._server_connections = server_connections  # busy polling is for a server's only connection
 
     def start(self, leftover: bytes) -> None:
         if leftover:
@@ -124,7 +130,7 @@ class ThreadedTransmission:
                     return None
                 buf = self.decoder.get_buffer()
                 try:
-                    n = self.sock.recv_into(buf)
+                    n = self._receive(buf)
                 except OSError:
                     n = 0
                 if n == 0:
@@ -138,6 +144,27 @@ class ThreadedTransmission:
                 self._pending.clear()
                 return None
             return req
+
+    def _receive(self, buf: memoryview) -> int:
+        """recv_into(buf), busy polling first while requests keep coming soon."""
+        recv_into = self.sock.recv_into
+        poller = self._busy_poll
+        if not poller.max_ns or len(self._server_connections) != 1:
+            return recv_into(buf)
+
+        def try_receive() -> int | None:
+            try:
+                return recv_into(buf, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
+
+        start = time.perf_counter_ns()
+        received = poller.poll(try_receive)
+        if received is not None:
+            return received
+        received = recv_into(buf)
+        poller.waited(time.perf_counter_ns() - start)
+        return received
 
     def _send(self, buffers: list) -> None:
         with self._send_lock:
