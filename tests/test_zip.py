@@ -161,8 +161,7 @@ def test_corrupt_and_truncated_archives(tree, tmp_path):
     with pytest.raises(NBDError, match="no local header"):
         chain_for(tmp_path / "badlocal.zip").open(readonly=True, export_name="disk.img")
     # The deflate stream cut short (the central directory says half its size): reads before
-    # the cut work, reads past it fail with EIO.  (Bytes merely changed inside a deflate stream
-    # usually still decode: only the CRC-32 would tell, see the docs.)
+    # the cut work, reads past it fail with EIO.
     text = b"".join(hashlib.sha256(str(i).encode()).hexdigest().encode() for i in range(60000))
     data = bytearray(py_zip(tmp_path / "text.zip", {"disk.img": text}).read_bytes())
     with zipfile.ZipFile(tmp_path / "text.zip") as z:
@@ -178,6 +177,39 @@ def test_corrupt_and_truncated_archives(tree, tmp_path):
         top.pread(memoryview(tail), len(text) - 4096, 0)
     assert failure.value.errno == 5
     top.close()
+
+
+def test_deflated_member_whose_crc_does_not_match_fails_once_fully_decoded(tmp_path):
+    """Bytes changed inside a deflate stream usually still decode; the CRC-32 tells.  Here the
+    recorded CRC is changed instead (the same mismatch, deterministically)."""
+    text = b"".join(hashlib.sha256(str(i).encode()).hexdigest().encode() for i in range(60000))
+    good = py_zip(tmp_path / "good.zip", {"disk.img": text})
+    with zipfile.ZipFile(good) as z:
+        central, crc = z.start_dir, z.getinfo("disk.img").CRC
+    data = bytearray(good.read_bytes())
+    data[central + 16:central + 20] = (crc ^ 1).to_bytes(4, "little")  # central directory: CRC-32
+    (tmp_path / "badcrc.zip").write_bytes(data)
+    top = chain_for(tmp_path / "badcrc.zip").open(readonly=True, export_name="disk.img")
+    head = bytearray(65536)
+    top.pread(memoryview(head), 0, 0)  # the CRC is not known to be wrong before the end
+    assert head == text[:65536]
+    tail = bytearray(4096)
+    with pytest.raises(NBDError, match=f"zip member 'disk.img' is corrupt: its data decodes to CRC-32 {crc:08x}, "
+                                       f"not the recorded {crc ^ 1:08x}") as failure:
+        top.pread(memoryview(tail), len(text) - 4096, 0)
+    assert failure.value.errno == 5
+    with pytest.raises(NBDError, match="is corrupt"):
+        top.pread(memoryview(head), 0, 0)  # and from then on every read fails
+    top.close()
+    # Through the server, a full copy fails instead of producing a silently wrong image, and the
+    # server's log says why.
+    with serve("file", str(tmp_path / "badcrc.zip"), "--filter=zip", "zip-entry=disk.img") as srv:
+        copy = run(["nbdcopy", srv.uri, str(tmp_path / "copy.img")], check=False)
+        assert copy.returncode != 0 and b"Input/output error" in copy.stderr
+        assert "zip member 'disk.img' is corrupt: its data decodes to CRC-32" in srv.stderr()
+    with serve("file", str(good), "--filter=zip", "zip-entry=disk.img") as srv:
+        run(["nbdcopy", srv.uri, str(tmp_path / "copy.img")])
+    assert (tmp_path / "copy.img").read_bytes() == text
 
 
 # --- through the server ---------------------------------------------------------------------

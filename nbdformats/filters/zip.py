@@ -89,7 +89,8 @@ class ZipFilter(MemberFilter):
         with self.lock:
             index = self.indexes.get((below_export, start))
             if index is None:
-                index = DeflateIndex(read_compressed, start, entry.compressed_size, uncompressed_size=entry.size)
+                index = DeflateIndex(read_compressed, start, entry.compressed_size, uncompressed_size=entry.size,
+                                     expected_crc=entry.crc, name=f"zip member {entry.name!r}")
                 self.indexes[(below_export, start)] = index
         # Deflated members are read-only; reading ahead records checkpoints.
         return SourceHandle(self, below, index, read_compressed, cache_mode=EMULATE)

@@ -15,7 +15,8 @@ sequential reader pays for each byte once.
 API (the module is a helper, not a filter: it defines no FILTER)::
 
     index = DeflateIndex(read_compressed, start, compressed_size,
-                         uncompressed_size=None, raw=True, span=4 << 20, max_size=None)
+                         uncompressed_size=None, raw=True, span=4 << 20, max_size=None,
+                         expected_crc=None, name="deflate stream")
     index.read_into(buf, offset)     # fill memoryview buf with output bytes [offset, offset+len)
     index.build(progress)            # decode to the end; returns the total size
     index.read_into(buf, offset, read_compressed=other)   # this call reads through `other`
@@ -28,6 +29,8 @@ each connection's own reader per call (read_into/build's `read_compressed=`), as
 layer is closed when it ends.  `raw=True` is a bare deflate stream (zip "deflated",
 method 8); `raw=False` is gzip (RFC 1952): members follow each other, each one's CRC-32 and
 ISIZE are checked while the frontier decodes it, zero padding after the last member is ignored.
+For a raw stream, `expected_crc` (a zip member's CRC-32) is checked the same way: when the
+frontier reaches the end, and from then on every read fails if it did not match.
 Errors (corrupt or truncated data, output beyond `uncompressed_size` or `max_size`) raise
 NBDError(EIO or EFBIG) with a message naming the offset; every method is thread-safe.
 """
@@ -126,6 +129,8 @@ class _Stream:
         self.in_buf: bytearray | None = None
         self.finished = False
         self.raw_member = not point.header  # inside a member entered mid-stream (raw inflate)
+        # CRC-32 of everything decoded, when it covers the whole stream and one is expected.
+        self.crc: int | None = 0 if index.expected_crc is not None and point.out == 0 else None
         bits = GZIP_BITS if point.header else RAW_BITS
         if _libz.inflateInit2_(ctypes.byref(self.strm), bits, _ZLIB_VERSION, ctypes.sizeof(_ZStream)) != Z_OK:
             raise NBDError(errno.ENOMEM, "zlib inflateInit2 failed")
@@ -233,6 +238,8 @@ class _Stream:
                     lo, hi = max(start, buf_offset), min(self.out, buf_end)
                     ring_lo = self.ring_pos + (lo - start)
                     buf[lo - buf_offset:hi - buf_offset] = self.ring_view[ring_lo:ring_lo + hi - lo]
+                if record is not None and self.crc is not None:  # only the frontier checks
+                    self.crc = zlib.crc32(self.ring_view[self.ring_pos:self.ring_pos + produced], self.crc)
                 self.ring_pos += produced
                 self.ring_filled = min(RING, self.ring_filled + produced)
                 if index.size_limit is not None and self.out > index.size_limit:
@@ -257,8 +264,12 @@ class DeflateIndex:
 
     def __init__(self, read_compressed: Reader, start: int, compressed_size: int,
                  uncompressed_size: int | None = None, raw: bool = True, span: int = DEFAULT_SPAN,
-                 max_size: int | None = None) -> None:
+                 max_size: int | None = None, expected_crc: int | None = None,
+                 name: str = "deflate stream") -> None:
         self.read_compressed = read_compressed
+        self.expected_crc = expected_crc
+        self.name = name  # for messages
+        self.corrupt: str | None = None  # why every read fails: the CRC-32 did not match
         self.start = start
         self.compressed_size = compressed_size
         self.raw = raw
@@ -288,6 +299,8 @@ class DeflateIndex:
         end = offset + len(buf)
         if not len(buf):
             return
+        if self.corrupt is not None:
+            raise NBDError(errno.EIO, self.corrupt)
         if self.size is not None and end > self.size:
             raise NBDError(errno.EIO, f"read beyond the end of the uncompressed data ({self.size} bytes)")
         with self._lock:
@@ -341,6 +354,9 @@ class DeflateIndex:
             stream.reader = self.read_compressed  # do not keep a connection's layer alive
         if stream.finished:
             self._stream_ended(stream, frontier)
+        if frontier and stream.crc is not None and stream.out == self.size:
+            self._check_crc(stream.crc)
+            stream.crc = None  # checked
         if stream.out < end and buf is not None:
             raise NBDError(errno.EIO, f"the compressed data ends at output offset {stream.out}, "
                                       f"before offset {end}")
@@ -357,6 +373,14 @@ class DeflateIndex:
                 self._frontier_done = True
             stream.close()
             self._frontier = None
+
+    def _check_crc(self, crc: int) -> None:
+        """The frontier decoded everything: compare its CRC-32 with the recorded one."""
+        if crc != self.expected_crc:
+            self.corrupt = (f"{self.name} is corrupt: its data decodes to CRC-32 {crc:08x}, "
+                            f"not the recorded {self.expected_crc:08x}")
+            log.error("%s", self.corrupt)
+            raise NBDError(errno.EIO, self.corrupt)
 
     def _record(self, stream: _Stream) -> None:
         if stream.out - self.checkpoints[-1].out < self.span:
