@@ -28,7 +28,7 @@ from .chain import Chain, Layer, ThreadModel, WouldBlock, set_must_not_block
 from .errors import NBDError, ProtocolError
 from .handshake import Abort, ExportRequest, ListExports, NeedData, ServerHandshake, StartTLS, oldstyle_greeting
 from .stats import StatsRecorder
-from .threaded import MAX_IN_FLIGHT_BYTES, ThreadedTransmission
+from .threaded import COALESCE_BUFFERS, COALESCE_BYTES, MAX_IN_FLIGHT_BYTES, ThreadedTransmission
 from .transmission import Request, RequestDecoder, Transmission, export_info
 from .workers import WorkerPool
 
@@ -411,42 +411,66 @@ class Connection(asyncio.BufferedProtocol):
         return self._in_flight < MAX_IN_FLIGHT and self._in_flight_bytes + cost <= MAX_IN_FLIGHT_BYTES
 
     def _pump(self) -> None:
-        """Start backlog requests while replies have room (the backlog holds what was read)."""
+        """Start backlog requests while replies have room (the backlog holds what was read).
+
+        Replies to requests answered inline here are written together (one writev, one wake-up
+        of the client) up to COALESCE_BYTES, as connection threads do (core/threaded.py)."""
         transmission = self.transmission
         backlog = self._backlog
-        while backlog and not self._disconnecting and not self._closed:
-            req = backlog[0]
-            if req.type == P.CMD_DISC:
-                # "The server MUST handle all outstanding requests ... and close the TCP session."
-                backlog.clear()
-                self._disconnecting = True
-                self._set_reading(False)
-                if self._in_flight == 0:
-                    self._close_when_sent()
+        held: list[Any] = []
+        held_bytes = 0
+
+        def answer(buffers: list[Any]) -> None:
+            nonlocal held, held_bytes
+            if not held and not backlog:  # alone (queue depth 1): nothing to wait for
+                self._send(buffers)
                 return
-            problem = transmission.check(req)
-            if problem is not None:
-                backlog.popleft()
-                err, message = problem
-                self._send([transmission.replies.error(req.cookie, req.offset, err, message)])
-                continue
-            if not self._can_start(req):
-                return
-            backlog.popleft()
-            if self.inline:
-                self._send(transmission.process(req))
-                continue
-            if self.try_inline_reads and req.type == P.CMD_READ:
-                try:
-                    self._send(transmission.process(req, nowait=True))
+            held.extend(buffers)
+            held_bytes += sum(len(b) for b in buffers)
+            if held_bytes >= COALESCE_BYTES or len(held) >= COALESCE_BUFFERS:
+                self._send(held)  # may pause writing: _can_start() sees it
+                held, held_bytes = [], 0
+
+        try:
+            while backlog and not self._disconnecting and not self._closed:
+                req = backlog[0]
+                if req.type == P.CMD_DISC:
+                    # "The server MUST handle all outstanding requests ... and close the TCP session."
+                    backlog.clear()
+                    self._disconnecting = True
+                    self._set_reading(False)
+                    if held:
+                        self._send(held)
+                        held = []
+                    if self._in_flight == 0:
+                        self._close_when_sent()
+                    return
+                problem = transmission.check(req)
+                if problem is not None:
+                    backlog.popleft()
+                    err, message = problem
+                    answer([transmission.replies.error(req.cookie, req.offset, err, message)])
                     continue
-                except WouldBlock:
-                    pass  # not in the page cache: read it in a worker
-            cost = req.length if req.type == P.CMD_READ else 0
-            self._in_flight += 1
-            self._in_flight_bytes += cost
-            self.pool.submit(transmission.process, (req,),
-                             lambda result, error, cost=cost: self._request_done(result, error, cost))
+                if not self._can_start(req):
+                    return
+                backlog.popleft()
+                if self.inline:
+                    answer(transmission.process(req))
+                    continue
+                if self.try_inline_reads and req.type == P.CMD_READ:
+                    try:
+                        answer(transmission.process(req, nowait=True))
+                        continue
+                    except WouldBlock:
+                        pass  # not in the page cache: read it in a worker
+                cost = req.length if req.type == P.CMD_READ else 0
+                self._in_flight += 1
+                self._in_flight_bytes += cost
+                self.pool.submit(transmission.process, (req,),
+                                 lambda result, error, cost=cost: self._request_done(result, error, cost))
+        finally:
+            if held:
+                self._send(held)
 
     def _request_done(self, buffers: Any, error: BaseException | None, cost: int) -> None:
         self._in_flight -= 1

@@ -41,6 +41,10 @@ MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 # thread of a connection has been inside a request for longer than SLOW_REQUEST (longer than a
 # wait for the GIL, whose switch interval is 5 ms).
 INITIAL_THREADS = 1
+# Replies to requests that arrived together are sent together, up to these limits: one sendmsg
+# (and one wake-up of the client) instead of one each.  At queue depth 1 nothing waits.
+COALESCE_BYTES = 256 * 1024
+COALESCE_BUFFERS = 64  # sendmsg takes at most IOV_MAX (1024) buffers
 SLOW_REQUEST = 0.02
 WATCHDOG_INTERVAL = 0.01
 
@@ -123,10 +127,14 @@ class ThreadedTransmission:
         except OSError:
             pass
 
-    def _next_request(self) -> Request | None:
-        with self._recv_lock:
+    def _next_request(self, wait: bool = True) -> Request | None:
+        """The next request; None when the connection ends (or, with `wait=False`, when none
+        is decoded and waiting: then nothing is received)."""
+        if not self._recv_lock.acquire(blocking=wait):
+            return None
+        try:
             while not self._pending:
-                if self._stopping:
+                if self._stopping or not wait:
                     return None
                 buf = self.decoder.get_buffer()
                 try:
@@ -144,6 +152,8 @@ class ThreadedTransmission:
                 self._pending.clear()
                 return None
             return req
+        finally:
+            self._recv_lock.release()
 
     def _receive(self, buf: memoryview) -> int:
         """recv_into(buf), busy polling first while requests keep coming soon."""
@@ -166,6 +176,18 @@ class ThreadedTransmission:
         poller.waited(time.perf_counter_ns() - start)
         return received
 
+    def _send_held(self, held: list, cost: int) -> None:
+        """Send held replies, then give back their READ budget (even if the send fails)."""
+        try:
+            self._send(held)
+        except OSError:
+            self._stopping = True
+        finally:
+            held.clear()  # the replies' memory goes with their budget
+            with self._budget:
+                self._budget_used -= cost
+                self._budget.notify_all()
+
     def _send(self, buffers: list) -> None:
         with self._send_lock:
             total = sum(len(b) for b in buffers)
@@ -186,10 +208,19 @@ class ThreadedTransmission:
 
     def _serve(self) -> None:
         transmission = self.transmission
+        held: list = []  # replies not sent yet: sent together in one sendmsg (see COALESCE_BYTES)
+        held_bytes = held_cost = 0
+        me = threading.get_ident()
         try:
             while True:
                 try:
-                    req = self._next_request()
+                    # While holding replies, take only requests already decoded: the client may
+                    # be waiting for those replies before it sends more.
+                    req = self._next_request(wait=not held)
+                    if req is None and held and not self._stopping:
+                        self._send_held(held, held_cost)
+                        held, held_bytes, held_cost = [], 0, 0
+                        req = self._next_request()
                 except ProtocolError as e:
                     log.warning("%s: %s; closing the connection", self.peer or "client", e)
                     self._stopping = True
@@ -199,10 +230,18 @@ class ThreadedTransmission:
                 problem = transmission.check(req)
                 cost = req.length if problem is None and req.type == P.CMD_READ else 0
                 with self._budget:
+                    if held and self._budget_used + cost > MAX_IN_FLIGHT_BYTES:
+                        # Never wait for budget that our own held replies use: send them first.
+                        self._budget.release()
+                        try:
+                            self._send_held(held, held_cost)
+                        finally:
+                            self._budget.acquire()
+                        held, held_bytes, held_cost = [], 0, 0
                     while self._budget_used and self._budget_used + cost > MAX_IN_FLIGHT_BYTES:
                         self._budget.wait()
                     self._budget_used += cost
-                me = threading.get_ident()
+                held_cost += cost
                 self._busy_since[me] = time.monotonic()
                 try:
                     if problem is not None:
@@ -214,21 +253,21 @@ class ThreadedTransmission:
                         buffers = self._read_from_cache_or_block(req)
                     else:
                         buffers = transmission.process(req)
-                    try:
-                        self._send(buffers)
-                    except OSError:
-                        self._stopping = True
-                        break
                 finally:
                     self._busy_since.pop(me, None)
-                    buffers = None  # the reply's memory goes with its budget
-                    with self._budget:
-                        self._budget_used -= cost
-                        self._budget.notify_all()
+                held.extend(buffers)
+                held_bytes += sum(len(b) for b in buffers)
+                buffers = None
+                if self._pending and held_bytes < COALESCE_BYTES and len(held) < COALESCE_BUFFERS:
+                    continue  # more requests already received: answer them together
+                self._send_held(held, held_cost)
+                held, held_bytes, held_cost = [], 0, 0
         except Exception:
             log.exception("connection thread failed")
             self._stopping = True
         finally:
+            if held or held_cost:  # what was answered still goes out, and its budget comes back
+                self._send_held(held, held_cost)
             with self._state_lock:
                 self._running -= 1
                 last = self._running == 0

@@ -1,0 +1,61 @@
+"""Connection threads (core/threaded.py) on a socketpair, without a server around them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+from nbdformats.core import protocol as P
+from nbdformats.core.transmission import RequestDecoder
+from test_protocol import memory_transmission, request
+
+
+class CountingSocket(socket.socket):
+    """A socket that counts its sendmsg calls."""
+
+    sends = 0
+
+    def sendmsg(self, buffers, *args):  # type: ignore[override]
+        self.sends += 1
+        return super().sendmsg(buffers, *args)
+
+
+def test_connection_threads_answer_pipelined_requests_together():
+    """Requests that arrive together are answered together (one sendmsg), each reply intact:
+    writes, reads of what they wrote, and a refused request, in one go from the client."""
+    from nbdformats.core.threaded import ThreadedTransmission
+
+    tx = memory_transmission(structured=False)
+    ours, client = socket.socketpair()
+    server_side = CountingSocket(fileno=os.dup(ours.fileno()))
+    ours.close()
+    finished = threading.Event()
+    threaded = ThreadedTransmission(server_side, tx, RequestDecoder(), threads=1, serialize_all=False,
+                                    peer=None, on_finished=finished.set)
+    batch = b"".join(request(P.CMD_WRITE, i * 4096, 4, cookie=i) + b"%04d" % i for i in range(10))
+    batch += b"".join(request(P.CMD_READ, i * 4096, 4, cookie=100 + i) for i in range(10))
+    batch += request(P.CMD_READ, 2 << 20, 4, cookie=999)  # past the end of the 1M disk: EINVAL
+    client.sendall(batch)
+    threaded.start(b"")
+    expected = 10 * 16 + 10 * (16 + 4) + 16
+    received = b""
+    client.settimeout(10)
+    while len(received) < expected:
+        received += client.recv(65536)
+    replies = {}
+    position = 0
+    while position < len(received):
+        magic, error, cookie = P.SIMPLE_REPLY.unpack_from(received, position)
+        assert magic == P.SIMPLE_REPLY_MAGIC
+        position += 16
+        data = b""
+        if 100 <= cookie < 110:
+            data, position = received[position:position + 4], position + 4
+        replies[cookie] = (error, data)
+    assert replies == {**{i: (0, b"") for i in range(10)}, **{100 + i: (0, b"%04d" % i) for i in range(10)},
+                       999: (P.NBD_EINVAL, b"")}
+    assert server_side.sends < 21  # not one per request (one, when the 21 arrive at once)
+    client.sendall(request(P.CMD_DISC))
+    assert finished.wait(10)
+    client.close()
