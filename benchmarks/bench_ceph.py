@@ -30,16 +30,17 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from core import NBDFORMATS, ROOT, Server, parse_size, random_io  # noqa: E402
+from _common import ENV, NBDFORMATS, ROOT, MiB, Server  # noqa: E402
+from core import parse_size, random_io  # noqa: E402
 
 UP = os.path.join(ROOT, "tests", "ceph", "up.sh")
-MiB = 1 << 20
 
 
 def cluster_env() -> dict[str, str]:
     out = subprocess.run(["bash", UP], check=True, capture_output=True, timeout=900).stdout.decode()
     env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     os.environ.update(env)
+    ENV.update(env)  # the servers' environment: CEPH_CONF and the keyring
     return env
 
 
@@ -79,13 +80,13 @@ def bench_rbd(args, work: str, source: str, size: int) -> dict[str, dict[str, li
             add("rbd bench (librbd)", "seq read (MB/s)", rbd_bench(spec, "read", 4 * MiB, "seq", size))
             add("rbd bench (librbd)", "rand write 4K QD16 (IOPS)", rbd_bench(spec, "write", 4096, "rand", 4096 * args.count))
             add("rbd bench (librbd)", "rand read 4K QD16 (IOPS)", rbd_bench(spec, "read", 4096, "rand", 4096 * args.count))
-            with Server("nbdformats rbd", [*NBDFORMATS, "-f", "-U", sock, "rbd", f"pool={pool}", f"image={image}"],
-                        sock) as server:
+            with Server([*NBDFORMATS, "-f", "-U", sock, "rbd", f"pool={pool}", f"image={image}"], sock) as server:
+                server.wait_for_socket()
                 add("nbdformats rbd", "seq write (MB/s)", nbdcopy_rate(source, server.uri, 4, size))
                 add("nbdformats rbd", "seq read (MB/s)", nbdcopy_rate(server.uri, "null:", 4, size))
                 add("nbdformats rbd", "rand write 4K QD16 (IOPS)", random_io(server.uri, True, 16, args.count, size))
                 add("nbdformats rbd", "rand read 4K QD16 (IOPS)", random_io(server.uri, False, 16, args.count, size))
-                add("nbdformats rbd", "peak RSS (MB)", server.peak_rss_mb())
+                add("nbdformats rbd", "peak RSS (MB)", server.peak_rss_kib() / 1024)
     finally:
         subprocess.run(["rbd", "rm", "--no-progress", spec], check=False, timeout=300)
     return results
@@ -110,13 +111,14 @@ def bench_s3(args, work: str, source: str, size: int) -> dict[str, dict[str, lis
         for round_number in range(args.rounds):
             for name, argv in servers.items():
                 print(f"S3 round {round_number + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-                with Server(name, argv, sock) as server:
+                with Server(argv, sock) as server:
+                    server.wait_for_socket()
                     r = results[name]
                     r.setdefault("seq read 1 conn (MB/s)", []).append(nbdcopy_rate(server.uri, "null:", 1, size))
                     r.setdefault("seq read 4 conns (MB/s)", []).append(nbdcopy_rate(server.uri, "null:", 4, size))
                     r.setdefault("rand read 4K QD16 (IOPS)", []).append(
                         random_io(server.uri, False, 16, args.count // 4, size))
-                    r.setdefault("peak RSS (MB)", []).append(server.peak_rss_mb())
+                    r.setdefault("peak RSS (MB)", []).append(server.peak_rss_kib() / 1024)
     finally:
         s3.delete_object(Bucket=bucket, Key="disk.img")
         s3.delete_bucket(Bucket=bucket)

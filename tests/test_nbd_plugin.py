@@ -140,6 +140,31 @@ def test_requests_are_pipelined_on_one_shared_connection(tmp_path):
     assert set(re.findall(r"connection=(\d+) Connect", text)) == {"1"}
 
 
+def test_one_clients_requests_are_in_flight_together(tmp_path):
+    """A client's pipelined requests reach the upstream server together, not one at a time:
+    network plugins give each connection all their threads at once (latency_bound).  The
+    upstream answers each read after 10 ms, too short for the watchdog that adds threads to
+    other plugins' connections, so one thread would send them one by one."""
+    from nbdformats.core import protocol as P
+    log = tmp_path / "upstream.log"
+    with serve_nbdkit("--filter=log", "--filter=delay", "memory", "1M", "rdelay=10ms",
+                      f"logfile={log}") as up, serve("nbd", f"socket={up.socket}") as srv:
+        with NBDClient.connect(srv.uri) as client:
+            reads = [client.submit(P.CMD_READ, i * 4096, 4096) for i in range(16)]
+            for read in reads:
+                read.result()
+        time.sleep(0.2)  # the log's last lines
+        lines = log.read_text().splitlines()
+    running = most = 0  # reads the upstream had started and not yet answered, at most
+    for line in lines:
+        if re.search(r" Read id=\d+ ", line):
+            running += 1
+            most = max(most, running)
+        elif re.search(r" \.\.\.Read id=\d+ ", line):
+            running -= 1
+    assert most >= 4, f"at most {most} reads were in flight upstream at once"
+
+
 def test_each_client_gets_its_own_connection_unless_shared(tmp_path):
     log = tmp_path / "upstream.log"
     with serve_nbdkit("--filter=log", "memory", "1M", f"logfile={log}") as up, \

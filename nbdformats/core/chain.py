@@ -117,6 +117,12 @@ class Component:
     # Chain.get_ready() before get_ready() runs, as nbdkit passes it to .get_ready.
     final_thread_model: ThreadModel = ThreadModel.PARALLEL
 
+    # Callbacks that mostly wait for another machine (network round trips) with the GIL
+    # released: each connection then gets all -t threads at once, as nbdkit's do, so a client's
+    # requests are in flight together.  Otherwise a connection starts with one thread and grows
+    # only when requests really block (core/threaded.py): threads contend for the GIL.
+    latency_bound: ClassVar[bool] = False
+
     # A plugin whose pread can be tried on the event loop: it raises WouldBlock when
     # must_not_block() is true and the data is not at hand (file: RWF_NOWAIT).
     nowait_reads: ClassVar[bool] = False
@@ -593,6 +599,7 @@ class Chain:
         components: list[Component] = [*filters, plugin]
         self.thread_model = min(c.thread_model for c in components)
         self.blocking = any(c.blocking for c in components)
+        self.latency_bound = any(c.latency_bound for c in components)
         self.nowait_reads = plugin.nowait_reads and all(f.nowait_safe and not f.blocking for f in filters)
         self.cheap_extents = plugin.cheap_extents and all(f.cheap_extents for f in filters)
         self.buffer_alignment = plugin.buffer_alignment

@@ -39,7 +39,9 @@ MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 # I/O at queue depth 1 and 16, and sixteen three times slower.  A read that a nowait_reads plugin
 # cannot serve from the page cache adds a thread at once; otherwise a watchdog adds one when every
 # thread of a connection has been inside a request for longer than SLOW_REQUEST (longer than a
-# wait for the GIL, whose switch interval is 5 ms).
+# wait for the GIL, whose switch interval is 5 ms).  Chains that wait on the network
+# (`latency_bound`: nbd, rbd, S3, curl...) start with all -t threads: their round trips of
+# 0.1-10 ms are too short for the watchdog, and one thread would send them one at a time.
 INITIAL_THREADS = 1
 # Replies to requests that arrived together are sent together, up to these limits: one sendmsg
 # (and one wake-up of the client) instead of one each.  At queue depth 1 nothing waits.
@@ -74,7 +76,7 @@ class ThreadedTransmission:
     def __init__(self, sock: socket.socket, transmission: Transmission, decoder: RequestDecoder, *,
                  threads: int, serialize_all: bool, peer: Any, on_finished: Callable[[], None],
                  try_nowait_reads: bool = False, busy_poll_us: int = DEFAULT_MAX_US,
-                 server_connections: Collection[Any] = ()) -> None:
+                 server_connections: Collection[Any] = (), all_threads_at_once: bool = False) -> None:
         self.sock = sock
         self.transmission = transmission
         self.decoder = decoder
@@ -90,6 +92,7 @@ class ThreadedTransmission:
         self._budget = threading.Condition()
         self._budget_used = 0  # bytes of READ replies in flight
         self._max_threads = threads
+        self._initial_threads = threads if all_threads_at_once else min(INITIAL_THREADS, threads)
         self._running = 0  # live threads; the last one to leave reports the connection finished
         self._busy_since: dict[int, float] = {}  # thread ident -> when its current request started
         self._busy_poll = BusyPoll(busy_poll_us)
@@ -98,9 +101,9 @@ class ThreadedTransmission:
     def start(self, leftover: bytes) -> None:
         if leftover:
             self._pending.extend(self.decoder.receive(leftover))
-        for _ in range(min(INITIAL_THREADS, self._max_threads)):
+        for _ in range(self._initial_threads):
             self._add_thread()
-        if self._max_threads > INITIAL_THREADS:
+        if self._max_threads > self._initial_threads:
             _watch(self)
 
     def grow_if_blocked(self) -> None:

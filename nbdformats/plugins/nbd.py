@@ -101,6 +101,7 @@ class NbdPlugin(Plugin):
 
     name = "nbd"
     blocking = True  # network round trips: run in worker threads, pipelined on the connection
+    latency_bound = True  # many requests in flight at once on the upstream connection
 
     uri = Param(String(), magic=True, help="nbd://HOST[:PORT]/EXPORT, nbds://..., nbd+unix:///EXPORT?socket=PATH")
     socket = Param(Path(kind=None), help="Unix socket of the server")

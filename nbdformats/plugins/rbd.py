@@ -49,6 +49,7 @@ class RBDPlugin(Plugin):
 
     name = "rbd"
     blocking = True  # librbd calls wait for the cluster (they release the GIL)
+    latency_bound = True  # so a connection's requests wait for the cluster together
 
     pool = Param(String(), default="rbd", help="The pool holding the image")
     image = Param(String(), required=True, magic=True, help="The image name")

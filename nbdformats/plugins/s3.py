@@ -47,6 +47,7 @@ class S3Plugin(Plugin):
 
     name = "S3"
     blocking = True  # every callback waits for HTTP requests
+    latency_bound = True
 
     access_key = Param(Secret(), help="Access key ID (or +FILE, -FD, -); default: boto3's credential chain")
     secret_key = Param(Secret(), help="Secret access key (or +FILE, -FD, -)")

@@ -42,6 +42,7 @@ class CurlPlugin(Plugin):
 
     name = "curl"
     blocking = True  # network I/O: run in worker threads
+    latency_bound = True
     thread_model = ThreadModel.PARALLEL
 
     url = Param(String(), required=True, magic=True, help="The URL of the disk image (http:// or https://)")
