@@ -93,6 +93,9 @@ class ThreadedTransmission:
         self._budget_used = 0  # bytes of READ replies in flight
         self._max_threads = threads
         self._initial_threads = threads if all_threads_at_once else min(INITIAL_THREADS, threads)
+        # Holding a reply while answering the next request suits requests that take microseconds;
+        # one that waits for another machine would hold it for a round trip.
+        self._coalesce = not all_threads_at_once
         self._running = 0  # live threads; the last one to leave reports the connection finished
         self._busy_since: dict[int, float] = {}  # thread ident -> when its current request started
         self._busy_poll = BusyPoll(busy_poll_us)
@@ -261,7 +264,8 @@ class ThreadedTransmission:
                 held.extend(buffers)
                 held_bytes += sum(len(b) for b in buffers)
                 buffers = None
-                if self._pending and held_bytes < COALESCE_BYTES and len(held) < COALESCE_BUFFERS:
+                if (self._coalesce and self._pending and held_bytes < COALESCE_BYTES
+                        and len(held) < COALESCE_BUFFERS):
                     continue  # more requests already received: answer them together
                 self._send_held(held, held_cost)
                 held, held_bytes, held_cost = [], 0, 0
