@@ -499,3 +499,46 @@ def test_shutdown_from_a_script_stops_both_servers():
             out = nbdsh(srv.uri, "print(h.get_size())", timeout=30).stdout.decode()
             assert out.strip() == "1048576", name
             assert srv.proc.wait(timeout=20) == 0, (name, srv.stderr())
+
+
+SLOW_PARALLEL_SCRIPT = '''
+import threading, time
+import nbdkit
+API_VERSION = 2
+lock = threading.Lock()
+running = most = 0
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+def open(readonly):
+    return 1
+
+def get_size(h):
+    return 1 << 20
+
+def pread(h, buf, offset, flags):
+    global running, most
+    with lock:
+        running += 1
+        most = max(most, running)
+    time.sleep(0.008)  # a round trip to a server on the LAN, say
+    with lock:
+        running -= 1
+    buf[:4] = most.to_bytes(4, "little")  # the client learns how many ran at once
+'''
+
+
+def test_parallel_script_with_millisecond_waits_gets_more_threads(tmp):
+    """A parallel script whose callbacks wait a few milliseconds (network) gets more threads
+    while its client keeps requests queued: sixty-four 8 ms reads sent at once do not run
+    one at a time."""
+    from nbdformats.core import protocol as P
+    from nbdformats.core.client import NBDClient
+    script = tmp / "slow.py"
+    script.write_text(SLOW_PARALLEL_SCRIPT)
+    with serve("python", str(script)) as srv:
+        with NBDClient.connect(srv.uri) as client:
+            reads = [client.submit(P.CMD_READ, i * 4096, 4096) for i in range(64)]
+            most = max(int.from_bytes(read.result().buf[:4], "little") for read in reads)
+    assert most >= 2, "the script's reads ran one at a time"

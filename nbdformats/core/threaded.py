@@ -38,17 +38,19 @@ MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 # per request: one thread per connection measured as fast or faster than two here for page-cache
 # I/O at queue depth 1 and 16, and sixteen three times slower.  A read that a nowait_reads plugin
 # cannot serve from the page cache adds a thread at once; otherwise a watchdog adds one when every
-# thread of a connection has been inside a request for longer than SLOW_REQUEST (longer than a
-# wait for the GIL, whose switch interval is 5 ms).  Chains that wait on the network
+# thread of a connection has been inside a request for longer than SLOW_REQUEST while the client
+# has more requests waiting (a page-cache request takes microseconds; one that takes
+# milliseconds waits for a disk or a network, and another thread can wait at the same time).
+# Chains that wait on the network
 # (`latency_bound`: nbd, rbd, S3, curl...) start with all -t threads: their round trips of
-# 0.1-10 ms are too short for the watchdog, and one thread would send them one at a time.
+# 0.1-4 ms are too short for the watchdog, and one thread would send them one at a time.
 INITIAL_THREADS = 1
 # Replies to requests that arrived together are sent together, up to these limits: one sendmsg
 # (and one wake-up of the client) instead of one each.  At queue depth 1 nothing waits.
 COALESCE_BYTES = 256 * 1024
 COALESCE_BUFFERS = 64  # sendmsg takes at most IOV_MAX (1024) buffers
-SLOW_REQUEST = 0.02
-WATCHDOG_INTERVAL = 0.01
+SLOW_REQUEST = 0.004
+WATCHDOG_INTERVAL = 0.005
 
 _watched: "weakref.WeakSet[ThreadedTransmission]" = weakref.WeakSet()
 _watchdog_lock = threading.Lock()
@@ -110,12 +112,21 @@ class ThreadedTransmission:
             _watch(self)
 
     def grow_if_blocked(self) -> None:
-        """Watchdog: add a thread when all of them have been stuck in requests for a while."""
+        """Watchdog: add a thread when all of them have been stuck in requests for a while and
+        the client has sent more."""
         if self._stopping or self._running >= self._max_threads:
             return
         starts = list(self._busy_since.values())
-        if len(starts) >= self._running and starts and time.monotonic() - max(starts) > SLOW_REQUEST:
+        if len(starts) >= self._running and starts and time.monotonic() - max(starts) > SLOW_REQUEST \
+                and (self._pending or self._client_sent_more()):
             self._add_thread()
+
+    def _client_sent_more(self) -> bool:
+        """Whether bytes wait to be received (every thread is busy: nobody is receiving them)."""
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing (BlockingIOError), or the connection is gone
+            return False
 
     def _add_thread(self) -> None:
         with self._state_lock:
