@@ -184,8 +184,10 @@ class Connection(asyncio.BufferedProtocol):
             except BlockingIOError:
                 return None
 
+        transport = self.transport
         while (len(self.settings.connections) == 1 and not self._backlog and not self._closed
-               and not self._disconnecting and self.transport.get_write_buffer_size() == 0):
+               and not self._disconnecting and not transport.is_closing()  # its fd may be closed
+               and transport.get_write_buffer_size() == 0):
             try:
                 received = poller.poll(try_receive)
             except OSError:
