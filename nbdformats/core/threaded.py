@@ -6,9 +6,11 @@ letting each worker read the next request itself; so do we once the handshake is
 of a connection's threads takes the receive lock, decodes one request (`RequestDecoder`, the
 same sans-IO code as the event loop uses), releases the lock, runs it on the chain and sends
 the reply under the send lock.  Blocking sends are the backpressure: a thread whose client does
-not read waits, and with it the requests it would have read.  Before sleeping in recv(), the thread holding the receive lock of the
-server's only connection busy polls a while (core/busypoll.py): with several connections the
-spinning thread would take the GIL and a CPU from the others.
+not read waits, and with it the requests it would have read.
+
+Before sleeping in recv(), the thread holding the receive lock of the server's only connection
+busy polls a while (core/busypoll.py): with several connections the spinning thread would take
+the GIL and a CPU from the others.
 """
 
 from __future__ import annotations
@@ -41,16 +43,16 @@ MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 # thread of a connection has been inside a request for longer than SLOW_REQUEST while the client
 # has more requests waiting (a page-cache request takes microseconds; one that takes
 # milliseconds waits for a disk or a network, and another thread can wait at the same time).
-# Chains that wait on the network
-# (`latency_bound`: nbd, rbd, S3, curl...) start with all -t threads: their round trips of
-# 0.1-4 ms are too short for the watchdog, and one thread would send them one at a time.
+# Chains that wait on the network (`latency_bound`: nbd, rbd, S3, curl...) start with all -t
+# threads: their round trips of 0.1-4 ms are too short for the watchdog, and one thread would
+# send them one at a time.
 INITIAL_THREADS = 1
+SLOW_REQUEST = 0.004
+WATCHDOG_INTERVAL = 0.005
 # Replies to requests that arrived together are sent together, up to these limits: one sendmsg
 # (and one wake-up of the client) instead of one each.  At queue depth 1 nothing waits.
 COALESCE_BYTES = 256 * 1024
 COALESCE_BUFFERS = 64  # sendmsg takes at most IOV_MAX (1024) buffers
-SLOW_REQUEST = 0.004
-WATCHDOG_INTERVAL = 0.005
 
 _watched: "weakref.WeakSet[ThreadedTransmission]" = weakref.WeakSet()
 _watchdog_lock = threading.Lock()
