@@ -53,7 +53,7 @@ class ServerSettings:
     tls_context: ssl.SSLContext | None = None
     oldstyle: bool = False
     threads: int = 16
-    busy_poll_us: int = DEFAULT_MAX_US  # --busy-poll: connection threads poll this long at most
+    busy_poll_us: int = DEFAULT_MAX_US  # --busy-poll: the longest a lone connection polls for a request
     handshake_timeout: float = 60.0
     description: str = ""
     on_connection_closed: Callable[["Connection"], None] | None = None
