@@ -59,3 +59,23 @@ def test_connection_threads_answer_pipelined_requests_together():
     client.sendall(request(P.CMD_DISC))
     assert finished.wait(10)
     client.close()
+
+
+def test_the_watchdog_stops_when_no_connection_needs_it():
+    """An idle server keeps no thread waking up every few milliseconds."""
+    from nbdformats.core import threaded
+    from nbdformats.core.threaded import ThreadedTransmission
+
+    ours, client = socket.socketpair()
+    finished = threading.Event()
+    connection = ThreadedTransmission(ours, memory_transmission(structured=False), RequestDecoder(), threads=4,
+                                      serialize_all=False, peer=None, on_finished=finished.set)
+    connection.start(b"")
+    watchdog = threaded._watchdog
+    assert watchdog is not None and watchdog.is_alive() and connection in threaded._watched
+    client.sendall(request(P.CMD_DISC))
+    assert finished.wait(10)
+    watchdog.join(5)
+    assert not watchdog.is_alive() and threaded._watchdog is None
+    ours.close()
+    client.close()

@@ -60,9 +60,16 @@ _watchdog: threading.Thread | None = None
 
 
 def _watch_for_blocked_connections() -> None:
+    """Runs while some connection may need more threads; an idle server has no watchdog."""
+    global _watchdog
     while True:
         time.sleep(WATCHDOG_INTERVAL)
-        for connection in list(_watched):
+        with _watchdog_lock:
+            connections = list(_watched)
+            if not connections:
+                _watchdog = None
+                return
+        for connection in connections:
             connection.grow_if_blocked()
 
 
@@ -74,6 +81,11 @@ def _watch(connection: "ThreadedTransmission") -> None:
             _watchdog = threading.Thread(target=_watch_for_blocked_connections, name="nbdformats-watchdog",
                                          daemon=True)
             _watchdog.start()
+
+
+def _unwatch(connection: "ThreadedTransmission") -> None:
+    with _watchdog_lock:
+        _watched.discard(connection)
 
 
 class ThreadedTransmission:
@@ -117,6 +129,7 @@ class ThreadedTransmission:
         """Watchdog: add a thread when all of them have been stuck in requests for a while and
         the client has sent more."""
         if self._stopping or self._running >= self._max_threads:
+            _unwatch(self)  # nothing more to add
             return
         starts = list(self._busy_since.values())
         if len(starts) >= self._running and starts and time.monotonic() - max(starts) > SLOW_REQUEST \
@@ -292,4 +305,5 @@ class ThreadedTransmission:
                 self._running -= 1
                 last = self._running == 0
             if last:
+                _unwatch(self)
                 self.on_finished()
