@@ -24,3 +24,19 @@ def test_sphinx_builds_html_and_man_pages(tmp_path):
     assert "nbdformats.1" in pages and "nbdformats-memory-plugin.1" in pages
     text = run(["man", "-l", "-P", "cat", tmp_path / "man" / "nbdformats-memory-plugin.1"]).stdout.decode()
     assert "NAME" in text and "sparse" in text
+
+
+def test_api_reference_names_everything_authors_can_use():
+    """docs/api.md keeps up with the API: every class attribute, callback and handle method of
+    the base classes, and every parameter type, is named there."""
+    from nbdformats.core import chain, params
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    public: set[str] = set()
+    for cls in (chain.Component, chain.Plugin, chain.Filter, chain.PluginHandle, chain.FilterHandle):
+        public |= {name for name in vars(cls) if not name.startswith("_")}
+    public -= {"configure", "summary", "debug_flags", "final_thread_model"}  # the server's, or named in prose
+    public |= {name for name, value in vars(params).items()
+               if isinstance(value, type) and issubclass(value, params.ParamType) and value is not params.ParamType}
+    missing = sorted(name for name in public if f"`{name}" not in text)
+    assert not missing, f"not in docs/api.md: {missing}"
