@@ -77,20 +77,23 @@ def _ecb(key: bytes) -> Cipher:
     return Cipher(algorithms.AES(key), modes.ECB())
 
 
-def _mul_alpha_power(t: np.ndarray, k: int) -> np.ndarray:
-    """T * alpha^k in GF(2^128) for 1 <= k <= 32, T as [..., (low, high)] little-endian u64 pairs.
+def _mul_alpha_power(low: np.ndarray, high: np.ndarray, k: int, out_low: np.ndarray, out_high: np.ndarray) -> None:
+    """(out_low, out_high) = (low, high) * alpha^k in GF(2^128) for 1 <= k <= 32, the 128-bit
+    values as arrays of their little-endian u64 halves.
 
     Shifting left by k pushes the top k bits c out; c * x^128 = c * (x^7 + x^2 + x + 1), a
     carry-less product of at most k + 7 <= 39 bits, so it folds into the low word alone.
-    (Shift counts are scalars: numpy vectorizes those far better than per-element counts.)
+    (Shift counts are scalars: numpy vectorizes those far better than per-element counts.
+    Results go straight into `out_*`: temporaries cost as much as the arithmetic.)
     """
-    low, high = t[..., 0], t[..., 1]
     carry = high >> np.uint64(64 - k)
-    folded = carry ^ (carry << np.uint64(1)) ^ (carry << np.uint64(2)) ^ (carry << np.uint64(7))
-    out = np.empty_like(t)
-    out[..., 1] = (high << np.uint64(k)) | (low >> np.uint64(64 - k))
-    out[..., 0] = (low << np.uint64(k)) ^ folded
-    return out
+    np.left_shift(high, np.uint64(k), out=out_high)
+    out_high |= low >> np.uint64(64 - k)
+    np.left_shift(low, np.uint64(k), out=out_low)
+    out_low ^= carry
+    for shift in (1, 1, 5):  # carry << 1, << 2, << 7
+        carry <<= np.uint64(shift)
+        out_low ^= carry
 
 
 class SectorCipher:
@@ -127,13 +130,21 @@ class SectorCipher:
         """All per-block tweaks T_j of `count` sectors, shaped (count, blocks_per_sector, 2)."""
         blocks = self.blocks_per_sector
         encrypted = _ecb(self._tweak_key).encryptor().update(_octets(self._ivs(first_sector, count)))
-        tweaks = np.empty((count, blocks, 2), dtype=_U64)
-        tweaks[:, 0] = np.frombuffer(encrypted, dtype=_U64).reshape(count, 2)
+        first = np.frombuffer(encrypted, dtype=_U64).reshape(count, 2)
+        # Computed block by block for all sectors at once: (blocks, count) halves, so each
+        # doubling step below works on contiguous rows.
+        low = np.empty((blocks, count), dtype=_U64)
+        high = np.empty((blocks, count), dtype=_U64)
+        low[0], high[0] = first[:, 0], first[:, 1]
         done = 1
         while done < blocks:  # doubling: T_{j+step} = T_j * alpha^step for the `step` tweaks before
             step = min(done, 32, blocks - done)
-            tweaks[:, done:done + step] = _mul_alpha_power(tweaks[:, done - step:done], step)
+            _mul_alpha_power(low[done - step:done], high[done - step:done], step,
+                             low[done:done + step], high[done:done + step])
             done += step
+        tweaks = np.empty((count, blocks, 2), dtype=_U64)
+        tweaks[..., 0] = low.T
+        tweaks[..., 1] = high.T
         return tweaks
 
     # Bulk operations -------------------------------------------------------------------------
