@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import os
 import socket
 import struct
@@ -587,3 +589,37 @@ def test_swap_locks_memory():
     assert out[0] == "VmLck:" and int(out[1]) > 1000  # kB locked: the whole process
     assert out[3] == "-1000" or b"--swap: cannot lower the OOM score" in proc.stderr
     assert out[4] == str(1 << 20)
+
+
+def test_file_on_tmpfs_serves_reads_without_a_thread_per_request(tmp_path):
+    """tmpfs refuses RWF_NOWAIT (EOPNOTSUPP) on many kernels: every read used to count as a
+    page-cache miss, growing the connection to sixteen threads.  Reads of a file in memory never
+    block, so they are served as they come; the data and the holes must still be right."""
+    from nbdformats.core import protocol as P
+    from nbdformats.core.client import NBDClient
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        image = shm / "disk.img"
+        data = os.urandom(8 << 20)
+        with open(image, "wb") as f:
+            f.write(data)
+            f.truncate(64 << 20)  # 56 MiB of hole after the data
+        with serve("file", str(image)) as srv:
+            with NBDClient.connect(srv.uri) as client:
+                assert bytes(client.pread(4096, 0)) == data[:4096]
+                before = len(os.listdir(f"/proc/{srv.proc.pid}/task"))
+                for round in range(4):
+                    reads = [(i * 4096 * 37 % (8 << 20) // 4096 * 4096) for i in range(round * 64, round * 64 + 64)]
+                    commands = [client.submit(P.CMD_READ, offset, 4096) for offset in reads]
+                    for offset, command in zip(reads, commands):
+                        assert bytes(command.result().buf) == data[offset:offset + 4096]
+                added = len(os.listdir(f"/proc/{srv.proc.pid}/task")) - before
+                # Extents: the data region, then the hole; a write into the hole is data at once.
+                assert client.block_status(64 << 20, 0)[0] == (8 << 20, 0)
+                assert client.block_status(32 << 20, 4 << 20)[0] == (4 << 20, 0)  # inside the region
+                assert client.block_status(1 << 20, 16 << 20)[0][1] == 3  # hole, zero
+                client.pwrite(b"x" * 4096, 16 << 20)
+                assert client.block_status(4096, 16 << 20)[0] == (4096, 0)
+        assert added < 4, f"{added} threads added for 256 reads from tmpfs"
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)

@@ -19,6 +19,8 @@ FALLOC_FL_ZERO_RANGE = 0x10
 BLKGETSIZE64 = 0x80081272
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
+# Filesystems whose files live in memory: reading them never waits for a disk.
+IN_MEMORY_FILESYSTEMS = {0x01021994, 0x858458F6}  # TMPFS_MAGIC, RAMFS_MAGIC
 
 try:
     import ctypes
@@ -31,9 +33,19 @@ try:
         if _libc.fallocate(fd, mode, offset, length) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
+
+    def _filesystem_type(fd: int) -> int | None:
+        """fstatfs's f_type (the filesystem's magic number), or None."""
+        buf = ctypes.create_string_buffer(256)  # larger than struct statfs on every Linux ABI
+        if _libc.fstatfs(fd, buf) != 0:
+            return None
+        return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF  # f_type, a long, comes first
 except (OSError, AttributeError):  # pragma: no cover - every Linux libc has fallocate
     def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(errno.EOPNOTSUPP, "fallocate unavailable")
+
+    def _filesystem_type(fd: int) -> int | None:
+        return None
 
 
 class FilePlugin(Plugin):
@@ -100,6 +112,11 @@ class FilePlugin(Plugin):
             self.drop_cache = plugin.cache == "none"
             self.can_punch = self.can_zero_range = not self.is_block
             self.seek_data_works = not self.is_block
+            self.data_region = (0, 0)  # [start, end) of data that extents() found last
+            # Reads of a file in memory (tmpfs, ramfs) never block: they need no RWF_NOWAIT,
+            # which tmpfs refuses (EOPNOTSUPP) on many kernels.
+            self.reads_never_block = _filesystem_type(self.fd) in IN_MEMORY_FILESYSTEMS
+            self.nowait_works = True
 
         def get_size(self) -> int:
             if self.is_block:
@@ -134,13 +151,18 @@ class FilePlugin(Plugin):
 
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             fd, done, count = self.fd, 0, len(buf)
-            if must_not_block():
-                # On the event loop: only what the page cache holds; otherwise a worker reads it.
-                try:
-                    if os.preadv(fd, [buf], offset, os.RWF_NOWAIT) == count:
-                        return
-                except (BlockingIOError, OSError):
-                    pass
+            if must_not_block() and not self.reads_never_block:
+                # Without blocking: only what the page cache holds; otherwise a thread reads it.
+                if self.nowait_works:
+                    try:
+                        if os.preadv(fd, [buf], offset, os.RWF_NOWAIT) == count:
+                            return
+                    except BlockingIOError:
+                        pass
+                    except OSError as e:
+                        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                            raise
+                        self.nowait_works = False  # this filesystem cannot say: every read may block
                 raise WouldBlock()
             while done < count:
                 n = os.preadv(fd, [buf[done:]], offset + done)
@@ -217,6 +239,14 @@ class FilePlugin(Plugin):
             position = offset
             try:
                 while position < end:
+                    region_start, region_end = self.data_region
+                    if region_start <= position < region_end:
+                        # Inside the data found last time: tmpfs's SEEK_HOLE walks page by page,
+                        # so a sequential reader would rescan the region for every request.
+                        # Data stays safe to report even if it was trimmed meanwhile.
+                        extents.add(position, min(region_end, end) - position, EXTENT_DATA)
+                        position = region_end
+                        continue
                     try:
                         data = os.lseek(self.fd, position, os.SEEK_DATA)
                     except OSError as e:
@@ -228,6 +258,7 @@ class FilePlugin(Plugin):
                         position = data
                         continue
                     hole = os.lseek(self.fd, position, os.SEEK_HOLE)
+                    self.data_region = (position, hole)
                     extents.add(position, min(hole, end) - position, EXTENT_DATA)
                     position = hole
             except OSError as e:
