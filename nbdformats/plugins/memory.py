@@ -1,143 +1,269 @@
-"""memory plugin: a RAM disk, sparse, so a 1 TB disk costs only what is written."""
+"""memory plugin: a RAM disk, sparse by default, so a 1 TB disk costs only what is written.
+
+nbdkit's allocators: `sparse` (a dictionary of 32 KiB pages; absent pages are holes), `malloc`
+(one buffer of the whole size, optionally locked in RAM with `mlock=true`), and `zstd` (sparse
+pages, each kept compressed).  All connections share one disk.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 
-from ..core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Extents, Plugin, PluginHandle
-from ..core.errors import NBDError
-from ..core.params import Param, Size
+import zstandard
+
+from ..core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents, Plugin, PluginHandle
+from ..core.errors import ConfigError, NBDError
+from ..core.params import Param, ParamType, Size, parse_bool
 
 PAGE = 32 * 1024  # allocation unit, as nbdkit's sparse array
 ZERO_PAGE = memoryview(bytes(PAGE))
 REGION_PAGES = 2048  # pages per region (64 MiB); regions count their pages so extents skip holes fast
+MAX_SIZE = (1 << 63) - 1
+
+
+class Allocator(ParamType):
+    """nbdkit's `allocator=sparse|malloc[,mlock=true]|zstd`, as (name, mlock)."""
+
+    metavar = "sparse|malloc[,mlock=true]|zstd"
+
+    def parse(self, text: str) -> tuple[str, bool]:
+        name, _, options = text.partition(",")
+        if name not in ("sparse", "malloc", "zstd"):
+            raise ValueError("use sparse, malloc[,mlock=true] or zstd")
+        mlock = False
+        for option in filter(None, options.split(",")):
+            key, _, value = option.partition("=")
+            if name != "malloc" or key != "mlock":
+                raise ValueError(f"unknown allocator option {option!r} (only malloc takes mlock=true|false)")
+            mlock = parse_bool(value)
+        return name, mlock
+
+
+class SparsePages:
+    """Pages that exist only once written; the others read as zeroes (allocator=sparse)."""
+
+    def __init__(self) -> None:
+        self.pages: dict[int, bytearray] = {}
+        self.region_counts: dict[int, int] = {}
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        pages = self.pages
+        done, count = 0, len(buf)
+        while done < count:
+            index, start = divmod(offset + done, PAGE)
+            n = min(PAGE - start, count - done)
+            page = pages.get(index)
+            # memoryview slices: one copy, straight from the page into the reply buffer
+            source = ZERO_PAGE if page is None else memoryview(page)
+            buf[done:done + n] = source[start:start + n]
+            done += n
+
+    def write(self, buf: memoryview, offset: int) -> None:
+        pages = self.pages
+        done, count = 0, len(buf)
+        while done < count:
+            index, start = divmod(offset + done, PAGE)
+            n = min(PAGE - start, count - done)
+            page = pages.get(index)
+            if page is None:
+                page = self.allocate(index)
+            page[start:start + n] = buf[done:done + n]
+            done += n
+
+    def allocate(self, index: int) -> bytearray:
+        page = self.pages[index] = bytearray(PAGE)
+        region = index // REGION_PAGES
+        self.region_counts[region] = self.region_counts.get(region, 0) + 1
+        return page
+
+    def free(self, index: int) -> None:
+        if self.pages.pop(index, None) is not None:
+            region = index // REGION_PAGES
+            left = self.region_counts[region] - 1
+            if left:
+                self.region_counts[region] = left
+            else:
+                del self.region_counts[region]
+
+    def clear(self, count: int, offset: int) -> None:
+        """Zero (trim) a range: whole pages are freed, the edges of others zeroed."""
+        end = offset + count
+        while offset < end:
+            index, start = divmod(offset, PAGE)
+            n = min(PAGE - start, end - offset)
+            if n == PAGE:
+                self.free(index)
+            elif index in self.pages:
+                self.write(memoryview(bytes(n)), offset)
+            offset += n
+
+    def resize(self, old: int, size: int) -> None:
+        """Bytes past a smaller size are dropped, so growing again reads zeroes."""
+        if size < old:
+            for index in [i for i in self.pages if i * PAGE >= size]:
+                self.free(index)
+            tail = size % PAGE
+            if tail and size // PAGE in self.pages:
+                self.clear(PAGE - tail, size)
+
+    def extents(self, count: int, offset: int, extents: Extents) -> None:
+        pages, regions = self.pages, self.region_counts
+        end = offset + count
+        position = offset - offset % PAGE
+        while position < end:
+            index = position // PAGE
+            if index % REGION_PAGES == 0 and index // REGION_PAGES not in regions:
+                step = REGION_PAGES * PAGE  # a whole empty region
+                kind = EXTENT_HOLE | EXTENT_ZERO
+            else:
+                step = PAGE
+                kind = EXTENT_DATA if index in pages else EXTENT_HOLE | EXTENT_ZERO
+            extents.add(position, step, kind)
+            position += step
+
+
+class ZstdPages(SparsePages):
+    """Sparse pages kept zstd-compressed (allocator=zstd): about twice the data in the same RAM,
+    for the cost of (de)compressing a page on each access."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.compressor = zstandard.ZstdCompressor(level=1)
+        self.decompressor = zstandard.ZstdDecompressor()
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        done, count = 0, len(buf)
+        while done < count:
+            index, start = divmod(offset + done, PAGE)
+            n = min(PAGE - start, count - done)
+            packed = self.pages.get(index)
+            source = ZERO_PAGE if packed is None else memoryview(self.decompressor.decompress(packed))
+            buf[done:done + n] = source[start:start + n]
+            done += n
+
+    def write(self, buf: memoryview, offset: int) -> None:
+        done, count = 0, len(buf)
+        while done < count:
+            index, start = divmod(offset + done, PAGE)
+            n = min(PAGE - start, count - done)
+            packed = self.pages.get(index)
+            if packed is None:
+                page = self.allocate(index)
+            else:
+                page = bytearray(self.decompressor.decompress(packed))
+            page[start:start + n] = buf[done:done + n]
+            self.pages[index] = self.compressor.compress(page)  # type: ignore[assignment]
+            done += n
+
+
+class WholeBuffer:
+    """The whole disk in one buffer (allocator=malloc): no sparseness, nothing to look up."""
+
+    def __init__(self, size: int, mlock: bool) -> None:
+        try:
+            self.data = bytearray(size)
+        except (MemoryError, OverflowError):
+            raise ConfigError(f"memory: allocator=malloc cannot allocate {size} bytes") from None
+        self.view = memoryview(self.data)
+        if mlock:
+            libc = ctypes.CDLL(None, use_errno=True)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(self.data)) if size else 0
+            if size and libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(size)) != 0:
+                reason = errno.errorcode.get(ctypes.get_errno(), "error")
+                raise ConfigError(f"memory: mlock of {size} bytes failed ({reason}): raise the locked-memory "
+                                  "limit (ulimit -l) or run as root")
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        buf[:] = self.view[offset:offset + len(buf)]
+
+    def write(self, buf: memoryview, offset: int) -> None:
+        self.view[offset:offset + len(buf)] = buf
+
+    def clear(self, count: int, offset: int) -> None:
+        self.view[offset:offset + count] = bytes(count)
+
+    def resize(self, old: int, size: int) -> None:
+        self.view.release()  # a bytearray cannot change size while exported
+        if size < old:
+            del self.data[size:]
+        else:
+            self.data.extend(bytes(size - old))
+        self.view = memoryview(self.data)
+
+    def extents(self, count: int, offset: int, extents: Extents) -> None:
+        extents.add(offset, count, EXTENT_DATA)
 
 
 class MemoryPlugin(Plugin):
     """A RAM disk (sparse: unwritten and trimmed pages read as zeroes and cost nothing)."""
 
     name = "memory"
-    cheap_extents = True  # extents come from a dict / lseek: ask before large reads to send holes
-    size = Param(Size(maximum=(1 << 63) - 1), required=True, magic=True,
+    cheap_extents = True  # extents come from a dict: ask before large reads to send holes
+    size = Param(Size(maximum=MAX_SIZE), required=True, magic=True,
                  help="Size of the disk, e.g. 1G (nbdkit's size suffixes)")
+    allocator = Param(Allocator(), default=("sparse", False),
+                      help="sparse (default): 32 KiB pages allocated when written; malloc[,mlock=true]: one "
+                           "buffer of the whole size (optionally locked in RAM); zstd: sparse pages kept "
+                           "compressed")
 
     def get_ready(self) -> None:
         # All connections share one disk, as in nbdkit.
-        self.pages: dict[int, bytearray] = {}
-        self.region_counts: dict[int, int] = {}
+        kind, mlock = self.allocator
+        if kind == "malloc":
+            self.store: SparsePages | WholeBuffer = WholeBuffer(self.size, mlock)
+        else:
+            self.store = ZstdPages() if kind == "zstd" else SparsePages()
+
+    def dump_plugin(self) -> None:
+        print("mlock=yes")
 
     class Handle(PluginHandle):
         def __init__(self, plugin: "MemoryPlugin", readonly: bool, export_name: str) -> None:
-            self.pages = plugin.pages
-            self.region_counts = plugin.region_counts
             self.plugin = plugin
+            self.store = plugin.store
 
         def get_size(self) -> int:
             return self.plugin.size
 
         def resize(self, size: int) -> None:
-            """Grow or shrink; the bytes past the new end are dropped, so growing again reads zeroes."""
-            old = self.plugin.size
-            if size >= 1 << 63:
+            if size > MAX_SIZE:
                 raise NBDError(errno.EINVAL, "size too large")
-            if size < old:
-                for index in [i for i in self.pages if i * PAGE >= size]:
-                    self._free(index)
-                tail = size % PAGE
-                page = self.pages.get(size // PAGE)
-                if tail and page is not None:
-                    page[tail:] = bytes(PAGE - tail)
+            try:
+                self.store.resize(self.plugin.size, size)
+            except MemoryError:
+                raise NBDError(errno.ENOMEM, f"cannot grow the disk to {size} bytes") from None
             self.plugin.size = size
 
         def can_multi_conn(self) -> bool:
             return True  # one shared store: a flush on any connection covers all
 
         def can_fua(self) -> int:
-            return 2  # NATIVE: memory writes are durable as soon as they are done
+            return NATIVE  # memory writes are durable as soon as they are done
 
         def can_cache(self) -> int:
-            return 2
+            return NATIVE
 
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-            pages = self.pages
-            done, count = 0, len(buf)
-            while done < count:
-                index, start = divmod(offset + done, PAGE)
-                n = min(PAGE - start, count - done)
-                page = pages.get(index)
-                # memoryview slices: one copy, straight from the page into the reply buffer
-                source = ZERO_PAGE if page is None else memoryview(page)
-                buf[done:done + n] = source[start:start + n]
-                done += n
+            self.store.read(buf, offset)
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-            pages = self.pages
-            done, count = 0, len(buf)
-            while done < count:
-                index, start = divmod(offset + done, PAGE)
-                n = min(PAGE - start, count - done)
-                page = pages.get(index)
-                if page is None:
-                    page = self._allocate(index)
-                page[start:start + n] = buf[done:done + n]
-                done += n
-
-        def _allocate(self, index: int) -> bytearray:
-            page = bytearray(PAGE)
-            if self.pages.setdefault(index, page) is page:
-                region = index // REGION_PAGES
-                self.region_counts[region] = self.region_counts.get(region, 0) + 1
-            return self.pages[index]
-
-        def _free(self, index: int) -> None:
-            if self.pages.pop(index, None) is not None:
-                region = index // REGION_PAGES
-                left = self.region_counts[region] - 1
-                if left:
-                    self.region_counts[region] = left
-                else:
-                    del self.region_counts[region]
+            self.store.write(buf, offset)
 
         def flush(self, flags: int) -> None:
             pass
 
-        def _clear(self, count: int, offset: int) -> None:
-            pages = self.pages
-            end = offset + count
-            while offset < end:
-                index, start = divmod(offset, PAGE)
-                n = min(PAGE - start, end - offset)
-                if n == PAGE:
-                    self._free(index)
-                else:
-                    page = pages.get(index)
-                    if page is not None:
-                        page[start:start + n] = bytes(n)
-                offset += n
-
         def trim(self, count: int, offset: int, flags: int) -> None:
-            self._clear(count, offset)
+            self.store.clear(count, offset)
 
         def zero(self, count: int, offset: int, flags: int) -> None:
-            self._clear(count, offset)
+            self.store.clear(count, offset)
 
         def cache(self, count: int, offset: int, flags: int) -> None:
             pass
 
         def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
-            pages, regions = self.pages, self.region_counts
-            end = offset + count
-            position = offset - offset % PAGE
-            while position < end:
-                index = position // PAGE
-                if index % REGION_PAGES == 0 and index // REGION_PAGES not in regions:
-                    step = REGION_PAGES * PAGE  # a whole empty region
-                    kind = EXTENT_HOLE | EXTENT_ZERO
-                else:
-                    step = PAGE
-                    kind = EXTENT_DATA if index in pages else EXTENT_HOLE | EXTENT_ZERO
-                extents.add(position, step, kind)
-                position += step
+            self.store.extents(count, offset, extents)
 
 
 PLUGIN = MemoryPlugin
