@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from typing import NamedTuple
 
 import zstandard
 
@@ -22,12 +23,20 @@ REGION_PAGES = 2048  # pages per region (64 MiB); regions count their pages so e
 MAX_SIZE = (1 << 63) - 1
 
 
+class AllocatorChoice(NamedTuple):
+    name: str
+    mlock: bool = False
+
+    def __str__(self) -> str:
+        return self.name + (",mlock=true" if self.mlock else "")
+
+
 class Allocator(ParamType):
-    """nbdkit's `allocator=sparse|malloc[,mlock=true]|zstd`, as (name, mlock)."""
+    """nbdkit's `allocator=sparse|malloc[,mlock=true]|zstd`."""
 
     metavar = "sparse|malloc[,mlock=true]|zstd"
 
-    def parse(self, text: str) -> tuple[str, bool]:
+    def parse(self, text: str) -> AllocatorChoice:
         name, _, options = text.partition(",")
         if name not in ("sparse", "malloc", "zstd"):
             raise ValueError("use sparse, malloc[,mlock=true] or zstd")
@@ -37,7 +46,7 @@ class Allocator(ParamType):
             if name != "malloc" or key != "mlock":
                 raise ValueError(f"unknown allocator option {option!r} (only malloc takes mlock=true|false)")
             mlock = parse_bool(value)
-        return name, mlock
+        return AllocatorChoice(name, mlock)
 
 
 class SparsePages:
@@ -202,7 +211,7 @@ class MemoryPlugin(Plugin):
     cheap_extents = True  # extents come from a dict: ask before large reads to send holes
     size = Param(Size(maximum=MAX_SIZE), required=True, magic=True,
                  help="Size of the disk, e.g. 1G (nbdkit's size suffixes)")
-    allocator = Param(Allocator(), default=("sparse", False),
+    allocator = Param(Allocator(), default=AllocatorChoice("sparse"),
                       help="sparse (default): 32 KiB pages allocated when written; malloc[,mlock=true]: one "
                            "buffer of the whole size (optionally locked in RAM); zstd: sparse pages kept "
                            "compressed")
