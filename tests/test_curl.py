@@ -318,6 +318,26 @@ def test_header_script_and_cookie(site: Nginx, tmp: Path) -> None:
         make_curl(("url", f"{site.url}/token/disk.raw"), ("header", "Authorization: Bearer nope"))
 
 
+def test_cookie_engine_keeps_cookies_the_server_sets(site: Nginx, tmp: Path) -> None:
+    """cookiefile=/cookiejar= turn on libcurl's cookie engine, as in nbdkit: /login/ sets the
+    session cookie while redirecting to /cookie/, which wants it back."""
+    login = f"{site.url}/login/disk.raw"
+    with pytest.raises(ConfigError, match="HTTP 403"):  # without the engine the cookie is lost
+        make_curl(("url", login), ("followlocation", "true"))
+    jar = tmp / "jar.txt"
+    with serve("curl", f"url={login}", "followlocation=true", "cookiefile=", f"cookiejar={jar}") as srv:
+        assert copy_sha(srv.uri, tmp) == expected(site)
+    saved = jar.read_text()  # written at exit, in the Netscape format curl reads
+    assert saved.startswith("# Netscape HTTP Cookie File") and f"\tsession\t{COOKIE}" in saved
+    # Loaded from that file, the cookie opens /cookie/ directly.
+    chain = make_curl(("url", f"{site.url}/cookie/disk.raw"), ("cookiefile", str(jar)))
+    assert chain.plugin.size == IMAGE_SIZE
+    chain.cleanup()
+    (tmp / "bad.txt").write_text("not a cookie file\n")
+    with pytest.raises(ConfigError, match="cookiefile="):
+        make_curl(("url", f"{site.url}/disk.raw"), ("cookiefile", str(tmp / "bad.txt")))
+
+
 def test_header_script_renews(site: Nginx, tmp: Path) -> None:
     counter = tmp / "runs"
     script = f"echo $iteration >> {counter}; echo 'Authorization: Bearer {TOKEN}'"

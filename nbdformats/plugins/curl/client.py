@@ -12,6 +12,7 @@ forgotten again on an error, since redirect targets such as signed URLs expire).
 from __future__ import annotations
 
 import http.client
+import http.cookiejar
 import logging
 import os
 import socket
@@ -19,6 +20,7 @@ import ssl
 import subprocess
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -192,11 +194,26 @@ def _discard(response: urllib3.BaseHTTPResponse, body_untouched: bool = True) ->
     response.release_conn()
 
 
+class _CookieResponse:
+    """What http.cookiejar reads from a response: its Set-Cookie headers."""
+
+    def __init__(self, response: urllib3.BaseHTTPResponse) -> None:
+        self.headers = response.headers
+
+    def info(self) -> "_CookieResponse":
+        return self
+
+    def get_all(self, name: str, default: list[str] | None = None) -> list[str] | None:
+        return self.headers.getlist(name) or default
+
+
 class RangeClient:
     def __init__(self, url: str, pool: urllib3.PoolManager, headers: Headers, *, timeout: urllib3.Timeout,
                  followlocation: bool = True, protocols: set[str] | None = None, retries: int = 3,
-                 retry_delay: float = 0.5, retry_exponential: bool = True) -> None:
+                 retry_delay: float = 0.5, retry_exponential: bool = True,
+                 cookies: http.cookiejar.CookieJar | None = None) -> None:
         self.url = self.effective_url = url
+        self.cookies = cookies  # the cookie engine (cookiefile=/cookiejar=): sent, and kept when set
         self.shown = redact_url(url)
         self.pool, self.headers, self.timeout = pool, headers, timeout
         self.followlocation, self.protocols = followlocation, protocols or {"http", "https"}
@@ -211,8 +228,17 @@ class RangeClient:
         headers["Range"] = f"bytes={first}-{last}"
         url = self.effective_url
         for _ in range(MAX_REDIRECTS + 1):
+            sent, cookie_request = headers, None
+            if self.cookies is not None:
+                cookie_request = urllib.request.Request(url)
+                self.cookies.add_cookie_header(cookie_request)
+                stored = cookie_request.get_header("Cookie")
+                if stored:
+                    given = next((k for k in headers if k.lower() == "cookie"), None)
+                    sent = {k: v for k, v in headers.items() if k != given}
+                    sent["Cookie"] = f"{headers[given]}; {stored}" if given else stored
             try:
-                response = self.pool.urlopen("GET", url, headers=headers, redirect=False, retries=False,
+                response = self.pool.urlopen("GET", url, headers=sent, redirect=False, retries=False,
                                              preload_content=False, decode_content=False, timeout=self.timeout)
             except LocationValueError as e:
                 raise RequestError(f"{redact_url(url)}: bad URL: {e}") from None
@@ -221,6 +247,8 @@ class RangeClient:
                                    f"with cainfo= or capath=, or skip the check with sslverify=false)") from None
             except (HTTPError, OSError, http.client.HTTPException) as e:
                 raise TransientError(f"{redact_url(url)}: {_reason(e)}") from None
+            if cookie_request is not None:
+                self.cookies.extract_cookies(_CookieResponse(response), cookie_request)  # type: ignore[union-attr, arg-type]
             if response.status not in REDIRECT_STATUSES:
                 self.effective_url = url
                 return response

@@ -9,6 +9,7 @@ sequential reader gets read-ahead (see readahead.py), so format filters stacked 
 from __future__ import annotations
 
 import errno
+import http.cookiejar
 import logging
 import os
 import socket
@@ -55,6 +56,9 @@ class CurlPlugin(Plugin):
     cookie = Param(Secret(), help="Cookie header value 'a=1; b=2': literal, +FILE, - or -FD")
     cookie_script = Param(String(), help="Shell script printing the cookie (one line)")
     cookie_script_renew = Param(Int(minimum=0), default=0, help="Run cookie-script again after this many seconds")
+    cookiefile = Param(String(), help="Turn on the cookie engine (cookies the server sets are sent back), "
+                                      "first loading cookies from this Netscape-format file (empty: none)")
+    cookiejar = Param(String(), help="Turn on the cookie engine and save its cookies to this file at exit")
     user_agent = Param(String(), help="User-Agent header (default: none, as nbdkit)")
     cainfo = Param(String(), help="CA certificates file to trust; empty: not the system's default store")
     capath = Param(Path("dir"), help="Directory of CA certificates (hashed names, c_rehash)")
@@ -177,10 +181,11 @@ class CurlPlugin(Plugin):
         timeout = urllib3.Timeout(connect=self.timeout or 30, read=self.timeout or 60)
         headers = Headers(self.fixed_headers, self.url, self.header_script, self.header_script_renew,
                           self.cookie_script, self.cookie_script_renew)
+        self.cookies = self._cookie_engine()
         self.client = RangeClient(self.request_url, self.pool, headers, timeout=timeout,
                                   followlocation=self.followlocation, protocols=self.allowed_protocols,
                                   retries=self.retries, retry_delay=self.retry_delay,
-                                  retry_exponential=self.retry_exponential)
+                                  retry_exponential=self.retry_exponential, cookies=self.cookies)
         try:
             self.client.probe()
         except RequestError as e:
@@ -190,7 +195,25 @@ class CurlPlugin(Plugin):
         self.prefetcher = ThreadPoolExecutor(self.connections, thread_name_prefix="curl-readahead")
         log.debug("curl: %s: %d bytes, %s", redact_url(self.request_url), self.size, self.client.validators)
 
+    def _cookie_engine(self) -> http.cookiejar.MozillaCookieJar | None:
+        """libcurl's cookie engine, as nbdkit turns it on: with cookiefile= or cookiejar=."""
+        if self.cookiefile is None and self.cookiejar is None:
+            return None
+        jar = http.cookiejar.MozillaCookieJar()
+        if self.cookiefile:
+            try:
+                jar.load(self.cookiefile, ignore_discard=True, ignore_expires=True)
+            except (OSError, http.cookiejar.LoadError) as e:
+                raise ConfigError(f"curl: cookiefile={self.cookiefile}: {getattr(e, 'strerror', None) or e}") from None
+        return jar
+
     def cleanup(self) -> None:
+        cookies = getattr(self, "cookies", None)
+        if cookies is not None and self.cookiejar:
+            try:
+                cookies.save(self.cookiejar, ignore_discard=True, ignore_expires=True)
+            except OSError as e:
+                log.error("curl: cookiejar=%s: cannot save the cookies: %s", self.cookiejar, e.strerror)
         prefetcher = getattr(self, "prefetcher", None)
         if prefetcher is not None:
             prefetcher.shutdown(wait=False, cancel_futures=True)
