@@ -14,6 +14,7 @@ from conftest import NBDFORMATS, nbdcopy_to_file, nbdinfo_json, nbdsh, random_fi
 from fixtures.filterchain import RECORDER, open_chain
 from fixtures.nbdkitlog import nbdkit_calls, recorder_calls
 from fixtures.nbdops import run_ops
+from nbdformats.core.client import NBDClient
 
 MIB = 1 << 20
 
@@ -135,7 +136,7 @@ def test_cow_in_process_random_operations():
     buf = bytearray(len(model))
     top.pread(memoryview(buf), 0, 0)
     assert buf == model
-    assert chain.plugin.pages == {}  # nothing reached the plugin
+    assert chain.plugin.store.pages == {}  # nothing reached the plugin
 
 
 # -- blocksize ---------------------------------------------------------------------------------
@@ -211,10 +212,15 @@ print("connected", h.aio_is_ready())
 def test_readahead_prefetches_after_each_read(tmp):
     log = tmp / "calls"
     with serve("--filter=readahead", RECORDER, "size=4M", "cache=native", f"log={log}") as srv:
-        nbdsh(srv.uri, "for i in range(8):\n    h.pread(4096, i * 4096)\nh.pread(4096, 1024 * 1024)")
-        deadline = time.monotonic() + 10
-        while len([c for c in recorder_calls(log) if c[0] == "cache"]) < 9 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # Stay connected until the prefetches are done: a connection that ends drops the
+        # prefetches still queued.
+        with NBDClient.connect(srv.uri) as client:
+            for i in range(8):
+                client.pread(4096, i * 4096)
+            client.pread(4096, 1024 * 1024)
+            deadline = time.monotonic() + 10
+            while len([c for c in recorder_calls(log) if c[0] == "cache"]) < 9 and time.monotonic() < deadline:
+                time.sleep(0.05)
         calls = recorder_calls(log)
     reads = [(offset, count) for op, offset, count, _ in calls if op == "pread"]
     caches = [(offset, count) for op, offset, count, _ in calls if op == "cache"]
