@@ -19,6 +19,7 @@ from ..core.params import Param, ParamType, Size, parse_bool
 
 PAGE = 32 * 1024  # allocation unit, as nbdkit's sparse array
 ZERO_PAGE = memoryview(bytes(PAGE))
+ZERO_RUN = memoryview(bytes(1 << 20))
 REGION_PAGES = 2048  # pages per region (64 MiB); regions count their pages so extents skip holes fast
 MAX_SIZE = (1 << 63) - 1
 
@@ -170,18 +171,23 @@ class WholeBuffer:
     """The whole disk in one buffer (allocator=malloc): no sparseness, nothing to look up."""
 
     def __init__(self, size: int, mlock: bool) -> None:
+        self.mlock = mlock
         try:
-            self.data = bytearray(size)
+            self.data = bytearray(size)  # calloc: the kernel commits pages only when they are touched
         except (MemoryError, OverflowError):
             raise ConfigError(f"memory: allocator=malloc cannot allocate {size} bytes") from None
         self.view = memoryview(self.data)
-        if mlock:
-            libc = ctypes.CDLL(None, use_errno=True)
-            address = ctypes.addressof(ctypes.c_char.from_buffer(self.data)) if size else 0
-            if size and libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(size)) != 0:
-                reason = errno.errorcode.get(ctypes.get_errno(), "error")
-                raise ConfigError(f"memory: mlock of {size} bytes failed ({reason}): raise the locked-memory "
-                                  "limit (ulimit -l) or run as root")
+        self._lock_in_ram()
+
+    def _lock_in_ram(self) -> None:
+        if not self.mlock or not len(self.data):
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(self.data))
+        if libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(len(self.data))) != 0:
+            reason = errno.errorcode.get(ctypes.get_errno(), "error")
+            raise ConfigError(f"memory: mlock of {len(self.data)} bytes failed ({reason}): raise the "
+                              "locked-memory limit (ulimit -l) or run as root")
 
     def read(self, buf: memoryview, offset: int) -> None:
         buf[:] = self.view[offset:offset + len(buf)]
@@ -190,15 +196,25 @@ class WholeBuffer:
         self.view[offset:offset + len(buf)] = buf
 
     def clear(self, count: int, offset: int) -> None:
-        self.view[offset:offset + count] = bytes(count)
+        end = offset + count
+        while offset < end:  # a zero request may cover gigabytes: not one temporary of that size
+            n = min(len(ZERO_RUN), end - offset)
+            self.view[offset:offset + n] = ZERO_RUN[:n]
+            offset += n
 
     def resize(self, old: int, size: int) -> None:
-        self.view.release()  # a bytearray cannot change size while exported
-        if size < old:
-            del self.data[size:]
-        else:
-            self.data.extend(bytes(size - old))
-        self.view = memoryview(self.data)
+        try:
+            grown = bytearray(size)
+        except (MemoryError, OverflowError):
+            raise NBDError(errno.ENOMEM, f"cannot allocate {size} bytes for the disk") from None
+        keep = min(old, size)
+        grown[:keep] = self.view[:keep]
+        self.view.release()
+        self.data, self.view = grown, memoryview(grown)
+        try:
+            self._lock_in_ram()
+        except ConfigError as e:
+            raise NBDError(errno.ENOMEM, str(e)) from None
 
     def extents(self, count: int, offset: int, extents: Extents) -> None:
         extents.add(offset, count, EXTENT_DATA)
@@ -238,10 +254,7 @@ class MemoryPlugin(Plugin):
         def resize(self, size: int) -> None:
             if size > MAX_SIZE:
                 raise NBDError(errno.EINVAL, "size too large")
-            try:
-                self.store.resize(self.plugin.size, size)
-            except MemoryError:
-                raise NBDError(errno.ENOMEM, f"cannot grow the disk to {size} bytes") from None
+            self.store.resize(self.plugin.size, size)
             self.plugin.size = size
 
         def can_multi_conn(self) -> bool:
