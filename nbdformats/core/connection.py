@@ -186,7 +186,8 @@ class Connection(asyncio.BufferedProtocol):
 
         transport = self.transport
         while (len(self.settings.connections) == 1 and not self._backlog and not self._closed
-               and not self._disconnecting and not transport.is_closing()  # its fd may be closed
+               and not self._disconnecting and not self._reading_paused  # backpressure: read nothing
+               and not transport.is_closing()  # its fd may be closed
                and transport.get_write_buffer_size() == 0):
             try:
                 received = poller.poll(try_receive)
