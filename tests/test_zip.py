@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from conftest import nbdsh, run, serve, sha256_file
 from fixtures.archives import bsdtar, make_tree, py_zip, truncated_copy, zip64_sparse_archive
 from fixtures.reads import check_random_reads, filter_over_file, read_export
+from nbdformats.core.client import NBDClient
 from nbdformats.core.errors import ConfigError, NBDError
 from nbdformats.filters._members import normalize
 from nbdformats.formats.zip import ZipError, find_end_record
@@ -210,6 +212,30 @@ def test_deflated_member_whose_crc_does_not_match_fails_once_fully_decoded(tmp_p
     with serve("file", str(good), "--filter=zip", "zip-entry=disk.img") as srv:
         run(["nbdcopy", srv.uri, str(tmp_path / "copy.img")])
     assert (tmp_path / "copy.img").read_bytes() == text
+
+
+def test_stored_member_crc_is_checked_when_read_in_order(tmp_path):
+    """A stored member is served straight from the archive; read from its start in order (one
+    connection copying it), its CRC-32 is checked at the end.  Random reads are not checked."""
+    data = os.urandom(3 << 20)
+    good = py_zip(tmp_path / "good.zip", {"disk.img": data}, zipfile.ZIP_STORED)
+    with zipfile.ZipFile(good) as z:
+        info = z.getinfo("disk.img")
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    damaged = bytearray(good.read_bytes())
+    damaged[start + (2 << 20)] ^= 0xFF  # one byte inside the member's data
+    (tmp_path / "bad.zip").write_bytes(damaged)
+    with serve("file", str(tmp_path / "bad.zip"), "--filter=zip", "zip-entry=disk.img") as srv:
+        with NBDClient.connect(srv.uri) as client:  # a random read: served as stored, nothing known
+            assert bytes(client.pread(4096, 2 << 20))[0] == data[2 << 20] ^ 0xFF
+        copy = run(["nbdcopy", "-C", "1", srv.uri, str(tmp_path / "copy.img")], check=False)
+        assert copy.returncode != 0 and b"Input/output error" in copy.stderr
+        assert "zip member 'disk.img' is corrupt: its data has CRC-32" in srv.stderr()
+        with NBDClient.connect(srv.uri) as client, pytest.raises(NBDError, match="is corrupt"):
+            client.pread(4096, 0)  # from then on every read fails
+    with serve("file", str(good), "--filter=zip", "zip-entry=disk.img") as srv:
+        run(["nbdcopy", "-C", "1", srv.uri, str(tmp_path / "copy.img")])
+    assert (tmp_path / "copy.img").read_bytes() == data
 
 
 # --- through the server ---------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import zlib
 from dataclasses import replace
 from typing import Iterator
 
@@ -24,6 +25,44 @@ from ._decompress import SourceHandle
 from ._members import ArchiveError, Member, MemberFilter, Segment, SegmentHandle, read_archive
 
 log = logging.getLogger(__name__)
+
+
+class SequentialCrc:
+    """The CRC-32 of a stored member, computed while it is read from its start in order (a
+    whole-disk copy over one connection: qemu-img convert, nbdcopy -C 1) and checked at its end.
+    Reads out of order are not counted: random access cannot check a whole-member checksum."""
+
+    def __init__(self, name: str, expected: int, size: int) -> None:
+        self.name, self.expected, self.size = name, expected, size
+        self.cursor = 0  # the member is checked up to here
+        self.crc = 0
+        self.corrupt: str | None = None  # why every read fails once the CRC did not match
+        self.lock = threading.Lock()
+
+    def read(self, data: memoryview, offset: int) -> None:
+        """Count bytes just read at `offset`; EIO when they end the member and the CRC is wrong."""
+        with self.lock:
+            if self.corrupt is None and offset == self.cursor < self.size:
+                self.crc = zlib.crc32(data, self.crc)
+                self.cursor += len(data)
+                if self.cursor >= self.size and self.crc != self.expected:
+                    self.corrupt = (f"zip member {self.name!r} is corrupt: its data has CRC-32 {self.crc:08x}, "
+                                    f"not the recorded {self.expected:08x}")
+                    log.error("%s", self.corrupt)
+        if self.corrupt is not None:
+            raise NBDError(errno.EIO, self.corrupt)
+
+
+class CheckedStoredHandle(SegmentHandle):
+    """A read-only stored member whose CRC-32 is checked by reading it in order (SequentialCrc)."""
+
+    def __init__(self, filter: "ZipFilter", next: Layer, member: Member, check: SequentialCrc) -> None:
+        super().__init__(filter, next, member, writable=False)
+        self.check = check
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        super().pread(buf, offset, flags)
+        self.check.read(buf, offset)
 
 
 class ZipFilter(MemberFilter):
@@ -45,6 +84,7 @@ class ZipFilter(MemberFilter):
     def get_ready(self) -> None:
         # Deflate checkpoints are shared by all connections; each reads through its own layer.
         self.indexes: dict[tuple[str, int], DeflateIndex] = {}
+        self.stored_checks: dict[tuple[str, int], SequentialCrc] = {}
         self.lock = threading.Lock()
         super().get_ready()
 
@@ -81,7 +121,12 @@ class ZipFilter(MemberFilter):
                 raise NBDError(errno.EIO, f"zip: corrupt archive: stored member {entry.name!r} has "
                                           f"{entry.compressed_size} bytes stored for {entry.size}")
             stored = replace(member, segments=(Segment(0, entry.size, start),))
-            return SegmentHandle(self, below, stored, writable=self.zip_write)
+            if self.zip_write:  # writes make the recorded CRC stale: nothing to check
+                return SegmentHandle(self, below, stored, writable=True)
+            with self.lock:
+                check = self.stored_checks.setdefault(
+                    (below_export, start), SequentialCrc(entry.name, entry.crc, entry.size))
+            return CheckedStoredHandle(self, below, stored, check)
 
         def read_compressed(offset: int, length: int) -> bytes:
             return read_archive(below, offset, max(0, min(length, start + entry.compressed_size - offset)))
