@@ -24,6 +24,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 
 from .errors import ConfigError, NBDError
 from .params import apply_params
+from .zeroes import write_zeroes
 
 # Request flags passed to pwrite/zero/trim/flush/extents/cache (nbdkit's NBDKIT_FLAG_*).
 FLAG_MAY_TRIM = 1 << 0
@@ -558,12 +559,7 @@ class Layer:
         elif self._can_zero == EMULATE:
             if flags & FLAG_FAST_ZERO:
                 raise NBDError(errno.ENOTSUP, "fast zero is not possible: zeroes would be written")
-            chunk = memoryview(bytes(min(count, EMULATION_CHUNK)))
-            while count > 0:
-                n = min(count, len(chunk))
-                self.handle.pwrite(chunk[:n], offset, flags & FLAG_FUA)
-                offset += n
-                count -= n
+            write_zeroes(self.handle.pwrite, count, offset, flags & FLAG_FUA)
         else:
             raise NBDError(errno.EOPNOTSUPP, "write zeroes is not supported")
         if emulate_fua:

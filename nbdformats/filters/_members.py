@@ -20,7 +20,7 @@ from ..core.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, N
                           FilterHandle, Layer, OpenNext)
 from ..core.errors import ConfigError, NBDError
 from ._layer_bytes import read_bytes
-from ._zero import fill_zero
+from ..core.zeroes import fill_zero
 
 log = logging.getLogger(__name__)
 

@@ -42,10 +42,11 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator
 
-from ..core.chain import (EMULATION_CHUNK, EXTENT_DATA, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, NATIVE, NONE, Extents,
+from ..core.chain import (EXTENT_DATA, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, NATIVE, NONE, Extents,
                           Filter, FilterHandle, Layer)
 from ..core.errors import ConfigError, NBDError
 from ..core.params import Enum, Int, Param, ParamType, Size, parse_bool
+from ..core.zeroes import write_zeroes
 
 log = logging.getLogger("nbdformats.cache")
 
@@ -434,12 +435,7 @@ class CacheFilter(Filter):
             if self.next.can_zero() != NONE:
                 self.next.zero(count, offset, flags)
                 return
-            zeroes = memoryview(bytes(min(count, EMULATION_CHUNK)))
-            while count > 0:
-                n = min(count, len(zeroes))
-                self.next.pwrite(zeroes[:n], offset, flags & FLAG_FUA)
-                offset += n
-                count -= n
+            write_zeroes(self.next.pwrite, count, offset, flags & FLAG_FUA)
 
         def flush_after_write_back(self, writeback: Writeback) -> None:
             # A write back outside a flush goes through this connection's plugin handle;

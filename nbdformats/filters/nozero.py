@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import errno
 
-from ..core.chain import (EMULATION_CHUNK, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATIVE, NONE,
+from ..core.chain import (FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATIVE, NONE,
                           Filter, FilterHandle, Layer)
 from ..core.errors import NBDError
 from ..core.params import Enum, Param
+from ..core.zeroes import ZEROES
 
-# One shared buffer of zeroes for emulation; `bytes` is immutable, so sharing is safe.
-_ZEROES = memoryview(bytes(EMULATION_CHUNK))
 
 
 class NozeroFilter(Filter):
@@ -73,9 +72,9 @@ class NozeroFilter(Filter):
             # the last chunk does, as the flush covers the earlier ones too.
             native_fua = fua and self.next.can_fua() == NATIVE
             while count > 0:
-                n = min(count, len(_ZEROES))
+                n = min(count, len(ZEROES))
                 last = n == count
-                self.next.pwrite(_ZEROES[:n], offset, FLAG_FUA if native_fua or (fua and last) else 0)
+                self.next.pwrite(ZEROES[:n], offset, FLAG_FUA if native_fua or (fua and last) else 0)
                 offset += n
                 count -= n
 

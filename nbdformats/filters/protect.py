@@ -15,7 +15,7 @@ import errno
 from ..core.chain import Filter, FilterHandle
 from ..core.errors import NBDError
 from ..core.params import Param, ParamType
-from ._zero import is_zero
+from ..core.zeroes import is_zero
 
 END_OF_DISK = (1 << 63) - 1
 

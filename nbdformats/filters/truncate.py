@@ -13,7 +13,7 @@ import errno
 from ..core.chain import EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, Extents, Filter, FilterHandle, Layer
 from ..core.errors import NBDError
 from ..core.params import Param, Size
-from ._zero import fill_zero, is_zero
+from ..core.zeroes import fill_zero, is_zero
 
 MAX_SIZE = (1 << 63) - 1
 

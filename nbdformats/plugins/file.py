@@ -12,6 +12,7 @@ from ..core.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO,
                           Export, Extents, Plugin, PluginHandle, WouldBlock, must_not_block)
 from ..core.errors import ConfigError, NBDError
 from ..core.params import Enum, Param, Path
+from ..core.zeroes import write_zeroes
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -222,12 +223,7 @@ class FilePlugin(Plugin):
             if not done:
                 if flags & FLAG_FAST_ZERO:  # writing zeroes would not be fast
                     raise NBDError(errno.ENOTSUP, "fast zero not possible here")
-                chunk = memoryview(bytes(min(count, 1 << 20)))
-                position, end = offset, offset + count
-                while position < end:
-                    n = min(len(chunk), end - position)
-                    self.pwrite(chunk[:n], position, 0)
-                    position += n
+                write_zeroes(self.pwrite, count, offset)
             if flags & FLAG_FUA:
                 self.flush(0)
 

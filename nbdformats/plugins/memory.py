@@ -16,10 +16,10 @@ import zstandard
 from ..core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents, Plugin, PluginHandle
 from ..core.errors import ConfigError, NBDError
 from ..core.params import Param, ParamType, Size, parse_bool
+from ..core.zeroes import fill_zero
 
 PAGE = 32 * 1024  # allocation unit, as nbdkit's sparse array
 ZERO_PAGE = memoryview(bytes(PAGE))
-ZERO_RUN = memoryview(bytes(1 << 20))
 REGION_PAGES = 2048  # pages per region (64 MiB); regions count their pages so extents skip holes fast
 MAX_SIZE = (1 << 63) - 1
 
@@ -196,11 +196,7 @@ class WholeBuffer:
         self.view[offset:offset + len(buf)] = buf
 
     def clear(self, count: int, offset: int) -> None:
-        end = offset + count
-        while offset < end:  # a zero request may cover gigabytes: not one temporary of that size
-            n = min(len(ZERO_RUN), end - offset)
-            self.view[offset:offset + n] = ZERO_RUN[:n]
-            offset += n
+        fill_zero(self.view[offset:offset + count])  # not a temporary the size of the request
 
     def resize(self, old: int, size: int) -> None:
         try:

@@ -31,11 +31,11 @@ from ..core.chain import (EMULATE, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATI
                           Plugin, PluginHandle, ThreadModel, current_client, current_tls)
 from ..core.errors import ConfigError, NBDError
 from ..core.params import Param, Path
+from ..core.zeroes import write_zeroes
 
 logger = logging.getLogger("nbdformats.python")
 
 MAX_API_VERSION = 2
-ZERO_CHUNK = 1024 * 1024  # zeroes written per pwrite when zero falls back to writing
 # A script's sys.exit() fails its callback, as under nbdkit, instead of stopping the server.
 CAUGHT = (Exception, SystemExit)
 
@@ -450,12 +450,7 @@ class Handle(PluginHandle):
             state.error = 0
         if flags & FLAG_FAST_ZERO:
             raise NBDError(errno.ENOTSUP, "fast zero is not possible: the plugin would write zeroes")
-        zeroes = memoryview(bytes(min(count, ZERO_CHUNK)))
-        while count > 0:
-            n = min(count, len(zeroes))
-            self.pwrite(zeroes[:n], offset, flags & FLAG_FUA)
-            offset += n
-            count -= n
+        write_zeroes(self.pwrite, count, offset, flags & FLAG_FUA)
 
     def cache(self, count: int, offset: int, flags: int) -> None:
         self._call("cache", self._cache, count, offset, flags)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from ...core.chain import EMULATE, EXTENT_DATA, FLAG_FUA, Extents, Filter, FilterHandle, Layer
 from ...core.errors import ConfigError, NBDError
 from ...core.params import Int, Param, Path, Secret, SecretValue
+from ...core.zeroes import write_zeroes
 from .._layer_bytes import read_bytes
-from .._zero import ZERO_CHUNK
 from .cipher import SectorCipher
 from .errors import LuksError
 from .header import Keyslot, Volume, read_volume
@@ -242,11 +242,7 @@ class LuksFilter(Filter):
         def trim(self, count: int, offset: int, flags: int) -> None:
             # Punching a hole below would leave ciphertext-less plaintext zeroes (and show the
             # host which blocks are unused): write encrypted zeroes instead.
-            while count > 0:
-                n = min(count, len(ZERO_CHUNK))
-                self.pwrite(ZERO_CHUNK[:n], offset, flags & FLAG_FUA)  # pwrite encrypts a copy
-                offset += n
-                count -= n
+            write_zeroes(self.pwrite, count, offset, flags & FLAG_FUA)  # pwrite encrypts a copy
 
         def cache(self, count: int, offset: int, flags: int) -> None:
             start, end = self._aligned(offset, count)

@@ -20,8 +20,8 @@ from ...core.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, 
 from ...core.errors import ConfigError, NBDError
 from ...core.params import Enum, Param, String
 from ...core.progress import progress
+from ...core.zeroes import fill_zero
 from .._layer_bytes import read_bytes
-from .._zero import fill_zero
 from .archive import BAD, CHUNK_SIZE, GOOD, UNCHECKED, Archive, Chunk, Disk, XvaError, checksum, index
 
 log = logging.getLogger("nbdformats.xva")
