@@ -46,6 +46,7 @@ from ..core.chain import (EXTENT_DATA, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, NA
                           Filter, FilterHandle, Layer)
 from ..core.errors import ConfigError, NBDError
 from ..core.params import Enum, Int, Param, ParamType, Size, parse_bool
+from ..core.syscalls import punch_hole
 from ..core.zeroes import write_zeroes
 
 log = logging.getLogger("nbdformats.cache")
@@ -55,23 +56,6 @@ LOCK_STRIPES = 256
 WRITEBACK_RUN = 32  # at most this many consecutive dirty blocks go to the plugin in one call
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 ENOSPC_RECLAIM_BLOCKS = 16  # blocks freed before each retry of a write that found no space
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-
-try:
-    import ctypes
-    import ctypes.util
-
-    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-    def punch_hole(fd: int, offset: int, length: int) -> None:
-        if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-except (OSError, AttributeError):  # pragma: no cover - every Linux libc has fallocate
-    def punch_hole(fd: int, offset: int, length: int) -> None:
-        raise OSError(errno.EOPNOTSUPP, "fallocate unavailable")
 
 
 class CacheOnRead(ParamType):

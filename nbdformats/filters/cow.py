@@ -24,8 +24,8 @@ from typing import Iterator
 from ..core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, NONE, Extents, Filter, FilterHandle, Layer
 from ..core.errors import NBDError
 from ..core.params import Bool, Param, ParamType, Size, parse_bool
+from ..core.syscalls import punch_hole
 from ..core.zeroes import fill_zero
-from .cache import punch_hole
 
 ALLOCATED, ZEROED = 1, 2
 LOCK_STRIPES = 256

@@ -12,41 +12,13 @@ from ..core.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO,
                           Export, Extents, Plugin, PluginHandle, WouldBlock, must_not_block)
 from ..core.errors import ConfigError, NBDError
 from ..core.params import Enum, Param, Path
+from ..core.syscalls import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, IN_MEMORY_FILESYSTEMS, fallocate,
+                             filesystem_type, punch_hole)
 from ..core.zeroes import write_zeroes
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 BLKGETSIZE64 = 0x80081272
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
-# Filesystems whose files live in memory: reading them never waits for a disk.
-IN_MEMORY_FILESYSTEMS = {0x01021994, 0x858458F6}  # TMPFS_MAGIC, RAMFS_MAGIC
-
-try:
-    import ctypes
-    import ctypes.util
-
-    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-    def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-        if _libc.fallocate(fd, mode, offset, length) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-
-    def _filesystem_type(fd: int) -> int | None:
-        """fstatfs's f_type (the filesystem's magic number), or None."""
-        buf = ctypes.create_string_buffer(256)  # larger than struct statfs on every Linux ABI
-        if _libc.fstatfs(fd, buf) != 0:
-            return None
-        return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF  # f_type, a long, comes first
-except (OSError, AttributeError):  # pragma: no cover - every Linux libc has fallocate
-    def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-        raise OSError(errno.EOPNOTSUPP, "fallocate unavailable")
-
-    def _filesystem_type(fd: int) -> int | None:
-        return None
 
 
 class FilePlugin(Plugin):
@@ -116,7 +88,7 @@ class FilePlugin(Plugin):
             self.data_region = (0, 0)  # [start, end) of data that extents() found last
             # Reads of a file in memory (tmpfs, ramfs) never block: they need no RWF_NOWAIT,
             # which tmpfs refuses (EOPNOTSUPP) on many kernels.
-            self.reads_never_block = _filesystem_type(self.fd) in IN_MEMORY_FILESYSTEMS
+            self.reads_never_block = filesystem_type(self.fd) in IN_MEMORY_FILESYSTEMS
             self.nowait_works = True
 
         def get_size(self) -> int:
@@ -192,7 +164,7 @@ class FilePlugin(Plugin):
         def trim(self, count: int, offset: int, flags: int) -> None:
             if self.can_punch:
                 try:
-                    _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count)
+                    punch_hole(self.fd, offset, count)
                 except OSError as e:
                     if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                         raise NBDError(e.errno, f"trim failed: {e.strerror}") from None
@@ -204,13 +176,13 @@ class FilePlugin(Plugin):
             done = False
             if flags & FLAG_MAY_TRIM and self.can_punch:
                 try:
-                    _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count)
+                    punch_hole(self.fd, offset, count)
                     done = True
                 except OSError:
                     self.can_punch = False
             if not done and self.can_zero_range:
                 try:
-                    _fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, count)
+                    fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, count)
                     done = True
                 except OSError:
                     self.can_zero_range = False
