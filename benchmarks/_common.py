@@ -90,10 +90,10 @@ def timed(*argv: object, timeout: float = 3600) -> float:
     return time.perf_counter() - start
 
 
-def nbdcopy_sha256(uri: str, timeout: float = 600) -> str:
-    """The SHA-256 of the whole served disk, as nbdcopy reads it."""
+def nbdcopy_sha256(uri: str, *options: str, timeout: float = 600) -> str:
+    """The SHA-256 of the whole served disk, as nbdcopy (with `options`) reads it."""
     digest = hashlib.sha256()
-    with subprocess.Popen(["nbdcopy", uri, "-"], stdout=subprocess.PIPE, env=ENV) as copier:
+    with subprocess.Popen(["nbdcopy", *options, uri, "-"], stdout=subprocess.PIPE, env=ENV) as copier:
         assert copier.stdout is not None
         while chunk := copier.stdout.read(4 * MiB):
             digest.update(chunk)

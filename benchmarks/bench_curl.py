@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,54 +33,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _common import ENV, NBDFORMATS, MiB, Server, nbdcopy_sha256  # noqa: E402
 from fixtures.compressed import make_image  # noqa: E402
 from fixtures.nginx import Nginx  # noqa: E402
 
-MiB = 1024 * 1024
-OURS = [sys.executable, "-m", "nbdformats"]
-ENV = dict(os.environ, PATH="/usr/bin:/usr/sbin:/bin:/sbin:" + os.environ.get("PATH", ""))
-
-
-def start(argv: list, sock: Path) -> subprocess.Popen:
-    sock.unlink(missing_ok=True)
-    proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=ENV, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while True:  # until the server accepts connections (the socket file appears a little earlier)
-        if proc.poll() is not None:
-            raise SystemExit(f"{argv} exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{argv}: not listening after 120 s")
-        try:
-            with socket.socket(socket.AF_UNIX) as probe:
-                probe.connect(str(sock))
-            return proc
-        except OSError:
-            time.sleep(0.01)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def timed_copy(uri: str, connections: int) -> tuple[float, str]:
     """nbdcopy the whole disk to a pipe, hashing what arrives: (seconds, sha256)."""
     started = time.monotonic()
-    copier = subprocess.Popen(["nbdcopy", f"--connections={connections}", uri, "-"], stdout=subprocess.PIPE,
-                              env=ENV)
-    digest = hashlib.sha256()
-    assert copier.stdout is not None
-    while chunk := copier.stdout.read(4 * MiB):
-        digest.update(chunk)
-    if copier.wait(1800):
-        raise SystemExit(f"nbdcopy {uri} failed")
-    return time.monotonic() - started, digest.hexdigest()
+    digest = nbdcopy_sha256(uri, f"--connections={connections}", timeout=1800)
+    return time.monotonic() - started, digest
 
 
 def main() -> None:
@@ -107,13 +67,12 @@ def main() -> None:
                            timeout=3600, env=ENV)
     expected = hashlib.sha256(image.read_bytes()).hexdigest()
     sock = work / "sock"
-    uri = f"nbd+unix:///?socket={sock}"
     nginx = Nginx(root, work / "nginx", workers=2).start()
     try:
         http, https = f"{nginx.url}/disk.img", f"{nginx.tls_url}/disk.img"
         variants: list[tuple[str, int, str, list]] = []
         for n in (1, 4):
-            ours = [*OURS, "-f", "-U", sock]
+            ours = [*NBDFORMATS, "-f", "-U", sock]
             nbdkit = ["nbdkit", "-f", "-r", "-U", sock]
             variants += [
                 ("raw http", n, "nbdkit", [*nbdkit, "curl", f"url={http}"]),
@@ -129,11 +88,9 @@ def main() -> None:
         results: dict[tuple[str, int, str], list[float]] = {}
         for round_number in range(args.rounds):
             for label, n, server, argv in variants:
-                proc = start(argv, sock)
-                try:
-                    seconds, digest = timed_copy(uri, n)
-                finally:
-                    stop(proc)
+                with Server(argv, sock) as running:
+                    running.wait_for_socket(120)
+                    seconds, digest = timed_copy(running.uri, n)
                 if digest != expected:
                     raise SystemExit(f"{server} {label}: the copy differs from the image")
                 results.setdefault((label, n, server), []).append(args.size_mib / seconds)

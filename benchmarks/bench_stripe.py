@@ -21,64 +21,24 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-OURS = [sys.executable, "-m", "nbdformats", "-f"]
-ENV = dict(os.environ, PATH="/usr/bin:/usr/sbin:/bin:/sbin:" + os.environ.get("PATH", ""))
-MiB = 1024 * 1024
+from _common import NBDFORMATS, MiB, Server, nbdcopy_sha256, timed
+
 STRIPE_SIZE = "1M"
 
 
-def start(argv: list[str], sock: str) -> subprocess.Popen:
-    proc = subprocess.Popen([*argv[:len(OURS)], "-U", sock, *argv[len(OURS):]], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{argv} did not start")
-        time.sleep(0.02)
-    return proc
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        proc.wait(30)
-
-
-def uri(sock: str) -> str:
-    return f"nbd+unix:///?socket={sock}"
-
-
-def timed(argv: list[str]) -> float:
-    started = time.monotonic()
-    subprocess.run(argv, check=True, env=ENV, timeout=3600, stdout=subprocess.DEVNULL)
-    return time.monotonic() - started
-
-
-def digest(target: str) -> str:
-    copier = subprocess.Popen(["nbdcopy", target, "-"], stdout=subprocess.PIPE, env=ENV)
-    h = hashlib.sha256()
-    assert copier.stdout is not None
-    while chunk := copier.stdout.read(4 * MiB):
-        h.update(chunk)
-    if copier.wait(600):
-        raise SystemExit(f"nbdcopy {target} failed")
-    return h.hexdigest()
+def serve(args: list[str], sock: str) -> Server:
+    server = Server([*NBDFORMATS, "-f", "-U", sock, *args], sock)
+    server.wait_for_socket()
+    return server
 
 
 def measure(front: str, source: Path, size: int, repeat: int) -> tuple[float, float]:
     """(write MiB/s, read MiB/s), best of `repeat`."""
-    writes = [timed(["nbdcopy", str(source), front]) for _ in range(repeat)]
-    reads = [timed(["nbdcopy", front, "null:"]) for _ in range(repeat)]
+    writes = [timed("nbdcopy", source, front) for _ in range(repeat)]
+    reads = [timed("nbdcopy", front, "null:") for _ in range(repeat)]
     return size / MiB / min(writes), size / MiB / min(reads)
 
 
@@ -89,32 +49,27 @@ def run_setting(work: Path, source: Path, size: int, legs_counts: list[int], rat
     print(f"{'setup':<26}{'write MiB/s':>12}{'read MiB/s':>12}")
     expected = hashlib.sha256(source.read_bytes()).hexdigest()
     rate_filter, rate_param = (["--filter=rate"], [f"rate={rate}", "burstiness=0.1"]) if rate else ([], [])
-    direct_sock = str(work / "direct.sock")
-    direct = start([*OURS, *rate_filter, "file", str(work / "direct.img"), *rate_param], direct_sock)
-    try:
-        write, read = measure(uri(direct_sock), source, size, repeat)
-    finally:
-        stop([direct])
+    with serve([*rate_filter, "file", str(work / "direct.img"), *rate_param], str(work / "direct.sock")) as direct:
+        write, read = measure(direct.uri, source, size, repeat)
     print(f"{'one server, no stripe':<26}{write:>12.0f}{read:>12.0f}")
     for count in legs_counts:
-        procs = []
+        servers: list[Server] = []
         try:
-            socks = []
             for leg in range(count):
                 image = work / f"leg{count}-{leg}.img"
                 with open(image, "wb") as f:
                     f.truncate(size // count)
-                sock = str(work / f"leg{count}-{leg}.sock")
-                procs.append(start([*OURS, *rate_filter, "file", str(image), *rate_param], sock))
-                socks.append(sock)
-            front_sock = str(work / f"front{count}.sock")
-            servers = [f"server={uri(s)}" for s in socks]
-            procs.append(start([*OURS, "stripe", *servers, f"stripe-size={STRIPE_SIZE}"], front_sock))
-            write, read = measure(uri(front_sock), source, size, repeat)
-            if digest(uri(front_sock)) != expected:
+                servers.append(serve([*rate_filter, "file", str(image), *rate_param],
+                                     str(work / f"leg{count}-{leg}.sock")))
+            legs = [f"server={leg.uri}" for leg in servers]
+            front = serve(["stripe", *legs, f"stripe-size={STRIPE_SIZE}"], str(work / f"front{count}.sock"))
+            servers.append(front)
+            write, read = measure(front.uri, source, size, repeat)
+            if nbdcopy_sha256(front.uri) != expected:
                 raise SystemExit(f"stripe over {count}: data read back differs from the source")
         finally:
-            stop(procs)
+            for server in servers:
+                server.stop()
         print(f"{f'stripe over {count}':<26}{write:>12.0f}{read:>12.0f}")
 
 
