@@ -39,7 +39,6 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
 from typing import Iterator
 
 from ..core.chain import (EXTENT_DATA, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, NATIVE, NONE, Extents,
@@ -48,11 +47,11 @@ from ..core.errors import ConfigError, NBDError
 from ..core.params import Enum, Int, Param, ParamType, Size, parse_bool
 from ..core.syscalls import punch_hole
 from ..core.zeroes import write_zeroes
+from ._blocklocks import BlockLocks
 
 log = logging.getLogger("nbdformats.cache")
 
 CLEAN, DIRTY, DIRTY_ZERO = 1, 2, 3
-LOCK_STRIPES = 256
 WRITEBACK_RUN = 32  # at most this many consecutive dirty blocks go to the plugin in one call
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 ENOSPC_RECLAIM_BLOCKS = 16  # blocks freed before each retry of a write that found no space
@@ -91,7 +90,7 @@ def overlay(extents: list[tuple[int, int, int]], overrides: list[tuple[int, int,
     return result
 
 
-class BlockCache:
+class BlockCache(BlockLocks):
     """One export's cache: the sparse unlinked file, each block's state, locks and reclaim.
 
     `states` is ordered least recently used first.  `meta` guards `states` and `dirty` and
@@ -100,6 +99,7 @@ class BlockCache:
 
     def __init__(self, directory: str, block_size: int, max_size: int | None, high_percent: int,
                  low_percent: int) -> None:
+        super().__init__()
         fd, path = tempfile.mkstemp(prefix="nbdformats-cache-", dir=directory)
         os.unlink(path)
         self.fd = fd
@@ -108,7 +108,6 @@ class BlockCache:
         self.states: OrderedDict[int, int] = OrderedDict()
         self.dirty: set[int] = set()
         self.meta = threading.Lock()
-        self.stripes = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self.max_size = max_size
         self.closed = False
         self.warned_no_space = False
@@ -127,28 +126,7 @@ class BlockCache:
             self.reclaimer.join()
         os.close(self.fd)
 
-    # -- locks and states ----------------------------------------------------------------------
-    def stripe(self, block: int) -> threading.Lock:
-        return self.stripes[block % LOCK_STRIPES]
-
-    @contextmanager
-    def locked(self, first: int, last: int) -> Iterator[None]:
-        """Hold the locks of blocks first..last (inclusive), taken in ascending stripe order."""
-        if last - first + 1 >= LOCK_STRIPES:
-            stripes = list(range(LOCK_STRIPES))
-        else:
-            stripes = sorted({block % LOCK_STRIPES for block in range(first, last + 1)})
-        taken: list[threading.Lock] = []
-        try:
-            for index in stripes:
-                lock = self.stripes[index]
-                lock.acquire()
-                taken.append(lock)
-            yield
-        finally:
-            for lock in reversed(taken):
-                lock.release()
-
+    # -- states --------------------------------------------------------------------------------
     def state(self, block: int, touch: bool = True) -> int | None:
         with self.meta:
             state = self.states.get(block)
@@ -619,7 +597,7 @@ class CacheFilter(Filter):
 
         def resize(self, size: int) -> None:
             # Every block lock: no request of any connection is between the cache and the plugin.
-            with self.store.locked(0, LOCK_STRIPES - 1):
+            with self.store.all():
                 self.next.resize(size)  # first: if the plugin refuses, the cache is unchanged
                 size = self.next.get_size()
                 if size < self.store.size:

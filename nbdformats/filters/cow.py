@@ -17,8 +17,6 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-import threading
-from contextlib import contextmanager
 from typing import Iterator
 
 from ..core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, NONE, Extents, Filter, FilterHandle, Layer
@@ -26,9 +24,9 @@ from ..core.errors import NBDError
 from ..core.params import Bool, Param, ParamType, Size, parse_bool
 from ..core.syscalls import punch_hole
 from ..core.zeroes import fill_zero
+from ._blocklocks import BlockLocks
 
 ALLOCATED, ZEROED = 1, 2
-LOCK_STRIPES = 256
 
 
 class CowOnRead(ParamType):
@@ -40,17 +38,17 @@ class CowOnRead(ParamType):
         return text if text.startswith("/") else parse_bool(text)
 
 
-class Overlay:
+class Overlay(BlockLocks):
     """The shared overlay file and the state of each block (absent blocks are not in `states`)."""
 
     def __init__(self, block_size: int) -> None:
+        super().__init__()
         directory = os.environ.get("TMPDIR") or "/var/tmp"
         fd, path = tempfile.mkstemp(prefix="nbdformats-cow-", dir=directory)
         os.unlink(path)
         self.fd = fd
         self.block_size = block_size
         self.states: dict[int, int] = {}
-        self.stripes = [threading.Lock() for _ in range(LOCK_STRIPES)]
         # After a resize: the disk's size, and how much of the plugin is still visible (absent
         # blocks read as zeroes from there on).  None: never resized, the plugin's size.
         self.size: int | None = None
@@ -58,23 +56,6 @@ class Overlay:
 
     def close(self) -> None:
         os.close(self.fd)
-
-    @contextmanager
-    def locked(self, first: int, last: int) -> Iterator[None]:
-        """Hold the locks of blocks first..last (inclusive), taken in ascending stripe order."""
-        if last - first + 1 >= LOCK_STRIPES:
-            stripes = range(LOCK_STRIPES)
-        else:
-            stripes = sorted({block % LOCK_STRIPES for block in range(first, last + 1)})
-        taken = []
-        try:
-            for index in stripes:
-                self.stripes[index].acquire()
-                taken.append(self.stripes[index])
-            yield
-        finally:
-            for lock in reversed(taken):
-                lock.release()
 
     def runs(self, offset: int, end: int) -> Iterator[tuple[int, int, int | None]]:
         """(start, stop, state) of the runs of blocks with one state covering [offset, end)."""
@@ -173,7 +154,7 @@ class CowFilter(Filter):
 
         def resize(self, size: int) -> None:
             overlay = self.overlay
-            with overlay.locked(0, LOCK_STRIPES - 1):
+            with overlay.all():
                 old = self.size
                 if size < old:
                     # Blocks past the end go; the file's tail past `size` is cut, so the block
