@@ -64,6 +64,14 @@ def nbdcopy_to_file(uri: str, path: str | Path, *extra: str) -> None:
     run(["nbdcopy", *extra, uri, str(path)])
 
 
+def served_sha(uri: str, tmp: Path, name: str = "out.img") -> str:
+    """The SHA-256 of the whole served disk, copied by nbdcopy into tmp/name."""
+    target = tmp / name
+    target.unlink(missing_ok=True)
+    nbdcopy_to_file(uri, target)
+    return sha256_file(target)
+
+
 def nbdinfo_json(uri: str, *extra: str) -> dict:
     return json.loads(run(["nbdinfo", "--json", *extra, uri]).stdout)
 

@@ -9,8 +9,8 @@ import struct
 
 import pytest
 
-from conftest import NBDFORMATS, nbdcopy_to_file, nbdinfo_json, nbdsh, random_file, run, serve, serve_nbdkit, \
-    sha256_file
+from conftest import NBDFORMATS, nbdinfo_json, nbdsh, random_file, run, serve, serve_nbdkit, \
+    served_sha
 from fixtures.filterchain import open_chain
 from fixtures.nbdops import run_ops
 from fixtures.partitioned import gpt_4k_disk, gpt_disk, mbr_disk
@@ -21,14 +21,6 @@ MIB = 1 << 20
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def served_sha(uri: str, tmp, name: str = "out.img") -> str:
-    target = tmp / name
-    if target.exists():
-        target.unlink()
-    nbdcopy_to_file(uri, target)
-    return sha256_file(target)
 
 
 def start_fails(*args: str) -> str:

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from conftest import NBDFORMATS, nbdcopy_to_file, nbdinfo_json, nbdsh, random_file, run, serve, serve_nbdkit, \
-    sha256_file
+from conftest import NBDFORMATS, nbdinfo_json, nbdsh, random_file, run, serve, serve_nbdkit, \
+    served_sha, sha256_file
 from fixtures.filterchain import RECORDER, open_chain
 from fixtures.nbdkitlog import nbdkit_calls, recorder_calls
 from fixtures.nbdops import run_ops
@@ -21,14 +21,6 @@ MIB = 1 << 20
 
 def info(uri: str) -> dict:
     return nbdinfo_json(uri)["exports"][0]
-
-
-def served_sha(uri: str, tmp, name: str = "out.img") -> str:
-    target = tmp / name
-    if target.exists():
-        target.unlink()
-    nbdcopy_to_file(uri, target)
-    return sha256_file(target)
 
 
 # -- cow ---------------------------------------------------------------------------------------

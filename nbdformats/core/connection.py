@@ -379,7 +379,7 @@ class Connection(asyncio.BufferedProtocol):
             serialize_all=model == ThreadModel.SERIALIZE_ALL_REQUESTS, peer=self.peer,
             try_nowait_reads=self.chain.nowait_reads and model == ThreadModel.PARALLEL,
             busy_poll_us=self.settings.busy_poll_us, server_connections=self.settings.connections,
-            all_threads_at_once=self.chain.latency_bound,
+            latency_bound=self.chain.latency_bound,
             on_finished=lambda: self.loop.call_soon_threadsafe(self._threads_finished))
         # Drop the transport but not the connection: our duplicate descriptor keeps it open.
         self._handed_off = True

@@ -92,7 +92,7 @@ class ThreadedTransmission:
     def __init__(self, sock: socket.socket, transmission: Transmission, decoder: RequestDecoder, *,
                  threads: int, serialize_all: bool, peer: Any, on_finished: Callable[[], None],
                  try_nowait_reads: bool = False, busy_poll_us: int = DEFAULT_MAX_US,
-                 server_connections: Collection[Any] = (), all_threads_at_once: bool = False) -> None:
+                 server_connections: Collection[Any] = (), latency_bound: bool = False) -> None:
         self.sock = sock
         self.transmission = transmission
         self.decoder = decoder
@@ -108,10 +108,10 @@ class ThreadedTransmission:
         self._budget = threading.Condition()
         self._budget_used = 0  # bytes of READ replies in flight
         self._max_threads = threads
-        self._initial_threads = threads if all_threads_at_once else min(INITIAL_THREADS, threads)
+        self._initial_threads = threads if latency_bound else min(INITIAL_THREADS, threads)
         # Holding a reply while answering the next request suits requests that take microseconds;
         # one that waits for another machine would hold it for a round trip.
-        self._coalesce = not all_threads_at_once
+        self._coalesce = not latency_bound
         self._running = 0  # live threads; the last one to leave reports the connection finished
         self._busy_since: dict[int, float] = {}  # thread ident -> when its current request started
         self._busy_poll = BusyPoll(busy_poll_us)
