@@ -16,10 +16,10 @@ import zstandard
 from ..core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents, Plugin, PluginHandle
 from ..core.errors import ConfigError, NBDError
 from ..core.params import Param, ParamType, Size, parse_bool
-from ..core.zeroes import fill_zero
+from ..core.zeroes import ZEROES, fill_zero
 
 PAGE = 32 * 1024  # allocation unit, as nbdkit's sparse array
-ZERO_PAGE = memoryview(bytes(PAGE))
+ZERO_PAGE = ZEROES[:PAGE]  # reads of pages never written
 REGION_PAGES = 2048  # pages per region (64 MiB); regions count their pages so extents skip holes fast
 MAX_SIZE = (1 << 63) - 1
 
@@ -105,7 +105,7 @@ class SparsePages:
             if n == PAGE:
                 self.free(index)
             elif index in self.pages:
-                self.write(memoryview(bytes(n)), offset)
+                self.write(ZEROES[:n], offset)
             offset += n
 
     def resize(self, old: int, size: int) -> None:
