@@ -56,7 +56,7 @@ def batch_median(h: nbd.NBD, kind: str, offsets: list[int], data: bytes) -> floa
 
 def layer_overhead(image: str) -> list[tuple[str, float]]:
     """Microseconds our python plugin adds to one call, in process: Layer call minus direct script call."""
-    from nbdformats.core.chain import Chain
+    from nbdformats.api.chain import Chain
     from nbdformats.registry import load_plugin
 
     results = []

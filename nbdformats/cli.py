@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from . import __version__
-from .core.errors import ConfigError
+from .api.errors import ConfigError
 
 log = logging.getLogger("nbdformats")
 
@@ -141,8 +141,8 @@ def _normalise(opts: Options) -> None:
 
 def build_chain(plugin_name: str, filter_names: list[str], args: list[str], debug_flags: list | None = None):
     """Load, configure and ready the plugin and filters from PLUGIN [[KEY=]VALUE ...]."""
-    from .core.chain import Chain
-    from .core.debugflags import apply_debug_flags
+    from .api.chain import Chain
+    from .server.debugflags import apply_debug_flags
     from .registry import load_filter, load_plugin
 
     plugin_cls = load_plugin(plugin_name)
@@ -158,7 +158,7 @@ def build_chain(plugin_name: str, filter_names: list[str], args: list[str], debu
 
 def assign_args(plugin_name: str, components: list, args: list[str]) -> dict[int, list[tuple[str, str]]]:
     """key=value pairs per component (filters first, the plugin last) from [[KEY=]VALUE ...]."""
-    from .core.params import magic_param, params_of
+    from .api.params import magic_param, params_of
 
     plugin_cls = components[-1]
     declared = [{p.key for p in params_of(cls)} for cls in components]
@@ -185,7 +185,7 @@ def assign_args(plugin_name: str, components: list, args: list[str]) -> dict[int
 
 
 def print_help(plugin_name: str | None, filter_names: list[str]) -> None:
-    from .core.params import describe_params
+    from .api.params import describe_params
     from .registry import load_filter, load_plugin
 
     if plugin_name is None:
@@ -214,7 +214,7 @@ def dump_plugin(plugin_name: str, args: list[str]) -> None:
     import contextlib
     import io
 
-    from .core.params import apply_params, params_of
+    from .api.params import apply_params, params_of
     from .registry import load_plugin
 
     cls = load_plugin(plugin_name)
@@ -268,7 +268,7 @@ def component_of(logger_name: str) -> str:
     return parts[1]
 
 
-_NOT_COMPONENTS = {"core", "cli", "registry", "formats", "statsplot", "nbdkit_compat", "__main__"}
+_NOT_COMPONENTS = {"api", "server", "protocol", "client", "cli", "registry", "formats", "statsplot", "nbdkit_compat", "__main__"}
 
 
 class ComponentFormatter(logging.Formatter):
@@ -320,7 +320,7 @@ def open_stats_file(opts: Options, settings) -> None:
         if opts.get("stats-interval") is not None:
             raise ConfigError("--stats-interval goes with --stats-json")
         return
-    from .core.stats import StatsRecorder
+    from .server.stats import StatsRecorder
 
     try:
         interval = float(str(opts.get("stats-interval", 1)))
@@ -384,7 +384,7 @@ def daemonize() -> None:
     if os.fork() > 0:
         os._exit(0)
     os.chdir("/")
-    from .core.server import redirect_stdio_to_null
+    from .server.listeners import redirect_stdio_to_null
     redirect_stdio_to_null()
 
 
@@ -434,7 +434,7 @@ def _main(argv: list[str]) -> int:
     if opts.flag("swap"):
         lock_memory_for_swap()
 
-    from .core.debugflags import parse_debug_flag
+    from .server.debugflags import parse_debug_flag
     debug_flags = [parse_debug_flag(str(text)) for text in opts.get("debug", [])]  # type: ignore[union-attr]
     chain = build_chain(plugin_name, filters, plugin_args, debug_flags)
     try:
@@ -444,9 +444,9 @@ def _main(argv: list[str]) -> int:
     except OSError as e:
         raise ConfigError(f"{plugin_name}: {e}") from None
 
-    from .core.busypoll import DEFAULT_MAX_US
-    from .core.connection import ServerSettings
-    from .core.server import ListenConfig, make_listeners, tls_context, tune_malloc, use_fast_event_loop
+    from .server.busypoll import DEFAULT_MAX_US
+    from .server.connection import ServerSettings
+    from .server.listeners import ListenConfig, make_listeners, tls_context, tune_malloc, use_fast_event_loop
 
     tls_mode = str(opts.get("tls", "off"))
     if tls_mode not in ("off", "on", "require"):
@@ -456,7 +456,7 @@ def _main(argv: list[str]) -> int:
         psk_file = opts.get("tls-psk")
         cert_dir = opts.get("tls-certificates")
         if psk_file is not None:  # as in nbdkit, PSK overrides X.509
-            from .core.tlspsk import psk_context
+            from .server.tlspsk import psk_context
             context = psk_context(str(psk_file))
         elif cert_dir is None:
             raise ConfigError("--tls needs --tls-certificates DIR or --tls-psk FILE")
@@ -556,7 +556,7 @@ def _main(argv: list[str]) -> int:
 
 
 async def _serve(settings, config, listeners, run_cmd, uri: str, export: str) -> int:
-    from .core.server import Server, install_signal_handlers
+    from .server.listeners import Server, install_signal_handlers
 
     server = Server(settings, config)
     await server.start(listeners)

@@ -22,10 +22,10 @@ import struct
 import threading
 from typing import Protocol
 
-from .core import chain
-from .core.params import parse_bool as _parse_bool
-from .core.params import parse_size as _parse_size
-from .core.params import read_secret
+from .api import chain
+from .api.params import parse_bool as _parse_bool
+from .api.params import parse_size as _parse_size
+from .api.params import read_secret
 
 # nbdkit.THREAD_MODEL_* (NBDKIT_THREAD_MODEL_*).
 THREAD_MODEL_SERIALIZE_CONNECTIONS = int(chain.ThreadModel.SERIALIZE_CONNECTIONS)

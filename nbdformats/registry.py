@@ -15,8 +15,8 @@ import pkgutil
 from importlib import metadata
 from typing import Any
 
-from .core.chain import Filter, Plugin
-from .core.errors import ConfigError
+from .api.chain import Filter, Plugin
+from .api.errors import ConfigError
 
 PLUGIN_ALIASES = {"s3": "s3", "S3": "s3"}
 

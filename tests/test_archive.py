@@ -14,7 +14,7 @@ import pytest
 from conftest import nbdinfo_json, run, serve, sha256_file
 from fixtures.archives import bsdtar, compress, gnu_tar, make_tree, py_zip, truncated_copy
 from fixtures.reads import check_random_reads, filter_over_file, read_export
-from nbdformats.core.errors import ConfigError, NBDError
+from nbdformats.api.errors import ConfigError, NBDError
 from nbdformats.filters._members import normalize
 
 FLAT_NAMES = ["disk.img", "sparse.img", "empty"]  # for formats with flat, short names (ar)

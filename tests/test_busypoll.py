@@ -1,4 +1,4 @@
-"""Busy polling for the next request (core/busypoll.py): the adaptive window, the polling loop
+"""Busy polling for the next request (server/busypoll.py): the adaptive window, the polling loop
 on a real socket, and what a server does with it: right answers, and no CPU burnt when idle."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import time
 import pytest
 
 from conftest import NBDFORMATS, run, serve
-from nbdformats.core import busypoll
-from nbdformats.core.busypoll import FIRST_WINDOW_NS, BusyPoll
-from nbdformats.core.client import NBDClient
+from nbdformats.server import busypoll
+from nbdformats.server.busypoll import FIRST_WINDOW_NS, BusyPoll
+from nbdformats.client import NBDClient
 
 needs_two_cpus = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="busy polling is off on one CPU")
 

@@ -14,14 +14,17 @@ import pytest
 
 from conftest import random_file, serve, serve_nbdkit, serve_qemu_nbd
 from fixtures.nbd_servers import kill, unix_uri
-from nbdformats.core import protocol as P
-from nbdformats.core.chain import Chain
-from nbdformats.core.client import (Address, Command, HandshakeError, NBDClient, Negotiated, Recv, ReplyDecoder,
-                                    Send, encode_request, negotiate, parse_uri)
-from nbdformats.core.errors import NBDError, ProtocolError
-from nbdformats.core.handshake import (Abort, ExportRequest, ListExports, NeedData, Ready, ServerHandshake,
-                                       StartTLS)
-from nbdformats.core.transmission import RequestDecoder, Transmission, export_info
+from nbdformats.protocol import wire as P
+from nbdformats.api.chain import Chain
+from nbdformats.client import Address, Command, HandshakeError, NBDClient, parse_uri
+from nbdformats.client.negotiate import Negotiated, Recv, Send, negotiate
+from nbdformats.client.replies import ReplyDecoder, encode_request
+from nbdformats.api.errors import NBDError
+from nbdformats.protocol.errors import ProtocolError
+from nbdformats.protocol.handshake import (Abort, ExportRequest, ListExports, NeedData, Ready, ServerHandshake,
+                                           StartTLS)
+from nbdformats.protocol.transmission import RequestDecoder
+from nbdformats.server.transmission import Transmission, export_info
 from nbdformats.registry import load_plugin
 
 

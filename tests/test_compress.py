@@ -14,8 +14,8 @@ import pytest
 from conftest import NBDFORMATS, nbdinfo_json, nbdsh, run, serve, serve_nbdkit, sha256_file
 from fixtures.compressed import gzip_members, make_image, seekable_zstd, tool
 from fixtures.reads import check_random_reads, filter_over_file, read_range
-from nbdformats.core.chain import Layer
-from nbdformats.core.errors import ConfigError, NBDError
+from nbdformats.api.chain import Layer
+from nbdformats.api.errors import ConfigError, NBDError
 from nbdformats.formats.xz import locate_blocks
 from nbdformats.formats.zstd import walk_frames
 

@@ -1,4 +1,4 @@
-"""Connection threads (core/threaded.py) on a socketpair, without a server around them."""
+"""Connection threads (server/threaded.py) on a socketpair, without a server around them."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 import socket
 import threading
 
-from nbdformats.core import protocol as P
-from nbdformats.core.transmission import RequestDecoder
+from nbdformats.protocol import wire as P
+from nbdformats.protocol.transmission import RequestDecoder
 from test_protocol import memory_transmission, request
 
 
@@ -24,7 +24,7 @@ class CountingSocket(socket.socket):
 def test_connection_threads_answer_pipelined_requests_together():
     """Requests that arrive together are answered together (one sendmsg), each reply intact:
     writes, reads of what they wrote, and a refused request, in one go from the client."""
-    from nbdformats.core.threaded import ThreadedTransmission
+    from nbdformats.server.threaded import ThreadedTransmission
 
     tx = memory_transmission(structured=False)
     ours, client = socket.socketpair()
@@ -63,8 +63,8 @@ def test_connection_threads_answer_pipelined_requests_together():
 
 def test_the_watchdog_stops_when_no_connection_needs_it():
     """An idle server keeps no thread waking up every few milliseconds."""
-    from nbdformats.core import threaded
-    from nbdformats.core.threaded import ThreadedTransmission
+    from nbdformats.server import threaded
+    from nbdformats.server.threaded import ThreadedTransmission
 
     ours, client = socket.socketpair()
     finished = threading.Event()

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import NBDFORMATS
 from fixtures.hardening import Raw
-from nbdformats.core import protocol as P
+from nbdformats.protocol import wire as P
 
 BLOCK = 4096
 BLOCKS = 1024

@@ -24,8 +24,8 @@ from fixtures.compressed import make_image
 from fixtures.luks import KEYFILE_DATA, cryptsetup_encrypt_in_place
 from fixtures.xva import XvaDisk, make_xva
 from fixtures.nginx import COOKIE, PASSWORD, PROXY_PASSWORD, PROXY_USER, TOKEN, USER, Nginx
-from nbdformats.core.chain import Chain, Layer
-from nbdformats.core.errors import ConfigError, NBDError
+from nbdformats.api.chain import Chain, Layer
+from nbdformats.api.errors import ConfigError, NBDError
 from nbdformats.plugins.curl.messages import (ContentRange, Validators, parse_content_range, parse_header_option,
                                               redact_url, split_userinfo)
 from nbdformats.plugins.curl.readahead import ReadAhead

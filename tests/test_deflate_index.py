@@ -13,7 +13,7 @@ import zlib
 
 import pytest
 
-from nbdformats.core.errors import NBDError
+from nbdformats.api.errors import NBDError
 from nbdformats.formats.deflate_index import DeflateIndex
 
 SPAN = 128 * 1024

@@ -29,7 +29,7 @@ def test_sphinx_builds_html_and_man_pages(tmp_path):
 def test_api_reference_names_everything_authors_can_use():
     """docs/api.md keeps up with the API: every class attribute, callback and handle method of
     the base classes, and every parameter type, is named there."""
-    from nbdformats.core import chain, params
+    from nbdformats.api import chain, params
 
     text = (ROOT / "docs" / "api.md").read_text()
     public: set[str] = set()

@@ -12,7 +12,7 @@ import pytest
 from conftest import nbdsh, random_file, run, serve, sha256_file
 from fixtures.hardening import Raw
 from fixtures.tmpfs import mounted_tmpfs
-from nbdformats.core import protocol as P
+from nbdformats.protocol import wire as P
 
 SIZE = 8 << 20
 SENTINEL = b"\xa5" * 4096

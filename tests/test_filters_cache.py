@@ -11,8 +11,8 @@ import pytest
 from conftest import nbdsh, random_file, run, serve, sha256_file
 from fixtures.filterchain import open_chain
 from fixtures.tmpfs import mounted_tmpfs
-from nbdformats.core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FUA, FLAG_MAY_TRIM, Extents
-from nbdformats.core.errors import ConfigError
+from nbdformats.api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FUA, FLAG_MAY_TRIM, Extents
+from nbdformats.api.errors import ConfigError
 from nbdformats.filters import cache as C
 
 KIB, MIB = 1 << 10, 1 << 20

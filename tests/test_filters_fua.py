@@ -7,8 +7,8 @@ import pytest
 from conftest import nbdinfo_json, nbdsh, serve, serve_nbdkit
 from fixtures.filterchain import RECORDER, open_chain
 from fixtures.nbdkitlog import nbdkit_calls, recorder_calls
-from nbdformats.core.chain import EMULATE, FLAG_FUA, NATIVE, NONE
-from nbdformats.core.errors import ConfigError, NBDError
+from nbdformats.api.chain import EMULATE, FLAG_FUA, NATIVE, NONE
+from nbdformats.api.errors import ConfigError, NBDError
 
 
 def fua(mode: str, *plugin: str):

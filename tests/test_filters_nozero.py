@@ -9,8 +9,8 @@ import pytest
 from conftest import nbdinfo_json, nbdsh, serve, serve_nbdkit
 from fixtures.filterchain import RECORDER, open_chain
 from fixtures.nbdkitlog import nbdkit_calls, recorder_calls
-from nbdformats.core.chain import FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NONE
-from nbdformats.core.errors import NBDError
+from nbdformats.api.chain import FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NONE
+from nbdformats.api.errors import NBDError
 
 MIB = 1 << 20
 

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import NBDFORMATS, SYSTEM_PYTHON, nbdinfo_json, nbdsh, run, serve
 from fixtures.filterchain import make_chain
-from nbdformats.core.chain import FLAG_FUA, Extents
-from nbdformats.core.errors import ConfigError, NBDError
+from nbdformats.api.chain import FLAG_FUA, Extents
+from nbdformats.api.errors import ConfigError, NBDError
 from nbdformats.filters.policy import parse_policy
 
 POLICY = """\

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import nbdsh, random_file, serve
 from fixtures.filterchain import open_chain
-from nbdformats.core.errors import ConfigError
+from nbdformats.api.errors import ConfigError
 from nbdformats.filters import rate as R
 
 MIB = 1 << 20
@@ -114,7 +114,7 @@ def test_reads_are_throttled_and_writes_have_their_own_bucket():
 
 
 def test_connections_of_one_client_share_its_bucket():
-    from nbdformats.core.chain import Chain
+    from nbdformats.api.chain import Chain
     chain, _ = rate_chain("client-rate=1M", "connection-rate=2M")
 
     class Peer:

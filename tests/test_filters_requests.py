@@ -14,7 +14,7 @@ from conftest import NBDFORMATS, nbdinfo_json, nbdsh, random_file, run, serve, s
 from fixtures.filterchain import RECORDER, open_chain
 from fixtures.nbdkitlog import nbdkit_calls, recorder_calls
 from fixtures.nbdops import run_ops
-from nbdformats.core.client import NBDClient
+from nbdformats.client import NBDClient
 
 MIB = 1 << 20
 
@@ -151,8 +151,8 @@ def test_blocksize_plugin_sees_only_aligned_bounded_requests(tmp):
 
 def test_blocksize_unaligned_fast_zero_is_refused():
     _, top = open_chain([("blocksize", [("minblock", "512")])], plugin="memory", plugin_params=[("size", "1M")])
-    from nbdformats.core.chain import FLAG_FAST_ZERO
-    from nbdformats.core.errors import NBDError
+    from nbdformats.api.chain import FLAG_FAST_ZERO
+    from nbdformats.api.errors import NBDError
     with pytest.raises(NBDError, match="read-modify-write"):
         top.zero(1000, 10, FLAG_FAST_ZERO)
     top.zero(1024, 512, FLAG_FAST_ZERO)

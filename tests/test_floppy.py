@@ -22,8 +22,8 @@ from fixtures.floppy import (BOOT_MESSAGE, MIB, MTOOLS_ENV, PARTITION_OFFSET, ex
                              make_boot_sector, make_tree, mdir_paths, qemu_boot)
 from fixtures.reads import read_range
 from fixtures.serving import copy_out, fails
-from nbdformats.core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Chain
-from nbdformats.core.errors import ConfigError
+from nbdformats.api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Chain
+from nbdformats.api.errors import ConfigError
 from nbdformats.plugins.floppy import layout, names, syslinux
 from nbdformats.plugins.floppy.dirents import fat_timestamp
 from nbdformats.plugins.floppy.layout import FatTable, Needs, plan
@@ -333,7 +333,7 @@ def test_holes_of_sparse_host_files(tmp: Path) -> None:
 def test_extents_in_chain(source) -> None:
     root, _ = source
     _, top = open_chain(("dir", str(root)))
-    from nbdformats.core.chain import Extents
+    from nbdformats.api.chain import Extents
     size = top.get_size()
     extents = Extents(0, size)
     top.extents(size, 0, 0, extents)

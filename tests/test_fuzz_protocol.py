@@ -15,12 +15,13 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nbdformats.core import protocol as P
-from nbdformats.core.chain import Chain
-from nbdformats.core.errors import ProtocolError
-from nbdformats.core.handshake import (Abort, ExportInfo, ExportRequest, ListExports, NeedData, Ready,
-                                       ServerHandshake, StartTLS)
-from nbdformats.core.transmission import Request, RequestDecoder, Transmission, export_info
+from nbdformats.protocol import wire as P
+from nbdformats.api.chain import Chain
+from nbdformats.protocol.errors import ProtocolError
+from nbdformats.protocol.handshake import (Abort, ExportInfo, ExportRequest, ListExports, NeedData, Ready,
+                                           ServerHandshake, StartTLS)
+from nbdformats.protocol.transmission import Request, RequestDecoder
+from nbdformats.server.transmission import Transmission, export_info
 from nbdformats.registry import load_plugin
 
 EXAMPLES = int(os.environ.get("NBDFORMATS_FUZZ_EXAMPLES", "300"))

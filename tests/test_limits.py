@@ -14,9 +14,9 @@ import pytest
 
 from conftest import random_file, serve
 from fixtures.hardening import Raw, rss_mib
-from nbdformats.core import protocol as P
-from nbdformats.core.threaded import MAX_IN_FLIGHT_BYTES
-from nbdformats.core.transmission import MAX_PAYLOAD
+from nbdformats.protocol import wire as P
+from nbdformats.server.threaded import MAX_IN_FLIGHT_BYTES
+from nbdformats.protocol.transmission import MAX_PAYLOAD
 
 GATE = str(Path(__file__).parent / "fixtures" / "plugins" / "gate.py")
 

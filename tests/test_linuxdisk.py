@@ -24,7 +24,7 @@ from conftest import nbdcopy_to_file, nbdinfo_json, nbdsh, run, serve, serve_nbd
 from fixtures.linuxdisk import (IS_ROOT, LONG_TARGET, SPARSE_SIZE, Expected, debugfs, listing, make_tree,
                                 quote, sparse_content, stat_field)
 from fixtures.serving import copy_out, fails
-from nbdformats.core.errors import ConfigError
+from nbdformats.api.errors import ConfigError
 from nbdformats.plugins import linuxdisk
 from nbdformats.plugins.linuxdisk import gpt, tree
 

@@ -22,8 +22,8 @@ from conftest import NBDFORMATS, nbdcopy_to_file, nbdsh, random_file, run, serve
 from fixtures.luks import (KEYFILE_DATA, add_key, cryptsetup_encrypt_in_place, cryptsetup_format, dump_layout, dump_volume_key, fast_pbkdf,
                            qemu_luks1, qemu_read_plain, qemu_write_plain, reference_crypt, rewrite_luks2_json)
 from fixtures.reads import filter_over_file, read_range
-from nbdformats.core.chain import EXTENT_DATA, FLAG_FAST_ZERO, Extents
-from nbdformats.core.errors import ConfigError, NBDError
+from nbdformats.api.chain import EXTENT_DATA, FLAG_FAST_ZERO, Extents
+from nbdformats.api.errors import ConfigError, NBDError
 from nbdformats.filters.luks import filter as luks_filter
 from nbdformats.filters.luks.cipher import RUN_BYTES, SectorCipher, parse_cipher_spec
 from nbdformats.filters.luks.errors import LuksError

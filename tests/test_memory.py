@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import NBDFORMATS, nbdcopy_to_file, nbdinfo_json, random_file, run, serve, serve_nbdkit, sha256_file
-from nbdformats.core.client import NBDClient
+from nbdformats.client import NBDClient
 
 MIB = 1 << 20
 ALLOCATORS = ["sparse", "malloc", "malloc,mlock=true", "zstd"]

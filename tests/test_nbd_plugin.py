@@ -16,7 +16,7 @@ import pytest
 from conftest import (NBDFORMATS, nbdinfo_json, nbdsh, random_file, run, serve, serve_nbdkit, serve_qemu_nbd,
                       sha256_file)
 from fixtures.nbd_servers import free_port, kill, make_certificates, serve_tcp
-from nbdformats.core.client import NBDClient
+from nbdformats.client import NBDClient
 
 MAP_FIELDS = ("offset", "length", "type")
 
@@ -145,7 +145,7 @@ def test_one_clients_requests_are_in_flight_together(tmp_path):
     network plugins give each connection all their threads at once (latency_bound).  The
     upstream answers each read after 10 ms, too short for the watchdog that adds threads to
     other plugins' connections, so one thread would send them one by one."""
-    from nbdformats.core import protocol as P
+    from nbdformats.protocol import wire as P
     log = tmp_path / "upstream.log"
     with serve_nbdkit("--filter=log", "--filter=delay", "memory", "1M", "rdelay=10ms",
                       f"logfile={log}") as up, serve("nbd", f"socket={up.socket}") as srv:

@@ -20,11 +20,11 @@ import pytest
 
 from conftest import NBDFORMATS, ROOT, SYSTEM_PYTHON, nbdsh, random_file, run, serve
 from fixtures.nbd_servers import make_certificates
-from nbdformats.core.chain import Filter, Plugin
-from nbdformats.core.debugflags import DebugFlag, apply_debug_flags, parse_debug_flag, parse_int
-from nbdformats.core.errors import ConfigError
-from nbdformats.core.stats import StatsRecorder, bucket_bounds, bucket_of, percentile, reply_failed
-from nbdformats.core.transmission import ReplyEncoder
+from nbdformats.api.chain import Filter, Plugin
+from nbdformats.server.debugflags import DebugFlag, apply_debug_flags, parse_debug_flag, parse_int
+from nbdformats.api.errors import ConfigError
+from nbdformats.server.stats import StatsRecorder, bucket_bounds, bucket_of, percentile, reply_failed
+from nbdformats.protocol.transmission import ReplyEncoder
 from nbdformats.statsplot import load_runs, series
 
 FIXTURES = ROOT / "tests" / "fixtures" / "operator_plugins"
@@ -35,7 +35,7 @@ CONNECTION_INFO = str(FIXTURES / "connection_info.py")
 
 PROGRESS_SCRIPT = """
 import sys, time
-from nbdformats.core.progress import progress
+from nbdformats.api.progress import progress
 seconds = float(sys.argv[1])
 steps = 10
 with progress(1 << 20, "demo: indexing") as bar:
@@ -95,7 +95,7 @@ def test_progress_bar_hidden_when_stderr_is_not_a_terminal():
 
 
 class RecordingProgress:
-    """Stands in for core.progress.progress: records what a component reports."""
+    """Stands in for api.progress.progress: records what a component reports."""
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
@@ -203,7 +203,7 @@ def test_component_names_in_log_lines():
     from nbdformats.cli import component_of
     assert [component_of(n) for n in ("nbdformats", "nbdformats.luks", "nbdformats.filters.luks.header",
                                       "nbdformats.plugins.blocksize_policy", "nbdformats.filters._decompress",
-                                      "nbdformats.core.server", "nbdformats.python", "other")] == \
+                                      "nbdformats.server.listeners", "nbdformats.python", "other")] == \
         ["", "luks", "luks", "blocksize-policy", "", "", "python", ""]
 
 

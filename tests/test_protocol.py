@@ -7,13 +7,13 @@ import struct
 
 import pytest
 
-from nbdformats.core import protocol as P
-from nbdformats.core.chain import Chain
-from nbdformats.core.errors import ProtocolError
-from nbdformats.core.handshake import (Abort, ExportInfo, ExportRequest, ListExports, NeedData, Ready,
-                                       ServerHandshake, StartTLS, oldstyle_greeting)
-from nbdformats.core.transmission import (MAX_PAYLOAD, ReplyEncoder, Request, RequestDecoder, Transmission,
-                                          export_info)
+from nbdformats.protocol import wire as P
+from nbdformats.api.chain import Chain
+from nbdformats.protocol.errors import ProtocolError
+from nbdformats.protocol.handshake import (Abort, ExportInfo, ExportRequest, ListExports, NeedData, Ready,
+                                           ServerHandshake, StartTLS, oldstyle_greeting)
+from nbdformats.protocol.transmission import MAX_PAYLOAD, ReplyEncoder, Request, RequestDecoder
+from nbdformats.server.transmission import Transmission, export_info
 from nbdformats.registry import load_plugin
 
 
@@ -395,7 +395,7 @@ class TestResize:
         assert code == P.NBD_EINVAL
 
     def test_filters_refuse_unless_they_pass_size_through(self):
-        from nbdformats.core.chain import Filter
+        from nbdformats.api.chain import Filter
 
         class Shifting(Filter):
             name = "shifting"

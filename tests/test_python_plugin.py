@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from nbdformats import nbdkit_compat
-from nbdformats.core.chain import (EMULATE, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATIVE, Chain, Extents,
-                                   ThreadModel)
-from nbdformats.core.errors import ConfigError, NBDError
+from nbdformats.api.chain import (EMULATE, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATIVE, Chain, Extents,
+                                  ThreadModel)
+from nbdformats.api.errors import ConfigError, NBDError
 from nbdformats.registry import load_plugin
 
 from conftest import (nbdinfo_json, nbdsh, random_file, run, serve, serve_nbdkit, sha256_file)
@@ -533,8 +533,8 @@ def test_parallel_script_with_millisecond_waits_gets_more_threads(tmp):
     """A parallel script whose callbacks wait a few milliseconds (network) gets more threads
     while its client keeps requests queued: sixty-four 8 ms reads sent at once do not run
     one at a time."""
-    from nbdformats.core import protocol as P
-    from nbdformats.core.client import NBDClient
+    from nbdformats.protocol import wire as P
+    from nbdformats.client import NBDClient
     script = tmp / "slow.py"
     script.write_text(SLOW_PARALLEL_SCRIPT)
     with serve("python", str(script)) as srv:

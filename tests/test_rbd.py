@@ -21,7 +21,7 @@ from conftest import nbdcopy_to_file, nbdinfo_json, random_file, run, serve, sha
 from fixtures.ceph import Ceph, ceph  # noqa: F401  (the session fixture)
 from fixtures.filterchain import make_chain
 from fixtures.luks import qemu_luks1, qemu_read_plain, qemu_write_plain
-from nbdformats.core.errors import ConfigError
+from nbdformats.api.errors import ConfigError
 
 MiB = 1024 * 1024
 HOLE = 3  # NBD_STATE_HOLE | NBD_STATE_ZERO

@@ -1,6 +1,6 @@
 """Online resize through filters: those whose size is the plugin's (or their own, like cow's
 overlay) follow NBD_CMD_RESIZE; those that change the size refuse it.  No common client sends
-NBD_CMD_RESIZE, so our own (nbdformats.core.client) does."""
+NBD_CMD_RESIZE, so our own (nbdformats.client) does."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 
 from conftest import nbdinfo_json, run, serve
 from fixtures.luks import qemu_luks1
-from nbdformats.core import protocol as P
-from nbdformats.core.client import NBDClient
-from nbdformats.core.errors import NBDError
+from nbdformats.protocol import wire as P
+from nbdformats.client import NBDClient
+from nbdformats.api.errors import NBDError
 
 MIB = 1 << 20
 HOLE_ZERO = 3  # NBD_STATE_HOLE | NBD_STATE_ZERO

@@ -19,8 +19,8 @@ from conftest import NBDFORMATS, nbdcopy_to_file, nbdinfo_json, nbdsh, random_fi
 from fixtures.ceph import Ceph, ceph  # noqa: F401  (the session fixture)
 from fixtures.filterchain import make_chain
 from fixtures.luks import qemu_luks1, qemu_read_plain, qemu_write_plain
-from nbdformats.core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Extents
-from nbdformats.core.errors import ConfigError
+from nbdformats.api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Extents
+from nbdformats.api.errors import ConfigError
 
 MiB = 1024 * 1024
 HOLE = EXTENT_HOLE | EXTENT_ZERO

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import (NBDFORMATS, SYSTEM_PYTHON, nbdinfo_json, nbdsh, random_file, run, serve, serve_nbdkit,
                       sha256_file)
-from nbdformats.core import protocol as P
+from nbdformats.protocol import wire as P
 
 
 def free_port() -> int:
@@ -558,9 +558,9 @@ def test_buffer_alignment_is_honoured(tmp_path):
 
 @pytest.mark.parametrize("plugin", ["memory", "file"])
 def test_resize_with_our_own_client(tmp_path, plugin):
-    """The resize extension through nbdformats.core.client (no common client sends NBD_CMD_RESIZE)."""
-    from nbdformats.core.client import NBDClient
-    from nbdformats.core.errors import NBDError
+    """The resize extension through nbdformats.client (no common client sends NBD_CMD_RESIZE)."""
+    from nbdformats.client import NBDClient
+    from nbdformats.api.errors import NBDError
 
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
@@ -595,8 +595,8 @@ def test_file_on_tmpfs_serves_reads_without_a_thread_per_request(tmp_path):
     """tmpfs refuses RWF_NOWAIT (EOPNOTSUPP) on many kernels: every read used to count as a
     page-cache miss, growing the connection to sixteen threads.  Reads of a file in memory never
     block, so they are served as they come; the data and the holes must still be right."""
-    from nbdformats.core import protocol as P
-    from nbdformats.core.client import NBDClient
+    from nbdformats.protocol import wire as P
+    from nbdformats.client import NBDClient
     shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
     try:
         image = shm / "disk.img"

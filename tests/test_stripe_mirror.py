@@ -13,8 +13,8 @@ import pytest
 
 from conftest import NBDFORMATS, nbdinfo_json, nbdsh, random_file, run, serve, serve_nbdkit, serve_qemu_nbd, sha256_file
 from fixtures.nbd_servers import kill, serve_many, unix_uri
-from nbdformats.core.client import NBDClient
-from nbdformats.core.errors import NBDError
+from nbdformats.client import NBDClient
+from nbdformats.api.errors import NBDError
 from nbdformats.plugins.stripe import Layout
 
 MIB = 1 << 20

@@ -15,8 +15,8 @@ import pytest
 from conftest import nbdinfo_json, nbdsh, run, serve, serve_nbdkit, sha256_file
 from fixtures.archives import LONG_DIR, bsdtar, compress, corrupt, gnu_tar, make_tree, truncated_copy
 from fixtures.reads import check_random_reads, filter_over_file, read_export
-from nbdformats.core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Extents
-from nbdformats.core.errors import ConfigError, NBDError
+from nbdformats.api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Extents
+from nbdformats.api.errors import ConfigError, NBDError
 from nbdformats.formats.tar import BLOCK, TarError, parse_number, parse_pax, parse_sparse_1_0_map, walk
 from nbdformats.filters._members import normalize
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import NBDFORMATS, SYSTEM_PYTHON, random_file, run, serve, sha256_file
 from fixtures.hardening import Raw
-from nbdformats.core import protocol as P
+from nbdformats.protocol import wire as P
 
 
 def openssl(*args) -> None:

@@ -23,8 +23,8 @@ import xxhash
 from conftest import NBDFORMATS, nbdinfo_json, nbdsh, run, serve, sha256_file
 from fixtures.reads import filter_over_file, read_export
 from fixtures.xva import CHUNK, XvaDisk, make_xva, ova_xml, sparse_image, write_tar, xva_members
-from nbdformats.core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, Extents
-from nbdformats.core.errors import ConfigError, NBDError
+from nbdformats.api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, Extents
+from nbdformats.api.errors import ConfigError, NBDError
 from nbdformats.filters.xva import archive, ovaxml
 
 HOLE = EXTENT_HOLE | EXTENT_ZERO

@@ -15,8 +15,8 @@ import pytest
 from conftest import nbdsh, run, serve, sha256_file
 from fixtures.archives import bsdtar, make_tree, py_zip, truncated_copy, zip64_sparse_archive
 from fixtures.reads import check_random_reads, filter_over_file, read_export
-from nbdformats.core.client import NBDClient
-from nbdformats.core.errors import ConfigError, NBDError
+from nbdformats.client import NBDClient
+from nbdformats.api.errors import ConfigError, NBDError
 from nbdformats.filters._members import normalize
 from nbdformats.formats.zip import ZipError, find_end_record
 

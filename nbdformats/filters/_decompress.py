@@ -20,9 +20,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from ..core.chain import NONE, Filter, FilterHandle, Layer, OpenNext
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Param, Size
+from ..api.chain import NONE, Filter, FilterHandle, Layer, OpenNext
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Param, Size
 from ._layer_bytes import read_bytes
 from ._spill import ChunkDecoder, InOrder, Spill
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..core.chain import Layer
+from ..api.chain import Layer
 
 READ_CHUNK = 4 << 20  # layers below may limit request sizes
 

@@ -16,11 +16,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from ..core.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, NONE, Export, Extents, Filter,
-                          FilterHandle, Layer, OpenNext)
-from ..core.errors import ConfigError, NBDError
+from ..api.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, NONE, Export, Extents, Filter,
+                         FilterHandle, Layer, OpenNext)
+from ..api.errors import ConfigError, NBDError
 from ._layer_bytes import read_bytes
-from ..core.zeroes import fill_zero
+from ..api.zeroes import fill_zero
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import tempfile
 import threading
 from typing import Any, Protocol
 
-from ..core.errors import NBDError
+from ..api.errors import NBDError
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from libarchive import ffi
 from libarchive.entry import ArchiveEntry
 from libarchive.exception import ArchiveError as LibarchiveError
 
-from ..core.chain import EMULATE, FilterHandle, Layer
-from ..core.errors import NBDError
-from ..core.params import Param, Secret, SecretValue, Size, String
+from ..api.chain import EMULATE, FilterHandle, Layer
+from ..api.errors import NBDError
+from ..api.params import Param, Secret, SecretValue, Size, String
 from ._decompress import SourceHandle
 from ._members import ArchiveError, Member, MemberFilter
 from ._spill import Spill

@@ -16,9 +16,9 @@ from __future__ import annotations
 import errno
 import threading
 
-from ..core.chain import MAX_REQUEST_SIZE, Extents, FLAG_FAST_ZERO, FLAG_MAY_TRIM, Filter, FilterHandle, Layer
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Param, Size
+from ..api.chain import MAX_REQUEST_SIZE, Extents, FLAG_FAST_ZERO, FLAG_MAY_TRIM, Filter, FilterHandle, Layer
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Param, Size
 
 MAX_MINBLOCK = 64 * 1024
 MAX_LENGTH = 0xFFFFFFFF  # the 32-bit length of an NBD request

@@ -16,9 +16,9 @@ import os
 import socket
 from typing import Any
 
-from ..core.chain import Extents, Filter, FilterHandle, Layer, current_client
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Enum, Param, Size
+from ..api.chain import Extents, Filter, FilterHandle, Layer, current_client
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Enum, Param, Size
 
 log = logging.getLogger("nbdformats.blocksize-policy")
 

@@ -41,12 +41,12 @@ import threading
 from collections import OrderedDict
 from typing import Iterator
 
-from ..core.chain import (EXTENT_DATA, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, NATIVE, NONE, Extents,
-                          Filter, FilterHandle, Layer)
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Enum, Int, Param, ParamType, Size, parse_bool
-from ..core.syscalls import punch_hole
-from ..core.zeroes import write_zeroes
+from ..api.chain import (EXTENT_DATA, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, NATIVE, NONE, Extents,
+                         Filter, FilterHandle, Layer)
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Enum, Int, Param, ParamType, Size, parse_bool
+from ..api.syscalls import punch_hole
+from ..api.zeroes import write_zeroes
 from ._blocklocks import BlockLocks
 
 log = logging.getLogger("nbdformats.cache")

@@ -19,11 +19,11 @@ import os
 import tempfile
 from typing import Iterator
 
-from ..core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, NONE, Extents, Filter, FilterHandle, Layer
-from ..core.errors import NBDError
-from ..core.params import Bool, Param, ParamType, Size, parse_bool
-from ..core.syscalls import punch_hole
-from ..core.zeroes import fill_zero
+from ..api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, NONE, Extents, Filter, FilterHandle, Layer
+from ..api.errors import NBDError
+from ..api.params import Bool, Param, ParamType, Size, parse_bool
+from ..api.syscalls import punch_hole
+from ..api.zeroes import fill_zero
 from ._blocklocks import BlockLocks
 
 ALLOCATED, ZEROED = 1, 2

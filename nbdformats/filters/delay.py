@@ -10,9 +10,9 @@ from __future__ import annotations
 import errno
 import time
 
-from ..core.chain import FLAG_FAST_ZERO, Extents, Filter, FilterHandle, Layer
-from ..core.errors import NBDError
-from ..core.params import Bool, Param, ParamType
+from ..api.chain import FLAG_FAST_ZERO, Extents, Filter, FilterHandle, Layer
+from ..api.errors import NBDError
+from ..api.params import Bool, Param, ParamType
 
 
 class Delay(ParamType):

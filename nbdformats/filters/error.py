@@ -15,9 +15,9 @@ import random
 import threading
 from dataclasses import dataclass
 
-from ..core.chain import Extents, Filter, FilterHandle
-from ..core.errors import NBDError
-from ..core.params import Enum, Param, ParamType, Path
+from ..api.chain import Extents, Filter, FilterHandle
+from ..api.errors import NBDError
+from ..api.params import Enum, Param, ParamType, Path
 
 log = logging.getLogger("nbdformats.error")
 

@@ -11,7 +11,7 @@ import logging
 
 from typing import Any
 
-from ..core.chain import Filter, request_shutdown
+from ..api.chain import Filter, request_shutdown
 from ._connections import ConnectionTracker
 
 log = logging.getLogger("nbdformats.exitlast")

@@ -17,9 +17,9 @@ import subprocess
 import threading
 from typing import Any, Callable
 
-from ..core.chain import Filter, request_shutdown
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Float, Int, Param, Path, String
+from ..api.chain import Filter, request_shutdown
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Float, Int, Param, Path, String
 from ._connections import ConnectionTracker
 
 log = logging.getLogger("nbdformats.exitwhen")

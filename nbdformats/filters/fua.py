@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import errno
 
-from ..core.chain import EMULATE, FLAG_FUA, NATIVE, NONE, Filter, FilterHandle, Layer
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Enum, Param
+from ..api.chain import EMULATE, FLAG_FUA, NATIVE, NONE, Filter, FilterHandle, Layer
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Enum, Param
 
 # fuamode -> what the filter advertises to the layer above (None: whatever the plugin says).
 _ADVERTISED = {"none": NONE, "emulate": EMULATE, "native": NATIVE, "force": NATIVE,

@@ -22,9 +22,9 @@ import struct
 import tempfile
 import time
 
-from ..core.chain import Layer
-from ..core.params import Bool, Param, Path, Size
-from ..core.progress import Progress, progress
+from ..api.chain import Layer
+from ..api.params import Bool, Param, Path, Size
+from ..api.progress import Progress, progress
 from ..formats.deflate_index import DEFAULT_SPAN, Checkpoint, DeflateIndex
 from ..formats.gzip import GzipFormatError, bgzf_block_size, check_magic, parse_bgzf
 from ._decompress import DecompressError, DecompressFilter, Reader, Source, read_exact

@@ -16,9 +16,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.chain import Filter
-from ..core.errors import NBDError
-from ..core.params import Param, ParamType
+from ..api.chain import Filter
+from ..api.errors import NBDError
+from ..api.params import Param, ParamType
 
 AF_VSOCK = getattr(socket, "AF_VSOCK", 40)
 PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid

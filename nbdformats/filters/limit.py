@@ -8,9 +8,9 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from ..core.chain import Filter
-from ..core.errors import NBDError
-from ..core.params import Int, Param
+from ..api.chain import Filter
+from ..api.errors import NBDError
+from ..api.params import Int, Param
 from ._connections import ConnectionTracker
 
 TOO_MANY = "limit: too many clients connected, connection rejected"

@@ -25,10 +25,10 @@ import subprocess
 import threading
 from typing import Any, Callable, Sequence
 
-from ..core.chain import (EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, FLAG_REQ_ONE, Export,
-                          Extents, Filter, FilterHandle, Layer)
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Bool, Param, Path, String
+from ..api.chain import (EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, FLAG_REQ_ONE, Export,
+                         Extents, Filter, FilterHandle, Layer)
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Bool, Param, Path, String
 
 log = logging.getLogger("nbdformats.log")
 

@@ -15,9 +15,9 @@ import errno
 import threading
 from typing import Callable
 
-from ..core.chain import EMULATE, FLAG_FUA, NATIVE, Filter, FilterHandle, Layer, ThreadModel
-from ..core.errors import NBDError
-from ..core.params import Bool, Enum, Param
+from ..api.chain import EMULATE, FLAG_FUA, NATIVE, Filter, FilterHandle, Layer, ThreadModel
+from ..api.errors import NBDError
+from ..api.params import Bool, Enum, Param
 
 WROTE, READ = 1, 2  # what may sit in a connection's cache since its last flush
 

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from ..core.chain import EMULATE, NATIVE, NONE, Filter, FilterHandle
-from ..core.params import Enum, Param
+from ..api.chain import EMULATE, NATIVE, NONE, Filter, FilterHandle
+from ..api.params import Enum, Param
 
 
 class NocacheFilter(Filter):

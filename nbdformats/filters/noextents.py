@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from ..core.chain import Filter, FilterHandle
+from ..api.chain import Filter, FilterHandle
 
 
 class NoextentsFilter(Filter):

@@ -8,8 +8,8 @@ no longer advertised.
 
 from __future__ import annotations
 
-from ..core.chain import Filter, FilterHandle, ThreadModel
-from ..core.params import Enum, Param
+from ..api.chain import Filter, FilterHandle, ThreadModel
+from ..api.params import Enum, Param
 
 MODELS = {"requests": ThreadModel.SERIALIZE_REQUESTS, "all-requests": ThreadModel.SERIALIZE_ALL_REQUESTS,
           "connections": ThreadModel.SERIALIZE_CONNECTIONS}

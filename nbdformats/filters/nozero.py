@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import errno
 
-from ..core.chain import (FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATIVE, NONE,
-                          Filter, FilterHandle, Layer)
-from ..core.errors import NBDError
-from ..core.params import Enum, Param
-from ..core.zeroes import ZEROES
-
+from ..api.chain import (FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATIVE, NONE,
+                         Filter, FilterHandle, Layer)
+from ..api.errors import NBDError
+from ..api.params import Enum, Param
+from ..api.zeroes import ZEROES
 
 
 class NozeroFilter(Filter):

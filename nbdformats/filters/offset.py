@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import errno
 
-from ..core.chain import Extents, Filter, FilterHandle, Layer
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Param, Size
+from ..api.chain import Extents, Filter, FilterHandle, Layer
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Param, Size
 
 
 def shifted_extents(next: Layer, count: int, offset: int, flags: int, extents: Extents, shift: int) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import errno
 
-from ..core.chain import Filter, Layer
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Enum, Int, Param
+from ..api.chain import Filter, Layer
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Enum, Int, Param
 from ..formats.partitions import PartitionError, find_partition
 from .offset import RangeHandle
 

@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..core.chain import Filter, FilterHandle, Layer, current_client
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Param, Path, parse_size
+from ..api.chain import Filter, FilterHandle, Layer, current_client
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Param, Path, parse_size
 
 log = logging.getLogger("nbdformats")
 

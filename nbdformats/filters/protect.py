@@ -12,10 +12,10 @@ from __future__ import annotations
 import bisect
 import errno
 
-from ..core.chain import Filter, FilterHandle
-from ..core.errors import NBDError
-from ..core.params import Param, ParamType
-from ..core.zeroes import is_zero
+from ..api.chain import Filter, FilterHandle
+from ..api.errors import NBDError
+from ..api.params import Param, ParamType
+from ..api.zeroes import is_zero
 
 END_OF_DISK = (1 << 63) - 1
 

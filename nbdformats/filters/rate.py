@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
-from ..core.chain import Filter, FilterHandle, Layer, current_client
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Float, Param, ParamType, Path, parse_size
+from ..api.chain import Filter, FilterHandle, Layer, current_client
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Float, Param, ParamType, Path, parse_size
 
 log = logging.getLogger("nbdformats.rate")
 

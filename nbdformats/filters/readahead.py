@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 
-from ..core.chain import NATIVE, Filter, FilterHandle, Layer, ThreadModel
+from ..api.chain import NATIVE, Filter, FilterHandle, Layer, ThreadModel
 
 log = logging.getLogger("nbdformats.readahead")
 

@@ -21,9 +21,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..core.chain import Extents, Filter, FilterHandle
-from ..core.errors import ConfigError
-from ..core.params import Bool, Int, Param, Path
+from ..api.chain import Extents, Filter, FilterHandle
+from ..api.errors import ConfigError
+from ..api.params import Bool, Int, Param, Path
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 OPERATIONS = ("read", "write", "trim", "zero", "extents", "cache", "flush")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Iterator
 
-from ..core.chain import FilterHandle, Layer
-from ..core.params import Param, String
+from ..api.chain import FilterHandle, Layer
+from ..api.params import Param, String
 from ..formats.tar import TarEntry, TarError, walk
 from ._members import ArchiveError, Member, MemberFilter, Segment, SegmentHandle, normalize, read_archive
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import errno
 
-from ..core.chain import EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, Extents, Filter, FilterHandle, Layer
-from ..core.errors import NBDError
-from ..core.params import Param, Size
-from ..core.zeroes import fill_zero, is_zero
+from ..api.chain import EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, Extents, Filter, FilterHandle, Layer
+from ..api.errors import NBDError
+from ..api.params import Param, Size
+from ..api.zeroes import fill_zero, is_zero
 
 MAX_SIZE = (1 << 63) - 1
 

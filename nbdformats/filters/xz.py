@@ -15,9 +15,9 @@ import errno
 import logging
 import lzma
 
-from ..core.chain import Layer
-from ..core.errors import NBDError
-from ..core.params import Int, Param, Size
+from ..api.chain import Layer
+from ..api.errors import NBDError
+from ..api.params import Int, Param, Size
 from ..formats.xz import XzBlock, XzFormatError, locate_blocks, single_block_stream
 from ._decompress import BlockSource, DecompressError, DecompressFilter, Reader, Unit, read_exact
 

@@ -15,9 +15,9 @@ import zlib
 from dataclasses import replace
 from typing import Iterator
 
-from ..core.chain import EMULATE, FilterHandle, Layer
-from ..core.errors import NBDError
-from ..core.params import Bool, Param, String
+from ..api.chain import EMULATE, FilterHandle, Layer
+from ..api.errors import NBDError
+from ..api.params import Bool, Param, String
 from ..formats.zip import (DEFLATED, LOCAL, STORED, ZipEntry, ZipError, data_offset, parse_central_directory,
                            read_central_directory)
 from ..formats.deflate_index import DeflateIndex

@@ -16,9 +16,9 @@ import logging
 
 import zstandard
 
-from ..core.chain import Layer
-from ..core.errors import NBDError
-from ..core.params import Int, Param, Size
+from ..api.chain import Layer
+from ..api.errors import NBDError
+from ..api.params import Int, Param, Size
 from ..formats.zstd import (SEEK_FOOTER, Frame, ZstdFormatError, parse_seek_table, parse_seek_table_footer,
                             seek_table_size, walk_frames)
 from ._decompress import BlockSource, DecompressError, DecompressFilter, Reader, Source, Unit, read_exact

@@ -48,7 +48,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..core.errors import NBDError
+from ..api.errors import NBDError
 
 log = logging.getLogger(__name__)
 

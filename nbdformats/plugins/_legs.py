@@ -6,8 +6,8 @@ import errno
 import logging
 from typing import Iterable
 
-from ..core.client import Address, NBDClient, parse_uri
-from ..core.errors import ConfigError, NBDError
+from ..client import Address, NBDClient, parse_uri
+from ..api.errors import ConfigError, NBDError
 
 log = logging.getLogger("nbdformats")
 

@@ -8,13 +8,13 @@ import os
 import stat
 import struct
 
-from ..core.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATIVE,
-                          Export, Extents, Plugin, PluginHandle, WouldBlock, must_not_block)
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Enum, Param, Path
-from ..core.syscalls import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, IN_MEMORY_FILESYSTEMS, fallocate,
-                             filesystem_type, punch_hole)
-from ..core.zeroes import write_zeroes
+from ..api.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATIVE,
+                         Export, Extents, Plugin, PluginHandle, WouldBlock, must_not_block)
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Enum, Param, Path
+from ..api.syscalls import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, IN_MEMORY_FILESYSTEMS, fallocate,
+                            filesystem_type, punch_hole)
+from ..api.zeroes import write_zeroes
 
 BLKGETSIZE64 = 0x80081272
 BLKDISCARD = 0x1277

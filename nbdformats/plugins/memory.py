@@ -13,10 +13,10 @@ from typing import NamedTuple
 
 import zstandard
 
-from ..core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents, Plugin, PluginHandle
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Param, ParamType, Size, parse_bool
-from ..core.zeroes import ZEROES, fill_zero
+from ..api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents, Plugin, PluginHandle
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Param, ParamType, Size, parse_bool
+from ..api.zeroes import ZEROES, fill_zero
 
 PAGE = 32 * 1024  # allocation unit, as nbdkit's sparse array
 ZERO_PAGE = ZEROES[:PAGE]  # reads of pages never written

@@ -16,11 +16,11 @@ import itertools
 import logging
 import threading
 
-from ..core import protocol as P
-from ..core.chain import EMULATE, NATIVE, NONE, Extents, Plugin, PluginHandle
-from ..core.client import Command, NBDClient
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Int, Param, String
+from ..protocol import wire as P
+from ..api.chain import EMULATE, NATIVE, NONE, Extents, Plugin, PluginHandle
+from ..client import Command, NBDClient
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Int, Param, String
 from . import _legs
 from .nbd import command_flags, zero_command_flags
 

@@ -18,12 +18,12 @@ import tempfile
 import time
 from dataclasses import replace
 
-from ..core import protocol as P
-from ..core.chain import (EMULATE, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, FLAG_REQ_ONE, NATIVE, NONE, Export,
-                          Extents, Plugin, PluginHandle)
-from ..core.client import DEFAULT_PORT, Address, NBDClient, parse_uri
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Bool, Enum, Int, Param, Path, String
+from ..protocol import wire as P
+from ..api.chain import (EMULATE, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, FLAG_REQ_ONE, NATIVE, NONE, Export,
+                         Extents, Plugin, PluginHandle)
+from ..client import DEFAULT_PORT, Address, NBDClient, parse_uri
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Bool, Enum, Int, Param, Path, String
 
 log = logging.getLogger("nbdformats")
 

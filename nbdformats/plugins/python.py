@@ -27,11 +27,11 @@ import types
 from typing import Any, Callable
 
 from .. import nbdkit_compat
-from ..core.chain import (EMULATE, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATIVE, NONE, Export, Extents,
-                          Plugin, PluginHandle, ThreadModel, current_client, current_tls)
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Param, Path
-from ..core.zeroes import write_zeroes
+from ..api.chain import (EMULATE, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATIVE, NONE, Export, Extents,
+                         Plugin, PluginHandle, ThreadModel, current_client, current_tls)
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Param, Path
+from ..api.zeroes import write_zeroes
 
 logger = logging.getLogger("nbdformats.python")
 

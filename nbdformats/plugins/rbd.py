@@ -19,9 +19,9 @@ import errno
 import threading
 from typing import Any, Iterator
 
-from ..core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Extents, Plugin, PluginHandle
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Bool, Int, Param, Path, String
+from ..api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Extents, Plugin, PluginHandle
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Bool, Int, Param, Path, String
 
 
 # What a failed connect usually means, by librados' errno.

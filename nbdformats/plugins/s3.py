@@ -29,10 +29,10 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
-from ..core.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents, Plugin,
-                          PluginHandle)
-from ..core.errors import ConfigError, NBDError
-from ..core.params import Enum, Float, Int, Param, Secret, SecretValue, Size, String
+from ..api.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents, Plugin,
+                         PluginHandle)
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Enum, Float, Int, Param, Secret, SecretValue, Size, String
 
 MiB = 1024 * 1024
 MAX_OBJECT_SIZE = 5 * 1024 * MiB  # the largest single PUT S3 accepts

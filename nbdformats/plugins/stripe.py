@@ -13,11 +13,11 @@ import logging
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..core import protocol as P
-from ..core.chain import EMULATE, FLAG_REQ_ONE, NATIVE, NONE, Extents, Plugin, PluginHandle
-from ..core.client import Command, NBDClient, wait_all
-from ..core.errors import ConfigError
-from ..core.params import Param, Size, String
+from ..protocol import wire as P
+from ..api.chain import EMULATE, FLAG_REQ_ONE, NATIVE, NONE, Extents, Plugin, PluginHandle
+from ..client import Command, NBDClient, wait_all
+from ..api.errors import ConfigError
+from ..api.params import Param, Size, String
 from .nbd import command_flags, zero_command_flags
 from . import _legs
 

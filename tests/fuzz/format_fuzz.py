@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from nbdformats.core.chain import Chain  # noqa: E402
-from nbdformats.core.errors import ConfigError, NBDError  # noqa: E402
+from nbdformats.api.chain import Chain  # noqa: E402
+from nbdformats.api.errors import ConfigError, NBDError  # noqa: E402
 from nbdformats.registry import load_filter, load_plugin  # noqa: E402
 
 PATH_ENV = "/usr/bin:/usr/sbin:/bin:/sbin:" + os.environ.get("PATH", "")

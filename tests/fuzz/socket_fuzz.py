@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from nbdformats.core import protocol as P  # noqa: E402
+from nbdformats.protocol import wire as P  # noqa: E402
 
 DISK_SIZE = 16 << 20
 GOOD_REGION = (8 << 20, 12 << 20)  # only the good client may write here (policy filter)

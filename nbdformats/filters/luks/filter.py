@@ -12,10 +12,10 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from ...core.chain import EMULATE, EXTENT_DATA, FLAG_FUA, Extents, Filter, FilterHandle, Layer
-from ...core.errors import ConfigError, NBDError
-from ...core.params import Int, Param, Path, Secret, SecretValue
-from ...core.zeroes import write_zeroes
+from ...api.chain import EMULATE, EXTENT_DATA, FLAG_FUA, Extents, Filter, FilterHandle, Layer
+from ...api.errors import ConfigError, NBDError
+from ...api.params import Int, Param, Path, Secret, SecretValue
+from ...api.zeroes import write_zeroes
 from .._layer_bytes import read_bytes
 from .cipher import SectorCipher
 from .errors import LuksError

@@ -15,12 +15,12 @@ import logging
 from bisect import bisect_left
 from typing import Callable
 
-from ...core.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, Export, Extents, Filter,
-                           FilterHandle, Layer, OpenNext)
-from ...core.errors import ConfigError, NBDError
-from ...core.params import Enum, Param, String
-from ...core.progress import progress
-from ...core.zeroes import fill_zero
+from ...api.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, Export, Extents, Filter,
+                          FilterHandle, Layer, OpenNext)
+from ...api.errors import ConfigError, NBDError
+from ...api.params import Enum, Param, String
+from ...api.progress import progress
+from ...api.zeroes import fill_zero
 from .._layer_bytes import read_bytes
 from .archive import BAD, CHUNK_SIZE, GOOD, UNCHECKED, Archive, Chunk, Disk, XvaError, checksum, index
 

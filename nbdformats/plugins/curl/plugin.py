@@ -17,9 +17,9 @@ import ssl
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
-from ...core.chain import ThreadModel, Plugin, PluginHandle
-from ...core.errors import ConfigError, NBDError
-from ...core.params import Bool, Enum, Float, Int, Param, Path, Secret, SecretValue, Size, String
+from ...api.chain import ThreadModel, Plugin, PluginHandle
+from ...api.errors import ConfigError, NBDError
+from ...api.params import Bool, Enum, Float, Int, Param, Path, Secret, SecretValue, Size, String
 import urllib3
 
 from .client import Headers, ObjectChanged, RangeClient, RequestError, make_pool

@@ -12,8 +12,8 @@ from bisect import bisect_right
 from collections import deque
 from typing import Callable
 
-from ...core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO
-from ...core.zeroes import fill_zero
+from ...api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO
+from ...api.zeroes import fill_zero
 from .dirents import ATTR_DIRECTORY, ENTRY_SIZE, Times, dot_entries, short_entry, volume_label_entry
 from .layout import (BACKUP_BOOT_SECTOR, FSINFO_SECTOR, SECTOR, FatTable, LayoutError, Needs, boot_sector,
                      fsinfo_sector, mbr_sector, plan, with_boot_code)

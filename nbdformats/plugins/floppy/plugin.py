@@ -8,9 +8,9 @@ import os
 import time
 import zlib
 
-from ...core.chain import Extents, Plugin, PluginHandle
-from ...core.errors import ConfigError, NBDError
-from ...core.params import Enum, Param, Path, Size, String
+from ...api.chain import Extents, Plugin, PluginHandle
+from ...api.errors import ConfigError, NBDError
+from ...api.params import Enum, Param, Path, Size, String
 from .._sparse import data_and_holes
 from . import syslinux
 from .dirents import ATTR_ARCHIVE, ATTR_HIDDEN, ATTR_READ_ONLY, ATTR_SYSTEM

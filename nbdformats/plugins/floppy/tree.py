@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ...core.progress import progress
+from ...api.progress import progress
 from .dirents import ATTR_ARCHIVE
 from .names import decode_host_name, fold, windows_name
 

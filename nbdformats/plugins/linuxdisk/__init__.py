@@ -19,10 +19,10 @@ import subprocess
 import tempfile
 import uuid
 
-from ...core.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents, Plugin, PluginHandle
-from ...core.errors import ConfigError, NBDError
-from ...core.params import Bool, Enum, Param, ParamType, Path, Size, String
-from ...core.progress import progress
+from ...api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents, Plugin, PluginHandle
+from ...api.errors import ConfigError, NBDError
+from ...api.params import Bool, Enum, Param, ParamType, Path, Size, String
+from ...api.progress import progress
 from .._sparse import data_and_holes
 from . import gpt, tree
 from .tree import TreeStats

@@ -18,7 +18,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from ...core.errors import ConfigError
+from ...api.errors import ConfigError
 from .._sparse import data_and_holes
 
 log = logging.getLogger(__name__)

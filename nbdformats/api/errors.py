@@ -1,7 +1,7 @@
-"""Errors that cross layer boundaries.
+"""Errors a plugin or filter raises.
 
-`NBDError` fails one request (its errno goes back to the client); `ProtocolError`
-ends one connection; `ConfigError` stops the server before it listens.
+`NBDError` fails one request (its errno goes back to the client); `ConfigError` stops the
+server before it listens.  (A peer that breaks the protocol raises protocol.ProtocolError.)
 """
 
 from __future__ import annotations
@@ -15,10 +15,6 @@ class NBDError(Exception):
     def __init__(self, errno: int = _errno.EIO, message: str = "") -> None:
         super().__init__(message or _errno.errorcode.get(errno, str(errno)))
         self.errno = errno
-
-
-class ProtocolError(Exception):
-    """The peer broke the protocol so badly that the connection must be dropped."""
 
 
 class ConfigError(Exception):

@@ -153,7 +153,7 @@ class _Refuse(asyncio.Protocol):
 
 
 def install_signal_handlers(server: Server) -> None:
-    from .chain import set_shutdown_hook
+    from ..api.chain import set_shutdown_hook
 
     loop = asyncio.get_running_loop()
     set_shutdown_hook(lambda: loop.call_soon_threadsafe(server.stop))

@@ -9,7 +9,7 @@ the reply under the send lock.  Blocking sends are the backpressure: a thread wh
 not read waits, and with it the requests it would have read.
 
 Before sleeping in recv(), the thread holding the receive lock of the server's only connection
-busy polls a while (core/busypoll.py): with several connections the spinning thread would take
+busy polls a while (server/busypoll.py): with several connections the spinning thread would take
 the GIL and a CPU from the others.
 """
 
@@ -22,11 +22,12 @@ import time
 import weakref
 from typing import Any, Callable, Collection
 
-from . import protocol as P
+from ..protocol import wire as P
 from .busypoll import DEFAULT_MAX_US, BusyPoll
-from .chain import WouldBlock, set_must_not_block
-from .errors import ProtocolError
-from .transmission import Request, RequestDecoder, Transmission
+from ..api.chain import WouldBlock, set_must_not_block
+from ..protocol.errors import ProtocolError
+from ..protocol.transmission import Request, RequestDecoder
+from .transmission import Transmission
 
 log = logging.getLogger("nbdformats")
 

@@ -121,7 +121,7 @@ class Component:
     # Callbacks that mostly wait for another machine (network round trips) with the GIL
     # released: each connection then gets all -t threads at once, as nbdkit's do, so a client's
     # requests are in flight together.  Otherwise a connection starts with one thread and grows
-    # only when requests really block (core/threaded.py): threads contend for the GIL.
+    # only when requests really block (server/threaded.py): threads contend for the GIL.
     latency_bound: ClassVar[bool] = False
 
     # A plugin whose pread can be tried on the event loop: it raises WouldBlock when
@@ -142,7 +142,7 @@ class Component:
     # Debug flags the component reads (nbdkit's -D NAME.FLAG=N): flag -> what it shows.
     debug_flag_help: ClassVar[dict[str, str]] = {}
     # The values given with -D (flags not given are absent), set before configure() runs.
-    # Read with self.debug_flags.get("flag", 0); see core/debugflags.py.
+    # Read with self.debug_flags.get("flag", 0); see server/debugflags.py.
     debug_flags: Mapping[str, int] = MappingProxyType({})
 
     @classmethod

@@ -22,14 +22,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from . import protocol as P
+from ..protocol import wire as P
 from .busypoll import DEFAULT_MAX_US, BusyPoll
-from .chain import Chain, Layer, ThreadModel, WouldBlock, set_must_not_block
-from .errors import NBDError, ProtocolError
-from .handshake import Abort, ExportRequest, ListExports, NeedData, ServerHandshake, StartTLS, oldstyle_greeting
+from ..api.chain import Chain, Layer, ThreadModel, WouldBlock, set_must_not_block
+from ..api.errors import NBDError
+from ..protocol.errors import ProtocolError
+from ..protocol.handshake import Abort, ExportRequest, ListExports, NeedData, ServerHandshake, StartTLS, oldstyle_greeting
 from .stats import StatsRecorder
 from .threaded import COALESCE_BUFFERS, COALESCE_BYTES, MAX_IN_FLIGHT_BYTES, ThreadedTransmission
-from .transmission import Request, RequestDecoder, Transmission, export_info
+from ..protocol.transmission import Request, RequestDecoder
+from .transmission import Transmission, export_info
 from .workers import WorkerPool
 
 log = logging.getLogger("nbdformats")
@@ -91,7 +93,7 @@ class Connection(asyncio.BufferedProtocol):
         self._preconnected = False  # preconnect() passed: disconnected() is owed at the end
         self._holds_connection_lock = False
         self._threaded: ThreadedTransmission | None = None
-        # Inline chains on a plain socket: busy poll it for the next request (core/busypoll.py).
+        # Inline chains on a plain socket: busy poll it for the next request (server/busypoll.py).
         self._busy_poll: BusyPoll | None = None
         self._fd = -1
         self._idle_since = 0  # perf_counter_ns when the loop last went back to waiting for us
@@ -204,7 +206,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._handed_off:
-            return  # the connection lives on in worker threads (core/threaded.py)
+            return  # the connection lives on in worker threads (server/threaded.py)
         self._closed = True
         self._wake()
         if self._hs_task is not None and not self._hs_task.done():
@@ -361,7 +363,7 @@ class Connection(asyncio.BufferedProtocol):
             self._dispatch(requests)
 
     async def _hand_to_threads(self, raw_socket: Any, decoder: RequestDecoder, leftover: bytes) -> None:
-        """Blocking chain: worker threads read, run and answer requests themselves (core/threaded.py)."""
+        """Blocking chain: worker threads read, run and answer requests themselves (server/threaded.py)."""
         self.transport.pause_reading()
         for _ in range(1000):  # the handshake's last reply must be on the wire before threads write
             if self.transport.get_write_buffer_size() == 0 or self._closed:
@@ -418,7 +420,7 @@ class Connection(asyncio.BufferedProtocol):
         """Start backlog requests while replies have room (the backlog holds what was read).
 
         Replies to requests answered inline here are written together (one writev, one wake-up
-        of the client) up to COALESCE_BYTES, as connection threads do (core/threaded.py)."""
+        of the client) up to COALESCE_BYTES, as connection threads do (server/threaded.py)."""
         transmission = self.transmission
         backlog = self._backlog
         held: list[Any] = []

@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from . import protocol as P
+from . import wire as P
 from .errors import ProtocolError
 
 MAX_OPTION_LENGTH = 64 * 1024  # no option we accept carries more; longer ones are refused unread

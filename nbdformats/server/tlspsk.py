@@ -19,7 +19,7 @@ import logging
 import ssl
 import sys
 
-from .errors import ConfigError
+from ..api.errors import ConfigError
 
 log = logging.getLogger("nbdformats")
 

@@ -33,7 +33,7 @@ import threading
 import time
 from typing import IO, Any, Callable, Sequence
 
-from . import protocol as P
+from ..protocol import wire as P
 
 # NBD command -> the operation names nbdkit's stats filter uses.
 OPERATION_NAMES = {P.CMD_READ: "read", P.CMD_WRITE: "write", P.CMD_FLUSH: "flush", P.CMD_TRIM: "trim",

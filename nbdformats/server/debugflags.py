@@ -22,8 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .chain import Component
-from .errors import ConfigError
+from ..api.chain import Component
+from ..api.errors import ConfigError
 
 CORE_NAMES = ("nbdkit", "nbdformats")
 _FORMAT = re.compile(r"^([A-Za-z0-9_-]+)\.([A-Za-z0-9_.-]+)=(.+)$")
