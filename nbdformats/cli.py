@@ -445,7 +445,7 @@ def _main(argv: list[str]) -> int:
         raise ConfigError(f"{plugin_name}: {e}") from None
 
     from .server.busypoll import DEFAULT_MAX_US
-    from .server.connection import ServerSettings
+    from .server.settings import ServerSettings
     from .server.listeners import ListenConfig, make_listeners, tls_context, tune_malloc, use_fast_event_loop
 
     tls_mode = str(opts.get("tls", "off"))

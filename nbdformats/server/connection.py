@@ -16,19 +16,17 @@ import asyncio
 import logging
 import os
 import socket
-import ssl
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from ..protocol import wire as P
-from .busypoll import DEFAULT_MAX_US, BusyPoll
-from ..api.chain import Chain, Layer, ThreadModel, WouldBlock, set_must_not_block
+from .busypoll import BusyPoll
+from .settings import ServerSettings
+from ..api.chain import Layer, ThreadModel, WouldBlock, set_must_not_block
 from ..api.errors import NBDError
 from ..protocol.errors import ProtocolError
 from ..protocol.handshake import Abort, ExportRequest, ListExports, NeedData, ServerHandshake, StartTLS, oldstyle_greeting
-from .stats import StatsRecorder
 from .threaded import COALESCE_BUFFERS, COALESCE_BYTES, MAX_IN_FLIGHT_BYTES, ThreadedTransmission
 from ..protocol.transmission import Request, RequestDecoder
 from .transmission import Transmission, export_info
@@ -43,35 +41,6 @@ WRITE_HIGH_WATER = 4 * 1024 * 1024
 WRITE_LOW_WATER = 1024 * 1024
 HANDSHAKE_BUFFER = 16 * 1024
 SOCKET_SEND_BUFFER = 2 * 1024 * 1024  # capped by net.core.wmem_max
-
-
-@dataclass
-class ServerSettings:
-    """What every connection needs to know about the server."""
-
-    chain: Chain
-    readonly: bool = False
-    tls: str = "off"
-    tls_context: ssl.SSLContext | None = None
-    oldstyle: bool = False
-    threads: int = 16
-    busy_poll_us: int = DEFAULT_MAX_US  # --busy-poll: the longest a lone connection polls for a request
-    handshake_timeout: float = 60.0
-    description: str = ""
-    on_connection_closed: Callable[["Connection"], None] | None = None
-    stats: StatsRecorder | None = None  # --stats-json: times every request of every connection
-    connections: set = field(default_factory=set)
-    _pools: dict = field(default_factory=dict)
-    # serialize_connections: a client is served only when the previous one has gone.
-    one_connection_at_a_time: asyncio.Lock | None = None
-
-    def pool(self, loop: asyncio.AbstractEventLoop, model: ThreadModel) -> WorkerPool:
-        """The shared worker pool for a thread model: `-t` threads when parallel, else one."""
-        key = "parallel" if model == ThreadModel.PARALLEL else "serial"
-        if key not in self._pools:
-            self._pools[key] = WorkerPool(loop, max(1, self.threads) if key == "parallel" else 1,
-                                          name=f"nbdformats-{key}")
-        return self._pools[key]
 
 
 class Connection(asyncio.BufferedProtocol):

@@ -12,7 +12,8 @@ import ssl
 import sys
 from dataclasses import dataclass, field
 
-from .connection import Connection, ServerSettings
+from .connection import Connection
+from .settings import ServerSettings
 
 log = logging.getLogger("nbdformats")
 
