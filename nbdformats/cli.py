@@ -456,7 +456,7 @@ def _main(argv: list[str]) -> int:
         psk_file = opts.get("tls-psk")
         cert_dir = opts.get("tls-certificates")
         if psk_file is not None:  # as in nbdkit, PSK overrides X.509
-            from .server.tlspsk import psk_context
+            from .tls.psk import psk_context
             context = psk_context(str(psk_file))
         elif cert_dir is None:
             raise ConfigError("--tls needs --tls-certificates DIR or --tls-psk FILE")

@@ -31,7 +31,6 @@ import getpass
 import itertools
 import os
 import socket
-import ssl
 import threading
 import time
 from dataclasses import replace
@@ -40,6 +39,7 @@ from typing import Any, Iterable
 from ..api.errors import NBDError
 from ..protocol import wire as P
 from ..protocol.errors import ProtocolError
+from ..tls.memorybio import TLSClosed, TLSSocket
 from .address import DEFAULT_MAXIMUM, Address, HandshakeError, parse_uri, tls_context
 from .negotiate import Negotiated, Recv, Send, negotiate
 from .replies import Command, ReplyDecoder, encode_request, wait_all
@@ -77,84 +77,6 @@ def _send_all(sock: "socket.socket | TLSSocket", header: bytes, payload: Any) ->
             else:
                 parts[0] = parts[0][sent:]
                 sent = 0
-
-
-class TLSSocket:
-    """TLS over a connected socket through memory BIOs, safe for one reader and many writers at once.
-
-    OpenSSL objects must not be used by two threads at the same time, which an ssl.SSLSocket read in a
-    reader thread while request threads write would do.  Here one lock guards the SSL object and the
-    encrypted bytes go out in the order it produced them (they are taken from the BIO and sent under
-    the send lock).  Offers the few socket methods the client uses.
-    """
-
-    RECORD = 256 * 1024  # plaintext encrypted per step, so a 64 MiB write does not double in memory
-
-    def __init__(self, raw: socket.socket, context: ssl.SSLContext, hostname: str | None) -> None:
-        self.raw = raw
-        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_hostname=hostname)
-        self._ssl_lock = threading.Lock()  # the SSL object and its BIOs
-        self._send_lock = threading.Lock()  # taking bytes from the outgoing BIO and sending them
-        while True:
-            try:
-                with self._ssl_lock:
-                    self._ssl.do_handshake()
-                self._flush()
-                return
-            except ssl.SSLWantReadError:
-                self._flush()
-                if not self._fill():
-                    raise HandshakeError("the server closed the connection during the TLS handshake") from None
-
-    def _flush(self) -> None:
-        with self._send_lock:
-            with self._ssl_lock:
-                data = self._outgoing.read()
-            if data:
-                self.raw.sendall(data)
-
-    def _fill(self) -> bool:
-        data = self.raw.recv(256 * 1024)
-        if not data:
-            return False
-        with self._ssl_lock:
-            self._incoming.write(data)
-        return True
-
-    def sendall(self, data: Any) -> None:
-        view = memoryview(data).cast("B")
-        with self._send_lock:
-            for start in range(0, len(view), self.RECORD):
-                with self._ssl_lock:
-                    self._ssl.write(view[start:start + self.RECORD])
-                    encrypted = self._outgoing.read()
-                self.raw.sendall(encrypted)
-
-    def recv_into(self, buf: memoryview) -> int:
-        while True:
-            try:
-                with self._ssl_lock:
-                    n = self._ssl.read(len(buf), buf)
-                    pending = self._outgoing.pending
-            except ssl.SSLWantReadError:
-                if not self._fill():
-                    return 0
-                continue
-            except ssl.SSLZeroReturnError:
-                return 0
-            if pending:  # e.g. an answer to a TLS 1.3 key update
-                self._flush()
-            return n
-
-    def settimeout(self, timeout: float | None) -> None:
-        self.raw.settimeout(timeout)
-
-    def shutdown(self, how: int) -> None:
-        self.raw.shutdown(how)
-
-    def close(self) -> None:
-        self.raw.close()
 
 
 def _open_socket(address: Address, timeout: float | None) -> socket.socket:
@@ -195,14 +117,19 @@ def handshake(sock: socket.socket, address: Address, *, structured: bool = True,
             sock.sendall(step.data)
         else:
             if address.tls_psk_file:
-                from ..server.tlspsk import psk_client_context
+                from ..tls.psk import psk_client_context
                 context = psk_client_context(address.tls_psk_file, address.tls_username or getpass.getuser())
             else:
                 context = tls_context(address.tls_certificates, address.tls_verify)
             hostname = address.tls_hostname or address.host
             if not hostname or address.tls_psk_file:
                 context.check_hostname = False  # a Unix socket has no name to check
-            sock = TLSSocket(sock, context, hostname)  # type: ignore[assignment]
+            tls = TLSSocket(sock, context, server_side=False, hostname=hostname)
+            try:
+                tls.do_handshake()
+            except TLSClosed as e:
+                raise HandshakeError(str(e)) from None
+            sock = tls  # type: ignore[assignment]
 
 
 class NBDClient:
