@@ -6,7 +6,9 @@
 Workloads per server: sequential write and read of the whole export with nbdcopy (4 connections when the
 server allows multi-conn, and 1), random 4 KiB reads and writes at queue depth 1 and 16 through libnbd's
 aio API, and the server's peak RSS.  Servers run one at a time, interleaved round by round so each sees the
-same machine state; the table shows medians and the ratio of nbdformats to nbdkit (higher is better).
+same machine state; the table shows medians and the ratio of nbdformats to nbdkit (higher is better), and
+the server's CPU time per unit of work (/proc/PID/stat before and after each workload).  Raw results go to
+benchmarks/results/ (benchmarks/_results.py); benchmarks/tables.py makes the docs' tables from them.
 
 Needs Debian's python3 (for libnbd's binding, python3-libnbd), nbdkit, qemu-utils and libnbd-bin.
 """
@@ -26,6 +28,7 @@ import time
 import nbd
 
 from _common import NBDFORMATS, Server, timed
+from _results import Run
 
 BLOCK = 4096
 
@@ -72,22 +75,38 @@ def random_io(uri: str, write: bool, depth: int, count: int, size: int) -> float
     return count / elapsed
 
 
-def run_workloads(server: Server, source: str, size: int, count: int) -> dict[str, float]:
-    results: dict[str, float] = {}
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, all its threads, so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def run_workloads(server: Server, source: str, size: int, count: int) -> dict[str, dict[str, float]]:
+    """Each workload's figure and the server's CPU seconds during it."""
+    results: dict[str, dict[str, float]] = {}
     h = nbd.NBD()
     h.connect_uri(server.uri)
     multi = h.can_multi_conn()
     h.shutdown()
     conns = 4 if multi else 1
-    results["seq_write"] = nbdcopy(source, server.uri, conns, size)
-    results["seq_write_c1"] = nbdcopy(source, server.uri, 1, size)
-    results["seq_read"] = nbdcopy(server.uri, "null:", conns, size)
-    results["seq_read_c1"] = nbdcopy(server.uri, "null:", 1, size)
-    results["randwrite_qd16"] = random_io(server.uri, True, 16, count, size)
-    results["randwrite_qd1"] = random_io(server.uri, True, 1, count // 3, size)
-    results["randread_qd16"] = random_io(server.uri, False, 16, count, size)
-    results["randread_qd1"] = random_io(server.uri, False, 1, count // 3, size)
-    results["peak_rss"] = server.peak_rss_kib() / 1024
+    workloads = {
+        "seq_write": lambda: nbdcopy(source, server.uri, conns, size),
+        "seq_write_c1": lambda: nbdcopy(source, server.uri, 1, size),
+        "seq_read": lambda: nbdcopy(server.uri, "null:", conns, size),
+        "seq_read_c1": lambda: nbdcopy(server.uri, "null:", 1, size),
+        "randwrite_qd16": lambda: random_io(server.uri, True, 16, count, size),
+        "randwrite_qd1": lambda: random_io(server.uri, True, 1, count // 3, size),
+        "randread_qd16": lambda: random_io(server.uri, False, 16, count, size),
+        "randread_qd1": lambda: random_io(server.uri, False, 1, count // 3, size),
+    }
+    for workload, run in workloads.items():
+        before = cpu_seconds(server.proc.pid)
+        value = run()
+        results[workload] = {"value": value, "cpu_s": cpu_seconds(server.proc.pid) - before,
+                             "work": size if workload.startswith("seq") else
+                             (count if workload.endswith("qd16") else count // 3)}
+    results["peak_rss"] = {"value": server.peak_rss_kib() / 1024}
     return results
 
 
@@ -112,6 +131,50 @@ UNITS = {"seq_write": "MB/s", "seq_write_c1": "MB/s", "seq_read": "MB/s", "seq_r
          "peak_rss": "MB"}
 
 
+def cpu_per_unit(result: dict[str, float], workload: str) -> float:
+    """Server CPU per unit of work: ms per GiB moved (sequential), us per request (random)."""
+    if workload.startswith("seq"):
+        return result["cpu_s"] * 1000 / (result["work"] / (1 << 30))
+    return result["cpu_s"] * 1e6 / result["work"]
+
+
+def summarize(servers: list[str], runs: dict[str, list[dict[str, dict[str, float]]]]) -> dict[str, dict[str, dict]]:
+    """Medians over rounds of each figure and of its CPU per unit of work."""
+    summary: dict[str, dict[str, dict]] = {}
+    for name in servers:
+        summary[name] = {}
+        for workload in UNITS:
+            rounds = [r[workload] for r in runs[name]]
+            entry = {"value": statistics.median(r["value"] for r in rounds)}
+            if "cpu_s" in rounds[0]:
+                entry["cpu"] = statistics.median(cpu_per_unit(r, workload) for r in rounds)
+            summary[name][workload] = entry
+    return summary
+
+
+def print_table(servers: list[str], summary: dict[str, dict[str, dict]], rounds: int, size: str) -> None:
+    print(f"\nmedians of {rounds} interleaved rounds, {size} export, {os.cpu_count()} CPUs; "
+          "cpu: server CPU in ms per GiB (sequential) or us per request (random)")
+    print(f"{'workload':22}" + "".join(f"{n:>24}" for n in servers) + "   nbdformats/nbdkit (speed; cpu)")
+    for workload, unit in UNITS.items():
+        cells = []
+        for name in servers:
+            entry = summary[name][workload]
+            cell = f"{entry['value']:.0f}" + (f" ({entry['cpu']:.0f})" if "cpu" in entry else "")
+            cells.append(f"{cell:>24}")
+        ratios = []
+        for kind in ("memory", "file"):
+            ours, theirs = summary.get(f"nbdformats {kind}"), summary.get(f"nbdkit {kind}")
+            if not (ours and theirs and theirs[workload]["value"]):
+                continue
+            speed = ours[workload]["value"] / theirs[workload]["value"]
+            if workload == "peak_rss":
+                ratios.append(f"{kind} {1 / speed:.2f}x")  # lower RSS is better
+            else:
+                ratios.append(f"{kind} {speed:.2f}x; cpu {ours[workload]['cpu'] / theirs[workload]['cpu']:.2f}x")
+        print(f"{workload + ' (' + unit + ')':22}" + "".join(cells) + "   " + ", ".join(ratios))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -120,6 +183,7 @@ def main() -> int:
     parser.add_argument("--only", choices=["memory", "file"], help="only this backend")
     parser.add_argument("--no-qemu", action="store_true", help="leave qemu-nbd out")
     args = parser.parse_args()
+    run_record = Run("core", vars(args))
     size = parse_size(args.size)
     work = tempfile.mkdtemp(prefix="nbdformats-bench-")
     try:
@@ -141,34 +205,23 @@ def main() -> int:
             if not args.no_qemu:
                 servers += [("qemu-nbd file", ["qemu-nbd", "-t", "-k", sock, "-f", "raw", "--cache=writeback",
                                                "--aio=threads", image])]
-        results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in servers}
+        runs: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name, _ in servers}
         for round_number in range(args.rounds):
             for name, argv in servers:
                 print(f"round {round_number + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
                 with Server(argv, sock) as server:
                     server.wait_for_socket()
-                    results[name].append(run_workloads(server, source, size, args.count))
+                    runs[name].append(run_workloads(server, source, size, args.count))
+        startup = {}
         print("\nstart-up (-U - memory 1M --run true, median of 5) and idle RSS:")
         for name, prefix in (("nbdkit", ["nbdkit"]), ("nbdformats", NBDFORMATS)):
             seconds, rss = startup_and_idle(prefix, work)
+            startup[name] = {"seconds": seconds, "idle_rss_mb": rss}
             print(f"  {name:12} {seconds:6.3f} s   {rss:6.1f} MB")
-        medians = {name: {w: statistics.median(r[w] for r in runs) for w in UNITS}
-                   for name, runs in results.items()}
         names = [name for name, _ in servers]
-        print(f"\nmedians of {args.rounds} interleaved rounds, {args.size} export, {os.cpu_count()} CPUs")
-        header = f"{'workload':16}" + "".join(f"{n:>20}" for n in names) + "   nbdformats/nbdkit"
-        print(header)
-        for workload, unit in UNITS.items():
-            row = f"{workload + ' (' + unit + ')':16}" + "".join(f"{medians[n][workload]:>20.0f}" for n in names)
-            ratios = []
-            for kind in ("memory", "file"):
-                ours, theirs = medians.get(f"nbdformats {kind}"), medians.get(f"nbdkit {kind}")
-                if ours and theirs and theirs[workload]:
-                    ratio = ours[workload] / theirs[workload]
-                    if workload == "peak_rss":
-                        ratio = 1 / ratio  # lower RSS is better
-                    ratios.append(f"{kind} {ratio:.2f}x")
-            print(row + "   " + ", ".join(ratios))
+        summary = summarize(names, runs)
+        print_table(names, summary, args.rounds, args.size)
+        run_record.save({"servers": names, "rounds": runs, "summary": summary, "startup": startup})
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

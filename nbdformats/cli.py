@@ -231,7 +231,6 @@ def dump_plugin(plugin_name: str, args: list[str]) -> None:
     print(f"version={__version__}")
     print("api_version=2")
     print(f"thread_model={plugin.thread_model.name.lower()}")
-    print(f"blocking={'yes' if plugin.blocking else 'no'}")
     for p in params_of(cls):
         magic = " (magic)" if p.magic else ""
         print(f"param={p.key}:{p.type.metavar}{magic}")

@@ -15,7 +15,7 @@ import pytest
 from conftest import random_file, serve
 from fixtures.hardening import Raw, rss_mib
 from nbdformats.protocol import wire as P
-from nbdformats.server.threaded import MAX_IN_FLIGHT_BYTES
+from nbdformats.server.budget import CONNECTION_LIMIT
 from nbdformats.protocol.transmission import MAX_PAYLOAD
 
 GATE = str(Path(__file__).parent / "fixtures" / "plugins" / "gate.py")
@@ -53,8 +53,8 @@ def test_client_that_never_reads_replies_cannot_grow_server_memory(tmp_path, plu
             assert hashlib.sha256(good.read(5 << 20, 65536, cookie=i)).hexdigest() == expected
             peak = max(peak, rss_mib(srv.proc.pid))
             time.sleep(0.05)
-        # one reply being built plus the 4 MiB write buffer (memory), or the in-flight byte cap (file)
-        bound = (MAX_IN_FLIGHT_BYTES + length if plugin == "file" else 2 * length) / (1 << 20) + 48
+        # the connection's in-flight byte cap, plus the reply being built
+        bound = (CONNECTION_LIMIT + length) / (1 << 20) + 48
         assert peak - before < bound, (before, peak)
         # The stalled client catches up and gets every reply intact (threads may reorder them).
         first = hashlib.sha256(disk.read_bytes()[:length]).digest()
@@ -78,10 +78,10 @@ def probe(sock: str) -> int:
     return count
 
 
-@pytest.mark.parametrize("length,threads,limit", [(4096, 8, 8), (16 << 20, 128, MAX_IN_FLIGHT_BYTES // (16 << 20))])
+@pytest.mark.parametrize("length,threads,limit", [(4096, 8, 8), (16 << 20, 128, CONNECTION_LIMIT // (16 << 20))])
 def test_in_flight_limit_per_connection(length, threads, limit):
     """Pipelined requests beyond the limit wait unread: a blocking plugin runs at most -t requests
-    of one connection at once, and at most MAX_IN_FLIGHT_BYTES of reads however many threads."""
+    of one connection at once, and at most CONNECTION_LIMIT of reads however many threads."""
     with serve(GATE, options=("-t", str(threads))) as srv:
         client = Raw(srv.socket)
         client.go()

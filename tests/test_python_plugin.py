@@ -118,11 +118,9 @@ def test_script_sees_itself_as_main_and_imports_sibling_modules(tmp):
 def test_thread_model_comes_from_the_script():
     ramdisk = configure(SCRIPTS / "ramdisk.py")
     assert ramdisk.thread_model == ThreadModel.SERIALIZE_ALL_REQUESTS  # nbdkit's default for scripts
-    assert not ramdisk.blocking  # serialized: run inline on the event loop
     image = SCRIPTS / "file.py"  # any existing file will do
     parallel = configure(SCRIPTS / "file.py", ("file", str(image)))
     assert parallel.thread_model == ThreadModel.PARALLEL
-    assert parallel.blocking  # asks for concurrency: worker threads
 
 
 def test_bad_thread_model(tmp):

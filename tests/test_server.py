@@ -299,6 +299,29 @@ def test_single_connection_on_stdin():
     assert run([SYSTEM_PYTHON, "-c", script]).stdout.strip() == b"1048576 bytearray(b'abc')"
 
 
+def test_single_from_a_file_and_into_a_pipe(tmp_path):
+    """`-s` with a plain file as stdin (nbdkit's fuzzers do this: test-single-from-file.sh): the
+    handshake and requests are read from the file, the replies written to stdout."""
+    go = P.U32.pack(0) + P.U16.pack(0)  # export name "", no information requests
+    stream = (P.CLIENT_FLAGS.pack(P.CLIENT_FLAG_FIXED_NEWSTYLE | P.CLIENT_FLAG_NO_ZEROES)
+              + P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_GO, len(go)) + go
+              + P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 512, 3) + b"abc"
+              + P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 2, 510, 6)
+              + P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC, 3, 0, 0))
+    (tmp_path / "requests").write_bytes(stream)
+    with open(tmp_path / "requests", "rb") as stdin:
+        proc = subprocess.run([*NBDFORMATS, "-f", "-s", "memory", "1M"], stdin=stdin, capture_output=True,
+                              timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert P.GREETING.unpack_from(out)[:2] == (P.NBDMAGIC, P.IHAVEOPT)
+    # The replies to the write and the read end the stream: simple replies, as negotiated.
+    write_reply, read_reply = out[-32 - 6:-16 - 6], out[-16 - 6:]
+    assert P.SIMPLE_REPLY.unpack(write_reply) == (P.SIMPLE_REPLY_MAGIC, 0, 1)
+    assert P.SIMPLE_REPLY.unpack_from(read_reply) == (P.SIMPLE_REPLY_MAGIC, 0, 2)
+    assert read_reply[16:] == b"\0\0abc\0"
+
+
 def test_systemd_socket_activation():
     script = (f"import nbd\nh = nbd.NBD()\nh.connect_systemd_socket_activation({[*NBDFORMATS, '--exit-with-parent', 'memory', '2M']!r})\n"
               "print(h.get_size())\n")  # --exit-with-parent: the server goes with this script
@@ -530,8 +553,8 @@ def test_serialize_connections_serves_one_client_at_a_time():
         assert struct.unpack(">Q", second.recv_exact(18)[:8])[0] == P.NBDMAGIC
 
 
-def test_file_reads_not_in_the_page_cache_are_read_by_blocking_threads(tmp_path):
-    """Reads first try the page cache without blocking (RWF_NOWAIT); misses must still return the data."""
+def test_file_reads_not_in_the_page_cache(tmp_path):
+    """Reads that go to the disk (the page cache dropped) return the right data."""
     disk = random_file(tmp_path / "disk.img", 16 << 20, seed=9)
     with serve("file", str(disk)) as srv:
         fd = os.open(disk, os.O_RDONLY)

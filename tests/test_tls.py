@@ -152,8 +152,8 @@ def test_tls_psk_bad_file(tmp_path):
     assert proc.returncode != 0 and b"expected USERNAME:HEXKEY" in proc.stderr
 
 
-def test_tls_with_a_blocking_plugin(tmp_path):
-    """TLS connections of blocking chains stay on the event loop and hand requests to the worker pool."""
+def test_tls_with_a_file_plugin(tmp_path):
+    """TLS through the same engine as plain sockets, with a plugin that reads from disk."""
     keys = tmp_path / "keys.psk"
     keys.write_text("alice:" + "5a" * 32 + "\n")
     disk = random_file(tmp_path / "disk.img", 8 << 20, seed=3)

@@ -15,12 +15,11 @@ import contextlib
 import errno
 import functools
 import logging
-import threading
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import IntEnum
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 from .errors import ConfigError, NBDError
 from .params import apply_params
@@ -41,6 +40,9 @@ NATIVE = 2
 EXTENT_DATA = 0
 EXTENT_HOLE = 1
 EXTENT_ZERO = 2
+
+# What pread_sparse returns: (start, length) ranges of the buffer that read as zeroes.
+Holes = Sequence[tuple[int, int]]
 
 MAX_REQUEST_SIZE = 64 * 1024 * 1024
 EMULATION_CHUNK = 1024 * 1024
@@ -111,9 +113,6 @@ class Component:
 
     name: ClassVar[str] = ""
     thread_model: ClassVar[ThreadModel] = ThreadModel.PARALLEL
-    # True when callbacks may block (disk, network, heavy CPU): the server then calls them
-    # in worker threads instead of inline on the event loop.
-    blocking: ClassVar[bool] = False
     # The thread model of the whole chain (the strictest of its components), set by
     # Chain.get_ready() before get_ready() runs, as nbdkit passes it to .get_ready.
     final_thread_model: ThreadModel = ThreadModel.PARALLEL
@@ -121,19 +120,8 @@ class Component:
     # Callbacks that mostly wait for another machine (network round trips) with the GIL
     # released: each connection then gets all -t threads at once, as nbdkit's do, so a client's
     # requests are in flight together.  Otherwise a connection starts with one thread and grows
-    # only when requests really block (server/threaded.py): threads contend for the GIL.
+    # only when requests really block (server/engine.py): threads contend for the GIL.
     latency_bound: ClassVar[bool] = False
-
-    # A plugin whose pread can be tried on the event loop: it raises WouldBlock when
-    # must_not_block() is true and the data is not at hand (file: RWF_NOWAIT).
-    nowait_reads: ClassVar[bool] = False
-    # A filter whose reads are safe to abandon half-way with WouldBlock and redo (no state
-    # changed on the way); chains of such filters over a nowait_reads plugin try reads inline.
-    nowait_safe: ClassVar[bool] = False
-    # Whether asking for extents is cheap (no network round trip, no side effects).  The server
-    # asks before each large structured READ to send holes as OFFSET_HOLE only when the whole
-    # chain is cheap: plugins must say so (memory, file do); filters are assumed cheap.
-    cheap_extents: ClassVar[bool] = False
 
     # Free-form parameters (the python plugin hands them to its script): undeclared key=value
     # pairs go to config(key, value) in command-line order instead of being refused.
@@ -185,26 +173,6 @@ class Component:
         limit), which are not the same as opens: a client may open the chain for NBD_OPT_INFO
         and again for NBD_OPT_GO.
         """
-
-
-class WouldBlock(Exception):
-    """Raised by a component asked not to block (see must_not_block()) when it would have to."""
-
-
-_thread_state = threading.local()
-
-
-def must_not_block() -> bool:
-    """True when the caller is the event loop's thread trying a request inline.
-
-    A plugin that declares `nowait_reads = True` checks this in pread and raises WouldBlock
-    instead of waiting (e.g. os.preadv with RWF_NOWAIT); the server then retries in a worker.
-    """
-    return getattr(_thread_state, "must_not_block", False)
-
-
-def set_must_not_block(value: bool) -> None:
-    _thread_state.must_not_block = value
 
 
 # The server installs a function here that stops it gracefully (like nbdkit_shutdown()).
@@ -269,6 +237,17 @@ class PluginHandle:
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         raise NotImplementedError
 
+    def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        """Read like pread, except that ranges known to read as zeroes may be left unfilled and
+        returned instead, as (start, length) pairs relative to buf, in ascending order.
+
+        The server asks this of large structured reads and sends the ranges as holes
+        (NBD_REPLY_TYPE_OFFSET_HOLE).  Implement it only when finding the zero ranges is cheap
+        (the memory plugin's page map, lseek SEEK_HOLE); by default it is pread with no holes.
+        """
+        self.pread(buf, offset, flags)
+        return ()
+
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         raise NBDError(errno.EROFS, "read-only")
 
@@ -296,6 +275,23 @@ class PluginHandle:
 
     def close(self) -> None:
         pass
+
+
+def pread_sparse_by_extents(handle: "PluginHandle | FilterHandle", buf: memoryview, offset: int,
+                            flags: int) -> Holes:
+    """pread_sparse for a handle whose own extents are cheap: read the data extents, return the
+    zero ones as holes.  A handle that knows its holes implements pread_sparse with it."""
+    extents = Extents(offset, offset + len(buf))
+    handle.extents(len(buf), offset, 0, extents)
+    holes = []
+    for start, length, kind in extents:
+        if kind & EXTENT_ZERO:
+            holes.append((start - offset, length))
+        else:
+            handle.pread(buf[start - offset:start - offset + length], start, flags)
+    if extents.covered < offset + len(buf):  # extents may stop early: the rest is data
+        handle.pread(buf[extents.covered - offset:], extents.covered, flags)
+    return holes
 
 
 def _overrides(handle: Any, method: str, base: type) -> bool:
@@ -369,6 +365,14 @@ class FilterHandle:
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         self.next.pread(buf, offset, flags)
 
+    def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        """A read that may answer zero ranges as holes (see PluginHandle.pread_sparse).
+
+        A filter that overrides pread but not this sees every read as a pread: sparse reads
+        pass through only filters that do not touch reads, or that say how here.
+        """
+        return self.next.pread_sparse(buf, offset, flags)
+
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         self.next.pwrite(buf, offset, flags)
 
@@ -405,7 +409,6 @@ class Filter(Component):
     """Base class of filters.  Subclasses set `name`, declare Params and define `Handle`."""
 
     Handle: ClassVar[type[FilterHandle]] = FilterHandle
-    cheap_extents: ClassVar[bool] = True
     # True when the filter's size is the size of the layer below and its state does not depend
     # on it, so NBD_CMD_RESIZE can pass through (cache, cow, rate, fua, nozero, log ...).
     resize_passthrough: ClassVar[bool] = False
@@ -476,6 +479,11 @@ class Layer:
         self._can_cache = int(handle.can_cache())
         self._can_resize = self._can_write and bool(handle.can_resize())
         self.pread = handle.pread
+        base = FilterHandle if isinstance(handle, FilterHandle) else PluginHandle
+        if _overrides(handle, "pread", base) and not _overrides(handle, "pread_sparse", base):
+            self.pread_sparse = self._pread_dense  # type: ignore[method-assign]
+        else:
+            self.pread_sparse = handle.pread_sparse  # type: ignore[method-assign]
         if can_fua != EMULATE:
             self.pwrite = handle.pwrite  # type: ignore[method-assign]
             self.trim = handle.trim  # type: ignore[method-assign]
@@ -540,6 +548,14 @@ class Layer:
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:  # pragma: no cover
         self.handle.pread(buf, offset, flags)
 
+    def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:  # pragma: no cover
+        return self.handle.pread_sparse(buf, offset, flags)
+
+    def _pread_dense(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        """A filter that reads but says nothing of holes: it sees a pread, and there are none."""
+        self.handle.pread(buf, offset, flags)
+        return ()
+
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         self.handle.pwrite(buf, offset, flags & ~FLAG_FUA)
         if flags & FLAG_FUA:
@@ -594,10 +610,7 @@ class Chain:
         self.plugin = plugin
         components: list[Component] = [*filters, plugin]
         self.thread_model = min(c.thread_model for c in components)
-        self.blocking = any(c.blocking for c in components)
         self.latency_bound = any(c.latency_bound for c in components)
-        self.nowait_reads = plugin.nowait_reads and all(f.nowait_safe and not f.blocking for f in filters)
-        self.cheap_extents = plugin.cheap_extents and all(f.cheap_extents for f in filters)
         self.buffer_alignment = plugin.buffer_alignment
         for index, f in enumerate(filters):
             f.open_below = functools.partial(self._open, index + 1)  # type: ignore[method-assign]
@@ -608,7 +621,6 @@ class Chain:
             component.configure(pairs_by_component.get(index, []))
         # Configuring may settle a thread model (the python plugin asks its script).
         self.thread_model = min(c.thread_model for c in components)
-        self.blocking = any(c.blocking for c in components)
 
     def preconnect(self, client: Any, readonly: bool) -> None:
         """Every component may refuse a new client before the handshake (outermost first)."""

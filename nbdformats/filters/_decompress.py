@@ -117,7 +117,6 @@ class SourceHandle(FilterHandle):
 class DecompressFilter(Filter):
     """Base of the decompressing filters (read-only; one shared Source per export)."""
 
-    blocking = True  # decompression is heavy CPU work: run in worker threads
     max_size = Param(Size(minimum=1), key="max-size",
                      help="Refuse data that decompresses to more than this (decompression bomb "
                           "protection); default: no limit beyond the size the file declares")

@@ -164,7 +164,6 @@ class ArchiveFilter(MemberFilter):
     """Serve a member of any archive libarchive reads, unpacking on demand (read-only)."""
 
     name = "archive"
-    blocking = True  # decompression and spill-file I/O
     entry = Param(String(), key="archive-entry",
                   help="The member to serve, as `bsdtar tf` lists it. Without it every regular file is an "
                        "export selected by the client's export name")

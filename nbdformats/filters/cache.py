@@ -25,7 +25,7 @@ Beyond nbdkit:
   smaller end are dropped (dirty ones too: those bytes are gone from the disk), so growing
   again reads zeroes, as from the plugin.
 
-Concurrency: requests run in worker threads (`blocking = True`), in parallel.  Each block is
+Concurrency: requests of all connections run in parallel threads.  Each block is
 guarded by one of LOCK_STRIPES locks, held across its cache file I/O, plugin I/O and state
 change, so concurrent writes to one block cannot tear it or lose an update; a request takes
 the locks of its blocks in ascending stripe order (no deadlock), reclaim only try-locks.
@@ -276,7 +276,6 @@ class CacheFilter(Filter):
     """Cache the plugin's data in a local sparse file (writeback, writethrough or unsafe)."""
 
     name = "cache"
-    blocking = True  # file I/O on the cache, plugin I/O on misses and write back
     mode = Param(Enum("writeback", "writethrough", "unsafe"), default="writeback", key="cache",
                  help="writeback: writes reach the plugin on flush/FUA; writethrough: on every write; "
                       "unsafe: only when the cache must make room (flush does nothing)")

@@ -7,7 +7,7 @@ absent (read from the plugin), ALLOCATED (read from the overlay) or ZEROED (read
 zero and trim of whole blocks, which also frees the overlay's space).  A partial write to an
 absent block copies the block from the plugin first.  All connections share one overlay.
 
-Concurrency: requests run in worker threads (`blocking = True`).  Each block is guarded by one
+Concurrency: requests of all connections run in parallel threads.  Each block is guarded by one
 of LOCK_STRIPES locks, taken in ascending order around every change, so concurrent partial
 writes to one block cannot lose an update, and a cow-on-read copy never overwrites newer data.
 """
@@ -105,7 +105,6 @@ class CowFilter(Filter):
     """Make any plugin writable: writes go to a temporary overlay, the plugin is never written."""
 
     name = "cow"
-    blocking = True  # overlay file I/O
     cow_block_size = Param(Size(minimum=4096, maximum=1 << 30, power_of_two=True), default=64 * 1024,
                            help="Block size of the overlay (a power of two, at least 4K; default 64K)")
     cow_on_read = Param(CowOnRead(), default=False,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import time
 
-from ..api.chain import FLAG_FAST_ZERO, Extents, Filter, FilterHandle, Layer
+from ..api.chain import FLAG_FAST_ZERO, Extents, Filter, FilterHandle, Holes, Layer
 from ..api.errors import NBDError
 from ..api.params import Bool, Param, ParamType
 
@@ -43,7 +43,6 @@ class DelayFilter(Filter):
 
     name = "delay"
     resize_passthrough = True
-    blocking = True  # sleeping happens in worker threads
     rdelay = _delay("Delay of reads (same as delay-read=)")
     delay_read = _delay("Delay of reads")
     wdelay = _delay("Delay of writes, zeroes and trims")
@@ -91,6 +90,10 @@ class DelayFilter(Filter):
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             self.filter.wait("pread")
             self.next.pread(buf, offset, flags)
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            self.filter.wait("pread")
+            return self.next.pread_sparse(buf, offset, flags)
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             self.filter.wait("pwrite")

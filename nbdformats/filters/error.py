@@ -15,7 +15,7 @@ import random
 import threading
 from dataclasses import dataclass
 
-from ..api.chain import Extents, Filter, FilterHandle
+from ..api.chain import Extents, Filter, FilterHandle, Holes
 from ..api.errors import NBDError
 from ..api.params import Enum, Param, ParamType, Path
 
@@ -120,6 +120,10 @@ class ErrorFilter(Filter):
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             self.filter.maybe_fail("pread")
             self.next.pread(buf, offset, flags)
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            self.filter.maybe_fail("pread")
+            return self.next.pread_sparse(buf, offset, flags)
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             self.filter.maybe_fail("pwrite")

@@ -26,7 +26,7 @@ import threading
 from typing import Any, Callable, Sequence
 
 from ..api.chain import (EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, FLAG_REQ_ONE, Export,
-                         Extents, Filter, FilterHandle, Layer)
+                         Extents, Filter, FilterHandle, Holes, Layer)
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Bool, Param, Path, String
 
@@ -75,7 +75,6 @@ class LogFilter(Filter):
     def config_complete(self) -> None:
         if self.logscript is not None:
             self.shell = shutil.which("bash") or "/bin/sh"
-            self.blocking = True  # a process per line: keep it off the event loop
 
     def get_ready(self) -> None:
         self.lock = threading.Lock()
@@ -182,6 +181,10 @@ class LogFilter(Filter):
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             self._call("Read", [("offset", hex(offset)), ("count", hex(len(buf)))],
                        lambda: self.next.pread(buf, offset, flags))
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            return self._call("Read", [("offset", hex(offset)), ("count", hex(len(buf)))],
+                              lambda: self.next.pread_sparse(buf, offset, flags))
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             self._call("Write", [("offset", hex(offset)), ("count", hex(len(buf))), ("fua", bool(flags & FLAG_FUA))],

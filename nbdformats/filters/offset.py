@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 
-from ..api.chain import Extents, Filter, FilterHandle, Layer
+from ..api.chain import Extents, Filter, FilterHandle, Holes, Layer
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Param, Size
 
@@ -32,6 +32,9 @@ class RangeHandle(FilterHandle):
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         self.next.pread(buf, offset + self.start, flags)
+
+    def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        return self.next.pread_sparse(buf, offset + self.start, flags)  # holes are relative to buf
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         self.next.pwrite(buf, offset + self.start, flags)

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..api.chain import Filter, FilterHandle, Layer, current_client
+from ..api.chain import Filter, FilterHandle, Holes, Layer, current_client
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Param, Path, parse_size
 
@@ -279,6 +279,10 @@ class PolicyFilter(Filter):
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             self.check("read", offset, len(buf))
             self.next.pread(buf, offset, flags)
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            self.check("read", offset, len(buf))
+            return self.next.pread_sparse(buf, offset, flags)
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             self.check("write", offset, len(buf))

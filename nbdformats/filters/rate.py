@@ -10,9 +10,8 @@ bucket has and sleeps for the rest in slices of at most SLICE_SECONDS, taking ag
 each, so large requests pay smoothly, concurrent requests share the tokens, and a rate
 changed by a file or the schedule applies within a slice.
 
-Sleeping happens in the server's worker threads (`blocking = True`), never on the event
-loop, so a throttled connection does not hold up the others; each sleeping request keeps
-one worker thread busy.
+Sleeping happens in the connection's own threads, so a throttled connection does not hold up
+the others; each sleeping request keeps one of its threads busy.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
-from ..api.chain import Filter, FilterHandle, Layer, current_client
+from ..api.chain import Filter, FilterHandle, Holes, Layer, current_client
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Float, Param, ParamType, Path, parse_size
 
@@ -266,7 +265,6 @@ class RateFilter(Filter):
 
     name = "rate"
     resize_passthrough = True  # its size is the size of the layer below
-    blocking = True  # requests sleep: in worker threads, never on the event loop
     rate = Param(BitRate(), help="total bandwidth limit of the server (bits per second)")
     connection_rate = Param(BitRate(), help="bandwidth limit of each connection")
     client_rate = Param(BitRate(),
@@ -349,6 +347,10 @@ class RateFilter(Filter):
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             self.filter.pay(self.read_limits, len(buf), write=False)
             self.next.pread(buf, offset, flags)
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            self.filter.pay(self.read_limits, len(buf), write=False)
+            return self.next.pread_sparse(buf, offset, flags)
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             self.filter.pay(self.write_limits, len(buf), write=True)

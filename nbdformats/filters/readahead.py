@@ -50,7 +50,6 @@ class ReadaheadFilter(Filter):
     name = "readahead"
     resize_passthrough = True
     # Prefetches run in a thread next to the requests: the chain must run in worker threads.
-    blocking = True
 
     class Handle(FilterHandle):
         def __init__(self, filter: "ReadaheadFilter", next: Layer, readonly: bool, export_name: str) -> None:

@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..api.chain import Extents, Filter, FilterHandle
+from ..api.chain import Extents, Filter, FilterHandle, Holes
 from ..api.errors import ConfigError
 from ..api.params import Bool, Int, Param, Path
 
@@ -158,18 +158,22 @@ class StatsFilter(Filter):
     class Handle(FilterHandle):
         filter: "StatsFilter"
 
-        def _timed(self, op: str, count: int, offset: int | None, call: Callable[..., None], *args: Any) -> None:
+        def _timed(self, op: str, count: int, offset: int | None, call: Callable[..., Any], *args: Any) -> Any:
             record = self.filter.record
             started = time.monotonic_ns()
             try:
-                call(*args)
+                result = call(*args)
             except Exception:
                 record(op, count, offset, None)
                 raise
             record(op, count, offset, started)
+            return result
 
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             self._timed("read", len(buf), offset, self.next.pread, buf, offset, flags)
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            return self._timed("read", len(buf), offset, self.next.pread_sparse, buf, offset, flags)
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             self._timed("write", len(buf), offset, self.next.pwrite, buf, offset, flags)

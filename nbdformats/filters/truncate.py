@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 
-from ..api.chain import EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, Extents, Filter, FilterHandle, Layer
+from ..api.chain import EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, Extents, Filter, FilterHandle, Holes, Layer
 from ..api.errors import NBDError
 from ..api.params import Param, Size
 from ..api.zeroes import fill_zero, is_zero
@@ -64,6 +64,13 @@ class TruncateFilter(Filter):
             if n:
                 self.next.pread(buf[:n], offset, flags)
             fill_zero(buf[n:])
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            n = self._inside(len(buf), offset)
+            holes = list(self.next.pread_sparse(buf[:n], offset, flags)) if n else []
+            if n < len(buf):  # past the plugin's end: zeroes
+                holes.append((n, len(buf) - n))
+            return holes
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             n = self._inside(len(buf), offset)

@@ -69,7 +69,6 @@ class ZipFilter(MemberFilter):
     """Serve a member of a zip archive (every member as an export when zip-entry= is not given)."""
 
     name = "zip"
-    blocking = True  # inflating is heavy CPU work
     entry = Param(String(), key="zip-entry",
                   help="The member to serve, as `unzip -l` lists it. Without it every file is an export "
                        "selected by the client's export name")

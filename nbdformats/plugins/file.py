@@ -9,11 +9,10 @@ import stat
 import struct
 
 from ..api.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, NATIVE,
-                         Export, Extents, Plugin, PluginHandle, WouldBlock, must_not_block)
+                         Export, Extents, Holes, Plugin, PluginHandle, pread_sparse_by_extents)
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Enum, Param, Path
-from ..api.syscalls import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, IN_MEMORY_FILESYSTEMS, fallocate,
-                            filesystem_type, punch_hole)
+from ..api.syscalls import FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, fallocate, punch_hole
 from ..api.zeroes import write_zeroes
 
 BLKGETSIZE64 = 0x80081272
@@ -25,9 +24,6 @@ class FilePlugin(Plugin):
     """Serve a file or block device (or each file of a directory as an export)."""
 
     name = "file"
-    cheap_extents = True  # extents come from a dict / lseek: ask before large reads to send holes
-    blocking = True  # disk I/O: run in worker threads so a slow disk cannot stall other clients
-    nowait_reads = True  # page-cache hits are read on the event loop (RWF_NOWAIT), misses in a worker
     file = Param(Path("any"), magic=True, help="The file or block device to serve")
     dir = Param(Path("dir"), help="Serve every regular file in this directory as an export")
     cache = Param(Enum("default", "none"), default="default",
@@ -86,10 +82,6 @@ class FilePlugin(Plugin):
             self.can_punch = self.can_zero_range = not self.is_block
             self.seek_data_works = not self.is_block
             self.data_region = (0, 0)  # [start, end) of data that extents() found last
-            # Reads of a file in memory (tmpfs, ramfs) never block: they need no RWF_NOWAIT,
-            # which tmpfs refuses (EOPNOTSUPP) on many kernels.
-            self.reads_never_block = filesystem_type(self.fd) in IN_MEMORY_FILESYSTEMS
-            self.nowait_works = True
 
         def get_size(self) -> int:
             if self.is_block:
@@ -124,24 +116,18 @@ class FilePlugin(Plugin):
 
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             fd, done, count = self.fd, 0, len(buf)
-            if must_not_block() and not self.reads_never_block:
-                # Without blocking: only what the page cache holds; otherwise a thread reads it.
-                if self.nowait_works:
-                    try:
-                        if os.preadv(fd, [buf], offset, os.RWF_NOWAIT) == count:
-                            return
-                    except BlockingIOError:
-                        pass
-                    except OSError as e:
-                        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                            raise
-                        self.nowait_works = False  # this filesystem cannot say: every read may block
-                raise WouldBlock()
             while done < count:
                 n = os.preadv(fd, [buf[done:]], offset + done)
                 if n == 0:
                     raise NBDError(errno.EIO, "read past the end of the file")
                 done += n
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            """Read the data; holes (lseek SEEK_HOLE) are returned, not read."""
+            if not self.seek_data_works:
+                self.pread(buf, offset, flags)
+                return ()
+            return pread_sparse_by_extents(self, buf, offset, flags)
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             fd, done, count = self.fd, 0, len(buf)

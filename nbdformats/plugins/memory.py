@@ -69,6 +69,34 @@ class SparsePages:
             buf[done:done + n] = source[start:start + n]
             done += n
 
+    def read_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
+        """Copy the pages that exist; return the ranges of buf (start, length) that are holes."""
+        pages, regions = self.pages, self.region_counts
+        holes: list[tuple[int, int]] = []
+        done, count = 0, len(buf)
+        while done < count:
+            index, start = divmod(offset + done, PAGE)
+            region = index // REGION_PAGES
+            if region not in regions:  # the rest of an empty region
+                n = min((region + 1) * REGION_PAGES * PAGE - (offset + done), count - done)
+            else:
+                n = min(PAGE - start, count - done)
+                page = pages.get(index)
+                if page is not None:
+                    self.copy_page(page, start, buf[done:done + n])
+                    done += n
+                    continue
+            if holes and sum(holes[-1]) == done:
+                holes[-1] = (holes[-1][0], holes[-1][1] + n)
+            else:
+                holes.append((done, n))
+            done += n
+        return holes
+
+    @staticmethod
+    def copy_page(page: bytearray, start: int, destination: memoryview) -> None:
+        destination[:] = memoryview(page)[start:start + len(destination)]
+
     def write(self, buf: memoryview, offset: int) -> None:
         pages = self.pages
         done, count = 0, len(buf)
@@ -152,6 +180,9 @@ class ZstdPages(SparsePages):
             buf[done:done + n] = source[start:start + n]
             done += n
 
+    def copy_page(self, page: bytearray, start: int, destination: memoryview) -> None:  # type: ignore[override]
+        destination[:] = memoryview(self.decompressor.decompress(page))[start:start + len(destination)]
+
     def write(self, buf: memoryview, offset: int) -> None:
         done, count = 0, len(buf)
         while done < count:
@@ -192,6 +223,10 @@ class WholeBuffer:
     def read(self, buf: memoryview, offset: int) -> None:
         buf[:] = self.view[offset:offset + len(buf)]
 
+    def read_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
+        self.read(buf, offset)
+        return []
+
     def write(self, buf: memoryview, offset: int) -> None:
         self.view[offset:offset + len(buf)] = buf
 
@@ -220,7 +255,6 @@ class MemoryPlugin(Plugin):
     """A RAM disk (sparse: unwritten and trimmed pages read as zeroes and cost nothing)."""
 
     name = "memory"
-    cheap_extents = True  # extents come from a dict: ask before large reads to send holes
     size = Param(Size(maximum=MAX_SIZE), required=True, magic=True,
                  help="Size of the disk, e.g. 1G (nbdkit's size suffixes)")
     allocator = Param(Allocator(), default=AllocatorChoice("sparse"),
@@ -264,6 +298,9 @@ class MemoryPlugin(Plugin):
 
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             self.store.read(buf, offset)
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> list[tuple[int, int]]:
+            return self.store.read_sparse(buf, offset)
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             self.store.write(buf, offset)

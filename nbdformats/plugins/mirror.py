@@ -31,7 +31,6 @@ class MirrorPlugin(Plugin):
     """RAID-1 across NBD servers: writes to all, reads balanced, a failed server dropped with a warning."""
 
     name = "mirror"
-    blocking = True  # round trips to the copies
     latency_bound = True
 
     server = Param(String(), repeat=True, required=True,

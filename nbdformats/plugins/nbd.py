@@ -100,7 +100,6 @@ class NbdPlugin(Plugin):
     """Forward to another NBD server (Unix socket, TCP, TLS, or a server run by command=)."""
 
     name = "nbd"
-    blocking = True  # network round trips: run in worker threads, pipelined on the connection
     latency_bound = True  # many requests in flight at once on the upstream connection
 
     uri = Param(String(), magic=True, help="nbd://HOST[:PORT]/EXPORT, nbds://..., nbd+unix:///EXPORT?socket=PATH")

@@ -158,9 +158,6 @@ class PythonPlugin(Plugin):
             except (ValueError, TypeError):
                 raise ConfigError(f"{self.script}: thread_model returned {model!r}, "
                                   "not one of nbdkit.THREAD_MODEL_*") from None
-        # A script that asks for concurrency does so because its callbacks block (nbdkit's
-        # advice); run those in worker threads.  Serialized scripts run inline: fastest.
-        self.blocking = self.thread_model >= ThreadModel.SERIALIZE_REQUESTS  # type: ignore[misc]
 
     def find_callbacks(self) -> None:
         namespace = vars(self.module)

@@ -48,7 +48,6 @@ class RBDPlugin(Plugin):
     """A Ceph RBD image or snapshot, read-write (snapshots read-only), through librbd."""
 
     name = "rbd"
-    blocking = True  # librbd calls wait for the cluster (they release the GIL)
     latency_bound = True  # so a connection's requests wait for the cluster together
 
     pool = Param(String(), default="rbd", help="The pool holding the image")

@@ -46,7 +46,6 @@ class S3Plugin(Plugin):
     """A disk stored in S3: one object read-only, or many fixed-size objects read-write."""
 
     name = "S3"
-    blocking = True  # every callback waits for HTTP requests
     latency_bound = True
 
     access_key = Param(Secret(), help="Access key ID (or +FILE, -FD, -); default: boto3's credential chain")

@@ -74,7 +74,6 @@ class StripePlugin(Plugin):
     """RAID-0 across NBD servers: requests split at stripe boundaries and sent to all servers at once."""
 
     name = "stripe"
-    blocking = True  # round trips to the servers
     latency_bound = True
 
     server = Param(String(), repeat=True, required=True,

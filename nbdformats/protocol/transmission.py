@@ -31,7 +31,7 @@ class Request:
     message: str = ""
 
 
-def _aligned_buffer(length: int, alignment: int) -> memoryview:
+def aligned_buffer(length: int, alignment: int) -> memoryview:
     if alignment <= 1:
         return memoryview(bytearray(length))
     raw = bytearray(length + alignment)
@@ -42,7 +42,11 @@ def _aligned_buffer(length: int, alignment: int) -> memoryview:
 
 
 class RequestDecoder:
-    """Turns received bytes into `Request`s.  Bytes go where `get_buffer()` says."""
+    """Turns received bytes into `Request`s.  Bytes go where `get_buffer()` says.
+
+    A WRITE's payload is received into a buffer of its own, which `allocate_payload(length,
+    alignment)` provides: the server replaces it to charge the payload to its memory budget first.
+    """
 
     def __init__(self, *, extended: bool = False, max_payload: int = MAX_PAYLOAD, alignment: int = 1) -> None:
         self.extended = extended
@@ -57,6 +61,7 @@ class RequestDecoder:
         self._payload_request: Request | None = None  # a WRITE whose payload is still arriving
         self._payload_filled = 0
         self._drain = 0  # payload bytes of a refused request still to discard
+        self.allocate_payload = aligned_buffer
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         if self._payload_request is not None:
@@ -84,6 +89,11 @@ class RequestDecoder:
             return [] if self._drain else self._parse()
         self._end += nbytes
         return self._parse()
+
+    def abandon_payload(self) -> int:
+        """Drop a WRITE whose payload was still arriving (the connection ended); returns its length."""
+        request, self._payload_request = self._payload_request, None
+        return request.length if request is not None else 0
 
     def receive(self, data: bytes) -> list[Request]:
         """Feed bytes that arrived by other means (tests, bytes left over from the handshake)."""
@@ -114,7 +124,7 @@ class RequestDecoder:
                     self._drain = length - available
                     return requests
                 continue
-            request.payload = _aligned_buffer(length, self.alignment)
+            request.payload = self.allocate_payload(length, self.alignment)
             available = min(self._end - self._start, length)
             request.payload[:available] = self._view[self._start:self._start + available]
             self._start += available
@@ -176,11 +186,16 @@ class ReplyEncoder:
         if alignment > 1:
             # Keep the data part aligned for O_DIRECT plugins.
             pad = -len(head) % alignment
-            whole = _aligned_buffer(pad + len(head) + length, alignment)[pad:]
+            whole = aligned_buffer(pad + len(head) + length, alignment)[pad:]
         else:
             whole = bytearray(len(head) + length)
         whole[:len(head)] = head
         return whole, memoryview(whole)[len(head):]
+
+    def data_chunk(self, cookie: int, offset: int, data_offset: int, data: memoryview) -> list[bytes | memoryview]:
+        """A structured NBD_REPLY_TYPE_OFFSET_DATA chunk (not the last one) as header and data."""
+        head = self.chunk_header(0, P.REPLY_TYPE_OFFSET_DATA, cookie, offset, 8 + len(data)) + P.U64.pack(data_offset)
+        return [head, data]
 
     def hole(self, cookie: int, offset: int, hole_offset: int, length: int) -> bytes:
         payload = P.HOLE_PAYLOAD.pack(hole_offset, length)

@@ -10,10 +10,13 @@ import signal
 import socket
 import ssl
 import sys
+import threading
 from dataclasses import dataclass, field
 
+from ..api.chain import ThreadModel
 from .connection import Connection
 from .settings import ServerSettings
+from .stream import PipeStream, SocketStream, Stream
 
 log = logging.getLogger("nbdformats")
 
@@ -89,68 +92,103 @@ def make_listeners(config: ListenConfig) -> list[socket.socket]:
 
 
 class Server:
+    """Accepts clients on the event loop and starts a Connection (a thread of its own) for each."""
+
     def __init__(self, settings: ServerSettings, config: ListenConfig) -> None:
         self.settings = settings
         self.config = config
-        self.servers: list[asyncio.AbstractServer] = []
+        self.listeners: list[socket.socket] = []
         self.stopped: asyncio.Future | None = None
-        self.served = 0
-        self._connection_slots: asyncio.Semaphore | None = None
-        settings.on_connection_closed = self._connection_closed
-
-    def _connection_closed(self, connection: Connection) -> None:
-        if (self.config.exit_last or self.config.single or self.config.fd is not None) and \
-                not self.settings.connections:
-            self.stop()
+        self._all_closed: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        if settings.chain.thread_model == ThreadModel.SERIALIZE_CONNECTIONS:
+            settings.one_connection_at_a_time = threading.Lock()
 
     def stop(self) -> None:
         if self.stopped is not None and not self.stopped.done():
             self.stopped.set_result(None)
 
-    def _protocol_factory(self) -> asyncio.BaseProtocol:
-        settings = self.settings
-        if self.config.max_connections and len(settings.connections) >= self.config.max_connections:
+    def _serve(self, stream: Stream) -> None:
+        assert self.loop is not None
+        loop = self.loop
+        connection = Connection(self.settings, stream, skip_handshake=self.config.no_handshake,
+                                on_closed=lambda c: loop.call_soon_threadsafe(self._connection_closed, c))
+        self.settings.connections.add(connection)
+        connection.start()
+
+    def _connection_closed(self, connection: Connection) -> None:
+        connections = self.settings.connections
+        connections.discard(connection)
+        if not connections:
+            if self._all_closed is not None:
+                self._all_closed.set()
+            if self.config.exit_last or self.config.single or self.config.fd is not None:
+                self.stop()
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # out of descriptors, or the client gave up: keep listening
+            log.warning("accept failed: %s", e.strerror)
+            return
+        if self.config.max_connections and len(self.settings.connections) >= self.config.max_connections:
             log.warning("refusing a connection: --max-connections %d reached", self.config.max_connections)
-            return _Refuse()
-        self.served += 1
-        return Connection(settings, skip_handshake=self.config.no_handshake)
+            sock.close()
+            return
+        self._serve(SocketStream(sock))
 
     async def start(self, listeners: list[socket.socket]) -> None:
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         self.stopped = loop.create_future()
         if self.config.single or self.config.fd is not None:
-            fd = 0 if self.config.single else self.config.fd
-            sock = socket.socket(fileno=os.dup(fd))
-            if self.config.single:
-                # Keep stdout away from our protocol stream: log lines must not corrupt it.
-                devnull = os.open(os.devnull, os.O_RDWR)
-                os.dup2(devnull, 0)
-                os.dup2(devnull, 1)
-                os.close(devnull)
-            await loop.connect_accepted_socket(self._protocol_factory, sock)
+            self._serve(_single_stream(0 if self.config.single else self.config.fd, self.config.single))  # type: ignore[arg-type]
             return
         for sock in listeners:
-            if sock.family == socket.AF_UNIX:
-                server = await loop.create_unix_server(self._protocol_factory, sock=sock)
-            else:
-                server = await loop.create_server(self._protocol_factory, sock=sock)
-            self.servers.append(server)
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), self._accept, sock)
+            self.listeners.append(sock)
 
     async def close(self) -> None:
-        for server in self.servers:
-            server.close()
+        """Stop accepting; let running requests finish, flush and close every connection."""
+        assert self.loop is not None
+        for sock in self.listeners:
+            self.loop.remove_reader(sock.fileno())
         connections = list(self.settings.connections)
-        if connections:
-            # Finish what clients already sent, flush, then close (SIGTERM is not a crash).
-            await asyncio.wait([asyncio.ensure_future(c.shutdown()) for c in connections], timeout=30)
-            await asyncio.wait([c.closed for c in connections], timeout=10)
-        for server in self.servers:
-            await server.wait_closed()
+        if not connections:
+            return
+        self._all_closed = asyncio.Event()
+        for connection in connections:
+            connection.shutdown()
+        try:
+            await asyncio.wait_for(self._all_closed.wait(), timeout=40)
+        except asyncio.TimeoutError:
+            log.warning("%d connections did not finish in time", len(self.settings.connections))
 
 
-class _Refuse(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
+def _single_stream(fd: int, single: bool) -> Stream:
+    """The stream of `-s` (stdin and stdout) or `--fd N` (a connected socket)."""
+    duplicate = os.dup(fd)
+    try:
+        sock = socket.socket(fileno=duplicate)
+    except OSError:  # not a socket: -s from a pipe or a file
+        os.close(duplicate)
+        if not single:
+            raise
+        stream: Stream = PipeStream(os.dup(0), os.dup(1))
+    else:
+        if sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise OSError(f"file descriptor {fd} is not a stream socket")
+        stream = SocketStream(sock)
+    if single:
+        # Keep stdout away from our protocol stream: log lines must not corrupt it.
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    return stream
 
 
 def install_signal_handlers(server: Server) -> None:

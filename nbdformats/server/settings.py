@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import ssl
+import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Any
 
-from ..api.chain import Chain, ThreadModel
+from ..api.chain import Chain
+from .budget import SERVER_LIMIT, Budget
 from .busypoll import DEFAULT_MAX_US
 from .stats import StatsRecorder
-from .workers import WorkerPool
-
-if TYPE_CHECKING:
-    from .connection import Connection
 
 
 @dataclass
@@ -29,17 +26,8 @@ class ServerSettings:
     busy_poll_us: int = DEFAULT_MAX_US  # --busy-poll: the longest a lone connection polls for a request
     handshake_timeout: float = 60.0
     description: str = ""
-    on_connection_closed: Callable[[Connection], None] | None = None
     stats: StatsRecorder | None = None  # --stats-json: times every request of every connection
-    connections: set = field(default_factory=set)
-    _pools: dict = field(default_factory=dict)
+    connections: set[Any] = field(default_factory=set)  # live Connections (the server's thread adds and removes)
+    budget: Budget = field(default_factory=lambda: Budget(SERVER_LIMIT))  # bytes in flight, server-wide
     # serialize_connections: a client is served only when the previous one has gone.
-    one_connection_at_a_time: asyncio.Lock | None = None
-
-    def pool(self, loop: asyncio.AbstractEventLoop, model: ThreadModel) -> WorkerPool:
-        """The shared worker pool for a thread model: `-t` threads when parallel, else one."""
-        key = "parallel" if model == ThreadModel.PARALLEL else "serial"
-        if key not in self._pools:
-            self._pools[key] = WorkerPool(loop, max(1, self.threads) if key == "parallel" else 1,
-                                          name=f"nbdformats-{key}")
-        return self._pools[key]
+    one_connection_at_a_time: threading.Lock | None = None

@@ -151,6 +151,8 @@ class StatsRecorder:
 
     def record_refused(self, command: int, length: int) -> None:
         """A request refused before it reached the chain: counted as an error, not timed."""
+        if command not in OPERATION_NAMES:
+            return
         with self._lock:
             op = self.ops.get(command)
             if op is None:
@@ -159,28 +161,6 @@ class StatsRecorder:
             op.bytes += length
             op.errors += 1
             op.refused += 1
-
-    def instrument(self, transmission: Any) -> None:
-        """Count and time every request of a connection: its Transmission's `check` and
-        `process` are replaced by wrappers."""
-        check, process = transmission.check, transmission.process
-        record, refused = self.record, self.record_refused
-        clock = time.perf_counter_ns
-
-        def counted_check(req: Any) -> Any:
-            problem = check(req)
-            if problem is not None and req.type in OPERATION_NAMES:
-                refused(req.type, req.length)
-            return problem
-
-        def timed_process(req: Any, *args: Any, **kw: Any) -> Any:
-            start = clock()
-            buffers = process(req, *args, **kw)  # may raise WouldBlock: the retry is counted
-            record(req.type, req.length, clock() - start, reply_failed(buffers))
-            return buffers
-
-        transmission.check = counted_check
-        transmission.process = timed_process
 
     def _write(self, line: dict[str, Any]) -> None:
         self.output.write(json.dumps(line, separators=(",", ":")) + "\n")

@@ -1,8 +1,8 @@
 """Running requests against one connection's chain: checks, dispatch to the layer, replies.
 
 Sans-IO like the codec it uses (protocol/transmission.py): `Transmission.process()` turns one
-decoded request into a list of buffers to send; it calls the chain synchronously, so the
-connection decides whether that happens inline or in a thread.
+decoded request into a list of buffers to send; it calls the chain synchronously, on the
+connection thread that received the request (server/engine.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import errno
 import logging
 
 from ..api.chain import (EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, FLAG_REQ_ONE, NONE,
-                         Extents, Layer, WouldBlock)
+                         Extents, Holes, Layer)
+from ..api.zeroes import fill_zero
 from ..api.errors import NBDError
 from ..protocol import wire as P
 from ..protocol.handshake import ExportInfo
@@ -19,7 +20,8 @@ from ..protocol.transmission import MAX_PAYLOAD, ReplyEncoder, Request
 
 log = logging.getLogger("nbdformats")
 
-SPARSE_READ_MIN = 64 * 1024  # reads this large ask the backend for holes and send them as OFFSET_HOLE
+SPARSE_READ_MIN = 64 * 1024  # structured reads this large may answer zero ranges as holes (pread_sparse)
+SPARSE_HOLE_MIN = 4096  # smaller zero ranges go out as data
 MAX_DESCRIPTORS = 1 << 16  # block status descriptors in one reply; clients ask again for the rest
 
 
@@ -76,7 +78,7 @@ class Transmission:
     """Runs requests against one connection's chain and encodes the replies."""
 
     def __init__(self, layer: Layer, info: ExportInfo, *, structured: bool, extended: bool,
-                 meta_context_id: int | None, alignment: int = 1, sparse_reads: bool = True) -> None:
+                 meta_context_id: int | None, alignment: int = 1) -> None:
         self.layer = layer
         self.info = info
         self.size = info.size
@@ -85,8 +87,6 @@ class Transmission:
         self.structured = structured or extended
         self.meta_context_id = meta_context_id
         self.alignment = alignment
-        # Large reads ask for extents first (holes go out as OFFSET_HOLE) when that is cheap.
-        self.sparse_reads = sparse_reads and self.structured and layer.can_extents()
 
     def check(self, req: Request) -> tuple[int, str] | None:
         """Why a request must fail before it reaches the backend, or None."""
@@ -145,10 +145,10 @@ class Transmission:
         # Structured READ/BLOCK_STATUS past the end answer the valid part, then an offset error.
         return self.structured and req.type in (P.CMD_READ, P.CMD_BLOCK_STATUS) and req.offset < self.size
 
-    def process(self, req: Request, nowait: bool = False) -> list[bytes | bytearray | memoryview]:
+    def process(self, req: Request) -> list[bytes | bytearray | memoryview]:
         """Run one request (already through check()) and return the reply buffers.
 
-        With `nowait`, a WouldBlock from the chain propagates so the caller can retry in a worker.
+        Every reply's last buffer starts with a reply header (stats read its error field).
         """
         try:
             type = req.type
@@ -181,11 +181,6 @@ class Transmission:
             elif type == P.CMD_BLOCK_STATUS:
                 return self._block_status(req)
             return [self.replies.ok(req.cookie, req.offset)]
-        except WouldBlock:
-            if nowait:
-                raise
-            err, message = errno.EIO, "a component refused to block outside the event loop"
-            return [self.replies.error(req.cookie, req.offset, err, message)]
         except Exception as e:  # any failure of one request fails only that request
             err, message = self.failure(e, req)
             return [self.replies.error(req.cookie, req.offset, err, message)]
@@ -205,45 +200,48 @@ class Transmission:
         offset, length, cookie = req.offset, req.length, req.cookie
         valid = min(length, self.size - offset)
         tail_error = valid < length
-        if self.sparse_reads and valid >= SPARSE_READ_MIN and not req.flags & P.CMD_FLAG_DF:
-            return self._sparse_read(req, valid, tail_error)
-        buffers: list[bytes | bytearray | memoryview] = []
         whole, data = self.replies.read_data(cookie, offset, offset, valid, done=not tail_error,
                                              alignment=self.alignment)
-        self.layer.pread(data, offset, 0)
-        buffers.append(whole)
+        if self.structured and valid >= SPARSE_READ_MIN and not req.flags & P.CMD_FLAG_DF:
+            holes = self.layer.pread_sparse(data, offset, 0)
+            if holes:
+                return self._sparse_reply(req, data, holes, valid, tail_error)
+        else:
+            self.layer.pread(data, offset, 0)
+        buffers: list[bytes | bytearray | memoryview] = [whole]
         if tail_error:
             buffers.append(self.replies.error(cookie, offset, errno.EINVAL, "read beyond the end of the disk",
                                               at=offset + valid))
         return buffers
 
-    def _sparse_read(self, req: Request, valid: int, tail_error: bool) -> list[bytes | bytearray | memoryview]:
+    def _sparse_reply(self, req: Request, data: memoryview, holes: Holes, valid: int,
+                      tail_error: bool) -> list[bytes | bytearray | memoryview]:
+        """Data chunks (views of the read buffer) and hole chunks for what pread_sparse left unread.
+
+        Holes smaller than SPARSE_HOLE_MIN are zero-filled and sent as data: a chunk of their
+        own would cost more than their bytes."""
         offset, cookie = req.offset, req.cookie
-        extents = Extents(offset, offset + valid)
-        try:
-            self.layer.extents(valid, offset, 0, extents)
-        except Exception:
-            extents = Extents(offset, offset + valid)  # holes are an optimisation: fall back to data
-        pieces = [(o, n, bool(t & EXTENT_ZERO)) for o, n, t in extents]
-        if extents.covered < offset + valid:
-            pieces.append((extents.covered, offset + valid - extents.covered, False))
-        if len(pieces) == 1 and not pieces[0][2]:
-            pieces = [(offset, valid, False)]
+        replies = self.replies
         buffers: list[bytes | bytearray | memoryview] = []
-        for index, (piece_offset, piece_length, is_zero) in enumerate(pieces):
-            last = index == len(pieces) - 1 and not tail_error
-            if is_zero:
-                buffers.append(self.replies.hole(cookie, offset, piece_offset, piece_length))
+        position = 0  # start of the data not yet sent, relative to the buffer
+        for start, length in holes:
+            if start < position or length <= 0 or start + length > valid:
+                raise NBDError(errno.EIO, f"pread_sparse reported a bad hole ({start}, {length})")
+            if length < SPARSE_HOLE_MIN:
+                fill_zero(data[start:start + length])
                 continue
-            whole, data = self.replies.read_data(cookie, offset, piece_offset, piece_length, done=last,
-                                                 alignment=self.alignment)
-            self.layer.pread(data, piece_offset, 0)
-            buffers.append(whole)
+            if start > position:
+                buffers += replies.data_chunk(cookie, offset, offset + position, data[position:start])
+            buffers.append(replies.hole(cookie, offset, offset + start, length))
+            position = start + length
+        if position < valid:
+            buffers += replies.data_chunk(cookie, offset, offset + position, data[position:valid])
+        # The last buffer of a reply is a header, as everywhere: the final chunk is NONE or an error.
         if tail_error:
-            buffers.append(self.replies.error(cookie, offset, errno.EINVAL, "read beyond the end of the disk",
-                                              at=offset + valid))
-        elif pieces[-1][2]:
-            buffers.append(self.replies.ok(cookie, offset))
+            buffers.append(replies.error(cookie, offset, errno.EINVAL, "read beyond the end of the disk",
+                                         at=offset + valid))
+        else:
+            buffers.append(replies.ok(cookie, offset))
         return buffers
 
     def _block_status(self, req: Request, minimum: int = 0) -> list[bytes | bytearray | memoryview]:

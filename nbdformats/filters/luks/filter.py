@@ -86,7 +86,6 @@ class LuksFilter(Filter):
     name = "luks"
     debug_flag_help = {"keyslots": "log each keyslot tried at unlock: its KDF, whether the passphrase "
                                    "opened it and how long that took (with -v)"}
-    blocking = True  # AES and key derivation are CPU work
     passphrase = Param(Secret(), help="The passphrase: SECRET, +FILE, - (prompt) or -FD (as nbdkit)")
     keyfile = Param(Path("file"), help="A cryptsetup key file: its whole contents are the passphrase")
     keyslot = Param(Int(0, 31), help="Try only this keyslot (default: every active keyslot)")

@@ -16,7 +16,7 @@ from bisect import bisect_left
 from typing import Callable
 
 from ...api.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, Export, Extents, Filter,
-                          FilterHandle, Layer, OpenNext)
+                          FilterHandle, Holes, Layer, OpenNext, pread_sparse_by_extents)
 from ...api.errors import ConfigError, NBDError
 from ...api.params import Enum, Param, String
 from ...api.progress import progress
@@ -30,7 +30,6 @@ class XvaFilter(Filter):
     """Serve the disks of a XenServer/XCP-ng export (XVA) straight from the archive."""
 
     name = "xva"
-    blocking = True  # checksumming whole chunks is CPU work
     xva_disk = Param(String(), default="",
                      help="Disk served by default: its VDI name, Ref:N, or index (default: the VM's first disk)")
     xva_verify = Param(Enum("none", "lazy", "full"), default="lazy",
@@ -172,6 +171,9 @@ class XvaFilter(Filter):
                 if from_chunk < n:
                     fill_zero(buf[done + from_chunk:done + n])
                 done += n
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            return pread_sparse_by_extents(self, buf, offset, flags)  # left-out chunks are holes
 
         def _read_checked(self, chunk: Chunk, target: memoryview, within: int) -> None:
             """Read the whole chunk to check it (xva-verify=lazy, first read), then copy the part asked for."""

@@ -42,7 +42,6 @@ class CurlPlugin(Plugin):
     """Serve a disk image from an HTTP or HTTPS URL (read-only, ranged GETs, read-ahead)."""
 
     name = "curl"
-    blocking = True  # network I/O: run in worker threads
     latency_bound = True
     thread_model = ThreadModel.PARALLEL
 

@@ -77,7 +77,6 @@ class FloppyPlugin(Plugin):
     """A FAT disk made from directories; files are read from the host at request time."""
 
     name = "floppy"
-    blocking = True  # reads host files
 
     dir = Param(Path("dir"), required=True, repeat=True, magic=True,
                 help="Directory whose files the disk holds; repeat to merge several (later ones win)")

@@ -99,7 +99,6 @@ class LinuxDiskPlugin(Plugin):
     """A GPT disk with an ext2/3/4 filesystem built from directories (mke2fs -d)."""
 
     name = "linuxdisk"
-    blocking = True  # preadv on the temp file
     dirs = Param(Path("dir"), key="dir", required=True, repeat=True, magic=True,
                  help="Directory whose contents become the filesystem; several are merged (later wins)")
     label = Param(String(), check=_check_label, help="Filesystem label (at most 16 bytes); also the GPT partition name")

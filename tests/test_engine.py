@@ -1,13 +1,19 @@
-"""Connection threads (server/threaded.py) on a socketpair, without a server around them."""
+"""The transmission engine (server/engine.py) on a socketpair, without a server around it."""
 
 from __future__ import annotations
 
 import os
 import socket
 import threading
+import time
 
+from nbdformats.api.chain import ThreadModel
 from nbdformats.protocol import wire as P
 from nbdformats.protocol.transmission import RequestDecoder
+from nbdformats.server import engine as engine_module
+from nbdformats.server.budget import CONNECTION_LIMIT, SERVER_LIMIT, Budget
+from nbdformats.server.engine import Engine
+from nbdformats.server.stream import SocketStream
 from test_protocol import memory_transmission, request
 
 
@@ -21,23 +27,31 @@ class CountingSocket(socket.socket):
         return super().sendmsg(buffers, *args)
 
 
-def test_connection_threads_answer_pipelined_requests_together():
+def engine_for(sock: socket.socket, threads: int = 1) -> Engine:
+    return Engine(SocketStream(sock), memory_transmission(structured=False), RequestDecoder(),
+                  thread_model=ThreadModel.PARALLEL, threads=threads, latency_bound=False, busy_poll_us=0,
+                  budget=Budget(CONNECTION_LIMIT, Budget(SERVER_LIMIT)), stats=None, server_connections=(),
+                  peer="test")
+
+
+def run_aside(engine: Engine) -> threading.Event:
+    finished = threading.Event()
+    threading.Thread(target=lambda: (engine.run(), finished.set()), daemon=True).start()
+    return finished
+
+
+def test_engine_answers_pipelined_requests_together():
     """Requests that arrive together are answered together (one sendmsg), each reply intact:
     writes, reads of what they wrote, and a refused request, in one go from the client."""
-    from nbdformats.server.threaded import ThreadedTransmission
-
-    tx = memory_transmission(structured=False)
     ours, client = socket.socketpair()
     server_side = CountingSocket(fileno=os.dup(ours.fileno()))
     ours.close()
-    finished = threading.Event()
-    threaded = ThreadedTransmission(server_side, tx, RequestDecoder(), threads=1, serialize_all=False,
-                                    peer=None, on_finished=finished.set)
+    engine = engine_for(server_side)
     batch = b"".join(request(P.CMD_WRITE, i * 4096, 4, cookie=i) + b"%04d" % i for i in range(10))
     batch += b"".join(request(P.CMD_READ, i * 4096, 4, cookie=100 + i) for i in range(10))
     batch += request(P.CMD_READ, 2 << 20, 4, cookie=999)  # past the end of the 1M disk: EINVAL
     client.sendall(batch)
-    threaded.start(b"")
+    finished = run_aside(engine)
     expected = 10 * 16 + 10 * (16 + 4) + 16
     received = b""
     client.settimeout(10)
@@ -63,19 +77,18 @@ def test_connection_threads_answer_pipelined_requests_together():
 
 def test_the_watchdog_stops_when_no_connection_needs_it():
     """An idle server keeps no thread waking up every few milliseconds."""
-    from nbdformats.server import threaded
-    from nbdformats.server.threaded import ThreadedTransmission
-
     ours, client = socket.socketpair()
-    finished = threading.Event()
-    connection = ThreadedTransmission(ours, memory_transmission(structured=False), RequestDecoder(), threads=4,
-                                      serialize_all=False, peer=None, on_finished=finished.set)
-    connection.start(b"")
-    watchdog = threaded._watchdog
-    assert watchdog is not None and watchdog.is_alive() and connection in threaded._watched
+    engine = engine_for(ours, threads=4)
+    finished = run_aside(engine)
+    for _ in range(100):
+        if engine_module._watchdog is not None and engine_module._watchdog.is_alive():
+            break
+        time.sleep(0.01)
+    watchdog = engine_module._watchdog
+    assert watchdog is not None and watchdog.is_alive() and engine in engine_module._watched
     client.sendall(request(P.CMD_DISC))
     assert finished.wait(10)
     watchdog.join(5)
-    assert not watchdog.is_alive() and threaded._watchdog is None
+    assert not watchdog.is_alive() and engine_module._watchdog is None
     ours.close()
     client.close()

@@ -1,0 +1,97 @@
+#!/usr/bin/python3
+"""Rewrite the benchmark tables in README.md and docs/ from the raw results in benchmarks/results/.
+
+    /usr/bin/python3 benchmarks/tables.py          # rewrite
+    /usr/bin/python3 benchmarks/tables.py --check  # exit 1 if a table differs from what the results give
+
+A table lives between `<!-- table:NAME -->` and `<!-- /table -->` in a Markdown file; NAME says which
+benchmark and which part (TABLES below).  Each is made from the newest run of its benchmark that is not
+void (load average over 0.5 before it started) and measured a committed tree; the line under it names the
+results file.  Nothing is copied by hand.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from _results import ROOT, newest
+
+LABELS = {
+    "seq_write": "sequential write, 4 connections (MB/s)", "seq_write_c1": "sequential write, 1 connection (MB/s)",
+    "seq_read": "sequential read, 4 connections (MB/s)", "seq_read_c1": "sequential read, 1 connection (MB/s)",
+    "randwrite_qd16": "random 4 KiB writes, QD16 (IOPS)", "randwrite_qd1": "random 4 KiB writes, QD1 (IOPS)",
+    "randread_qd16": "random 4 KiB reads, QD16 (IOPS)", "randread_qd1": "random 4 KiB reads, QD1 (IOPS)",
+}
+
+
+def source_line(record: dict[str, Any]) -> str:
+    return (f"*From `{record['file']}`: commit {record['commit']}, {record['started'][:10]}, "
+            f"{record['arguments'].get('rounds')} interleaved rounds (medians), {record['cpus']} CPUs, "
+            f"load average {record['load_before']} before the run.*")
+
+
+def core_table(kind: str) -> Callable[[dict[str, Any]], str]:
+    """nbdformats against nbdkit (and qemu-nbd for files): speed, and server CPU per unit of work."""
+    def table(record: dict[str, Any]) -> str:
+        summary = record["results"]["summary"]
+        ours, theirs, qemu = summary[f"nbdformats {kind}"], summary[f"nbdkit {kind}"], summary.get(f"qemu-nbd {kind}")
+        head = f"| workload | nbdkit {kind} | nbdformats {kind} |" + (" qemu-nbd |" if qemu else "") + \
+            " speed vs nbdkit | server CPU vs nbdkit |"
+        lines = [head, "|---" * (head.count("|") - 1) + "|"]
+        for workload, label in LABELS.items():
+            o, t = ours[workload], theirs[workload]
+            unit = "ms/GiB" if workload.startswith("seq") else "us/req"
+            row = f"| {label} | {t['value']:.0f} ({t['cpu']:.0f} {unit}) | {o['value']:.0f} ({o['cpu']:.0f} {unit}) |"
+            if qemu:
+                q = qemu[workload]
+                row += f" {q['value']:.0f} ({q['cpu']:.0f} {unit}) |"
+            row += f" {o['value'] / t['value']:.2f}x | {o['cpu'] / t['cpu']:.2f}x |"
+            lines.append(row)
+        rss = f"| peak RSS (MB) | {theirs['peak_rss']['value']:.0f} | {ours['peak_rss']['value']:.0f} |"
+        lines.append(rss + (f" {qemu['peak_rss']['value']:.0f} |" if qemu else "") + " | |")
+        return "\n".join(lines) + "\n\n" + source_line(record)
+    return table
+
+
+TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "core-memory": ("core", core_table("memory")),
+    "core-file": ("core", core_table("file")),
+}
+MARKER = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+def render(text: str) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(2)
+        if name not in TABLES:
+            raise SystemExit(f"unknown table {name!r}")
+        benchmark, make = TABLES[name]
+        record = newest(benchmark)
+        body = make(record) if record else f"*No valid run of `{benchmark}` yet: run the benchmark on a quiet machine.*"
+        return f"{match.group(1)}{body}\n{match.group(4)}"
+    return MARKER.sub(replace, text)
+
+
+def main() -> int:
+    check = "--check" in sys.argv[1:]
+    stale = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "benchmarks" / "README.md"]:
+        text = path.read_text()
+        if "<!-- table:" not in text:
+            continue
+        updated = render(text)
+        if updated != text:
+            stale.append(str(path.relative_to(ROOT)))
+            if not check:
+                path.write_text(updated)
+    if check and stale:
+        print("tables out of date (run benchmarks/tables.py):", ", ".join(stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
