@@ -24,12 +24,12 @@ from fixtures.luks import (KEYFILE_DATA, add_key, cryptsetup_encrypt_in_place, c
 from fixtures.reads import filter_over_file, read_range
 from nbdformats.api.chain import EXTENT_DATA, FLAG_FAST_ZERO, Extents
 from nbdformats.api.errors import ConfigError, NBDError
-from nbdformats.filters.luks import filter as luks_filter
-from nbdformats.filters.luks.cipher import RUN_BYTES, SectorCipher, parse_cipher_spec
-from nbdformats.filters.luks.errors import LuksError
-from nbdformats.filters.luks.header import read_volume
-from nbdformats.filters.luks.unlock import keyslot_order
-from nbdformats.filters.luks.kdf import af_merge
+from nbdformats.filters import luks as luks_filter
+from nbdformats.formats.luks.cipher import RUN_BYTES, SectorCipher, parse_cipher_spec
+from nbdformats.formats.luks.errors import LuksError
+from nbdformats.formats.luks.header import read_volume
+from nbdformats.formats.luks.unlock import keyslot_order
+from nbdformats.formats.luks.kdf import af_merge
 
 PASSPHRASE = "qemu secret"
 MiB = 1024 * 1024

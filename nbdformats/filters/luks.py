@@ -12,16 +12,16 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from ...api.chain import EMULATE, EXTENT_DATA, FLAG_FUA, Extents, Filter, FilterHandle, Layer
-from ...api.errors import ConfigError, NBDError
-from ...api.params import Int, Param, Path, Secret, SecretValue
-from ...api.zeroes import write_zeroes
-from .._layer_bytes import read_bytes
-from .cipher import SectorCipher
-from .errors import LuksError
-from .header import Keyslot, Volume, read_volume
-from .kdf import Argon2
-from .unlock import unlock
+from ..api.chain import EMULATE, EXTENT_DATA, FLAG_FUA, Extents, Filter, FilterHandle, Layer
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Int, Param, Path, Secret, SecretValue
+from ..api.zeroes import write_zeroes
+from ..formats.luks.cipher import SectorCipher
+from ..formats.luks.errors import LuksError
+from ..formats.luks.header import Keyslot, Volume, read_volume
+from ..formats.luks.kdf import Argon2
+from ..formats.luks.unlock import unlock
+from ._layer_bytes import read_bytes
 
 log = logging.getLogger("nbdformats.luks")
 
@@ -247,3 +247,6 @@ class LuksFilter(Filter):
         def cache(self, count: int, offset: int, flags: int) -> None:
             start, end = self._aligned(offset, count)
             self.next.cache(end - start, self.data_offset + start, flags)
+
+
+FILTER = LuksFilter

@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from ..readers import Reader
 from .cipher import SectorCipher
 from .errors import LuksError
-from .header import Keyslot, Reader, Volume
+from .header import Keyslot, Volume
 from .kdf import af_merge
 
 Tried = Callable[[Keyslot, bool, float], None]

@@ -15,35 +15,15 @@ import hmac
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+from ..readers import Reader
 from .cipher import CipherSpec, parse_cipher_spec
 from .errors import LuksError
 from .kdf import Argon2, Kdf, Pbkdf2, hash_name
-
-Reader = Callable[[int, int], bytes]
-
-MAGIC = b"LUKS\xba\xbe"
-MAGIC_SECONDARY = b"SKUL\xba\xbe"  # LUKS2 second header copy
-SECTOR = 512
-
-# LUKS1: "struct phdr" then 8 keyslots of 48 bytes.
-_LUKS1_HEADER = struct.Struct(">6sH32s32s32sII20s32sI40s")
-_LUKS1_KEYSLOT = struct.Struct(">II32sII")
-LUKS1_KEYSLOTS = 8
-LUKS1_HEADER_SIZE = _LUKS1_HEADER.size + LUKS1_KEYSLOTS * _LUKS1_KEYSLOT.size  # 592
-LUKS1_KEY_ENABLED = 0x00AC71F3
-LUKS1_KEY_DISABLED = 0x0000DEAD
-
-# LUKS2 binary header: magic, version, hdr_size, seqid, label[48], checksum_alg[32], salt[64],
-# uuid[40], subsystem[48], hdr_offset, padding[184], csum[64], padding[7*512].
-_LUKS2_HEADER = struct.Struct(">6sHQQ48s32s64s40s48sQ184s64s")
-LUKS2_BINARY_SIZE = 4096
-_LUKS2_CSUM_AT = 448
-_LUKS2_CSUM_SIZE = 64
-# "The secondary header offset ... must be one of these values" (the JSON area sizes).
-LUKS2_HEADER_SIZES = tuple(1 << n for n in range(14, 23))  # 16 KiB .. 4 MiB
-
+from .structs import (LUKS1_HEADER, LUKS1_HEADER_SIZE, LUKS1_KEY_DISABLED, LUKS1_KEY_ENABLED, LUKS1_KEYSLOT,
+                      LUKS1_KEYSLOTS, LUKS2_BINARY_SIZE, LUKS2_CHECKSUM, LUKS2_HEADER, LUKS2_HEADER_SIZES, MAGIC,
+                      MAGIC_SECONDARY, SECTOR)
 
 @dataclass(frozen=True)
 class Digest:
@@ -135,7 +115,7 @@ def parse_luks1(data: bytes) -> Volume:
     if len(data) < LUKS1_HEADER_SIZE:
         raise LuksError(f"the file is truncated: the LUKS1 header needs {LUKS1_HEADER_SIZE} bytes")
     (magic, version, cipher_name, cipher_mode, hash_spec, payload_offset, key_bytes, mk_digest,
-     mk_digest_salt, mk_digest_iter, uuid) = _LUKS1_HEADER.unpack_from(data, 0)
+     mk_digest_salt, mk_digest_iter, uuid) = LUKS1_HEADER.unpack_from(data, 0)
     if magic != MAGIC or version != 1:
         raise LuksError("not a LUKS1 header")
     cipher = parse_cipher_spec(f"{_text(cipher_name)}-{_text(cipher_mode)}")
@@ -146,8 +126,8 @@ def parse_luks1(data: bytes) -> Volume:
     keyslots = []
     warnings = []
     for index in range(LUKS1_KEYSLOTS):
-        active, iterations, salt, material_offset, stripes = _LUKS1_KEYSLOT.unpack_from(
-            data, _LUKS1_HEADER.size + index * _LUKS1_KEYSLOT.size)
+        active, iterations, salt, material_offset, stripes = LUKS1_KEYSLOT.unpack_from(
+            data, LUKS1_HEADER.size + index * LUKS1_KEYSLOT.size)
         if active == LUKS1_KEY_DISABLED:
             continue
         if active != LUKS1_KEY_ENABLED:
@@ -184,10 +164,10 @@ class Luks2Binary:
 
 
 def parse_luks2_binary(data: bytes) -> Luks2Binary:
-    if len(data) < _LUKS2_HEADER.size:
+    if len(data) < LUKS2_HEADER.size:
         raise LuksError("the LUKS2 binary header is truncated")
     (magic, version, header_size, seqid, _label, checksum_alg, _salt, uuid, _subsystem, header_offset,
-     _padding, checksum) = _LUKS2_HEADER.unpack_from(data, 0)
+     _padding, checksum) = LUKS2_HEADER.unpack_from(data, 0)
     return Luks2Binary(magic, version, header_size, seqid, _text(checksum_alg), _text(uuid), header_offset,
                        checksum)
 
@@ -212,7 +192,7 @@ def check_luks2_header(data: bytes, offset: int, magic: bytes) -> Luks2Binary:
     except LuksError as e:
         raise LuksError(f"header at offset {offset}: checksum: {e}") from None
     area = bytearray(data[:binary.header_size])
-    area[_LUKS2_CSUM_AT:_LUKS2_CSUM_AT + _LUKS2_CSUM_SIZE] = bytes(_LUKS2_CSUM_SIZE)
+    area[LUKS2_CHECKSUM[0]:LUKS2_CHECKSUM[1]] = bytes(LUKS2_CHECKSUM[1] - LUKS2_CHECKSUM[0])
     digest = hashlib.new(algorithm, area).digest()
     if binary.checksum[:len(digest)] != digest:
         raise LuksError(f"bad {binary.checksum_alg} checksum in the header at offset {offset}")
