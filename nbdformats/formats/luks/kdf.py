@@ -1,8 +1,21 @@
-"""Key derivation (PBKDF2, Argon2i/Argon2id) and the anti-forensic merge of LUKS keyslots."""
+"""Key derivation (PBKDF2, Argon2i/Argon2id) and the anti-forensic merge of LUKS keyslots.
+
+A header sets the cost of its key derivation, so a hostile one could ask for hours of CPU or
+more memory than the machine has.  The limits follow cryptsetup's (lib/utils_pbkdf.c,
+crypt_pbkdf_get_limits): PBKDF2 iterations up to 2^32-1, Argon2 memory up to 4 GiB and never
+more than half the physical memory (pbkdf_adjusted_phys_memory_kb).  cryptsetup bounds no
+time when it opens a keyslot; it writes keyslots that take about 2 s (--iter-time 2000).  So
+each derivation's time is estimated from a short benchmark on this machine
+(`estimated_seconds`) and the caller refuses what its time budget does not allow.  PBKDF2
+counts of 2^31 and more are refused: OpenSSL's PKCS5_PBKDF2_HMAC takes an int.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
+import time
 from dataclasses import dataclass
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -28,6 +41,48 @@ def hash_name(luks_name: str) -> str:
     return name
 
 
+MAX_PBKDF2_ITERATIONS = (1 << 31) - 1  # OpenSSL's iteration count is an int
+MAX_ARGON2_MEMORY_KIB = 4 * 1024 * 1024  # cryptsetup's maximum
+MAX_ARGON2_LANES = 0xFFFFFF  # the Argon2 specification's (RFC 9106, 3.1)
+MAX_ARGON2_TIME = 0xFFFFFFFF
+BENCHMARK_SECONDS = 0.02  # each benchmark runs about this long, once per hash or KDF
+
+
+def argon2_memory_limit_kib() -> int:
+    """cryptsetup's limit: 4 GiB, and never more than half the physical memory."""
+    try:
+        physical_kib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (ValueError, OSError):
+        return MAX_ARGON2_MEMORY_KIB
+    return min(MAX_ARGON2_MEMORY_KIB, max(physical_kib // 2, 32))
+
+
+@functools.cache
+def _pbkdf2_seconds_per_block(name: str) -> float:
+    """Seconds per iteration and output block of hashlib's PBKDF2 with this hash, measured."""
+    iterations = 1024
+    while True:
+        started = time.perf_counter()
+        hashlib.pbkdf2_hmac(name, b"benchmark", b"salt" * 4, iterations, hashlib.new(name).digest_size)
+        elapsed = time.perf_counter() - started
+        if elapsed >= BENCHMARK_SECONDS or iterations >= 1 << 24:
+            return elapsed / iterations
+        iterations *= 4
+
+
+@functools.cache
+def _argon2_seconds_per_kib_pass(variant: str) -> float:
+    """Seconds Argon2 takes per KiB of memory and pass (one lane), measured."""
+    memory_kib = 1024
+    while True:
+        started = time.perf_counter()
+        Argon2(variant, 1, memory_kib, 1, b"benchmark salt16").derive(b"benchmark", 32)
+        elapsed = time.perf_counter() - started
+        if elapsed >= BENCHMARK_SECONDS or memory_kib >= 1 << 18:
+            return elapsed / memory_kib
+        memory_kib *= 4
+
+
 @dataclass(frozen=True)
 class Pbkdf2:
     hash: str  # LUKS spelling
@@ -35,7 +90,24 @@ class Pbkdf2:
     salt: bytes
 
     def derive(self, secret: bytes, length: int) -> bytes:
-        return pbkdf2(self.hash, secret, self.salt, self.iterations, length)
+        self.check_costs()
+        return hashlib.pbkdf2_hmac(hash_name(self.hash), secret, self.salt, self.iterations, length)
+
+    def check_costs(self) -> None:
+        """LuksError unless OpenSSL can run this derivation."""
+        if not 1 <= self.iterations <= MAX_PBKDF2_ITERATIONS:
+            raise LuksError(f"PBKDF2 iteration count {self.iterations} is invalid (1 to 2^31-1: OpenSSL takes "
+                            "an int; cryptsetup writes about 2 s worth, around a million)")
+
+    def estimated_seconds(self, length: int) -> float:
+        """How long deriving `length` bytes takes on this machine (PBKDF2 runs the iterations
+        once per digest-sized block of output)."""
+        name = hash_name(self.hash)
+        blocks = -(-length // hashlib.new(name).digest_size)
+        return self.iterations * blocks * _pbkdf2_seconds_per_block(name)
+
+    def describe(self) -> str:
+        return f"pbkdf2-{self.hash}, {self.iterations} iterations"
 
 
 @dataclass(frozen=True)
@@ -45,6 +117,23 @@ class Argon2:
     memory_kib: int
     lanes: int
     salt: bytes
+
+    def check_costs(self) -> None:
+        """LuksError unless the costs are within the Argon2 and cryptsetup limits (memory at
+        most half the physical memory, as cryptsetup)."""
+        memory_limit = argon2_memory_limit_kib()
+        if not (1 <= self.time <= MAX_ARGON2_TIME and 1 <= self.lanes <= MAX_ARGON2_LANES and
+                8 * self.lanes <= self.memory_kib <= memory_limit):
+            raise LuksError(f"{self.variant} costs are out of range (time {self.time}, memory {self.memory_kib} KiB, "
+                            f"{self.lanes} lanes; memory at most {memory_limit} KiB: 4 GiB and half the "
+                            "physical memory, as cryptsetup)")
+
+    def estimated_seconds(self, length: int) -> float:
+        """How long the derivation takes on this machine, as if its lanes ran one after the other."""
+        return self.time * self.memory_kib * _argon2_seconds_per_kib_pass(self.variant)
+
+    def describe(self) -> str:
+        return f"{self.variant}, {self.time} passes, {self.memory_kib} KiB, {self.lanes} lanes"
 
     def derive(self, secret: bytes, length: int) -> bytes:
         kdf_class = Argon2id if self.variant == "argon2id" else Argon2i
@@ -58,12 +147,6 @@ class Argon2:
 
 
 Kdf = Pbkdf2 | Argon2
-
-
-def pbkdf2(luks_hash: str, secret: bytes, salt: bytes, iterations: int, length: int) -> bytes:
-    if iterations < 1:
-        raise LuksError(f"PBKDF2 iteration count {iterations} is invalid")
-    return hashlib.pbkdf2_hmac(hash_name(luks_hash), secret, salt, iterations, length)
 
 
 def _diffuse(block: bytes, name: str) -> bytes:
