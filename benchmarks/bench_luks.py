@@ -24,7 +24,7 @@ from _common import NBDFORMATS, ROOT, MiB, Server, nbdcopy_sha256, sh, timed
 
 sys.path.insert(0, str(ROOT))
 
-from nbdformats.filters.luks.cipher import SectorCipher, parse_cipher_spec  # noqa: E402
+from nbdformats.formats.luks.cipher import SectorCipher, parse_cipher_spec  # noqa: E402
 
 PASSPHRASE = "benchmark passphrase"
 HEADER_ROOM = 4 * MiB  # more than any header here: the disk is at least as large as the source

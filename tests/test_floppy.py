@@ -24,9 +24,10 @@ from fixtures.reads import read_range
 from fixtures.serving import copy_out, fails
 from nbdformats.api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Chain
 from nbdformats.api.errors import ConfigError
-from nbdformats.plugins.floppy import layout, names, syslinux
-from nbdformats.plugins.floppy.dirents import fat_timestamp
-from nbdformats.plugins.floppy.layout import FatTable, Needs, plan
+from nbdformats.formats.fat import layout, names
+from nbdformats.plugins.floppy import syslinux
+from nbdformats.formats.fat.dirents import fat_timestamp
+from nbdformats.formats.fat.layout import FatTable, Needs, plan
 from nbdformats.registry import load_plugin
 
 

@@ -26,7 +26,8 @@ from fixtures.linuxdisk import (IS_ROOT, LONG_TARGET, SPARSE_SIZE, Expected, deb
 from fixtures.serving import copy_out, fails
 from nbdformats.api.errors import ConfigError
 from nbdformats.plugins import linuxdisk
-from nbdformats.plugins.linuxdisk import gpt, tree
+from nbdformats.formats import gpt
+from nbdformats.plugins.linuxdisk import tree
 
 PARTITION = 1 << 20  # the filesystem starts at LBA 2048
 

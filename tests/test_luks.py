@@ -8,12 +8,20 @@ Needs: cryptsetup, qemu-utils, nbdkit (with its luks filter), libnbd-bin, python
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
+import pty
 import random
+import select
 import shutil
+import signal
+import struct
+import subprocess
 import sys
+import termios
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,12 +32,12 @@ from fixtures.luks import (KEYFILE_DATA, add_key, cryptsetup_encrypt_in_place, c
 from fixtures.reads import filter_over_file, read_range
 from nbdformats.api.chain import EXTENT_DATA, FLAG_FAST_ZERO, Extents
 from nbdformats.api.errors import ConfigError, NBDError
-from nbdformats.filters.luks import filter as luks_filter
-from nbdformats.filters.luks.cipher import RUN_BYTES, SectorCipher, parse_cipher_spec
-from nbdformats.filters.luks.errors import LuksError
-from nbdformats.filters.luks.header import read_volume
-from nbdformats.filters.luks.unlock import keyslot_order
-from nbdformats.filters.luks.kdf import af_merge
+from nbdformats.filters import luks as luks_filter
+from nbdformats.formats.luks.cipher import RUN_BYTES, SectorCipher, parse_cipher_spec
+from nbdformats.formats.luks.errors import LuksError
+from nbdformats.formats.luks.header import read_volume
+from nbdformats.formats.luks.unlock import keyslot_order
+from nbdformats.formats.luks.kdf import af_merge
 
 PASSPHRASE = "qemu secret"
 MiB = 1024 * 1024
@@ -507,3 +515,129 @@ def test_damaged_headers_only_ever_give_clear_errors(tmp, keyfile):
         except LuksError:
             outcomes["refused"] += 1
     assert outcomes["parsed"] and outcomes["refused"], outcomes
+
+
+# Hostile key derivation costs and metadata (issue 20, items 2, 4 and 5) -----------------------------
+
+LUKS1_KEYSLOT0_ITERATIONS = 208 + 4  # after the 208-byte phdr: active (4), iterations (4)
+LUKS1_MK_DIGEST_ITER = 164
+
+
+def set_u32(image: Path, offset: int, value: int) -> None:
+    with open(image, "r+b") as f:
+        f.seek(offset)
+        f.write(value.to_bytes(4, "big"))
+
+
+def test_key_derivation_over_the_time_limit_is_not_run(tmp, keyfile):
+    """8 hours of PBKDF2 (2^31-1 iterations) or an Argon2 time cost of 2^32-1: refused at once,
+    naming the keyslot, its cost and the parameter that raises the limit."""
+    image = make_cryptsetup_image(tmp, keyfile, "luks1-default")
+    set_u32(image, LUKS1_KEYSLOT0_ITERATIONS, 0x7FFFFFFF)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"over the 60 s key derivation limit: keyslot 0 \(pbkdf2-sha256, "
+                                          r"2147483647 iterations\) would take about \d+ s.*luks-kdf-max-seconds="):
+        open_luks(image, ("keyfile", str(keyfile)))
+    assert time.monotonic() - started < 10
+    with pytest.raises(ConfigError, match=r"over the 0.5 s key derivation limit"):
+        open_luks(image, ("keyfile", str(keyfile)), ("luks-kdf-max-seconds", "0.5"))
+
+    luks2 = make_cryptsetup_image(tmp, keyfile, "luks2-argon2i-cbc-essiv-512")
+
+    def endless_argon2(metadata):
+        metadata["keyslots"]["0"]["kdf"]["time"] = 0xFFFFFFFF
+    rewrite_luks2_json(luks2, endless_argon2)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"keyslot 0 \(argon2i, 4294967295 passes, 32768 KiB, 1 lanes\) would take"):
+        open_luks(luks2, ("keyfile", str(keyfile)))
+    assert time.monotonic() - started < 10
+
+
+def test_iteration_counts_openssl_cannot_run_are_refused_clearly(tmp, keyfile):
+    """2^31 and more (LUKS1 fields are 32 bits) used to end in an OverflowError traceback."""
+    image = make_cryptsetup_image(tmp, keyfile, "luks1-default")
+    set_u32(image, LUKS1_KEYSLOT0_ITERATIONS, 0xFFFFFFFF)
+    with pytest.raises(ConfigError, match=r"keyslot 0 skipped: PBKDF2 iteration count 4294967295 is invalid "
+                                          r"\(1 to 2\^31-1"):
+        open_luks(image, ("keyfile", str(keyfile)))
+    image = make_cryptsetup_image(tmp, keyfile, "luks1-default")
+    set_u32(image, LUKS1_MK_DIGEST_ITER, 1 << 31)
+    with pytest.raises(ConfigError, match=r"no usable keyslot .*PBKDF2 iteration count 2147483648 is invalid"):
+        open_luks(image, ("keyfile", str(keyfile)))
+
+
+def test_ctrl_c_stops_a_long_key_derivation_and_a_terminal_shows_its_progress(tmp, keyfile):
+    """SIGINT during 2^31-1 PBKDF2 iterations (allowed by the parameter): the server exits at once,
+    without a traceback; before, Python ran no handler until OpenSSL's call returned."""
+    image = make_cryptsetup_image(tmp, keyfile, "luks1-default")
+    set_u32(image, LUKS1_KEYSLOT0_ITERATIONS, 0x7FFFFFFF)
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a terminal's size
+    proc = subprocess.Popen([*NBDFORMATS, "-f", "-U", tmp / "sock", "--filter=luks", "file", image,
+                             f"keyfile={keyfile}", "luks-kdf-max-seconds=100000"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal)
+    os.close(terminal)
+    try:
+        shown = b""
+        deadline = time.monotonic() + 30
+        while b"key derivation of keyslot 0" not in shown and time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.5)[0]:
+                shown += os.read(controller, 65536)
+        assert b"luks: key derivation of keyslot 0 (pbkdf2-sha256, 2147483647 iterations)" in shown, shown
+        interrupted = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) != 0
+        assert time.monotonic() - interrupted < 5
+        while select.select([controller], [], [], 0.2)[0]:
+            try:
+                shown += os.read(controller, 65536)
+            except OSError:  # the terminal closed with the process
+                break
+        assert b"Traceback" not in shown, shown
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        os.close(controller)
+
+
+def luks2_header_copy(json_area: bytes, header_size: int, offset: int, magic: bytes) -> bytes:
+    """One LUKS2 header copy built from the specification's layout, its sha256 checksum set."""
+    binary = bytearray(4096)
+    binary[0:6] = magic
+    struct.pack_into(">HQQ", binary, 6, 2, header_size, 1)
+    binary[72:72 + 6] = b"sha256"
+    struct.pack_into(">Q", binary, 256, offset)
+    area = bytearray(binary + json_area.ljust(header_size - 4096, b"\0"))
+    area[448:480] = hashlib.sha256(area).digest()
+    return bytes(area)
+
+
+def test_deeply_nested_luks2_json_is_a_clear_error(tmp, keyfile):
+    """A 4 MiB JSON area of `[` with valid checksums: RecursionError before."""
+    size = 4 * MiB
+    json_area = b"[" * (size - 4096 - 1)
+    data = (luks2_header_copy(json_area, size, 0, b"LUKS\xba\xbe") +
+            luks2_header_copy(json_area, size, size, b"SKUL\xba\xbe") + bytes(MiB))
+    with pytest.raises(LuksError, match="LUKS2 metadata nests 4190207 levels deep"):
+        read_volume(lambda offset, length: data[offset:offset + length], len(data))
+    image = tmp / "nested.luks"
+    image.write_bytes(data)
+    proc = run([*NBDFORMATS, "-f", "-U", tmp / "sock", "--filter=luks", "file", image, f"keyfile={keyfile}"],
+               timeout=60, check=False)
+    assert proc.returncode == 1 and b"nests 4190207 levels deep" in proc.stderr and b"Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("offset", "9" * 5000, r"segments.0.offset has 5000 digits"),
+    ("offset", str(1 << 64), r"segments.0.offset is 18446744073709551616, more than 2\^64-1"),
+    ("offset", str(1 << 63), r"segments.0.offset is 9223372036854775808, more than 2\^63-1"),
+    ("size", str((1 << 64) - 512), r"segments.0.size is 18446744073709551104, more than 2\^63-1"),
+])
+def test_luks2_sizes_beyond_what_a_disk_can_hold_are_named(tmp, keyfile, field, value, message):
+    image = make_cryptsetup_image(tmp, keyfile, "luks2-pbkdf2-sha512-xts256")
+
+    def huge(metadata):
+        metadata["segments"]["0"][field] = value
+    rewrite_luks2_json(image, huge)
+    with pytest.raises(ConfigError, match=message):
+        open_luks(image, ("keyfile", str(keyfile)))

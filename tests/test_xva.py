@@ -25,7 +25,7 @@ from fixtures.reads import filter_over_file, read_export
 from fixtures.xva import CHUNK, XvaDisk, make_xva, ova_xml, sparse_image, write_tar, xva_members
 from nbdformats.api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, Extents
 from nbdformats.api.errors import ConfigError, NBDError
-from nbdformats.filters.xva import archive, ovaxml
+from nbdformats.formats.xva import archive, ovaxml
 
 HOLE = EXTENT_HOLE | EXTENT_ZERO
 

@@ -23,12 +23,14 @@ from typing import Any, Callable, Protocol
 from ..api.chain import NONE, Filter, FilterHandle, Layer, OpenNext
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Param, Size
+from ..formats.errors import FormatError
+from ..formats.readers import Reader
+from ._format_errors import nbd_error
 from ._layer_bytes import read_bytes
 from ._spill import ChunkDecoder, InOrder, Spill
 
 log = logging.getLogger(__name__)
 
-Reader = Callable[[int, int], bytes]
 MIN_CACHE_BYTES = 96 << 20  # a block cache may keep more than its depth of units up to this
 
 
@@ -40,7 +42,7 @@ class Source(Protocol):
     def read_into(self, buf: memoryview, offset: int, reader: Any) -> None: ...
 
 
-class DecompressError(ValueError):
+class DecompressError(FormatError):
     """The compressed data is corrupt, truncated or unsupported (the message says which)."""
 
 
@@ -105,7 +107,10 @@ class SourceHandle(FilterHandle):
         return True  # read-only: every connection sees the same bytes
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-        self.source.read_into(buf, offset, self.reader)
+        try:
+            self.source.read_into(buf, offset, self.reader)
+        except (FormatError, MemoryError) as e:
+            raise nbd_error(e) from None
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         raise NBDError(errno.EROFS, f"{self.filter.name}: the data is read-only")
@@ -138,7 +143,7 @@ class DecompressFilter(Filter):
             below.close()
 
     def load(self, below: Layer, reader: Reader) -> Source:
-        """Inspect the compressed data (size, index); raise DecompressError or NBDError."""
+        """Inspect the compressed data (size, index); raise a FormatError or NBDError."""
         raise NotImplementedError
 
     def source_for(self, below: Layer, export_name: str) -> Source:
@@ -153,8 +158,8 @@ class DecompressFilter(Filter):
             if source is None:
                 try:
                     source = self.load(below, layer_reader(below))
-                except DecompressError as e:
-                    raise NBDError(errno.EIO, f"{self.name}: {e}") from None
+                except (FormatError, MemoryError) as e:
+                    raise nbd_error(e, f"{self.name}: ") from None
                 except NBDError as e:
                     raise NBDError(e.errno, f"{self.name}: {e}") from None
                 if self.max_size is not None and source.size > self.max_size:

@@ -19,16 +19,18 @@ from typing import Any, Callable, Iterator
 from ..api.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, NONE, Export, Extents, Filter,
                          FilterHandle, Layer, OpenNext)
 from ..api.errors import ConfigError, NBDError
-from ._layer_bytes import read_bytes
 from ..api.zeroes import fill_zero
+from ..formats.errors import FormatError
+from ._layer_bytes import read_bytes
 
 log = logging.getLogger(__name__)
 
 LISTED_NAMES = 20  # how many member names an error message shows
 
 
-class ArchiveError(ValueError):
-    """The archive is corrupt, truncated or uses something we cannot serve (message says which)."""
+class ArchiveError(FormatError):
+    """The archive is truncated or libarchive cannot read it (the message says why); the format
+    parsers raise their own FormatError subclasses, handled alike."""
 
 
 def read_archive(layer: Layer, offset: int, length: int) -> bytes:
@@ -80,7 +82,7 @@ class MemberFilter(Filter):
     entry: str | None
 
     def read_members(self, below: Layer) -> Iterator[Member]:
-        """The regular-file members in archive order; raises ArchiveError."""
+        """The regular-file members in archive order; raises a FormatError."""
         raise NotImplementedError
 
     def open_member(self, below: Layer, member: Member, readonly: bool, below_export: str) -> FilterHandle:
@@ -122,7 +124,7 @@ class MemberFilter(Filter):
             return
         try:
             self.find_member(below, self.entry)
-        except (ArchiveError, NBDError) as e:
+        except (FormatError, NBDError) as e:
             raise ConfigError(str(e) if isinstance(e, NBDError) else f"{self.name}: {e}") from None
         finally:
             below.close()
@@ -133,7 +135,7 @@ class MemberFilter(Filter):
             return next_list(readonly, is_tls)
         try:
             names = self._with_below(lambda below: [m.name for m in self.read_members(below)])
-        except ArchiveError as e:
+        except FormatError as e:
             raise NBDError(errno.EIO, f"{self.name}: {e}") from None
         return [Export(name) for name in dict.fromkeys(names)]
 
@@ -143,7 +145,7 @@ class MemberFilter(Filter):
             return next_default(readonly, is_tls)
         try:
             return self._with_below(lambda below: self.find_member(below, "").name)
-        except (ArchiveError, NBDError):
+        except (FormatError, NBDError):
             return ""
 
     def open(self, next_open: OpenNext, readonly: bool, export_name: str) -> FilterHandle:
@@ -155,7 +157,7 @@ class MemberFilter(Filter):
         try:
             try:
                 return self.open_export(below, below_export, wanted, readonly)
-            except ArchiveError as e:
+            except FormatError as e:
                 raise NBDError(errno.EIO, f"{self.name}: {e}") from None
         except BaseException:
             below.close()

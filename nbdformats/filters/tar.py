@@ -13,8 +13,8 @@ from typing import Iterator
 
 from ..api.chain import FilterHandle, Layer
 from ..api.params import Param, String
-from ..formats.tar import TarEntry, TarError, walk
-from ._members import ArchiveError, Member, MemberFilter, Segment, SegmentHandle, normalize, read_archive
+from ..formats.tar import TarEntry, walk
+from ._members import Member, MemberFilter, Segment, SegmentHandle, normalize, read_archive
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,15 @@ class TarFilter(MemberFilter):
 
     def read_members(self, below: Layer) -> Iterator[Member]:
         files: dict[str, TarEntry] = {}
-        try:
-            for entry in walk(lambda offset, n: read_archive(below, offset, n), below.get_size()):
-                if entry.kind == "file":
-                    files.setdefault(normalize(entry.name), entry)
-                    yield tar_member(entry)
-                elif entry.kind == "hardlink":
-                    # A hard link stores no data: it shares the bytes of an earlier member.
-                    target = files.get(normalize(entry.linkname))
-                    if target is not None:
-                        yield tar_member(target, entry.name)
-        except TarError as e:
-            raise ArchiveError(str(e)) from None
+        for entry in walk(lambda offset, n: read_archive(below, offset, n), below.get_size()):
+            if entry.kind == "file":
+                files.setdefault(normalize(entry.name), entry)
+                yield tar_member(entry)
+            elif entry.kind == "hardlink":
+                # A hard link stores no data: it shares the bytes of an earlier member.
+                target = files.get(normalize(entry.linkname))
+                if target is not None:
+                    yield tar_member(target, entry.name)
 
     def open_member(self, below: Layer, member: Member, readonly: bool, below_export: str) -> FilterHandle:
         entry: TarEntry = member.detail

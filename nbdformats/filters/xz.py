@@ -18,8 +18,8 @@ import lzma
 from ..api.chain import Layer
 from ..api.errors import NBDError
 from ..api.params import Int, Param, Size
-from ..formats.xz import XzBlock, XzFormatError, locate_blocks, single_block_stream
-from ._decompress import BlockSource, DecompressError, DecompressFilter, Reader, Unit, read_exact
+from ..formats.xz import XzBlock, locate_blocks, single_block_stream
+from ._decompress import BlockSource, DecompressFilter, Reader, Unit, read_exact
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,7 @@ class XzFilter(DecompressFilter):
                          help="How many decoded blocks to keep in the cache")
 
     def load(self, below: Layer, reader: Reader) -> BlockSource:
-        try:
-            blocks = locate_blocks(reader, below.get_size())
-        except XzFormatError as e:
-            raise DecompressError(str(e)) from None
+        blocks = locate_blocks(reader, below.get_size())
         units = [Unit(b.out, b.uncompressed, b.offset, b.padded, b.number) for b in blocks]
         total = sum(b.uncompressed for b in blocks)
         largest = max((b.uncompressed for b in blocks), default=0)

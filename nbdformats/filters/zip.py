@@ -18,11 +18,11 @@ from typing import Iterator
 from ..api.chain import EMULATE, FilterHandle, Layer
 from ..api.errors import NBDError
 from ..api.params import Bool, Param, String
-from ..formats.zip import (DEFLATED, LOCAL, STORED, ZipEntry, ZipError, data_offset, parse_central_directory,
-                           read_central_directory)
 from ..formats.deflate_index import DeflateIndex
+from ..formats.errors import FormatError
+from ..formats.zip import DEFLATED, LOCAL, STORED, ZipEntry, data_offset, parse_central_directory, read_central_directory
 from ._decompress import SourceHandle
-from ._members import ArchiveError, Member, MemberFilter, Segment, SegmentHandle, read_archive
+from ._members import Member, MemberFilter, Segment, SegmentHandle, read_archive
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,10 @@ class ZipFilter(MemberFilter):
             index.close()
 
     def read_members(self, below: Layer) -> Iterator[Member]:
-        try:
-            directory, raw = read_central_directory(lambda offset, n: read_archive(below, offset, n),
-                                                    below.get_size())
-            for entry in parse_central_directory(raw, directory):
-                if not entry.is_dir:
-                    yield Member(entry.name, entry.size, None, entry)
-        except ZipError as e:
-            raise ArchiveError(str(e)) from None
+        directory, raw = read_central_directory(lambda offset, n: read_archive(below, offset, n), below.get_size())
+        for entry in parse_central_directory(raw, directory):
+            if not entry.is_dir:
+                yield Member(entry.name, entry.size, None, entry)
 
     def open_member(self, below: Layer, member: Member, readonly: bool, below_export: str) -> FilterHandle:
         entry: ZipEntry = member.detail
@@ -110,7 +106,7 @@ class ZipFilter(MemberFilter):
                                           "filter cannot read (--filter=archive reads more methods)")
         try:
             start = data_offset(read_archive(below, entry.header_offset, LOCAL.size), entry)
-        except (ArchiveError, ZipError) as e:
+        except FormatError as e:
             raise NBDError(errno.EIO, f"zip: {e}") from None
         if start + entry.compressed_size > below.get_size():
             raise NBDError(errno.EIO, f"zip: truncated archive: {entry.name!r} ends at "

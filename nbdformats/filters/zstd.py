@@ -21,8 +21,8 @@ from ..api.errors import NBDError
 from ..api.params import Int, Param, Size
 from ..formats.zstd import (SEEK_FOOTER, Frame, ZstdFormatError, parse_seek_table, parse_seek_table_footer,
                             seek_table_size, walk_frames)
-from ._decompress import BlockSource, DecompressError, DecompressFilter, Reader, Source, Unit, read_exact
-from ._layer_bytes import WindowedReader
+from ..formats.readers import WindowedReader
+from ._decompress import BlockSource, DecompressFilter, Reader, Source, Unit, read_exact
 from ._spill import InOrder, Spill
 
 try:
@@ -114,12 +114,9 @@ class ZstdFilter(DecompressFilter):
     def load(self, below: Layer, reader: Reader) -> Source:
         size = below.get_size()
         checksums: dict[int, int | None] = {}
-        try:
-            units = self._seek_table(reader, size, checksums)
-            if units is None:
-                units = self._walk(WindowedReader(reader, size, 1 << 20), size, reader)  # headers
-        except ZstdFormatError as e:
-            raise DecompressError(str(e)) from None
+        units = self._seek_table(reader, size, checksums)
+        if units is None:
+            units = self._walk(WindowedReader(reader, size, 1 << 20), size, reader)  # headers
         if len(units) == 1:
             return self._single_frame(units[0], reader)
         log.info("zstd: %d frames, %d bytes", len(units), sum(u.size for u in units))

@@ -31,8 +31,8 @@ method 8); `raw=False` is gzip (RFC 1952): members follow each other, each one's
 ISIZE are checked while the frontier decodes it, zero padding after the last member is ignored.
 For a raw stream, `expected_crc` (a zip member's CRC-32) is checked the same way: when the
 frontier reaches the end, and from then on every read fails if it did not match.
-Errors (corrupt or truncated data, output beyond `uncompressed_size` or `max_size`) raise
-NBDError(EIO or EFBIG) with a message naming the offset; every method is thread-safe.
+Corrupt or truncated data raises DeflateError, output beyond `uncompressed_size` or
+`max_size` OutputLimitError, each with a message naming the offset; every method is thread-safe.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from __future__ import annotations
 import bisect
 import ctypes
 import ctypes.util
-import errno
 import logging
 import struct
 import threading
@@ -48,7 +47,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..api.errors import NBDError
+from .errors import FormatError, OutputLimitError
+from .readers import Reader
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ RAW_BITS = -15  # windowBits for a bare deflate stream
 GZIP_BITS = 15 + 16  # windowBits for a gzip member (header and trailer checked by zlib)
 GZIP_MAGIC = b"\x1f\x8b"
 
-Reader = Callable[[int, int], bytes]  # read_compressed(offset, length) -> bytes
+
+class DeflateError(FormatError):
+    """The compressed data is corrupt or truncated, or its CRC-32 does not match."""
 
 
 class _ZStream(ctypes.Structure):
@@ -133,7 +135,7 @@ class _Stream:
         self.crc: int | None = 0 if index.expected_crc is not None and point.out == 0 else None
         bits = GZIP_BITS if point.header else RAW_BITS
         if _libz.inflateInit2_(ctypes.byref(self.strm), bits, _ZLIB_VERSION, ctypes.sizeof(_ZStream)) != Z_OK:
-            raise NBDError(errno.ENOMEM, "zlib inflateInit2 failed")
+            raise MemoryError("zlib inflateInit2 failed")
         self.alive = True
         if point.bits:
             _libz.inflatePrime(ctypes.byref(self.strm), point.bits, point.prime)
@@ -222,8 +224,8 @@ class _Stream:
             # The last bytes may already sit in zlib's bit buffer: inflate once more before
             # calling the data truncated.
             if strm.avail_in == 0 and not self._feed(self.in_pos) and stalled > 1:
-                raise NBDError(errno.EIO, f"compressed data truncated at offset {self.in_pos} "
-                                          f"(output offset {self.out})")
+                raise DeflateError(f"compressed data truncated at offset {self.in_pos} "
+                                   f"(output offset {self.out})")
             if self.ring_pos == RING:
                 self.ring_pos = 0
             want = min(RING - self.ring_pos, end - self.out)
@@ -243,18 +245,18 @@ class _Stream:
                 self.ring_pos += produced
                 self.ring_filled = min(RING, self.ring_filled + produced)
                 if index.size_limit is not None and self.out > index.size_limit:
-                    raise NBDError(errno.EFBIG, f"decompressed data exceeds {index.size_limit} bytes "
-                                                f"({index.limit_reason}): refusing a decompression bomb")
+                    raise OutputLimitError(f"decompressed data exceeds {index.size_limit} bytes "
+                                       f"({index.limit_reason}): refusing a decompression bomb")
             if ret == Z_STREAM_END:
                 self._member_ended()
             elif ret == Z_BUF_ERROR:
                 if strm.avail_in:  # no progress although input and output were available
-                    raise NBDError(errno.EIO, f"inflate made no progress at offset {self.next_in_offset}")
+                    raise DeflateError(f"inflate made no progress at offset {self.next_in_offset}")
                 stalled += 1
             elif ret != Z_OK:
                 message = (strm.msg or b"error %d" % ret).decode(errors="replace")
-                raise NBDError(errno.EIO, f"corrupt compressed data near offset {self.next_in_offset} "
-                                          f"(output offset {self.out}): {message}")
+                raise DeflateError(f"corrupt compressed data near offset {self.next_in_offset} "
+                                   f"(output offset {self.out}): {message}")
             elif record is not None and strm.data_type & 0xC0 == 0x80:
                 record(self)  # at a block boundary that is not after the last block
 
@@ -300,9 +302,9 @@ class DeflateIndex:
         if not len(buf):
             return
         if self.corrupt is not None:
-            raise NBDError(errno.EIO, self.corrupt)
+            raise DeflateError(self.corrupt)
         if self.size is not None and end > self.size:
-            raise NBDError(errno.EIO, f"read beyond the end of the uncompressed data ({self.size} bytes)")
+            raise DeflateError(f"read beyond the end of the uncompressed data ({self.size} bytes)")
         with self._lock:
             frontier_out = self._frontier.out if self._frontier else 0
             behind = self._frontier_done or offset < frontier_out
@@ -358,16 +360,16 @@ class DeflateIndex:
             self._check_crc(stream.crc)
             stream.crc = None  # checked
         if stream.out < end and buf is not None:
-            raise NBDError(errno.EIO, f"the compressed data ends at output offset {stream.out}, "
-                                      f"before offset {end}")
+            raise DeflateError(f"the compressed data ends at output offset {stream.out}, "
+                               f"before offset {end}")
 
     def _stream_ended(self, stream: _Stream, frontier: bool) -> None:
         if self.size is None:
             with self._lock:
                 self.size = stream.out
         elif stream.out != self.size and (frontier or stream.out < self.size):
-            raise NBDError(errno.EIO, f"the compressed data decodes to {stream.out} bytes, "
-                                      f"not the declared {self.size}")
+            raise DeflateError(f"the compressed data decodes to {stream.out} bytes, "
+                               f"not the declared {self.size}")
         if frontier:
             with self._lock:
                 self._frontier_done = True
@@ -380,7 +382,7 @@ class DeflateIndex:
             self.corrupt = (f"{self.name} is corrupt: its data decodes to CRC-32 {crc:08x}, "
                             f"not the recorded {self.expected_crc:08x}")
             log.error("%s", self.corrupt)
-            raise NBDError(errno.EIO, self.corrupt)
+            raise DeflateError(self.corrupt)
 
     def _record(self, stream: _Stream) -> None:
         if stream.out - self.checkpoints[-1].out < self.span:
@@ -462,7 +464,7 @@ class DeflateIndex:
     def to_bytes(self) -> bytes:
         """Serialise a complete index (after build()); windows are stored zlib-compressed."""
         if not self.is_complete() or self.size is None:
-            raise ValueError("the index is not complete: call build() first")
+            raise DeflateError("the index is not complete: call build() first")
         with self._lock:
             points = list(self.checkpoints)
         parts = [self._HEADER.pack(self._MAGIC, self.start, self.compressed_size, self.size,
@@ -476,16 +478,16 @@ class DeflateIndex:
     @classmethod
     def from_bytes(cls, blob: bytes, read_compressed: Reader, start: int,
                    compressed_size: int, raw: bool) -> "DeflateIndex":
-        """Load an index saved by to_bytes(); ValueError if it does not match this stream."""
+        """Load an index saved by to_bytes(); DeflateError if it does not match this stream."""
         try:
             magic, i_start, i_compressed, size, span, i_raw, count = cls._HEADER.unpack_from(blob, 0)
         except struct.error:
-            raise ValueError("not an nbdformats deflate index (too short)") from None
+            raise DeflateError("not an nbdformats deflate index (too short)") from None
         if magic != cls._MAGIC:
-            raise ValueError("not an nbdformats deflate index")
+            raise DeflateError("not an nbdformats deflate index")
         if (i_start, i_compressed, bool(i_raw)) != (start, compressed_size, raw):
-            raise ValueError(f"the index is for another file (compressed size {i_compressed}, "
-                             f"not {compressed_size})")
+            raise DeflateError(f"the index is for another file (compressed size {i_compressed}, "
+                               f"not {compressed_size})")
         points = []
         pos = cls._HEADER.size
         try:
@@ -496,10 +498,10 @@ class DeflateIndex:
                 pos += length
                 if not (start <= in_ <= start + compressed_size and out <= size and bits < 8
                         and len(window) <= WINDOW):
-                    raise ValueError("a checkpoint is out of range")
+                    raise DeflateError("a checkpoint is out of range")
                 points.append(Checkpoint(out, in_, bits, prime, bool(header), window))
         except (struct.error, zlib.error) as e:
-            raise ValueError(f"the index is damaged: {e}") from None
+            raise DeflateError(f"the index is damaged: {e}") from None
         return cls.from_checkpoints(points, read_compressed, start, compressed_size, size, raw, span)
 
     @classmethod
@@ -508,7 +510,7 @@ class DeflateIndex:
                          span: int = DEFAULT_SPAN) -> "DeflateIndex":
         """A complete index from checkpoints found otherwise (e.g. BGZF member starts)."""
         if not points or points[0].out != 0 or any(a.out > b.out for a, b in zip(points, points[1:])):
-            raise ValueError("the index is damaged: checkpoints out of order")
+            raise DeflateError("the index is damaged: checkpoints out of order")
         index = cls(read_compressed, start, compressed_size, size, raw, span)
         index.checkpoints = list(points)
         index._outs = [p.out for p in points]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from .errors import FormatError
+
 MAGIC = b"\x1f\x8b"
 CM_DEFLATE = 8
 FEXTRA = 4
@@ -19,7 +21,7 @@ BGZF_HEADER = 18  # the fixed header plus XLEN and the 6-byte BC subfield
 BGZF_MAX_ISIZE = 65536
 
 
-class GzipFormatError(ValueError):
+class GzipFormatError(FormatError):
     pass
 
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from .errors import FormatError
+from .readers import Reader
+
 BLOCK = 512
 # Long names, pax headers and sparse maps are metadata: refuse absurd sizes instead of reading them.
 METADATA_LIMIT = 16 << 20
@@ -39,7 +42,7 @@ REGULAR_TYPES = {b"0", b"\x00", b"7"}  # file, old v7 file, contiguous file
 NO_DATA_TYPES = {b"1", b"2", b"3", b"4", b"5", b"6"}
 
 
-class TarError(ValueError):
+class TarError(FormatError):
     """The archive is not a tar archive, or is corrupt or truncated."""
 
 
@@ -169,7 +172,7 @@ def _check_sparse_map(regions: list[tuple[int, int]], real_size: int, stored: in
     return tuple(regions)
 
 
-def walk(read: Callable[[int, int], bytes], archive_size: int) -> Iterator[TarEntry]:
+def walk(read: Reader, archive_size: int) -> Iterator[TarEntry]:
     """Every member of the archive in order.  `read(offset, n)` must return exactly n bytes.
 
     Stops at the end-of-archive zero block, or at the end of the data if that marker is missing.

@@ -16,7 +16,9 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+
+from .errors import FormatError
+from .readers import Reader
 
 HEADER_MAGIC = b"\xfd7zXZ\x00"
 FOOTER_MAGIC = b"YZ"
@@ -24,7 +26,7 @@ HEADER_SIZE = FOOTER_SIZE = 12
 MAX_INDEX_SIZE = 1 << 34  # Backward Size is 32 bits of 4-byte units
 
 
-class XzFormatError(ValueError):
+class XzFormatError(FormatError):
     pass
 
 
@@ -114,7 +116,7 @@ def parse_index(index: bytes) -> list[tuple[int, int]]:
     return records
 
 
-def locate_blocks(read: Callable[[int, int], bytes], size: int) -> list[XzBlock]:
+def locate_blocks(read: Reader, size: int) -> list[XzBlock]:
     """Every block of every stream of an .xz file of `size` bytes, in file order."""
     if size % 4:
         raise XzFormatError(f"an xz file is a multiple of 4 bytes, this one is {size} (truncated?)")

@@ -12,7 +12,10 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
+
+from .errors import FormatError
+from .readers import Reader
 
 EOCD = struct.Struct("<4sHHHHIIH")  # signature, disk, cd disk, entries here, entries, cd size, cd offset, comment
 EOCD_SIGNATURE = b"PK\x05\x06"
@@ -35,7 +38,7 @@ EXTRA_ZIP64 = 0x0001
 EXTRA_UNICODE_PATH = 0x7075
 
 
-class ZipError(ValueError):
+class ZipError(FormatError):
     """Not a zip archive, or a corrupt or unsupported one."""
 
 
@@ -82,7 +85,7 @@ def find_end_record(tail: bytes, tail_offset: int) -> tuple[int, tuple]:
     raise ZipError("not a zip archive (no end of central directory record)")
 
 
-def read_central_directory(read: Callable[[int, int], bytes], archive_size: int) -> tuple[CentralDirectory, bytes]:
+def read_central_directory(read: Reader, archive_size: int) -> tuple[CentralDirectory, bytes]:
     """Locate and read the central directory; returns it and its raw bytes."""
     tail_length = min(archive_size, EOCD.size + MAX_COMMENT + ZIP64_LOCATOR.size)
     tail_offset = archive_size - tail_length

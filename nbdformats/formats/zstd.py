@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable
+
+from .errors import FormatError
+from .readers import Reader
 
 FRAME_MAGIC = 0xFD2FB528
 SKIPPABLE_MASK, SKIPPABLE_MAGIC = 0xFFFFFFF0, 0x184D2A50
@@ -25,7 +27,7 @@ MAX_BLOCK = 128 * 1024  # Block_Maximum_Size: a block never holds more than this
 FRAME_HEADER_MAX = 4 + 14
 
 
-class ZstdFormatError(ValueError):
+class ZstdFormatError(FormatError):
     pass
 
 
@@ -62,7 +64,7 @@ class Frame:
     content_size: int | None
 
 
-def walk_frames(read: Callable[[int, int], bytes], size: int) -> list[Frame]:
+def walk_frames(read: Reader, size: int) -> list[Frame]:
     """The data frames of a zstd file (skippable frames left out), from their block headers."""
     frames = []
     offset = 0

@@ -14,10 +14,10 @@ from typing import Callable
 
 from ...api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO
 from ...api.zeroes import fill_zero
-from .dirents import ATTR_DIRECTORY, ENTRY_SIZE, Times, dot_entries, short_entry, volume_label_entry
-from .layout import (BACKUP_BOOT_SECTOR, FSINFO_SECTOR, SECTOR, FatTable, LayoutError, Needs, boot_sector,
+from ...formats.fat.dirents import ATTR_DIRECTORY, ENTRY_SIZE, Times, dot_entries, short_entry, volume_label_entry
+from ...formats.fat.layout import (BACKUP_BOOT_SECTOR, FSINFO_SECTOR, SECTOR, FatTable, LayoutError, Needs, boot_sector,
                      fsinfo_sector, mbr_sector, plan, with_boot_code)
-from .names import ShortNameAllocator, exact_short_name, fold, long_name_entries, short_name_checksum
+from ...formats.fat.names import ShortNameAllocator, exact_short_name, fold, long_name_entries, short_name_checksum
 from .tree import DirNode, FileNode
 
 MAX_DIRECTORY_ENTRIES = 65536  # spec section 6: a directory may not grow past 2 MiB

@@ -11,12 +11,12 @@ import zlib
 from ...api.chain import Extents, Plugin, PluginHandle
 from ...api.errors import ConfigError, NBDError
 from ...api.params import Enum, Param, Path, Size, String
+from ...formats.fat.dirents import ATTR_ARCHIVE, ATTR_HIDDEN, ATTR_READ_ONLY, ATTR_SYSTEM
+from ...formats.fat.layout import SECTOR, LayoutError, bpb_end
+from ...formats.fat.names import volume_label
 from .._sparse import data_and_holes
 from . import syslinux
-from .dirents import ATTR_ARCHIVE, ATTR_HIDDEN, ATTR_READ_ONLY, ATTR_SYSTEM
 from .image import FatImage
-from .layout import SECTOR, LayoutError, bpb_end
-from .names import volume_label
 from .tree import DirNode, FileNode, TreeError, add_file, scan
 
 log = logging.getLogger("nbdformats.floppy")

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-from .layout import SECTOR
+from ...formats.fat.layout import SECTOR
 
 LDLINUX_MAGIC = 0x3EB202FE
 # struct patch_area: magic, instance, data_sectors, adv_sectors, dwords, checksum,

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ...api.progress import progress
-from .dirents import ATTR_ARCHIVE
-from .names import decode_host_name, fold, windows_name
+from ...formats.fat.dirents import ATTR_ARCHIVE
+from ...formats.fat.names import decode_host_name, fold, windows_name
 
 MAX_FILE_SIZE = 0xFFFFFFFF  # DIR_FileSize is 32 bits
 # Links to directories can multiply a tree without any loop (two links to one directory in

@@ -23,8 +23,9 @@ from ...api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents,
 from ...api.errors import ConfigError, NBDError
 from ...api.params import Bool, Enum, Param, ParamType, Path, Size, String
 from ...api.progress import progress
+from ...formats import gpt
 from .._sparse import data_and_holes
-from . import gpt, tree
+from . import tree
 from .tree import TreeStats
 
 log = logging.getLogger(__name__)

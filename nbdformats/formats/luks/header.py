@@ -11,39 +11,22 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import json
+import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+import numpy as np
+
+from ..errors import check_size
+from ..readers import Reader
 from .cipher import CipherSpec, parse_cipher_spec
 from .errors import LuksError
 from .kdf import Argon2, Kdf, Pbkdf2, hash_name
-
-Reader = Callable[[int, int], bytes]
-
-MAGIC = b"LUKS\xba\xbe"
-MAGIC_SECONDARY = b"SKUL\xba\xbe"  # LUKS2 second header copy
-SECTOR = 512
-
-# LUKS1: "struct phdr" then 8 keyslots of 48 bytes.
-_LUKS1_HEADER = struct.Struct(">6sH32s32s32sII20s32sI40s")
-_LUKS1_KEYSLOT = struct.Struct(">II32sII")
-LUKS1_KEYSLOTS = 8
-LUKS1_HEADER_SIZE = _LUKS1_HEADER.size + LUKS1_KEYSLOTS * _LUKS1_KEYSLOT.size  # 592
-LUKS1_KEY_ENABLED = 0x00AC71F3
-LUKS1_KEY_DISABLED = 0x0000DEAD
-
-# LUKS2 binary header: magic, version, hdr_size, seqid, label[48], checksum_alg[32], salt[64],
-# uuid[40], subsystem[48], hdr_offset, padding[184], csum[64], padding[7*512].
-_LUKS2_HEADER = struct.Struct(">6sHQQ48s32s64s40s48sQ184s64s")
-LUKS2_BINARY_SIZE = 4096
-_LUKS2_CSUM_AT = 448
-_LUKS2_CSUM_SIZE = 64
-# "The secondary header offset ... must be one of these values" (the JSON area sizes).
-LUKS2_HEADER_SIZES = tuple(1 << n for n in range(14, 23))  # 16 KiB .. 4 MiB
-
+from .structs import (LUKS1_HEADER, LUKS1_HEADER_SIZE, LUKS1_KEY_DISABLED, LUKS1_KEY_ENABLED, LUKS1_KEYSLOT,
+                      LUKS1_KEYSLOTS, LUKS2_BINARY_SIZE, LUKS2_CHECKSUM, LUKS2_HEADER, LUKS2_HEADER_SIZES, MAGIC,
+                      MAGIC_SECONDARY, SECTOR)
 
 @dataclass(frozen=True)
 class Digest:
@@ -51,9 +34,6 @@ class Digest:
 
     kdf: Pbkdf2
     value: bytes
-
-    def matches(self, volume_key: bytes) -> bool:
-        return hmac.compare_digest(self.kdf.derive(volume_key, len(self.value)), self.value)
 
 
 @dataclass(frozen=True)
@@ -135,7 +115,7 @@ def parse_luks1(data: bytes) -> Volume:
     if len(data) < LUKS1_HEADER_SIZE:
         raise LuksError(f"the file is truncated: the LUKS1 header needs {LUKS1_HEADER_SIZE} bytes")
     (magic, version, cipher_name, cipher_mode, hash_spec, payload_offset, key_bytes, mk_digest,
-     mk_digest_salt, mk_digest_iter, uuid) = _LUKS1_HEADER.unpack_from(data, 0)
+     mk_digest_salt, mk_digest_iter, uuid) = LUKS1_HEADER.unpack_from(data, 0)
     if magic != MAGIC or version != 1:
         raise LuksError("not a LUKS1 header")
     cipher = parse_cipher_spec(f"{_text(cipher_name)}-{_text(cipher_mode)}")
@@ -146,8 +126,8 @@ def parse_luks1(data: bytes) -> Volume:
     keyslots = []
     warnings = []
     for index in range(LUKS1_KEYSLOTS):
-        active, iterations, salt, material_offset, stripes = _LUKS1_KEYSLOT.unpack_from(
-            data, _LUKS1_HEADER.size + index * _LUKS1_KEYSLOT.size)
+        active, iterations, salt, material_offset, stripes = LUKS1_KEYSLOT.unpack_from(
+            data, LUKS1_HEADER.size + index * LUKS1_KEYSLOT.size)
         if active == LUKS1_KEY_DISABLED:
             continue
         if active != LUKS1_KEY_ENABLED:
@@ -184,10 +164,10 @@ class Luks2Binary:
 
 
 def parse_luks2_binary(data: bytes) -> Luks2Binary:
-    if len(data) < _LUKS2_HEADER.size:
+    if len(data) < LUKS2_HEADER.size:
         raise LuksError("the LUKS2 binary header is truncated")
     (magic, version, header_size, seqid, _label, checksum_alg, _salt, uuid, _subsystem, header_offset,
-     _padding, checksum) = _LUKS2_HEADER.unpack_from(data, 0)
+     _padding, checksum) = LUKS2_HEADER.unpack_from(data, 0)
     return Luks2Binary(magic, version, header_size, seqid, _text(checksum_alg), _text(uuid), header_offset,
                        checksum)
 
@@ -212,7 +192,7 @@ def check_luks2_header(data: bytes, offset: int, magic: bytes) -> Luks2Binary:
     except LuksError as e:
         raise LuksError(f"header at offset {offset}: checksum: {e}") from None
     area = bytearray(data[:binary.header_size])
-    area[_LUKS2_CSUM_AT:_LUKS2_CSUM_AT + _LUKS2_CSUM_SIZE] = bytes(_LUKS2_CSUM_SIZE)
+    area[LUKS2_CHECKSUM[0]:LUKS2_CHECKSUM[1]] = bytes(LUKS2_CHECKSUM[1] - LUKS2_CHECKSUM[0])
     digest = hashlib.new(algorithm, area).digest()
     if binary.checksum[:len(digest)] != digest:
         raise LuksError(f"bad {binary.checksum_alg} checksum in the header at offset {offset}")
@@ -301,13 +281,21 @@ class _Json:
         return self.value
 
     def integer(self) -> int:
-        """A number: JSON integer, or a decimal string (how LUKS2 stores 64-bit values)."""
+        """A number: JSON integer, or a decimal string (how LUKS2 stores 64-bit values), at most 2^64-1."""
         value = self.value
-        if isinstance(value, str) and value.isdigit():
-            return int(value)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-        raise LuksError(f"LUKS2 metadata: {self.path} is not a non-negative number")
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            if len(value) > MAX_UINT64_DIGITS:
+                raise LuksError(f"LUKS2 metadata: {self.path} has {len(value)} digits, more than a 64-bit number")
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise LuksError(f"LUKS2 metadata: {self.path} is not a non-negative number")
+        if value > MAX_UINT64:
+            raise LuksError(f"LUKS2 metadata: {self.path} is {value}, more than 2^64-1")
+        return value
+
+    def size(self) -> int:
+        """A byte count or offset: at most 2^63-1, the largest a disk can have."""
+        return check_size(self.integer(), f"LUKS2 metadata: {self.path}", error=LuksError)
 
     def base64(self) -> bytes:
         try:
@@ -321,9 +309,22 @@ class _Json:
         return self.value
 
 
+def json_depth(text: bytes) -> int:
+    """How deeply the arrays and objects of a JSON text nest (brackets inside strings not counted)."""
+    outside_strings = re.sub(rb'"(?:[^"\\]|\\.)*"', b"", text)
+    codes = np.frombuffer(outside_strings, dtype=np.uint8)
+    steps = (np.isin(codes, (ord("["), ord("{"))).astype(np.int64)
+             - np.isin(codes, (ord("]"), ord("}"))).astype(np.int64))
+    return int(np.cumsum(steps).max(initial=0))
+
+
 def parse_luks2_json(data: bytes, binary: Luks2Binary, warnings: tuple[str, ...] = ()) -> Volume:
     """Parse the JSON area of a checked LUKS2 header copy."""
     text = data[LUKS2_BINARY_SIZE:binary.header_size].split(b"\0", 1)[0]
+    # The JSON area is up to 4 MiB: nested brackets could make the parser recurse too deep.
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise LuksError(f"LUKS2 metadata nests {depth} levels deep (real metadata: 4; at most {MAX_JSON_DEPTH})")
     try:
         root = _Json(json.loads(text), "")
     except (ValueError, UnicodeDecodeError) as e:
@@ -339,8 +340,8 @@ def parse_luks2_json(data: bytes, binary: Luks2Binary, warnings: tuple[str, ...]
     digests = [(digest_id, digest) for digest_id, digest in root.get("digests").items()]
     volume_keyslots = []
     volume_warnings = list(warnings)
-    for slot_id, slot in sorted(root.get("keyslots").items(), key=lambda item: int(item[0])
-                                if item[0].isdigit() else 1 << 30):
+    keyslots = root.get("keyslots").items()
+    for slot_id, slot in sorted(keyslots, key=lambda item: (_slot_number(item[0]) is None, _slot_number(item[0]) or 0)):
         try:
             keyslot = _luks2_keyslot(slot_id, slot, digests, segment_id)
         except LuksError as e:
@@ -349,6 +350,13 @@ def parse_luks2_json(data: bytes, binary: Luks2Binary, warnings: tuple[str, ...]
         if keyslot is not None:
             volume_keyslots.append(keyslot)
     return Volume(2, binary.uuid, tuple(volume_keyslots), segment, bytes(data), tuple(volume_warnings))
+
+
+def _slot_number(text: str) -> int | None:
+    """A keyslot id as a number: LUKS2 has keyslots 0 to 31 (cryptsetup's LUKS2_KEYSLOTS_MAX)."""
+    if text.isascii() and text.isdigit() and len(text) <= 2 and int(text) < 32:
+        return int(text)
+    return None
 
 
 def _data_segment(segments: _Json) -> tuple[str, Segment]:
@@ -368,21 +376,20 @@ def _data_segment(segments: _Json) -> tuple[str, Segment]:
     if sector_size not in (512, 1024, 2048, 4096):
         raise LuksError(f"LUKS2 segment sector size {sector_size} is invalid")
     size_field = segment.get("size")
-    size = None if size_field.value == "dynamic" else size_field.integer()
-    offset = segment.get("offset").integer()
+    size = None if size_field.value == "dynamic" else size_field.size()
+    offset = segment.get("offset").size()
     if offset % SECTOR or (size is not None and size % sector_size):
         raise LuksError(f"LUKS2 segment offset {offset} or size {size} is not sector-aligned")
     iv_tweak = segment.get("iv_tweak").integer()
-    if iv_tweak >= 1 << 64:
-        raise LuksError(f"LUKS2 segment iv_tweak {iv_tweak} does not fit in 64 bits")
     return segment_id, Segment(offset=offset, size=size, cipher=cipher, sector_size=sector_size,
                                iv_tweak=iv_tweak)
 
 
 def _luks2_keyslot(slot_id: str, slot: _Json, digests: list[tuple[str, _Json]],
                    segment_id: str) -> Keyslot | None:
-    if not slot_id.isdigit():
-        raise LuksError("its id is not a number")
+    index = _slot_number(slot_id)
+    if index is None:
+        raise LuksError("its id is not a keyslot number (0 to 31)")
     if slot.get("type").text() != "luks2":
         return None  # e.g. "reencrypt" slots hold no volume key
     for _digest_id, digest in digests:
@@ -420,9 +427,9 @@ def _luks2_keyslot(slot_id: str, slot: _Json, digests: list[tuple[str, _Json]],
         raise LuksError(f"key derivation {kdf_type!r} is not supported")
     priority_field = slot.get("priority", optional=True)
     keyslot = Keyslot(
-        index=int(slot_id), priority=1 if priority_field.value is None else priority_field.integer(),
+        index=index, priority=1 if priority_field.value is None else priority_field.integer(),
         kdf=kdf, area_cipher=area_cipher, area_key_size=area_key_size,
-        area_offset=area.get("offset").integer(), area_size=area.get("size").integer(),
+        area_offset=area.get("offset").size(), area_size=area.get("size").size(),
         stripes=af.get("stripes").integer(), af_hash=af.get("hash").text(),
         key_size=slot.get("key_size").integer(), digest=Digest(digest_kdf, digest.get("digest").base64()))
     check_keyslot(keyslot)
@@ -433,12 +440,13 @@ def _luks2_keyslot(slot_id: str, slot: _Json, digests: list[tuple[str, _Json]],
 
 
 # Limits that keep a damaged or hostile header from asking for absurd work or memory: the
-# largest values cryptsetup itself would write, or the fields' own ranges.
+# largest values cryptsetup itself would write, or the fields' own ranges (the key derivation
+# costs are checked by kdf.py).
 MAX_STRIPES = 65536  # cryptsetup and qemu write 4000
+MAX_JSON_DEPTH = 32
+MAX_UINT64 = (1 << 64) - 1
+MAX_UINT64_DIGITS = len(str(MAX_UINT64))
 MAX_KEY_SIZE = 512
-MAX_ITERATIONS = 0xFFFFFFFF
-MAX_ARGON2_MEMORY_KIB = 4 * 1024 * 1024  # cryptsetup's maximum
-MAX_ARGON2_LANES = 0xFFFFFF
 
 
 def check_keyslot(keyslot: Keyslot) -> None:
@@ -447,13 +455,7 @@ def check_keyslot(keyslot: Keyslot) -> None:
         raise LuksError(f"{keyslot.stripes} anti-forensic stripes (at most {MAX_STRIPES})")
     if not 1 <= keyslot.key_size <= MAX_KEY_SIZE:
         raise LuksError(f"volume key size {keyslot.key_size} is invalid")
-    for kdf in (keyslot.kdf, keyslot.digest.kdf):
-        if isinstance(kdf, Pbkdf2) and not 1 <= kdf.iterations <= MAX_ITERATIONS:
-            raise LuksError(f"PBKDF2 iteration count {kdf.iterations} is invalid")
-    if isinstance(keyslot.kdf, Argon2):
-        if not (1 <= keyslot.kdf.time <= MAX_ITERATIONS and 1 <= keyslot.kdf.lanes <= MAX_ARGON2_LANES and
-                8 * keyslot.kdf.lanes <= keyslot.kdf.memory_kib <= MAX_ARGON2_MEMORY_KIB):
-            raise LuksError(f"{keyslot.kdf.variant} costs are out of range (time {keyslot.kdf.time}, "
-                            f"memory {keyslot.kdf.memory_kib} KiB, {keyslot.kdf.lanes} lanes)")
+    keyslot.kdf.check_costs()
+    keyslot.digest.kdf.check_costs()
     if not 16 <= len(keyslot.digest.value) <= 1024:
         raise LuksError(f"the volume key digest has {len(keyslot.digest.value)} bytes")

@@ -14,7 +14,10 @@ from bisect import bisect_left
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-SECTOR = 512
+from .. import mbr
+from . import FatError
+
+SECTOR = mbr.SECTOR
 PARTITION_START = 2048  # sectors (1 MiB), as nbdkit and partitioning tools
 MAX_PARTITION_SECTORS = 0xFFFFFFFF  # an MBR entry holds 32-bit sector counts
 
@@ -34,7 +37,7 @@ PARTITION_TYPES = {12: 0x01, 16: 0x0E, 32: 0x0C}  # FAT12, FAT16 (LBA), FAT32 (L
 HARD_DISK_ROOT_ENTRIES = 512  # mkfs.fat's default for FAT12/16 outside floppy formats
 
 
-class LayoutError(ValueError):
+class LayoutError(FatError):
     """The files cannot be laid out as asked (too big, too small, wrong FAT type)."""
 
 
@@ -364,29 +367,11 @@ def fsinfo_sector(free_clusters: int, next_free: int) -> bytes:
     return bytes(sector)
 
 
-def _chs(lba: int, heads: int = 255, sectors_per_track: int = 63) -> bytes:
-    cylinder, rest = divmod(lba, heads * sectors_per_track)
-    head, sector = divmod(rest, sectors_per_track)
-    if cylinder > 1023:
-        cylinder, head, sector = 1023, heads - 1, sectors_per_track - 1
-    return bytes((head, (sector + 1) | (cylinder >> 2 & 0xC0), cylinder & 0xFF))
-
-
 def mbr_sector(geometry: Geometry, disk_signature: int, boot_code: bytes | None) -> bytes:
     """A DOS partition table with one FAT partition, active when `boot_code` is given."""
-    sector = bytearray(SECTOR)
-    if boot_code is not None:
-        sector[0:len(boot_code)] = boot_code
-    else:
-        sector[0:len(_NOT_BOOTABLE_CODE)] = _NOT_BOOTABLE_CODE
-    struct.pack_into("<I", sector, 440, disk_signature)
-    start, count = geometry.hidden_sectors, geometry.total_sectors
-    entry = (bytes((0x80 if boot_code is not None else 0,)) + _chs(start)
-             + bytes((PARTITION_TYPES[geometry.fat_bits],)) + _chs(start + count - 1)
-             + struct.pack("<II", start, count))
-    sector[446:462] = entry
-    sector[510:512] = b"\x55\xaa"
-    return bytes(sector)
+    record = mbr.pack_record(PARTITION_TYPES[geometry.fat_bits], geometry.hidden_sectors, geometry.total_sectors,
+                             bootable=boot_code is not None)
+    return mbr.mbr_sector([record], _NOT_BOOTABLE_CODE if boot_code is None else boot_code, disk_signature)
 
 
 # -- The FAT ---------------------------------------------------------------------------

@@ -20,12 +20,12 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Callable
 
 import xxhash
 
-from ...formats import tar
-from .._layer_bytes import WindowedReader
+from .. import tar
+from ..errors import FormatError
+from ..readers import Reader, WindowedReader
 from . import ovaxml
 
 CHUNK_SIZE = 1 << 20
@@ -41,7 +41,7 @@ _COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"\xfd7zX
                      b"BZh": "bzip2"}
 
 
-class XvaError(ValueError):
+class XvaError(FormatError):
     """Not an XVA, or a damaged one; the message says what and where."""
 
 
@@ -110,7 +110,7 @@ def _not_a_tar(first_bytes: bytes, error: tar.TarError) -> XvaError:
     return XvaError(f"not an XVA: {error}")
 
 
-def index(read: Callable[[int, int], bytes], size: int, with_checksums: bool) -> Archive:
+def index(read: Reader, size: int, with_checksums: bool) -> Archive:
     """Scan the tar once: parse ova.xml and place every chunk of every disk.
 
     `with_checksums` reads the checksum members too (cheap: they sit next to the headers).

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 import struct
 
+from . import FatError
+
 MAX_LONG_NAME = 255  # UTF-16 units
 LONG_NAME_UNITS_PER_SLOT = 13
 ATTR_LONG_NAME = 0x0F
@@ -164,7 +166,7 @@ def long_name_entries(long_name: str, checksum: int) -> bytes:
     encoded = long_name.encode("utf-16-le")
     units = len(encoded) // 2
     if units == 0 or units > MAX_LONG_NAME:
-        raise ValueError(f"a long name must have 1 to {MAX_LONG_NAME} UTF-16 units: {long_name!r}")
+        raise FatError(f"a long name must have 1 to {MAX_LONG_NAME} UTF-16 units: {long_name!r}")
     count = -(-units // LONG_NAME_UNITS_PER_SLOT)
     if units % LONG_NAME_UNITS_PER_SLOT:
         encoded += b"\0\0"
@@ -183,11 +185,11 @@ def volume_label(text: str) -> bytes | None:
     if not text:
         return None
     if len(text) > 11:
-        raise ValueError(f"a FAT volume label holds at most 11 characters, this one has {len(text)}")
+        raise FatError(f"a FAT volume label holds at most 11 characters, this one has {len(text)}")
     upper = text.upper()
     for c in upper:
         if not (c.isascii() and (c.isalnum() or c in " " + _SHORT_NAME_SPECIALS)):
-            raise ValueError(f"{c!r} cannot be stored in a FAT volume label (allowed: {_LABEL_CHARACTERS})")
+            raise FatError(f"{c!r} cannot be stored in a FAT volume label (allowed: {_LABEL_CHARACTERS})")
     if upper.startswith(" "):
-        raise ValueError("a FAT volume label cannot start with a space")
+        raise FatError("a FAT volume label cannot start with a space")
     return upper.ljust(11).encode("ascii")

@@ -10,18 +10,19 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
-from ...api.chain import EMULATE, EXTENT_DATA, FLAG_FUA, Extents, Filter, FilterHandle, Layer
-from ...api.errors import ConfigError, NBDError
-from ...api.params import Int, Param, Path, Secret, SecretValue
-from ...api.zeroes import write_zeroes
-from .._layer_bytes import read_bytes
-from .cipher import SectorCipher
-from .errors import LuksError
-from .header import Keyslot, Volume, read_volume
-from .kdf import Argon2
-from .unlock import unlock
+from ..api.chain import EMULATE, EXTENT_DATA, FLAG_FUA, Extents, Filter, FilterHandle, Layer
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Float, Int, Param, Path, Secret, SecretValue
+from ..api.progress import progress
+from ..api.zeroes import write_zeroes
+from ..formats.luks.cipher import SectorCipher
+from ..formats.luks.errors import LuksError
+from ..formats.luks.header import Keyslot, Volume, read_volume
+from ..formats.luks.unlock import Derivation, KdfBudgetError, unlock
+from ._layer_bytes import read_bytes
 
 log = logging.getLogger("nbdformats.luks")
 
@@ -72,12 +73,37 @@ class SharedExclusiveLock:
 
 
 def _log_keyslot(slot: Keyslot, opened: bool, seconds: float) -> None:
-    kdf = slot.kdf
-    if isinstance(kdf, Argon2):
-        what = f"{kdf.variant}, {kdf.time} passes, {kdf.memory_kib} KiB, {kdf.lanes} lanes"
-    else:
-        what = f"pbkdf2-{kdf.hash}, {kdf.iterations} iterations"
-    log.debug("luks: keyslot %d (%s): %s in %.3f s", slot.index, what, "opened" if opened else "no match", seconds)
+    log.debug("luks: keyslot %d (%s): %s in %.3f s", slot.index, slot.kdf.describe(),
+              "opened" if opened else "no match", seconds)
+
+
+def derive_interruptibly(job: Derivation) -> bytes:
+    """Run a key derivation in a helper thread while this one waits in short steps.
+
+    OpenSSL's PBKDF2 and Argon2 are single C calls: Python runs no signal handler until they
+    return, so Ctrl-C (SIGINT) would wait for the whole derivation.  The waiting thread takes
+    the signal at once and start-up stops; the abandoned helper dies with the process.  On a
+    terminal a progress bar shows the seconds spent of the estimated total."""
+    outcome: list[bytes | BaseException] = []
+
+    def work() -> None:
+        try:
+            outcome.append(job.run())
+        except BaseException as e:  # handed to the waiting thread
+            outcome.append(e)
+
+    helper = threading.Thread(target=work, name="luks-kdf", daemon=True)
+    started = time.monotonic()
+    helper.start()
+    estimate = max(1, round(job.estimate))
+    with progress(estimate, f"luks: key derivation of {job.what}", unit="s") as bar:  # seconds, estimated
+        while helper.is_alive():
+            helper.join(0.1)
+            bar.set(min(estimate - 1, int(time.monotonic() - started)))
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 class LuksFilter(Filter):
@@ -89,6 +115,10 @@ class LuksFilter(Filter):
     passphrase = Param(Secret(), help="The passphrase: SECRET, +FILE, - (prompt) or -FD (as nbdkit)")
     keyfile = Param(Path("file"), help="A cryptsetup key file: its whole contents are the passphrase")
     keyslot = Param(Int(0, 31), help="Try only this keyslot (default: every active keyslot)")
+    kdf_max_seconds = Param(Float(minimum=0), key="luks-kdf-max-seconds", default=60.0,
+                            help="Key derivation time allowed to open the volume, all keyslots tried "
+                                 "together; a keyslot whose derivation is estimated to take longer is "
+                                 "not tried (cryptsetup writes keyslots of about 2 s; default 60)")
 
     def config_complete(self) -> None:
         if (self.passphrase is None) == (self.keyfile is None):
@@ -103,6 +133,8 @@ class LuksFilter(Filter):
         below = self.open_below(True, "")
         try:
             self.unlock(below).volume.payload_size(below.get_size())  # a truncated file fails here
+        except KdfBudgetError as e:
+            raise ConfigError(f"luks: {e} (raise luks-kdf-max-seconds= to try them)") from None
         except (LuksError, NBDError) as e:
             raise ConfigError(f"luks: {e}") from None
         finally:
@@ -133,7 +165,8 @@ class LuksFilter(Filter):
                 for warning in volume.warnings:
                     log.warning("luks: %s", warning)
                 tried = _log_keyslot if self.debug_flags.get("keyslots") else None
-                key = unlock(volume, self.passphrase.reveal(), read, device_size, self.keyslot, tried)
+                key = unlock(volume, self.passphrase.reveal(), read, device_size, self.keyslot, tried,
+                             derive_interruptibly, self.kdf_max_seconds)
                 segment = volume.segment
                 unlocked = Unlocked(volume, SectorCipher(segment.cipher, key, segment.sector_size,
                                                          segment.iv_tweak))
@@ -246,3 +279,6 @@ class LuksFilter(Filter):
         def cache(self, count: int, offset: int, flags: int) -> None:
             start, end = self._aligned(offset, count)
             self.next.cache(end - start, self.data_offset + start, flags)
+
+
+FILTER = LuksFilter

@@ -16,10 +16,12 @@ from xml.etree.ElementTree import Element, ParseError
 import defusedxml
 import defusedxml.ElementTree
 
+from ..errors import FormatError
+
 MAX_DEPTH = 64  # XML-RPC nesting in real files is about 6 deep
 
 
-class OvaXmlError(ValueError):
+class OvaXmlError(FormatError):
     """ova.xml is not a description we understand; the message says why."""
 
 

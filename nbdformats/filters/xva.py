@@ -3,7 +3,7 @@
     nbdformats --filter=xva file vm.xva [xva-disk=NAME|Ref:N|INDEX] [xva-verify=none|lazy|full]
     nbdformats --filter=xva --filter=gzip file vm.xva.gz
 
-The tar is indexed once at start-up (headers only, see archive.py for the format); reads go
+The tar is indexed once at start-up (headers only, see formats/xva/archive.py for the format); reads go
 straight to the chunks' data in the archive, left-out chunks read as zeroes and are reported
 as holes.  Every disk is an export; the export name selects one as xva-disk= does.
 """
@@ -15,14 +15,14 @@ import logging
 from bisect import bisect_left
 from typing import Callable
 
-from ...api.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, Export, Extents, Filter,
+from ..api.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, Export, Extents, Filter,
                           FilterHandle, Holes, Layer, OpenNext, pread_sparse_by_extents)
-from ...api.errors import ConfigError, NBDError
-from ...api.params import Enum, Param, String
-from ...api.progress import progress
-from ...api.zeroes import fill_zero
-from .._layer_bytes import read_bytes
-from .archive import BAD, CHUNK_SIZE, GOOD, UNCHECKED, Archive, Chunk, Disk, XvaError, checksum, index
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Enum, Param, String
+from ..api.progress import progress
+from ..api.zeroes import fill_zero
+from ..formats.xva.archive import BAD, CHUNK_SIZE, GOOD, UNCHECKED, Archive, Chunk, Disk, XvaError, checksum, index
+from ._layer_bytes import read_bytes
 
 log = logging.getLogger("nbdformats.xva")
 
