@@ -6,6 +6,10 @@ Options and key=value arguments may be mixed as with GNU getopt; `--` ends optio
 Filters are listed outermost (nearest the client) first.  Each key=value goes to the
 first filter that declares the key, else to the plugin; a bare VALUE goes to the plugin's
 "magic" parameter (e.g. `file DISK`, `memory 1G`).
+
+Start-up follows nbdkit's order: configure the chain, bind, start the --run command, drop
+privileges (-u/-g), detach, write the pid file, serve.  Relative paths (-P, -U, TMPDIR, TLS
+files) are made absolute first, as the server changes to / when it detaches.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import ctypes
 import logging
 import logging.handlers
 import os
+import platform
 import shutil
 import signal
+import socket
 import stat
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -28,40 +35,101 @@ from .api.errors import ConfigError
 
 log = logging.getLogger("nbdformats")
 
-USAGE = """\
-usage: nbdformats [-D PLUGIN.FLAG=N] [-e EXPORTNAME] [--exit-with-parent] [-f]
-                  [--filter=FILTER ...] [-g GROUP] [-i IPADDR] [-4|-6]
-                  [--log=stderr|syslog|null] [--max-connections N] [--exit-last]
-                  [-o|--oldstyle] [-P PIDFILE] [-p PORT] [--print-uri] [-r]
-                  [--run CMD] [-s] [--stats-json PATH [--stats-interval SECONDS]]
-                  [-t THREADS] [--busy-poll US] [--tls=off|on|require]
-                  [--tls-certificates DIR] [--tls-verify-peer] [-U SOCKET|-]
-                  [--fd N [--no-handshake]] [-v] [-V]
-                  PLUGIN [[KEY=]VALUE ...]
 
-       nbdformats --list                 plugins and filters available
-       nbdformats PLUGIN --help          the plugin's parameters
-       nbdformats --dump-plugin PLUGIN   the plugin's details, machine readable
-"""
+@dataclass(frozen=True)
+class Option:
+    """One command-line option: its long names (the first is the canonical one), short letter,
+    the metavar of its value (empty: a flag), and where it is stored (`dest`, `const`) when
+    several options set one thing and the last given wins (-o/-n, -4/-6)."""
 
-# name -> (takes a value, destination); short options map to the same names.
-_LONG = {
-    "foreground": False, "no-fork": False, "readonly": False, "read-only": False, "port": True, "ipaddr": True,
-    "ipv4-only": False, "ipv6-only": False, "unix": True, "single": False, "stdin": False, "run": True,
-    "exportname": True, "export-name": True, "export": True, "threads": True, "pidfile": True,
-    "exit-with-parent": False, "tls": True, "tls-certificates": True, "tls-psk": True, "tls-verify-peer": False,
-    "verbose": False, "debug": True, "filter": True, "oldstyle": False, "newstyle": False, "print-uri": False,
-    "dump-plugin": False, "dump-config": False, "help": False, "version": False, "list": False,
-    "exit-last": False, "max-connections": True, "fd": True, "no-handshake": False, "log": True,
-    "handshake-timeout": True, "description": True, "swap": False, "user": True, "group": True,
-    "mask-handshake": True, "no-sr": False, "no-mc": False, "keepalive": False, "selinux-label": True,
-    "time-limit": True, "vsock": False, "stats-json": True, "stats-interval": True, "busy-poll": True,
-}
-_SHORT = {"f": "foreground", "r": "readonly", "p": "port", "i": "ipaddr", "4": "ipv4-only", "6": "ipv6-only",
-          "U": "unix", "s": "single", "e": "exportname", "t": "threads", "P": "pidfile", "v": "verbose",
-          "D": "debug", "o": "oldstyle", "n": "newstyle", "V": "version", "h": "help", "u": "user",
-          "g": "group"}
-_REPEATABLE = {"filter", "ipaddr", "debug"}
+    names: tuple[str, ...]
+    help: str
+    short: str = ""
+    metavar: str = ""
+    repeatable: bool = False
+    dest: str = ""
+    const: object = True
+
+    @property
+    def key(self) -> str:
+        return self.dest or self.names[0]
+
+
+# nbdkit 1.32's options first (nbdkit(1)), then newer nbdkit's, then our own.
+OPTIONS: tuple[Option, ...] = (
+    Option(("ipv4-only",), "listen on IPv4 only (the last of -4/-6 wins)", "4", dest="family",
+           const=socket.AF_INET),
+    Option(("ipv6-only",), "listen on IPv6 only", "6", dest="family", const=socket.AF_INET6),
+    Option(("debug",), "set a debug flag of a plugin or filter", "D", "NAME.FLAG=N", repeatable=True),
+    Option(("dump-config",), "print the build configuration and exit"),
+    Option(("dump-plugin",), "print the plugin's details, machine readable, and exit"),
+    Option(("exit-with-parent",), "exit when the parent process exits (implies -f)"),
+    Option(("exportname", "export", "export-name"), "the export name in the --run URI and $exportname",
+           "e", "NAME"),
+    Option(("filter",), "add a filter (outermost first)", metavar="FILTER", repeatable=True),
+    Option(("foreground", "no-fork"), "do not detach", "f"),
+    Option(("group",), "change to GROUP after binding (name or gid)", "g", "GROUP"),
+    Option(("help",), "show this help, or a plugin's and filters' parameters", "h"),
+    Option(("ipaddr", "ip-addr"), "listen on this address (repeatable)", "i", "IPADDR", repeatable=True),
+    Option(("log",), "where messages go", metavar="stderr|syslog|null"),
+    Option(("long-options",), "list the long options and exit"),
+    Option(("mask-handshake",), "offer only these global handshake flags (bit 0 fixed newstyle, "
+           "bit 1 no zeroes)", metavar="MASK"),
+    Option(("newstyle", "new-style"), "newstyle protocol (the default; the last of -n/-o wins)", "n",
+           dest="oldstyle", const=False),
+    Option(("no-sr", "no-structured-replies"), "do not offer structured replies"),
+    Option(("oldstyle", "old-style"), "oldstyle protocol, for legacy clients", "o"),
+    Option(("pidfile", "pid-file"), "write the server's pid here once it serves", "P", "PIDFILE"),
+    Option(("port",), "TCP port (default 10809)", "p", "PORT"),
+    Option(("readonly", "read-only"), "serve read-only", "r"),
+    Option(("run",), "run CMD with $uri, $nbd, $unixsocket, $port, $exportname set; exit with its status",
+           metavar="CMD"),
+    Option(("selinux-label",), "SELinux label of the listening socket", metavar="LABEL"),
+    Option(("short-options",), "list the short options and exit"),
+    Option(("single", "stdin"), "serve one client on stdin/stdout", "s"),
+    Option(("swap",), "lock the server in memory, for swap exports"),
+    Option(("threads",), "threads per connection for blocking plugins (default 16)", "t", "THREADS"),
+    Option(("tls",), "TLS", metavar="off|on|require"),
+    Option(("tls-certificates",), "directory of ca-cert.pem, server-cert.pem, server-key.pem", metavar="DIR"),
+    Option(("tls-psk",), "pre-shared keys file (psktool's format)", metavar="FILE"),
+    Option(("tls-verify-peer",), "require client certificates"),
+    Option(("unix",), "listen on a Unix socket; - makes a private one", "U", "SOCKET"),
+    Option(("user",), "change to USER after binding (name or uid)", "u", "USER"),
+    Option(("verbose",), "debug messages", "v"),
+    Option(("version",), "print the version (and the plugin's and filters') and exit", "V"),
+    Option(("vsock",), "listen on AF_VSOCK, port -p (default 10809)"),
+    # Newer nbdkit.
+    Option(("no-mc", "no-meta-contexts"), "do not offer meta contexts (no block status)"),
+    Option(("keepalive",), "TCP keepalive probes on client connections"),
+    Option(("print-uri",), "print the URI clients connect to"),
+    Option(("timeout", "handshake-timeout"), "drop clients that do not finish the handshake in SECONDS "
+           "(default 60)", metavar="SECONDS"),
+    # nbdformats' own.
+    Option(("list",), "list the plugins and filters and exit"),
+    Option(("exit-last",), "exit when the last client disconnects"),
+    Option(("max-connections",), "refuse connections beyond N", metavar="N"),
+    Option(("fd",), "serve the connected socket N", metavar="N"),
+    Option(("no-handshake",), "with --fd: skip the handshake (kernel hand-off)"),
+    Option(("description",), "the export description clients see", metavar="TEXT"),
+    Option(("stats-json",), "record request statistics in PATH", metavar="PATH"),
+    Option(("stats-interval",), "seconds between --stats-json records (default 1)", metavar="SECONDS"),
+    Option(("busy-poll",), "a lone connection polls up to US microseconds for its next request "
+           "(default 64, 0 off)", metavar="US"),
+)
+_BY_LONG = {name: option for option in OPTIONS for name in option.names}
+_BY_SHORT = {option.short: option for option in OPTIONS if option.short}
+
+def usage() -> str:
+    lines = ["usage: nbdformats [OPTIONS] [--filter=FILTER ...] PLUGIN [[KEY=]VALUE ...]",
+             "       nbdformats PLUGIN --help            the plugin's parameters (and the filters')",
+             "       nbdformats --filter=FILTER --help   a filter's parameters",
+             "       nbdformats --dump-plugin PLUGIN     the plugin's details, machine readable",
+             "       nbdformats --dump-config | --list | --version", "", "options:"]
+    for option in OPTIONS:
+        names = ", ".join([f"-{option.short}"] * bool(option.short) + [f"--{n}" for n in option.names])
+        lines.append(f"  {names}{' ' + option.metavar if option.metavar else ''}")
+        lines.append(f"      {option.help}")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -72,20 +140,23 @@ class Options:
     def get(self, name: str, default: object = None) -> object:
         return self.values.get(name, default)
 
+    def text(self, name: str) -> str | None:
+        value = self.values.get(name)
+        return None if value is None else str(value)
+
     def flag(self, name: str) -> bool:
         return bool(self.values.get(name))
+
+    def store(self, option: Option, value: object) -> None:
+        if option.repeatable:
+            self.values.setdefault(option.key, []).append(value)  # type: ignore[union-attr]
+        else:
+            self.values[option.key] = value
 
 
 def parse_argv(argv: list[str]) -> Options:
     opts = Options()
     i = 0
-
-    def store(name: str, value: object) -> None:
-        if name in _REPEATABLE:
-            opts.values.setdefault(name, []).append(value)  # type: ignore[union-attr]
-        else:
-            opts.values[name] = value
-
     while i < len(argv):
         arg = argv[i]
         i += 1
@@ -94,49 +165,57 @@ def parse_argv(argv: list[str]) -> Options:
             break
         if arg.startswith("--"):
             name, eq, value = arg[2:].partition("=")
-            if name not in _LONG:
-                raise ConfigError(f"unknown option --{name}\n{USAGE}")
-            if _LONG[name]:
+            option = _BY_LONG.get(name)
+            if option is None:
+                raise ConfigError(f"unknown option --{name} (nbdformats --help lists them)")
+            if option.metavar:
                 if not eq:
                     if i >= len(argv):
-                        raise ConfigError(f"--{name} needs a value")
+                        raise ConfigError(f"--{name} needs a value ({option.metavar})")
                     value = argv[i]
                     i += 1
-                store(name, value)
+                opts.store(option, value)
+            elif eq:
+                raise ConfigError(f"--{name} takes no value")
             else:
-                if eq:
-                    raise ConfigError(f"--{name} takes no value")
-                store(name, True)
+                opts.store(option, option.const)
             continue
         if arg.startswith("-") and len(arg) > 1 and "=" not in arg:
             j = 1
             while j < len(arg):
                 letter = arg[j]
-                name = _SHORT.get(letter)
-                if name is None:
-                    raise ConfigError(f"unknown option -{letter}\n{USAGE}")
-                if _LONG[name]:
+                option = _BY_SHORT.get(letter)
+                if option is None:
+                    raise ConfigError(f"unknown option -{letter} (nbdformats --help lists them)")
+                if option.metavar:
                     value = arg[j + 1:]
                     if not value:
                         if i >= len(argv):
-                            raise ConfigError(f"-{letter} needs a value")
+                            raise ConfigError(f"-{letter} needs a value ({option.metavar})")
                         value = argv[i]
                         i += 1
-                    store(name, value)
+                    opts.store(option, value)
                     break
-                store(name, True)
+                opts.store(option, option.const)
                 j += 1
             continue
         opts.positional.append(arg)
     return opts
 
 
-def _normalise(opts: Options) -> None:
-    aliases = {"no-fork": "foreground", "read-only": "readonly", "stdin": "single", "export-name": "exportname",
-               "export": "exportname"}
-    for alias, name in aliases.items():
-        if alias in opts.values:
-            opts.values[name] = opts.values.pop(alias)
+def absolute_paths(opts: Options) -> None:
+    """Paths the server uses after it has changed to / (detached): made absolute now, as nbdkit
+    does with nbdkit_absolute_path.  TMPDIR too, for the temporary files of cache, cow, ..."""
+    for name in ("pidfile", "tls-certificates", "tls-psk", "stats-json"):
+        path = opts.text(name)
+        if path:
+            opts.values[name] = os.path.abspath(path)
+    if opts.text("unix") not in (None, "-"):
+        opts.values["unix"] = os.path.abspath(str(opts.get("unix")))
+    tmpdir = os.environ.get("TMPDIR")
+    if tmpdir and not os.path.isabs(tmpdir):
+        os.environ["TMPDIR"] = os.path.abspath(tmpdir)
+        tempfile.tempdir = None  # gettempdir() may have cached the relative one
 
 
 def build_chain(plugin_name: str, filter_names: list[str], args: list[str], debug_flags: list | None = None):
@@ -147,7 +226,7 @@ def build_chain(plugin_name: str, filter_names: list[str], args: list[str], debu
 
     plugin_cls = load_plugin(plugin_name)
     filter_classes = [load_filter(name) for name in filter_names]
-    pairs = assign_args(plugin_name, [*filter_classes, plugin_cls], args)
+    pairs = assign_args(plugin_name, filter_names, [*filter_classes, plugin_cls], args)
     chain = Chain([cls() for cls in filter_classes], plugin_cls())
     # As nbdkit sets debug variables when it loads a plugin: before configuring.
     for warning in apply_debug_flags([*chain.filters, chain.plugin], debug_flags or []):
@@ -156,7 +235,13 @@ def build_chain(plugin_name: str, filter_names: list[str], args: list[str], debu
     return chain
 
 
-def assign_args(plugin_name: str, components: list, args: list[str]) -> dict[int, list[tuple[str, str]]]:
+def help_command(plugin_name: str, filter_names: list[str]) -> str:
+    """The command that lists the parameters of this chain."""
+    return " ".join(["nbdformats", *(f"--filter={name}" for name in filter_names), plugin_name, "--help"])
+
+
+def assign_args(plugin_name: str, filter_names: list[str], components: list,
+                args: list[str]) -> dict[int, list[tuple[str, str]]]:
     """key=value pairs per component (filters first, the plugin last) from [[KEY=]VALUE ...]."""
     from .api.params import magic_param, params_of
 
@@ -179,23 +264,28 @@ def assign_args(plugin_name: str, components: list, args: list[str]) -> dict[int
             if not getattr(plugin_cls, "accepts_any_key", False):
                 owners = ", ".join(c.name for c in components)
                 raise ConfigError(f"unknown parameter {key!r} (not a parameter of {owners}; "
-                                  f"see 'nbdformats {plugin_name} --help')")
+                                  f"'{help_command(plugin_name, filter_names)}' lists them)")
         pairs.setdefault(index, []).append((key, value))
     return pairs
 
 
 def print_help(plugin_name: str | None, filter_names: list[str]) -> None:
+    """nbdkit's `PLUGIN --help`: the parameters of each filter and of the plugin.  A filter's
+    name in the plugin's place (`nbdformats luks --help`) shows that filter."""
     from .api.params import describe_params
-    from .registry import load_filter, load_plugin
+    from .registry import is_filter_name, load_filter, load_plugin
 
-    if plugin_name is None:
-        print(USAGE)
+    if plugin_name is not None and is_filter_name(plugin_name) and not filter_names:
+        filter_names, plugin_name = [plugin_name], None
+    if plugin_name is None and not filter_names:
+        print(usage())
         return
     for name in filter_names:
         cls = load_filter(name)
         print(f"filter {cls.name}: {cls.summary()}\n{describe_params(cls)}{describe_debug_flags(cls)}\n")
-    cls = load_plugin(plugin_name)
-    print(f"plugin {cls.name}: {cls.summary()}\n{describe_params(cls)}{describe_debug_flags(cls)}")
+    if plugin_name is not None:
+        cls = load_plugin(plugin_name)
+        print(f"plugin {cls.name}: {cls.summary()}\n{describe_params(cls)}{describe_debug_flags(cls)}")
 
 
 def describe_debug_flags(cls) -> str:
@@ -203,6 +293,38 @@ def describe_debug_flags(cls) -> str:
         return ""
     return "\n  debug flags (-D NAME.FLAG=N):\n" + "\n".join(
         f"    -D {cls.name}.{flag}=N  {text}" for flag, text in sorted(cls.debug_flag_help.items()))
+
+
+def print_version(plugin_name: str | None, filter_names: list[str]) -> None:
+    """As nbdkit -V: the server's version, then each filter's and the plugin's (loading them, so
+    a missing one fails: nbdkit's test scripts probe for components this way)."""
+    from .registry import component_version, load_filter, load_plugin
+
+    classes = [load_filter(name) for name in filter_names]
+    if plugin_name is not None:
+        classes.append(load_plugin(plugin_name))
+    print(f"nbdformats {__version__}")
+    for cls in classes:
+        print(f"{cls.name} {component_version(cls)}")
+
+
+def dump_config() -> None:
+    """nbdkit's --dump-config keys, with nbdformats' values."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    binary = os.path.realpath(sys.argv[0]) if os.path.isfile(sys.argv[0]) else sys.executable
+    scripts = os.path.dirname(sys.executable)
+    version = __version__.split(".")
+    config = {
+        "binary": binary, "bindir": scripts, "exit_with_parent": "yes",
+        "filterdir": os.path.join(package, "filters"), "host_cpu": platform.machine(),
+        "host_os": "linux-gnu" if sys.platform == "linux" else sys.platform,
+        "libdir": os.path.dirname(package), "mandir": os.path.join(sys.prefix, "share", "man"),
+        "name": "nbdformats", "plugindir": os.path.join(package, "plugins"), "sbindir": scripts,
+        "selinux": "yes", "sysconfdir": "/etc", "tls": "yes", "version": __version__,
+        "version_major": version[0], "version_minor": version[1], "zstd": "yes",
+    }
+    for key, value in config.items():
+        print(f"{key}={value}")
 
 
 def dump_plugin(plugin_name: str, args: list[str]) -> None:
@@ -215,12 +337,12 @@ def dump_plugin(plugin_name: str, args: list[str]) -> None:
     import io
 
     from .api.params import apply_params, params_of
-    from .registry import load_plugin
+    from .registry import component_version, load_plugin
 
     cls = load_plugin(plugin_name)
     plugin = cls()
     if args:
-        apply_params(plugin, assign_args(plugin_name, [cls], args).get(0, []), cls.name)
+        apply_params(plugin, assign_args(plugin_name, [], [cls], args).get(0, []), cls.name)
     # The plugin's lines come last but may change what the first ones say (a script's thread model).
     own_lines = io.StringIO()
     with contextlib.redirect_stdout(own_lines):
@@ -228,7 +350,7 @@ def dump_plugin(plugin_name: str, args: list[str]) -> None:
     module = sys.modules.get(cls.__module__)  # a plugin loaded by path is not in sys.modules
     print(f"path={getattr(module, '__file__', None) or os.path.abspath(plugin_name)}")
     print(f"name={cls.name}")
-    print(f"version={__version__}")
+    print(f"version={component_version(cls)}")
     print("api_version=2")
     print(f"thread_model={plugin.thread_model.name.lower()}")
     for p in params_of(cls):
@@ -294,6 +416,8 @@ class ComponentFormatter(logging.Formatter):
 
 def setup_logging(verbose: bool, destination: str) -> None:
     """-v: debug messages of every component (each line names its component); --log: where to."""
+    if destination not in ("stderr", "syslog", "null"):
+        raise ConfigError("--log must be stderr, syslog or null")
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger("nbdformats")
     root.setLevel(level)
@@ -314,7 +438,7 @@ def setup_logging(verbose: bool, destination: str) -> None:
 
 def open_stats_file(opts: Options, settings) -> None:
     """--stats-json PATH [--stats-interval SECONDS]: open the file now, so errors reach the terminal."""
-    path = opts.get("stats-json")
+    path = opts.text("stats-json")
     if path is None:
         if opts.get("stats-interval") is not None:
             raise ConfigError("--stats-interval goes with --stats-json")
@@ -328,8 +452,7 @@ def open_stats_file(opts: Options, settings) -> None:
     if not 0.01 <= interval <= 86400:
         raise ConfigError("--stats-interval must be a number of seconds between 0.01 and 86400")
     try:
-        settings.stats = StatsRecorder.open(os.path.abspath(str(path)), interval,
-                                            connections=lambda: len(settings.connections))
+        settings.stats = StatsRecorder.open(path, interval, connections=lambda: len(settings.connections))
     except OSError as e:
         raise ConfigError(f"--stats-json: cannot write {path}: {e.strerror}") from None
 
@@ -363,11 +486,14 @@ def lock_memory_for_swap() -> None:
         log.warning("--swap: cannot lower the OOM score: %s", e.strerror)
 
 
-def make_uri(unix_path: str | None, port: str | None, address: str | None, export: str, tls: bool) -> str:
+def make_uri(unix_path: str | None, port: str | None, address: str | None, export: str, tls: bool,
+             vsock: bool = False) -> str:
     scheme = "nbds" if tls else "nbd"
     path = quote(export, safe="")
     if unix_path:
         return f"{scheme}+unix:///{path}?socket={quote(unix_path, safe='/')}"
+    if vsock:
+        return f"{scheme}+vsock://1:{port or '10809'}/{path}"  # CID 1: this machine (VMADDR_CID_LOCAL)
     host = address or "localhost"
     if ":" in host:
         host = f"[{host}]"
@@ -387,6 +513,50 @@ def daemonize() -> None:
     redirect_stdio_to_null()
 
 
+def write_pidfile(path: str) -> None:
+    """As nbdkit: written once the server is ready to serve, and left in place when it exits."""
+    try:
+        with open(path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as e:
+        raise ConfigError(f"-P {path}: {e.strerror}") from None
+
+
+def parse_mask(text: str) -> int:
+    from .protocol import wire as P
+    from .server.debugflags import parse_int
+
+    try:
+        mask = parse_int(text)
+        if mask < 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--mask-handshake {text}: not an unsigned integer") from None
+    return (P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES) & mask
+
+
+def integer(opts: Options, name: str, default: int, minimum: int, maximum: int) -> int:
+    try:
+        value = int(str(opts.get(name, default)))
+        if not minimum <= value <= maximum:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--{name} needs a whole number from {minimum} to {maximum}") from None
+    return value
+
+
+def check_listen_options(opts: Options, socket_activated: bool) -> None:
+    """nbdkit refuses combinations where one way of listening would silently lose to another."""
+    ways = {name for name in ("port", "unix", "single", "vsock", "fd") if opts.get(name) not in (None, False)}
+    ways -= {"port"} if "vsock" in ways else set()  # --vsock listens on -p's port
+    if len(ways) > 1 or (opts.flag("single") and opts.get("run") is not None):
+        raise ConfigError("-p, --run, -s, -U, --vsock and --fd cannot be used in this combination")
+    if socket_activated and (ways or opts.get("ipaddr") or opts.get("run") is not None):
+        raise ConfigError("-i, -p, --run, -s, -U, --vsock and --fd cannot be used with socket activation")
+    if opts.get("ipaddr") and (opts.get("unix") or opts.flag("vsock")):
+        raise ConfigError("-i goes with TCP, not with -U or --vsock")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -400,34 +570,83 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     opts = parse_argv(argv)
-    _normalise(opts)
+    filters: list[str] = list(opts.get("filter", []))  # type: ignore[arg-type]
+    plugin_name = opts.positional[0] if opts.positional else None
+    plugin_args = opts.positional[1:]
+    for name in ("long-options", "short-options"):
+        if opts.flag(name):
+            print("\n".join(f"--{n}" for o in OPTIONS for n in o.names) if name == "long-options"
+                  else "\n".join(f"-{o.short}" for o in OPTIONS if o.short))
+            return 0
+    if opts.flag("dump-config"):
+        dump_config()
+        return 0
     if opts.flag("version"):
-        print(f"nbdformats {__version__}")
+        print_version(plugin_name, filters)
         return 0
     if opts.flag("list"):
         list_components()
         return 0
-    filters: list[str] = list(opts.get("filter", []))  # type: ignore[arg-type]
-    plugin_name = opts.positional[0] if opts.positional else None
-    plugin_args = opts.positional[1:]
     if opts.flag("help"):
         print_help(plugin_name, filters)
         return 0
     if plugin_name is None:
-        raise ConfigError(f"no plugin given\n{USAGE}")
+        raise ConfigError(f"no plugin given\n{usage()}")
     if opts.flag("dump-plugin"):
         dump_plugin(plugin_name, plugin_args)
         return 0
+    absolute_paths(opts)
+    return serve(opts, plugin_name, filters, plugin_args)
 
+
+def serve(opts: Options, plugin_name: str, filters: list[str], plugin_args: list[str]) -> int:
     # As nbdkit: --exit-with-parent and socket activation imply -f (a daemon would lose its
     # parent, and systemd expects the service it started to stay in the foreground).
     socket_activated = os.environ.get("LISTEN_PID") == str(os.getpid())
-    foreground = opts.flag("foreground") or opts.flag("single") or opts.get("run") is not None \
+    check_listen_options(opts, socket_activated)
+    run_cmd = opts.text("run")
+    foreground = opts.flag("foreground") or opts.flag("single") or run_cmd is not None \
         or opts.get("fd") is not None or opts.flag("exit-with-parent") or socket_activated
     # inetd and xinetd hand -s the client's socket as stderr too: messages there would corrupt
     # the NBD stream, so they go to syslog unless --log says otherwise.
     to_stderr = foreground and not (opts.flag("single") and stderr_is_stdin_socket())
     setup_logging(opts.flag("verbose"), str(opts.get("log", "stderr" if to_stderr else "syslog")))
+
+    from .protocol.handshake import HandshakePolicy
+    from .server.busypoll import DEFAULT_MAX_US
+    from .server.listeners import ListenConfig, check_selinux_label, tls_context
+    from .server.privileges import resolve_identity
+    from .server.settings import ServerSettings
+
+    identity = resolve_identity(opts.text("user"), opts.text("group"))
+    if opts.get("selinux-label") is not None:
+        try:
+            check_selinux_label()
+        except OSError as e:
+            raise ConfigError(e.strerror) from None
+    tls_mode = str(opts.get("tls", "off"))
+    if tls_mode not in ("off", "on", "require"):
+        raise ConfigError("--tls must be off, on or require")
+    threads = integer(opts, "threads", 16, 1, 1024)
+    busy_poll_us = integer(opts, "busy-poll", DEFAULT_MAX_US, 0, 10_000)
+    try:
+        handshake_timeout = float(str(opts.get("timeout", 60)))
+        if not 0 < handshake_timeout <= 86400:
+            raise ValueError
+    except ValueError:
+        raise ConfigError("--timeout needs seconds, more than 0 and at most 86400") from None
+    fd = opts.get("fd")
+    config = ListenConfig(
+        unix_path=opts.text("unix"), port=opts.text("port"), vsock=opts.flag("vsock"),
+        addresses=list(opts.get("ipaddr", [])),  # type: ignore[arg-type]
+        family=int(opts.get("family", socket.AF_UNSPEC)),  # type: ignore[arg-type]
+        single=opts.flag("single"), fd=integer(opts, "fd", 0, 0, 1 << 20) if fd is not None else None,
+        no_handshake=opts.flag("no-handshake"), exit_last=opts.flag("exit-last"),
+        max_connections=integer(opts, "max-connections", 0, 0, 1 << 20), keepalive=opts.flag("keepalive"),
+        selinux_label=opts.text("selinux-label"),
+    )
+    if config.no_handshake and config.fd is None:
+        raise ConfigError("--no-handshake goes with --fd")
     if opts.flag("exit-with-parent"):
         exit_with_parent()
     if opts.flag("swap"):
@@ -443,118 +662,90 @@ def _main(argv: list[str]) -> int:
     except OSError as e:
         raise ConfigError(f"{plugin_name}: {e}") from None
 
-    from .server.busypoll import DEFAULT_MAX_US
-    from .server.settings import ServerSettings
-    from .server.listeners import ListenConfig, make_listeners, tls_context, tune_malloc, use_fast_event_loop
-
-    tls_mode = str(opts.get("tls", "off"))
-    if tls_mode not in ("off", "on", "require"):
-        raise ConfigError("--tls must be off, on or require")
     context = None
     if tls_mode != "off":
-        psk_file = opts.get("tls-psk")
-        cert_dir = opts.get("tls-certificates")
+        psk_file = opts.text("tls-psk")
+        cert_dir = opts.text("tls-certificates")
         if psk_file is not None:  # as in nbdkit, PSK overrides X.509
             from .tls.psk import psk_context
-            context = psk_context(str(psk_file))
+            context = psk_context(psk_file)
         elif cert_dir is None:
             raise ConfigError("--tls needs --tls-certificates DIR or --tls-psk FILE")
         else:
             try:
-                context = tls_context(str(cert_dir), opts.flag("tls-verify-peer"))
+                context = tls_context(cert_dir, opts.flag("tls-verify-peer"))
             except OSError as e:  # ssl.SSLError is an OSError
                 raise ConfigError(f"cannot load TLS certificates from {cert_dir}: {e}") from None
-
-    run_cmd = opts.get("run")
-    unix_path = opts.get("unix")
-    private_dir = None
-    if unix_path == "-":
-        private_dir = tempfile.mkdtemp(prefix="nbdformats-")
-        unix_path = os.path.join(private_dir, "socket")
-    if run_cmd is not None and unix_path is None and opts.get("port") is None:
-        private_dir = tempfile.mkdtemp(prefix="nbdformats-")
-        unix_path = os.path.join(private_dir, "socket")
-    family = 0
-    if opts.flag("ipv4-only"):
-        import socket as _socket
-        family = _socket.AF_INET
-    elif opts.flag("ipv6-only"):
-        import socket as _socket
-        family = _socket.AF_INET6
-    fd = opts.get("fd")
-    config = ListenConfig(
-        unix_path=str(unix_path) if unix_path else None,
-        port=str(opts.get("port")) if opts.get("port") is not None else None,
-        addresses=list(opts.get("ipaddr", [])),  # type: ignore[arg-type]
-        family=family,
-        single=opts.flag("single"),
-        fd=int(str(fd)) if fd is not None else None,
-        no_handshake=opts.flag("no-handshake"),
-        exit_last=opts.flag("exit-last"),
-        max_connections=int(str(opts.get("max-connections", 0))),
-    )
-    if config.no_handshake and config.fd is None:
-        raise ConfigError("--no-handshake goes with --fd")
-    try:
-        threads = int(str(opts.get("threads", 16)))
-    except ValueError:
-        raise ConfigError("-t needs a number") from None
-    try:
-        busy_poll_us = int(str(opts.get("busy-poll", DEFAULT_MAX_US)))
-        if not 0 <= busy_poll_us <= 10_000:
-            raise ValueError
-    except ValueError:
-        raise ConfigError("--busy-poll needs microseconds from 0 (off) to 10000") from None
     settings = ServerSettings(
         chain=chain, readonly=opts.flag("readonly"), tls=tls_mode, tls_context=context,
-        oldstyle=opts.flag("oldstyle"), threads=max(1, threads), busy_poll_us=busy_poll_us,
-        handshake_timeout=float(str(opts.get("handshake-timeout", 60))),
-        description=str(opts.get("description", "")),
+        oldstyle=opts.flag("oldstyle"), threads=threads, busy_poll_us=busy_poll_us,
+        handshake_timeout=handshake_timeout, description=str(opts.get("description", "")),
+        handshake_policy=HandshakePolicy(
+            global_flags=parse_mask(str(opts.get("mask-handshake", "3"))),
+            structured_replies=not opts.flag("no-sr"), meta_contexts=not opts.flag("no-mc")),
     )
     open_stats_file(opts, settings)
-    listeners = []
-    if not (config.single or config.fd is not None):
-        try:
-            listeners = make_listeners(config)
-        except OSError as e:
-            raise ConfigError(str(e)) from None
 
-    export = str(opts.get("exportname", ""))
-    first_address = config.addresses[0] if config.addresses else None
-    uri = make_uri(config.unix_path, config.port, first_address, export, tls_mode != "off")
-    if opts.flag("print-uri"):
-        print(uri, flush=True)
-
-    if not foreground:
-        daemonize()
-    pidfile = opts.get("pidfile")
-    if pidfile is not None:
-        with open(str(pidfile), "w") as f:
-            f.write(f"{os.getpid()}\n")
-
-    use_fast_event_loop()
-    tune_malloc()
+    # From here on a private socket directory exists: it goes, whatever happens.
+    private_dir = None
+    if config.unix_path == "-" or (run_cmd is not None and not (config.unix_path or config.port or config.vsock)):
+        private_dir = tempfile.mkdtemp(prefix="nbdformats-")
+        config.unix_path = os.path.join(private_dir, "socket")
     try:
-        return asyncio.run(_serve(settings, config, listeners, run_cmd, uri, export))
+        return _listen_and_serve(opts, settings, config, identity, run_cmd, private_dir, foreground)
     finally:
         if settings.stats is not None:
             settings.stats.close()
         chain.cleanup()
         if private_dir:
             shutil.rmtree(private_dir, ignore_errors=True)
-        elif config.unix_path and os.path.exists(config.unix_path) and not config.single:
-            try:
-                os.unlink(config.unix_path)
-            except OSError:
-                pass
-        if pidfile is not None:
-            try:
-                os.unlink(str(pidfile))
-            except OSError:
-                pass
 
 
-async def _serve(settings, config, listeners, run_cmd, uri: str, export: str) -> int:
+def _listen_and_serve(opts: Options, settings, config, identity, run_cmd: str | None, private_dir: str | None,
+                      foreground: bool) -> int:
+    from .server.listeners import make_listeners, tune_malloc, use_fast_event_loop
+    from .server.privileges import drop_privileges
+
+    listeners = []
+    if not (config.single or config.fd is not None):
+        try:
+            listeners = make_listeners(config)
+        except OSError as e:
+            raise ConfigError(e.strerror or str(e)) from None
+    export = str(opts.get("exportname", ""))
+    first_address = config.addresses[0] if config.addresses else None
+    uri = make_uri(config.unix_path, config.port, first_address, export, settings.tls != "off", config.vsock)
+    if opts.flag("print-uri"):
+        print(uri, flush=True)
+    # As nbdkit: the --run command starts before privileges are dropped, so it runs as the caller.
+    captive = None
+    if run_cmd is not None:
+        env = dict(os.environ, uri=uri, nbd=uri, exportname=export, unixsocket=config.unix_path or "",
+                   port=config.port or ("" if config.unix_path else "10809"),
+                   tls="1" if settings.tls != "off" else "0")
+        captive = subprocess.Popen(["/bin/sh", "-c", run_cmd], env=env)
+    if identity is not None:
+        if private_dir:  # so that the server can still remove it when it exits
+            os.chown(private_dir, -1 if identity.uid is None else identity.uid,
+                     -1 if identity.gid is None else identity.gid)
+        try:
+            drop_privileges(identity)
+        except ConfigError:
+            if captive is not None:
+                captive.kill()
+                captive.wait()
+            raise
+    if not foreground:
+        daemonize()
+    pidfile = opts.text("pidfile")
+    if pidfile is not None:
+        write_pidfile(pidfile)
+    use_fast_event_loop()
+    tune_malloc()
+    return asyncio.run(_serve(settings, config, listeners, captive))
+
+
+async def _serve(settings, config, listeners, captive: subprocess.Popen | None) -> int:
     from .server.listeners import Server, install_signal_handlers
 
     server = Server(settings, config)
@@ -565,19 +756,15 @@ async def _serve(settings, config, listeners, run_cmd, uri: str, export: str) ->
                              filters=[f.name for f in chain.filters], readonly=settings.readonly)
     install_signal_handlers(server)
     status = 0
-    if run_cmd is not None:
-        env = dict(os.environ, uri=uri, nbd=uri, exportname=export,
-                   unixsocket=config.unix_path or "", port=config.port or ("" if config.unix_path else "10809"),
-                   tls="1" if settings.tls != "off" else "0")
-        process = await asyncio.create_subprocess_shell(str(run_cmd), env=env)
-        waiter = asyncio.ensure_future(process.wait())
+    if captive is not None:
+        waiter = asyncio.get_running_loop().run_in_executor(None, captive.wait)
         await asyncio.wait([waiter, server.stopped], return_when=asyncio.FIRST_COMPLETED)
         if waiter.done():
             status = waiter.result()
             status = 128 - status if status < 0 else status
         else:
-            process.terminate()
-            status = await process.wait()
+            captive.terminate()
+            await waiter
             status = 1
     else:
         await server.stopped

@@ -12,16 +12,21 @@ import importlib
 import importlib.util
 import os
 import pkgutil
+import re
 from importlib import metadata
 from typing import Any
 
+from . import __version__
 from .api.chain import Filter, Plugin
 from .api.errors import ConfigError
 
-PLUGIN_ALIASES = {"s3": "s3", "S3": "s3"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
-def _from_file(path: str, attr: str) -> Any:
+def _from_file(kind: str, path: str, attr: str) -> Any:
+    if not os.path.isfile(path):
+        what = "--filter=" if kind == "filter" else "plugin "
+        raise ConfigError(f"{what}{path}: no such file")
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot load {path}")
@@ -32,29 +37,40 @@ def _from_file(path: str, attr: str) -> Any:
     return getattr(module, attr)
 
 
+def _not_a_component(kind: str, name: str) -> ConfigError:
+    """The message for a name that is no plugin (or filter): say what the user probably meant."""
+    other = "filter" if kind == "plugin" else "plugin"
+    if kind == "plugin" and (os.path.exists(name) or not _NAME.match(name)):
+        return ConfigError(f"{name} is not a plugin; did you mean 'file {name}'?  "
+                           "(nbdformats [--filter=FILTER ...] PLUGIN [KEY=VALUE ...])")
+    if name.lower() in names(other):
+        if other == "filter":
+            return ConfigError(f"{name} is a filter, not a plugin: use --filter={name} before the plugin")
+        return ConfigError(f"{name} is a plugin, not a filter: give it after the filters, without --filter=")
+    return ConfigError(f"unknown {kind} {name!r} (available: {', '.join(names(kind))}; "
+                       f"'nbdformats --list' describes them)")
+
+
 def _load(kind: str, name: str, attr: str, base: type) -> Any:
     if name.endswith(".py") or os.sep in name:
-        cls = _from_file(name, attr)
+        cls = _from_file(kind, name, attr)
+    elif not _NAME.match(name):
+        raise _not_a_component(kind, name)
     else:
-        module_name = name.lower().replace("-", "_")
+        module_name = f"nbdformats.{kind}s.{name.lower().replace('-', '_')}"
         try:
-            module = importlib.import_module(f"nbdformats.{kind}s.{module_name}")
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:  # the component exists but needs something not installed
+                raise ConfigError(f"{kind} {name} cannot load: {e}") from None
+            cls = next((ep.load() for ep in metadata.entry_points(group=f"nbdformats.{kind}s") if ep.name == name),
+                       None)
+            if cls is None:
+                raise _not_a_component(kind, name) from None
+        else:
             cls = getattr(module, attr, None)
             if cls is None:
-                raise ConfigError(f"{name!r} is not a {kind} (available: {', '.join(names(kind))})")
-        except ModuleNotFoundError as e:
-            if e.name != f"nbdformats.{kind}s.{module_name}":
-                raise
-            for ep in metadata.entry_points(group=f"nbdformats.{kind}s"):
-                if ep.name == name:
-                    cls = ep.load()
-                    break
-            else:
-                known = ", ".join(sorted(names(kind)))
-                other = "filter" if kind == "plugin" else "plugin"
-                hint = f"; {name} is a {other}" + (f": use --filter={name}" if other == "filter" else "") \
-                    if name.lower() in names(other) else ""
-                raise ConfigError(f"unknown {kind} {name!r} (available: {known}){hint}") from None
+                raise _not_a_component(kind, name)
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(f"{name}: {attr} is not a {base.__name__} subclass")
     return cls
@@ -66,6 +82,19 @@ def load_plugin(name: str) -> type[Plugin]:
 
 def load_filter(name: str) -> type[Filter]:
     return _load("filter", name, "FILTER", Filter)
+
+
+def is_filter_name(name: str) -> bool:
+    """True for a filter's name that is no plugin's (`nbdformats luks --help` asks about the filter)."""
+    return name.lower() in names("filter") and name.lower() not in names("plugin")
+
+
+def component_version(cls: type) -> str:
+    """The version of the distribution that provides a component (nbdformats' for built-ins)."""
+    top = cls.__module__.split(".")[0]
+    for distribution in metadata.packages_distributions().get(top, []):
+        return metadata.version(distribution)
+    return __version__
 
 
 def names(kind: str) -> list[str]:

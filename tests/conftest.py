@@ -166,3 +166,14 @@ def random_file(path: str | Path, size: int, seed: int = 0) -> Path:
             written += n
             index += 1
     return Path(path)
+
+
+# Reports test modules add for the end of the run (CI's log): section title -> lines.
+SUMMARY: dict[str, list[str]] = {}
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for title, lines in SUMMARY.items():
+        terminalreporter.section(title)
+        for line in lines:
+            terminalreporter.write_line(line)

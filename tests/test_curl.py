@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import nbdinfo_json, nbdsh, run, serve, serve_nbdkit, sha256_file
+from conftest import NBDFORMATS, nbdinfo_json, nbdsh, run, serve, serve_nbdkit, sha256_file
 from fixtures.compressed import make_image
 from fixtures.luks import KEYFILE_DATA, cryptsetup_encrypt_in_place
 from fixtures.xva import XvaDisk, make_xva
@@ -591,9 +591,28 @@ def test_transient_503_is_retried(misbehaving: socketserver.TCPServer) -> None:
     assert misbehaving.hits == 3  # type: ignore[attr-defined]  # probe, 503, the retry
 
 
+def test_file_url_reads_the_local_file_as_libcurl_does(tmp: Path) -> None:
+    """As nbdkit (libcurl): file:/PATH and file:///PATH serve the file; a failing header-script
+    still stops start-up with its message; HTTP-only parameters draw a warning, not silence."""
+    disk = tmp / "disk.img"
+    disk.write_bytes(os.urandom(256 * 1024))
+    for url in (f"file:{disk}", f"file://{disk}"):
+        proc = run([*NBDFORMATS, "-U", "-", "curl", url, "protocols=file", "proxy=http://proxy.invalid/",
+                    "--run", f"nbdcopy \"$uri\" {tmp / 'out.img'}"])
+        assert sha256_file(tmp / "out.img") == sha256_file(disk)
+        assert b"proxy= does not apply to file: URLs" in proc.stderr
+    script = tmp / "headers.sh"
+    script.write_text("#!/bin/sh\necho TEST MESSAGE >&2\nexit 1\n")
+    script.chmod(0o755)
+    proc = run([*NBDFORMATS, "-U", "-", "curl", f"file://{disk}", f"header-script={script}", "--run", "true"],
+               check=False)
+    assert proc.returncode == 1 and b"header-script failed: TEST MESSAGE" in proc.stderr
+
+
 def test_bad_parameters() -> None:
     for params, message in [
         ([("url", "ftp://example.com/x")], "only http"),
+        ([("url", "file:///x"), ("protocols", "http,https")], "not in protocols"),
         ([("url", "http://example.com/x"), ("protocols", "https")], "not in protocols"),
         ([("url", "http://example.com/x"), ("header", "X: 1"), ("header-script", "true")], "header-script"),
         ([("url", "http://example.com/x"), ("tls13-ciphers", "TLS_AES_128_GCM_SHA256")], "tls13-ciphers"),

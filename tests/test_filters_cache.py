@@ -167,6 +167,26 @@ def test_cache_on_read_and_prefetch(tmp):
     assert ops(plugin) == []
 
 
+def test_min_block_size_caches_the_whole_block_a_read_touches(tmp):
+    """nbdkit's test-cache-block-size, in-process: a 64K read caches the whole 128K block, so a
+    later change of the file under its second half is not seen (the block after it is)."""
+    image = tmp / "cache-block-size.img"
+    with open(image, "wb") as f:
+        f.truncate(256 * 1024)
+    _, top = open_chain([("cache", [("cache-min-block-size", "128K"), ("cache-on-read", "true")])],
+                        plugin="file", plugin_params=[("file", str(image))])
+    buf = bytearray(64 * 1024)
+    top.pread(memoryview(buf), 0, 0)
+    pattern = b"abcd" * 16 * 1024
+    with open(image, "r+b") as f:
+        f.seek(64 * 1024)
+        f.write(pattern * 2)
+    top.pread(memoryview(buf), 64 * 1024, 0)
+    assert buf == bytes(64 * 1024)
+    top.pread(memoryview(buf), 128 * 1024, 0)
+    assert buf == pattern
+
+
 def test_cache_on_read_follows_path(tmp):
     switch = tmp / "switch"
     _, plugin, top = cache_chain(f"cache-on-read={switch}")

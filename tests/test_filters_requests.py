@@ -158,6 +158,21 @@ def test_blocksize_unaligned_fast_zero_is_refused():
     top.zero(1024, 512, FLAG_FAST_ZERO)
 
 
+@pytest.mark.parametrize("fua, flushes, fua_pieces", [("emulate", 1, 0), ("native", 0, 16)])
+def test_blocksize_over_emulated_fua_flushes_once(tmp, fua, flushes, fua_pieces):
+    """As nbdkit's filter (test-fua): a FUA write split into 16 pieces reaches a plugin that
+    emulates FUA as 16 pieces without FUA and one flush, not a flush per piece."""
+    from nbdformats.api.chain import FLAG_FUA
+    log = tmp / "calls"
+    _, top = open_chain([("blocksize", [("maxdata", "4k")])],
+                        plugin_params=[("log", str(log)), ("fua", fua), ("size", "1M")])
+    top.pwrite(memoryview(bytes(65536)), 0, FLAG_FUA)
+    calls = recorder_calls(log)
+    assert [op for op, *_ in calls].count("pwrite") == 16
+    assert [op for op, *_ in calls].count("flush") == flushes
+    assert sum("FUA" in flags for op, _, _, flags in calls if op == "pwrite") == fua_pieces
+
+
 # -- blocksize-policy --------------------------------------------------------------------------
 @pytest.mark.parametrize("params", [("blocksize-preferred=64k",),
                                     ("blocksize-minimum=512", "blocksize-maximum=1M"),

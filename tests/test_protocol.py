@@ -10,8 +10,8 @@ import pytest
 from nbdformats.protocol import wire as P
 from nbdformats.api.chain import Chain
 from nbdformats.protocol.errors import ProtocolError
-from nbdformats.protocol.handshake import (Abort, ExportInfo, ExportRequest, ListExports, NeedData, Ready,
-                                           ServerHandshake, StartTLS, oldstyle_greeting)
+from nbdformats.protocol.handshake import (Abort, ExportInfo, ExportRequest, HandshakePolicy, ListExports,
+                                           NeedData, Ready, ServerHandshake, StartTLS, oldstyle_greeting)
 from nbdformats.protocol.transmission import MAX_PAYLOAD, ReplyEncoder, Request, RequestDecoder
 from nbdformats.server.transmission import Transmission, export_info
 from nbdformats.registry import load_plugin
@@ -55,10 +55,45 @@ class TestHandshake:
         hs.receive_data(b"\0\0")
         assert isinstance(hs.next_event(), NeedData)
 
-    def test_plain_newstyle_client_is_refused(self):
+    def test_plain_newstyle_client_may_only_send_export_name(self):
+        """As nbdkit: without fixed newstyle other options are answered ERR_INVALID, EXPORT_NAME works."""
         hs = ServerHandshake()
-        hs.receive_data(struct.pack(">I", 0))
+        hs.data_to_send()
+        hs.receive_data(struct.pack(">I", 0) + option(P.OPT_LIST) + option(P.OPT_EXPORT_NAME, b"disk"))
+        event = hs.next_event()
+        assert isinstance(event, ExportRequest) and event.name == "disk"
+        assert parse_replies(hs.data_to_send())[0][:2] == (P.OPT_LIST, P.REP_ERR_INVALID)
+
+    def test_client_flag_not_offered_drops_the_client(self):
+        hs = ServerHandshake(policy=HandshakePolicy(global_flags=P.FLAG_FIXED_NEWSTYLE))
+        assert hs.data_to_send()[-2:] == struct.pack(">H", P.FLAG_FIXED_NEWSTYLE)
+        hs.receive_data(struct.pack(">I", P.CLIENT_FLAG_FIXED_NEWSTYLE | P.CLIENT_FLAG_NO_ZEROES))
         assert isinstance(hs.next_event(), Abort)
+
+    def test_masked_handshake_offers_no_flags(self):
+        hs = ServerHandshake(policy=HandshakePolicy(global_flags=0))
+        assert hs.data_to_send() == struct.pack(">QQH", P.NBDMAGIC, P.IHAVEOPT, 0)
+
+    @pytest.mark.parametrize("opt", [P.OPT_STRUCTURED_REPLY, P.OPT_EXTENDED_HEADERS])
+    def test_no_structured_replies(self, opt):
+        hs = ServerHandshake(policy=HandshakePolicy(structured_replies=False))
+        hs.data_to_send()
+        hs.receive_data(struct.pack(">I", P.CLIENT_FLAG_FIXED_NEWSTYLE) + option(opt))
+        assert isinstance(hs.next_event(), NeedData)
+        assert parse_replies(hs.data_to_send())[0][:2] == (opt, P.REP_ERR_UNSUP)
+        assert not hs.structured_replies and not hs.extended_headers
+
+    def test_no_meta_contexts(self):
+        hs = ServerHandshake(policy=HandshakePolicy(meta_contexts=False))
+        hs.data_to_send()
+        query = b"base:allocation"
+        payload = struct.pack(">I", 0) + struct.pack(">II", 1, len(query)) + query
+        hs.receive_data(struct.pack(">I", P.CLIENT_FLAG_FIXED_NEWSTYLE) + option(P.OPT_STRUCTURED_REPLY) +
+                        option(P.OPT_SET_META_CONTEXT, payload))
+        assert isinstance(hs.next_event(), NeedData)
+        replies = parse_replies(hs.data_to_send())
+        assert replies[1][:2] == (P.OPT_SET_META_CONTEXT, P.REP_ERR_UNSUP)
+        assert hs.meta_context_id is None
 
     def test_unknown_option_gets_unsup_and_connection_survives(self):
         hs = new_handshake()

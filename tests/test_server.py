@@ -444,7 +444,7 @@ def test_tls_x509_required(tmp_path):
     (["file", "/nonexistent/disk.img"], b"no such file"),
     (["nosuchplugin"], b"unknown plugin"),
     (["--filter=nosuchfilter", "memory", "1M"], b"unknown filter"),
-    (["luks", "file=x"], b"luks is a filter: use --filter=luks"),
+    (["luks", "file=x"], b"luks is a filter, not a plugin: use --filter=luks"),
 ])
 def test_bad_parameters_fail_before_listening(args, message):
     proc = run([*NBDFORMATS, "-f", "-U", "-", *args, "--run", "true"], check=False)

@@ -286,9 +286,7 @@ def apply_params(instance: Any, pairs: Iterable[tuple[str, str]], component: str
         value = param.parse(text)
         if param.repeat:
             values.setdefault(key, []).append(value)
-        elif key in values:
-            raise ConfigError(f"{component}: {key}= given more than once")
-        else:
+        else:  # as nbdkit's plugins: a key given again replaces the earlier value
             values[key] = value
     for key, param in declared.items():
         if key not in values:

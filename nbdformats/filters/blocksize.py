@@ -5,7 +5,9 @@ Requests below are aligned to `minblock` and at most `maxdata` (read, write) or 
 (zero, trim, cache, extents) bytes: reads are widened to whole blocks, unaligned heads and
 tails of writes and zeroes become read-modify-write cycles, unaligned parts of trims are
 skipped (trim is advisory), and long requests are split.  The disk is cut down to a
-multiple of minblock (use the truncate filter to round up instead).
+multiple of minblock (use the truncate filter to round up instead).  When the layer below
+emulates FUA by flushing, a split FUA request becomes its pieces without FUA and one flush, as
+nbdkit's filter does, instead of a flush per piece.
 
 Read-modify-write cycles and the writes they could race with take one lock, so a concurrent
 aligned write is never undone by a cycle's stale copy; reads stay parallel.
@@ -16,7 +18,8 @@ from __future__ import annotations
 import errno
 import threading
 
-from ..api.chain import MAX_REQUEST_SIZE, Extents, FLAG_FAST_ZERO, FLAG_MAY_TRIM, Filter, FilterHandle, Layer
+from ..api.chain import (EMULATE, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, MAX_REQUEST_SIZE, Extents, Filter,
+                         FilterHandle, Layer)
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Param, Size
 
@@ -81,6 +84,13 @@ class BlocksizeFilter(Filter):
             m = self.minblock
             return offset // m == (end - 1) // m and bool(offset % m or end % m)
 
+        def _flush_instead_of_fua(self, flags: int) -> tuple[int, bool]:
+            """(flags for the pieces, whether to flush after them): FUA emulated below is a flush
+            per request, so the pieces go without it and one flush follows."""
+            if flags & FLAG_FUA and self.next.can_fua() == EMULATE:
+                return flags & ~FLAG_FUA, True
+            return flags, False
+
         def _read_block(self, start: int) -> bytearray:
             block = bytearray(self.minblock)
             self.next.pread(memoryview(block), start, 0)
@@ -123,31 +133,42 @@ class BlocksizeFilter(Filter):
             one_block = self._inside_one_block(offset, end)
             if data is None and flags & FLAG_FAST_ZERO and (one_block or offset < lo or hi < end):
                 raise NBDError(errno.ENOTSUP, "blocksize: an unaligned fast zero would need read-modify-write")
+            flags, flush = self._flush_instead_of_fua(flags)
             with self.lock:
-                if one_block:
-                    self._rmw(offset, data, count, flags)
-                    return
-                if offset < lo:
-                    self._rmw(offset, data[:lo - offset] if data is not None else None, lo - offset, flags)
-                position = lo
-                limit = self.maxdata if data is not None else self.maxlen
-                while position < hi:
-                    n = min(limit, hi - position)
-                    if data is None:
-                        self.next.zero(n, position, flags)
-                    else:
-                        self.next.pwrite(data[position - offset:position - offset + n], position, flags)
-                    position += n
-                if hi < end:
-                    self._rmw(hi, data[hi - offset:] if data is not None else None, end - hi, flags)
+                self._write_pieces(offset, end, lo, hi, one_block, data, flags)
+            if flush:
+                self.next.flush(0)
+
+        def _write_pieces(self, offset: int, end: int, lo: int, hi: int, one_block: bool,
+                          data: memoryview | None, flags: int) -> None:
+            """The read-modify-write head and tail and the split middle of one write or zero."""
+            if one_block:
+                self._rmw(offset, data, end - offset, flags)
+                return
+            if offset < lo:
+                self._rmw(offset, data[:lo - offset] if data is not None else None, lo - offset, flags)
+            position = lo
+            limit = self.maxdata if data is not None else self.maxlen
+            while position < hi:
+                n = min(limit, hi - position)
+                if data is None:
+                    self.next.zero(n, position, flags)
+                else:
+                    self.next.pwrite(data[position - offset:position - offset + n], position, flags)
+                position += n
+            if hi < end:
+                self._rmw(hi, data[hi - offset:] if data is not None else None, end - hi, flags)
 
         def trim(self, count: int, offset: int, flags: int) -> None:
             lo, hi = self._split(offset, offset + count)
+            flags, flush = self._flush_instead_of_fua(flags)
             with self.lock:
                 while lo < hi:
                     n = min(self.maxlen, hi - lo)
                     self.next.trim(n, lo, flags)
                     lo += n
+            if flush:
+                self.next.flush(0)
 
         def cache(self, count: int, offset: int, flags: int) -> None:
             m = self.minblock

@@ -26,12 +26,17 @@ class FilePlugin(Plugin):
     name = "file"
     file = Param(Path("any"), magic=True, help="The file or block device to serve")
     dir = Param(Path("dir"), help="Serve every regular file in this directory as an export")
+    directory = Param(Path("dir"), help="The same as dir= (nbdkit accepts both names)")
     cache = Param(Enum("default", "none"), default="default",
                   help="none: drop written pages from the page cache (fadvise DONTNEED) after each write")
     fadvise = Param(Enum("normal", "random", "sequential"), default="normal",
                     help="Access-pattern hint passed to posix_fadvise")
 
     def config_complete(self) -> None:
+        if self.directory is not None:
+            if self.dir is not None:
+                raise ConfigError("file: dir= and directory= are the same parameter: give one")
+            self.dir = self.directory
         if (self.file is None) == (self.dir is None):
             raise ConfigError("file: give exactly one of file=PATH or dir=DIRECTORY")
         if self.file is not None and os.path.isdir(self.file):
@@ -40,21 +45,15 @@ class FilePlugin(Plugin):
     def list_exports(self, readonly: bool, is_tls: bool) -> list[Export]:
         if self.dir is None:
             return [Export("")]
-        return [Export(name) for name in sorted(os.listdir(self.dir))
-                if os.path.isfile(os.path.join(self.dir, name))]
-
-    def default_export(self, readonly: bool, is_tls: bool) -> str:
-        if self.dir is None:
-            return ""
-        exports = self.list_exports(readonly, is_tls)
-        return exports[0].name if exports else ""
+        # In the directory's own order, as nbdkit lists them.
+        return [Export(name) for name in os.listdir(self.dir) if os.path.isfile(os.path.join(self.dir, name))]
 
     def path_for(self, export_name: str) -> str:
         if self.dir is None:
             return self.file
-        if not export_name:
-            export_name = self.default_export(True, False)
-        if "/" in export_name or export_name in ("", ".", ".."):
+        if not export_name:  # as nbdkit: a directory has no default export
+            raise NBDError(errno.ENOENT, f"no default export: name a file of {self.dir} (nbdinfo --list shows them)")
+        if "/" in export_name or export_name in (".", ".."):
             raise NBDError(errno.ENOENT, f"no export {export_name!r}")
         path = os.path.join(self.dir, export_name)
         if not os.path.isfile(path):

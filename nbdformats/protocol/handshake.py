@@ -20,6 +20,16 @@ MAX_OPTIONS = 4096  # a client negotiating forever is dropped
 
 
 @dataclass(frozen=True)
+class HandshakePolicy:
+    """What the server offers in the handshake (nbdkit's --mask-handshake, --no-sr, --no-mc): options
+    for testing how clients cope with older or more limited servers."""
+
+    global_flags: int = P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES  # --mask-handshake=MASK: these & MASK
+    structured_replies: bool = True  # --no-sr: False, STRUCTURED_REPLY (and EXTENDED_HEADERS) refused
+    meta_contexts: bool = True  # --no-mc: False, LIST/SET_META_CONTEXT refused
+
+
+@dataclass(frozen=True)
 class ExportInfo:
     """What a client learns about an export: size, transmission flags, block-size constraints."""
 
@@ -70,9 +80,11 @@ class Ready:
 
 
 class ServerHandshake:
-    def __init__(self, *, tls: str = "off", oldstyle: bool = False) -> None:
+    def __init__(self, *, tls: str = "off", oldstyle: bool = False, policy: HandshakePolicy = HandshakePolicy()) -> None:
         self.tls = tls  # "off", "on" (offered), "require"
         self.oldstyle = oldstyle
+        self.policy = policy
+        self.fixed_newstyle = False  # the client speaks fixed newstyle: options may fail and negotiation go on
         self.tls_active = False
         self.structured_replies = False
         self.extended_headers = False
@@ -87,7 +99,7 @@ class ServerHandshake:
         self._option_count = 0
         self._skip = 0  # bytes of an oversized option still to discard
         if not oldstyle:
-            self._out += P.GREETING.pack(P.NBDMAGIC, P.IHAVEOPT, P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)
+            self._out += P.GREETING.pack(P.NBDMAGIC, P.IHAVEOPT, policy.global_flags)
 
     # -- I/O boundary --------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
@@ -116,13 +128,10 @@ class ServerHandshake:
                     return NeedData()
                 (flags,) = P.CLIENT_FLAGS.unpack_from(self._inbuf)
                 del self._inbuf[:4]
-                if not flags & P.CLIENT_FLAG_FIXED_NEWSTYLE:
-                    # Plain newstyle clients cannot recover from option errors; nbdkit refuses them too.
+                if flags & ~self.policy.global_flags:  # a flag we did not offer (as nbdkit: drop the client)
                     self._state = "closed"
                     return Abort()
-                if flags & ~(P.CLIENT_FLAG_FIXED_NEWSTYLE | P.CLIENT_FLAG_NO_ZEROES):
-                    self._state = "closed"
-                    return Abort()
+                self.fixed_newstyle = bool(flags & P.CLIENT_FLAG_FIXED_NEWSTYLE)
                 self.no_zeroes = bool(flags & P.CLIENT_FLAG_NO_ZEROES)
                 self._state = "options"
                 continue
@@ -158,6 +167,9 @@ class ServerHandshake:
                 return event
 
     def _handle_option(self, option: int, data: bytes):
+        if not self.fixed_newstyle and option != P.OPT_EXPORT_NAME:
+            # A plain newstyle client may only send EXPORT_NAME (nbdkit answers others as invalid).
+            return self._error(option, P.REP_ERR_INVALID, "only NBD_OPT_EXPORT_NAME without fixed newstyle")
         if self.tls == "require" and not self.tls_active and option not in (P.OPT_STARTTLS, P.OPT_ABORT):
             if option == P.OPT_EXPORT_NAME:
                 self._state = "closed"  # no way to send an error to EXPORT_NAME
@@ -182,6 +194,11 @@ class ServerHandshake:
             return self._pending
         if option in (P.OPT_INFO, P.OPT_GO):
             return self._parse_info(option, data)
+        if option in (P.OPT_STRUCTURED_REPLY, P.OPT_EXTENDED_HEADERS) and not self.policy.structured_replies:
+            # ERR_UNSUP as nbdkit's --no-sr (qemu 4.2 expects it); extended headers imply structured replies.
+            return self._error(option, P.REP_ERR_UNSUP, "structured replies are disabled (--no-sr)")
+        if option in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT) and not self.policy.meta_contexts:
+            return self._error(option, P.REP_ERR_UNSUP, "meta contexts are disabled (--no-mc)")
         if option == P.OPT_STRUCTURED_REPLY:
             if data:
                 return self._error(option, P.REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")

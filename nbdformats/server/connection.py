@@ -153,7 +153,7 @@ class Connection:
             if settings.oldstyle:
                 self.stream.send([oldstyle_greeting(info)])
             return Opened(layer, info, structured=False, extended=False, meta_context_id=None, leftover=b"")
-        handshake = ServerHandshake(tls=settings.tls)
+        handshake = ServerHandshake(tls=settings.tls, policy=settings.handshake_policy)
         deadline = time.monotonic() + settings.handshake_timeout
         buffer = memoryview(bytearray(HANDSHAKE_BUFFER))
         while True:

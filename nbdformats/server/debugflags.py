@@ -12,8 +12,8 @@ fills before configure() runs, as nbdkit sets a plugin's debug variables when it
 
 As in nbdkit, a flag the named component does not declare, or a name that is not in the
 chain, is a warning, not an error.  `nbdkit.*` flags (nbdkit's own core, e.g.
-`-D nbdkit.backend.datapath=0`) are accepted so that scripts written for nbdkit keep working;
-nbdformats has no such flags and ignores them.
+`-D nbdkit.backend.datapath=0`) are accepted so that scripts written for nbdkit keep working,
+with a warning that nbdformats has no such flag.
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def apply_debug_flags(components: Sequence[Component], flags: Iterable[DebugFlag
     warnings: list[str] = []
     for debug_flag in flags:
         if any(_same(debug_flag.component, core) for core in CORE_NAMES):
+            warnings.append(f"-D {debug_flag}: a flag of nbdkit's own server; nbdformats has none, "
+                            "so it changes nothing")
             continue
         targets = [c for c in components if _same(c.name, debug_flag.component)]
         if not targets:

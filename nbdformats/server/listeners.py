@@ -4,6 +4,7 @@ systemd socket activation, --run captive mode, connection limits and signals."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -12,6 +13,7 @@ import ssl
 import sys
 import threading
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from ..api.chain import ThreadModel
 from .connection import Connection
@@ -27,6 +29,7 @@ SD_LISTEN_FDS_START = 3
 class ListenConfig:
     unix_path: str | None = None
     port: str | None = None
+    vsock: bool = False  # --vsock: AF_VSOCK (to and from virtual machines) on `port`
     addresses: list[str] = field(default_factory=list)
     family: int = socket.AF_UNSPEC  # -4 / -6
     single: bool = False  # -s: one client on stdin/stdout
@@ -35,6 +38,8 @@ class ListenConfig:
     exit_last: bool = False
     max_connections: int = 0
     serialize_connections: bool = False
+    keepalive: bool = False  # --keepalive: TCP keepalive probes on client connections
+    selinux_label: str | None = None  # --selinux-label: the SELinux label of listening sockets
 
 
 def systemd_sockets() -> list[socket.socket]:
@@ -51,24 +56,58 @@ def make_listeners(config: ListenConfig) -> list[socket.socket]:
     """Bind the listening sockets (before any fork, so errors reach the terminal)."""
     activated = systemd_sockets()
     if activated:
+        for sock in activated:
+            set_keepalive(sock, config.keepalive)
         return activated
-    if config.unix_path is not None:
-        if os.path.exists(config.unix_path) and not os.path.isfile(config.unix_path):
-            os.unlink(config.unix_path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Bind under a temporary name and rename after listen(): a client that sees the path
-        # can connect at once (no "connection refused" window between bind and listen).
-        temporary = f"{config.unix_path}.{os.getpid()}.tmp"
-        try:
-            sock.bind(temporary)
-            sock.listen(128)
-            os.rename(temporary, config.unix_path)
-        except OSError as e:
-            sock.close()
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise OSError(e.errno, f"cannot listen on {config.unix_path}: {e.strerror}") from None
-        return [sock]
+    with selinux_socket_label(config.selinux_label):
+        if config.unix_path is not None:
+            return [listen_unix(config.unix_path)]
+        if config.vsock:
+            return [listen_vsock(config.port)]
+        sockets = listen_tcp(config)
+    for sock in sockets:
+        set_keepalive(sock, config.keepalive)  # accepted connections inherit it
+    return sockets
+
+
+def listen_unix(path: str) -> socket.socket:
+    if os.path.exists(path) and not os.path.isfile(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bind under a temporary name and rename after listen(): a client that sees the path
+    # can connect at once (no "connection refused" window between bind and listen).
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        sock.bind(temporary)
+        sock.listen(128)
+        os.rename(temporary, path)
+    except OSError as e:
+        sock.close()
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise OSError(e.errno, f"cannot listen on {path}: {e.strerror}") from None
+    return sock
+
+
+def listen_vsock(port: str | None) -> socket.socket:
+    """nbdkit's --vsock: any CID (the host reaches a guest by its CID), `port` (default 10809)."""
+    number = port or "10809"
+    if not number.isdigit() or int(number) > 0xFFFFFFFF:
+        raise OSError(0, f"--vsock: the port must be a number (not {number!r})")
+    try:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    except OSError as e:
+        raise OSError(e.errno, f"--vsock: this machine has no AF_VSOCK: {e.strerror}") from None
+    try:
+        sock.bind((socket.VMADDR_CID_ANY, int(number)))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on vsock port {number}: {e.strerror}") from None
+    return sock
+
+
+def listen_tcp(config: ListenConfig) -> list[socket.socket]:
     port = config.port or "10809"
     hosts = config.addresses or [None]
     sockets = []
@@ -89,6 +128,43 @@ def make_listeners(config: ListenConfig) -> list[socket.socket]:
             sock.listen(128)
             sockets.append(sock)
     return sockets
+
+
+def set_keepalive(sock: socket.socket, keepalive: bool) -> None:
+    if keepalive and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+SELINUX_FS = "/sys/fs/selinux"
+
+
+def check_selinux_label() -> None:
+    """--selinux-label needs SELinux running (nbdkit fails the same way, when it labels the socket)."""
+    if not os.path.exists(os.path.join(SELINUX_FS, "enforce")):
+        raise OSError(0, f"--selinux-label: SELinux is not enabled on this machine ({SELINUX_FS} is not mounted)")
+
+
+@contextlib.contextmanager
+def selinux_socket_label(label: str | None) -> Iterator[None]:
+    """Sockets created inside get `label`, as libselinux's setsockcreatecon(3) does it: through the
+    thread's /proc attribute, cleared again afterwards."""
+    if label is None:
+        yield
+        return
+    attribute = "/proc/thread-self/attr/sockcreate"
+    try:
+        with open(attribute, "w") as f:
+            f.write(label)
+    except OSError as e:
+        raise OSError(e.errno, f"--selinux-label {label}: {e.strerror}") from None
+    try:
+        yield
+    finally:
+        fd = os.open(attribute, os.O_WRONLY)
+        try:
+            os.write(fd, b"")  # an empty write restores the default label
+        finally:
+            os.close(fd)
 
 
 class Server:
@@ -143,7 +219,10 @@ class Server:
         self.loop = loop = asyncio.get_running_loop()
         self.stopped = loop.create_future()
         if self.config.single or self.config.fd is not None:
-            self._serve(_single_stream(0 if self.config.single else self.config.fd, self.config.single))  # type: ignore[arg-type]
+            stream = _single_stream(0 if self.config.single else self.config.fd, self.config.single)  # type: ignore[arg-type]
+            if stream.socket is not None:
+                set_keepalive(stream.socket, self.config.keepalive)
+            self._serve(stream)
             return
         for sock in listeners:
             sock.setblocking(False)

@@ -23,7 +23,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -100,10 +100,10 @@ class Headers:
         except subprocess.TimeoutExpired:
             raise RequestError(f"{script.kind}-script did not finish within {SCRIPT_TIMEOUT:.0f} s") from None
         if proc.returncode != 0:
-            # Only the script's last stderr line: its standard output holds credentials.
+            # Only the script's last stderr line (its standard output holds credentials), as nbdkit says it.
             lines = proc.stderr.decode(errors="replace").strip().splitlines()
             detail = f": {lines[-1][:200]}" if lines else ""
-            raise RequestError(f"{script.kind}-script exited with status {proc.returncode}{detail}")
+            raise RequestError(f"{script.kind}-script failed{detail} (exit status {proc.returncode})")
         output = proc.stdout.decode(errors="replace")
         try:
             if script.kind == "cookie":  # one line, the value of a Cookie header
@@ -377,6 +377,44 @@ class RangeClient:
         assert got.total is not None
         self.size = got.total
         self.validators = Validators.from_headers(response.headers)
+
+
+class FileClient:
+    """A file: URL, read as libcurl reads one: the local file (read-only, no headers, cookies or
+    TLS).  header-script and cookie-script still run once, when the URL is opened, as in nbdkit."""
+
+    def __init__(self, url: str, headers: Headers) -> None:
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise RequestError(f"{url}: a file: URL must name a local file (file:/PATH or file:///PATH)")
+        self.path = unquote(parts.path)
+        self.headers = headers
+        self.size = -1
+        self.fd = -1
+
+    def probe(self) -> None:
+        self.headers.current()
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.size = os.fstat(self.fd).st_size
+        except OSError as e:
+            raise RequestError(f"file://{self.path}: {e.strerror}") from None
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buf):
+            try:
+                n = os.preadv(self.fd, [buf[done:]], offset + done)
+            except OSError as e:
+                raise RequestError(f"file://{self.path}: {e.strerror}") from None
+            if n == 0:
+                raise ObjectChanged(f"file://{self.path} is shorter than at start-up ({offset + done} bytes)")
+            done += n
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _read_body(response: urllib3.BaseHTTPResponse, buf: memoryview, what: str) -> None:

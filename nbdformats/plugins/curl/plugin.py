@@ -1,4 +1,5 @@
-"""curl plugin: serve a disk image from an http:// or https:// URL, read-only, by ranged GETs.
+"""curl plugin: serve a disk image from an http:// or https:// URL, read-only, by ranged GETs
+(and a local file: URL, as libcurl reads those).
 
 nbdkit's parameter names, so `nbdkit curl url=...` command lines port.  One keep-alive pool of
 `connections=` HTTP connections is shared by all NBD connections (nbdkit >= 1.34's pool); a
@@ -22,7 +23,7 @@ from ...api.errors import ConfigError, NBDError
 from ...api.params import Bool, Enum, Float, Int, Param, Path, Secret, SecretValue, Size, String
 import urllib3
 
-from .client import Headers, ObjectChanged, RangeClient, RequestError, make_pool
+from .client import FileClient, Headers, ObjectChanged, RangeClient, RequestError, make_pool
 from .messages import basic_auth, parse_header_option, redact_url, split_userinfo
 from .readahead import ReadAhead
 
@@ -38,6 +39,14 @@ def _text(secret: SecretValue) -> str:
     return secret.reveal().decode("utf-8", errors="surrogateescape")
 
 
+SCHEMES = ("http", "https", "file")
+# Parameters of HTTP(S) requests, which a file: URL does not make (a warning, not silence).
+HTTP_ONLY = {"user", "password", "header", "header_script_renew", "cookie", "cookie_script_renew", "cookiefile",
+             "cookiejar", "user_agent", "cainfo", "capath", "sslverify", "ssl_version", "ssl_cipher_list",
+             "followlocation", "proxy", "proxy_user", "proxy_password", "tcp_keepalive", "tcp_nodelay",
+             "unix_socket_path"}
+
+
 class CurlPlugin(Plugin):
     """Serve a disk image from an HTTP or HTTPS URL (read-only, ranged GETs, read-ahead)."""
 
@@ -45,7 +54,7 @@ class CurlPlugin(Plugin):
     latency_bound = True
     thread_model = ThreadModel.PARALLEL
 
-    url = Param(String(), required=True, magic=True, help="The URL of the disk image (http:// or https://)")
+    url = Param(String(), required=True, magic=True, help="The URL of the disk image (http://, https:// or file:)")
     user = Param(String(), help="User name for HTTP Basic authentication (or user@ in the URL)")
     password = Param(Secret(), help="Password: literal, +FILE, - (prompt) or -FD")
     header = Param(String(), repeat=True,
@@ -60,7 +69,7 @@ class CurlPlugin(Plugin):
     cookiejar = Param(String(), help="Turn on the cookie engine and save its cookies to this file at exit")
     user_agent = Param(String(), help="User-Agent header (default: none, as nbdkit)")
     cainfo = Param(String(), help="CA certificates file to trust; empty: not the system's default store")
-    capath = Param(Path("dir"), help="Directory of CA certificates (hashed names, c_rehash)")
+    capath = Param(Path("any"), help="Directory of CA certificates (hashed names, c_rehash)")
     sslverify = Param(Bool(), default=True, help="false: do not verify the server's certificate or name")
     ssl_version = Param(Enum(*SSL_VERSIONS, "sslv2", "sslv3"), help="Lowest TLS version to accept")
     ssl_cipher_list = Param(String(), help="OpenSSL cipher list for TLS 1.2 and older")
@@ -91,13 +100,13 @@ class CurlPlugin(Plugin):
             raise ConfigError("curl: needs urllib3 >= 2 (pip install 'urllib3>=2,<3')")
         if self.retry is not None:
             self.retries = self.retry
-        scheme = urlsplit(self.url).scheme.lower()
-        allowed = {p.strip().lower() for p in self.protocols.split(",")} if self.protocols else {"http", "https"}
-        if scheme not in ("http", "https"):
-            raise ConfigError(f"curl: {redact_url(self.url)}: only http:// and https:// URLs are supported")
+        self.scheme = scheme = urlsplit(self.url).scheme.lower()
+        allowed = {p.strip().lower() for p in self.protocols.split(",")} if self.protocols else set(SCHEMES)
+        if scheme not in SCHEMES:
+            raise ConfigError(f"curl: {redact_url(self.url)}: only http://, https:// and file: URLs are supported")
         if scheme not in allowed:
             raise ConfigError(f"curl: the URL's protocol {scheme} is not in protocols={self.protocols}")
-        if not urlsplit(self.url).hostname:
+        if scheme != "file" and not urlsplit(self.url).hostname:
             raise ConfigError(f"curl: {redact_url(self.url)}: the URL has no host")
         self.allowed_protocols = allowed
         if self.header_script and self.header:
@@ -110,7 +119,7 @@ class CurlPlugin(Plugin):
         if self.ssl_version in ("sslv2", "sslv3"):
             raise ConfigError(f"curl: ssl-version={self.ssl_version} is not supported (insecure, and "
                               f"OpenSSL 3 has no SSLv2/SSLv3)")
-        if self.cainfo and not os.path.isfile(self.cainfo):
+        if self.cainfo and not os.path.exists(self.cainfo):
             raise ConfigError(f"curl: cainfo={self.cainfo}: no such file")
         if self.proxy and self.unix_socket_path:
             raise ConfigError("curl: proxy= and unix-socket-path= cannot be used together")
@@ -120,6 +129,16 @@ class CurlPlugin(Plugin):
             except ImportError:
                 raise ConfigError("curl: a socks proxy needs the PySocks package (pip install PySocks)") from None
         self.fixed_headers = self._fixed_headers()
+        if scheme == "file":
+            for key in self._http_only_given():
+                log.warning("curl: %s= does not apply to file: URLs (as in libcurl)", key)
+
+    def _http_only_given(self) -> list[str]:
+        """The parameters given that only HTTP(S) requests use."""
+        from ...api.params import params_of
+
+        return [p.key for p in params_of(type(self))
+                if p.attr in HTTP_ONLY and getattr(self, p.attr) not in (p.default, None, [])]
 
     def _fixed_headers(self) -> list[tuple[str, str | None]]:
         url, url_user, url_password = split_userinfo(self.url)
@@ -170,6 +189,12 @@ class CurlPlugin(Plugin):
         return context
 
     def get_ready(self) -> None:
+        if self.scheme == "file":
+            self.client = FileClient(self.request_url, Headers([], self.url, self.header_script, 0,
+                                                                self.cookie_script, 0))
+            self.readahead = 0  # a local file: the page cache reads ahead
+            self._probe()
+            return
         socket_options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if self.tcp_nodelay else 0)]
         if self.tcp_keepalive:
             socket_options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
@@ -185,14 +210,17 @@ class CurlPlugin(Plugin):
                                   followlocation=self.followlocation, protocols=self.allowed_protocols,
                                   retries=self.retries, retry_delay=self.retry_delay,
                                   retry_exponential=self.retry_exponential, cookies=self.cookies)
+        self._probe()
+        self.prefetcher = ThreadPoolExecutor(self.connections, thread_name_prefix="curl-readahead")
+        log.debug("curl: %s: %d bytes, %s", redact_url(self.request_url), self.size, self.client.validators)
+
+    def _probe(self) -> None:
         try:
             self.client.probe()
         except RequestError as e:
             raise ConfigError(f"curl: {e}") from None
         self.size = self.client.size
         self.changed_reported = False
-        self.prefetcher = ThreadPoolExecutor(self.connections, thread_name_prefix="curl-readahead")
-        log.debug("curl: %s: %d bytes, %s", redact_url(self.request_url), self.size, self.client.validators)
 
     def _cookie_engine(self) -> http.cookiejar.MozillaCookieJar | None:
         """libcurl's cookie engine, as nbdkit turns it on: with cookiefile= or cookiejar=."""
@@ -219,6 +247,8 @@ class CurlPlugin(Plugin):
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.clear()
+        if isinstance(getattr(self, "client", None), FileClient):
+            self.client.close()
 
     def fetch(self, buf: memoryview, offset: int) -> None:
         """Fill buf from the object at offset (one ranged GET, retried); NBDError(EIO) on failure."""

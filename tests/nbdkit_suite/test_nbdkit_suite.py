@@ -1,0 +1,64 @@
+"""nbdkit 1.32.5's own tests, run unmodified against nbdformats (harness.py): each test listed in
+expected-pass.txt is one pytest test and must pass.  A test listed with `needs NAME,...` runs once
+this build has those plugins and filters (nbdkit's tests probe for filters with the null plugin)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import harness
+from conftest import SUMMARY
+from nbdformats.registry import names
+
+LISTS = {name: harness.read_list(harness.HERE / f"{name}.txt")
+         for name in ("expected-pass", "known-failures", "out-of-scope")}
+EXPECTED = LISTS["expected-pass"]
+
+
+@pytest.fixture(scope="session")
+def nbdkit_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tree of nbdkit's source whose `nbdkit` is nbdformats, and a directory for the tests' logs."""
+    src, data = harness.prepared()
+    work = tmp_path_factory.mktemp("nbdkit-suite")
+    harness.make_tree(src, data, work / "tree", harness.nbdformats_command())
+    (work / "logs").mkdir()
+    return work / "tree", work / "logs"
+
+
+def missing_components(annotation: str) -> list[str]:
+    have = set(names("plugin")) | set(names("filter"))
+    needed = annotation.removeprefix("needs").strip()
+    return [name for name in needed.split(",") if name and name.lower() not in have]
+
+
+@pytest.mark.parametrize("test", sorted(EXPECTED))
+def test_nbdkit_test_passes(test: str, nbdkit_tree: tuple[Path, Path]) -> None:
+    missing = missing_components(EXPECTED[test])
+    if missing:
+        pytest.skip(f"uses {', '.join(missing)}, not in this build yet")
+    tree, logs = nbdkit_tree
+    result = harness.run_test(tree, test, logs)
+    SUMMARY.setdefault(f"nbdkit {harness.VERSION}'s tests against nbdformats", []).append(
+        f"{test:45} {result.outcome:8} {result.seconds:5.0f} s")
+    assert result.outcome == "PASS", f"{test}: {result.outcome} after {result.seconds:.0f} s\n{result.tail()}"
+
+
+def test_lists_name_real_tests_once() -> None:
+    """expected-pass, known-failures and out-of-scope name tests of nbdkit's TESTS, each once,
+    and give the reason for every known failure and every test out of scope."""
+    src, _ = harness.prepared()
+    makefile = (src / "tests" / "Makefile.am").read_text().replace("\\\n", " ")
+    tests = {word for line in makefile.splitlines() if "TESTS" in line.split("=")[0] and "=" in line
+             for word in line.split("=", 1)[1].split() if word.endswith(".sh")}
+    seen: dict[str, str] = {}
+    for list_name, entries in LISTS.items():
+        for test, reason in entries.items():
+            assert test in tests, f"{list_name}.txt: {test} is not one of nbdkit's tests"
+            assert test not in seen, f"{test} is in both {seen[test]}.txt and {list_name}.txt"
+            seen[test] = list_name
+            if list_name != "expected-pass":
+                assert reason, f"{list_name}.txt: {test} needs a reason"
+            else:
+                assert not reason or reason.startswith("needs "), f"expected-pass.txt: {test}: {reason!r}"
