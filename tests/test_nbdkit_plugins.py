@@ -197,3 +197,52 @@ def test_info_bad_base64_export_is_refused():
     with serve("info", "base64exportname", export="not*base64") as srv:
         result = nbdsh(srv.uri, "print(h.get_size())", check=False)
         assert result.returncode != 0
+
+
+def split_files(tmp) -> list[str]:
+    """Two files, each half hole and half data (as nbdkit's test-split-extents.sh), and a small third."""
+    first, second, third = tmp / "split.1", tmp / "split.2", tmp / "split.3"
+    with open(first, "wb") as f:
+        f.truncate(512 * 1024)
+        f.seek(512 * 1024)
+        f.write(b"1" * 512 * 1024)
+    with open(second, "wb") as f:
+        f.write(b"2" * 512 * 1024)
+        f.truncate(1024 * 1024)
+    third.write_bytes(b"third")
+    return [str(first), str(second), str(third)]
+
+
+def test_split_reads_map_and_flags_match_nbdkit(tmp):
+    files = split_files(tmp)
+    read = "import hashlib; print(hashlib.sha256(h.pread(h.get_size(), 0)).hexdigest(), h.pread(9, 1048571))"
+    with serve_nbdkit("split", *files) as ref, serve("split", files[0], f"file={files[1]}", files[2]) as ours:
+        assert export_facts(ours.uri) == export_facts(ref.uri)
+        assert disk_map(ours.uri) == disk_map(ref.uri)
+        assert nbdsh(ours.uri, read).stdout == nbdsh(ref.uri, read).stdout
+
+
+def test_split_req_one_extents_stop_at_a_file_boundary(tmp):
+    files = split_files(tmp)
+    with serve("split", *files) as srv:
+        nbdsh(srv.uri, """
+entries = []
+def f(context, offset, e, err):
+    entries.extend(e)
+h.block_status(1024 * 1024, 768 * 1024, f, nbd.CMD_FLAG_REQ_ONE)
+assert entries == [256 * 1024, 0], entries
+""")
+
+
+def test_split_writes_land_in_the_right_files(tmp):
+    files = split_files(tmp)
+    with serve("split", *files) as srv:
+        nbdsh(srv.uri, "h.pwrite(b'abcdef', 1048576 - 3); h.pwrite(b'XY', 2097152 + 3); h.flush() if h.can_flush() else None")
+    assert open(files[0], "rb").read()[-3:] == b"abc"
+    assert open(files[1], "rb").read()[:3] == b"def"
+    assert open(files[2], "rb").read() == b"thiXY"
+
+
+def test_split_needs_existing_files(tmp):
+    result = run([*NBDFORMATS, "-U", "-", "split", str(tmp / "missing"), "--run", "true"], check=False)
+    assert result.returncode == 1 and b"no such file" in result.stderr
