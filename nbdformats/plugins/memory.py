@@ -115,6 +115,10 @@ class SparsePages:
         self.region_counts[region] = self.region_counts.get(region, 0) + 1
         return page
 
+    def page_is_zero(self, index: int) -> bool:
+        """Whether the allocated page `index` holds only zeroes."""
+        return self.pages[index] == ZERO_PAGE
+
     def free(self, index: int) -> None:
         if self.pages.pop(index, None) is not None:
             region = index // REGION_PAGES
@@ -156,7 +160,10 @@ class SparsePages:
                 kind = EXTENT_HOLE | EXTENT_ZERO
             else:
                 step = PAGE
-                kind = EXTENT_DATA if index in pages else EXTENT_HOLE | EXTENT_ZERO
+                if index not in pages:
+                    kind = EXTENT_HOLE | EXTENT_ZERO
+                else:  # as nbdkit's sparse array: an allocated page of zeroes reads as zeroes
+                    kind = EXTENT_ZERO if self.page_is_zero(index) else EXTENT_DATA
             extents.add(position, step, kind)
             position += step
 
@@ -169,6 +176,9 @@ class ZstdPages(SparsePages):
         super().__init__()
         self.compressor = zstandard.ZstdCompressor(level=1)
         self.decompressor = zstandard.ZstdDecompressor()
+
+    def page_is_zero(self, index: int) -> bool:
+        return self.decompressor.decompress(self.pages[index]) == ZERO_PAGE
 
     def read(self, buf: memoryview, offset: int) -> None:
         done, count = 0, len(buf)
