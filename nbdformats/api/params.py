@@ -16,25 +16,27 @@ import getpass
 import os
 import re
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Generic, Iterable, Literal, TypeVar, overload
 
 from .errors import ConfigError
 
-_REQUIRED = object()
+T = TypeVar("T")
 
 
-class ParamType:
+class ParamType(Generic[T]):
     """Converts the text of `key=value` into a typed value; raises ValueError with a reason."""
 
     metavar = "VALUE"
 
-    def parse(self, text: str) -> Any:
-        return text
+    def parse(self, text: str) -> T:
+        raise NotImplementedError
 
 
-class String(ParamType):
+class String(ParamType[str]):
     metavar = "STRING"
+
+    def parse(self, text: str) -> str:
+        return text
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([bBsSkKmMgGtTpPeE]?)(?:i?[bB])?\s*$")
@@ -53,28 +55,39 @@ def parse_size(text: str) -> int:
     return value
 
 
-class Size(ParamType):
-    """A byte count with nbdkit's suffixes; `relative=True` also accepts `+SIZE` (returned as (True, n))."""
+class Size(ParamType[int]):
+    """A byte count with nbdkit's suffixes."""
 
     metavar = "SIZE"
 
-    def __init__(self, minimum: int = 0, maximum: int | None = None, power_of_two: bool = False,
-                 relative: bool = False) -> None:
-        self.minimum, self.maximum, self.power_of_two, self.relative = minimum, maximum, power_of_two, relative
+    def __init__(self, minimum: int = 0, maximum: int | None = None, power_of_two: bool = False) -> None:
+        self.minimum, self.maximum, self.power_of_two = minimum, maximum, power_of_two
 
-    def parse(self, text: str) -> Any:
-        is_relative = self.relative and text.startswith("+")
-        value = parse_size(text[1:] if is_relative else text)
+    def parse(self, text: str) -> int:
+        value = parse_size(text)
         if value < self.minimum:
             raise ValueError(f"must be at least {self.minimum}")
         if self.maximum is not None and value > self.maximum:
             raise ValueError(f"must be at most {self.maximum}")
         if self.power_of_two and value & (value - 1):
             raise ValueError("must be a power of two")
-        return (True, value) if self.relative and is_relative else ((False, value) if self.relative else value)
+        return value
 
 
-class Int(ParamType):
+class RelativeSize(ParamType[tuple[bool, int]]):
+    """A size, or `+SIZE` for "this much more than needed": parsed as (is_relative, bytes)."""
+
+    metavar = "[+]SIZE"
+
+    def __init__(self, minimum: int = 0, maximum: int | None = None) -> None:
+        self.size = Size(minimum, maximum)
+
+    def parse(self, text: str) -> tuple[bool, int]:
+        relative = text.startswith("+")
+        return relative, self.size.parse(text[1:] if relative else text)
+
+
+class Int(ParamType[int]):
     metavar = "N"
 
     def __init__(self, minimum: int | None = None, maximum: int | None = None) -> None:
@@ -92,7 +105,7 @@ class Int(ParamType):
         return value
 
 
-class Float(ParamType):
+class Float(ParamType[float]):
     metavar = "NUMBER"
 
     def __init__(self, minimum: float | None = None) -> None:
@@ -122,14 +135,14 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean (use true or false)")
 
 
-class Bool(ParamType):
+class Bool(ParamType[bool]):
     metavar = "true|false"
 
     def parse(self, text: str) -> bool:
         return parse_bool(text)
 
 
-class Enum(ParamType):
+class Enum(ParamType[str]):
     def __init__(self, *choices: str) -> None:
         self.choices = choices
         self.metavar = "|".join(choices)
@@ -140,7 +153,7 @@ class Enum(ParamType):
         return text
 
 
-class Path(ParamType):
+class Path(ParamType[str]):
     """A filesystem path made absolute (the server may chdir); `kind` checks it exists."""
 
     metavar = "PATH"
@@ -209,26 +222,58 @@ def read_secret(text: str) -> SecretValue:
     return SecretValue(text.encode())
 
 
-class Secret(ParamType):
+class Secret(ParamType[SecretValue]):
     metavar = "SECRET|+FILE|-|-FD"
 
     def parse(self, text: str) -> SecretValue:
         return read_secret(text)
 
 
-@dataclass
-class Param:
-    """One `key=value` parameter of a plugin or filter."""
+class Param(Generic[T]):
+    """One `key=value` parameter of a plugin or filter.
 
-    type: ParamType = field(default_factory=String)
-    default: Any = None
-    help: str = ""
-    required: bool = False
-    repeat: bool = False  # may be given several times: the value is a list
-    magic: bool = False  # a bare argument without `key=` goes here (nbdkit's magic_config_key)
-    key: str = ""
-    attr: str = ""
-    check: Callable[[Any], None] | None = None  # extra validation; raise ValueError
+    Declared as a class attribute; on an instance the attribute holds the parsed value (a `T`, or a
+    `list[T]` when `repeat=True`), which is what type checkers see through `__get__`.  A parameter
+    that is neither required nor given a default is None when not given.
+    """
+
+    @overload
+    def __init__(self: "Param[list[T]]", type: ParamType[T], *, repeat: Literal[True], default: Any = None,
+                 help: str = "", required: bool = False, magic: bool = False, key: str = "",
+                 check: Callable[[Any], None] | None = None) -> None: ...
+
+    @overload
+    def __init__(self: "Param[T]", type: ParamType[T], *, repeat: Literal[False] = False, default: Any = None,
+                 help: str = "", required: bool = False, magic: bool = False, key: str = "",
+                 check: Callable[[Any], None] | None = None) -> None: ...
+
+    @overload
+    def __init__(self: "Param[str]", *, repeat: Literal[False] = False, default: Any = None, help: str = "",
+                 required: bool = False, magic: bool = False, key: str = "",
+                 check: Callable[[Any], None] | None = None) -> None: ...
+
+    def __init__(self, type: ParamType[Any] | None = None, *, repeat: bool = False, default: Any = None,
+                 help: str = "", required: bool = False, magic: bool = False, key: str = "",
+                 check: Callable[[Any], None] | None = None) -> None:
+        self.type: ParamType[Any] = type if type is not None else String()
+        self.default = default
+        self.help = help
+        self.required = required
+        self.repeat = repeat  # may be given several times: the value is a list
+        self.magic = magic  # a bare argument without `key=` goes here (nbdkit's magic_config_key)
+        self.key = key
+        self.attr = ""
+        self.check = check  # extra validation; raise ValueError
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> "Param[T]": ...
+
+    @overload
+    def __get__(self, instance: object, owner: type) -> T: ...
+
+    def __get__(self, instance: object | None, owner: type) -> Any:
+        # Reached only when the instance has no value of its own yet (apply_params sets them all).
+        return self if instance is None else self.default
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.attr = name
@@ -254,9 +299,9 @@ class Param:
         return f"  {self.key}={self.type.metavar}{req}{rep}{default}\n      {self.help}"
 
 
-def params_of(cls: type) -> list[Param]:
+def params_of(cls: type) -> list[Param[Any]]:
     """The declared parameters of a component class, base classes first."""
-    found: dict[str, Param] = {}
+    found: dict[str, Param[Any]] = {}
     for klass in reversed(cls.__mro__):
         for value in vars(klass).values():
             if isinstance(value, Param):
@@ -264,7 +309,7 @@ def params_of(cls: type) -> list[Param]:
     return list(found.values())
 
 
-def magic_param(cls: type) -> Param | None:
+def magic_param(cls: type) -> Param[Any] | None:
     for param in params_of(cls):
         if param.magic:
             return param

@@ -21,7 +21,7 @@ import uuid
 
 from ...api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents, Plugin, PluginHandle
 from ...api.errors import ConfigError, NBDError
-from ...api.params import Bool, Enum, Param, ParamType, Path, Size, String
+from ...api.params import Bool, Enum, Param, ParamType, Path, RelativeSize, String
 from ...api.progress import progress
 from ...formats import gpt
 from .._sparse import data_and_holes
@@ -104,7 +104,7 @@ class LinuxDiskPlugin(Plugin):
                  help="Directory whose contents become the filesystem; several are merged (later wins)")
     label = Param(String(), check=_check_label, help="Filesystem label (at most 16 bytes); also the GPT partition name")
     fs_type = Param(Enum("ext2", "ext3", "ext4"), key="type", default="ext2", help="Filesystem type")
-    size = Param(Size(relative=True),
+    size = Param(RelativeSize(),
                  help="Filesystem size: SIZE exactly, or +SIZE for at least SIZE free (default: just enough)")
     uuid = Param(Uuid(), help="Filesystem UUID; the GPT GUIDs are derived from it (default: random)")
     partition = Param(Enum("gpt", "none"), default="gpt",
