@@ -11,7 +11,7 @@ from nbdformats.api.chain import ThreadModel
 from nbdformats.protocol import wire as P
 from nbdformats.protocol.transmission import RequestDecoder
 from nbdformats.server import engine as engine_module
-from nbdformats.server.budget import CONNECTION_LIMIT, SERVER_LIMIT, Budget
+from nbdformats.server.budget import CONNECTION_LIMIT, SERVER_LIMIT, SMALL_ALLOWANCE, Budget
 from nbdformats.server.engine import Engine
 from nbdformats.server.stream import SocketStream
 from test_protocol import memory_transmission, request
@@ -30,7 +30,7 @@ class CountingSocket(socket.socket):
 def engine_for(sock: socket.socket, threads: int = 1) -> Engine:
     return Engine(SocketStream(sock), memory_transmission(structured=False), RequestDecoder(),
                   thread_model=ThreadModel.PARALLEL, threads=threads, latency_bound=False, busy_poll_us=0,
-                  budget=Budget(CONNECTION_LIMIT, Budget(SERVER_LIMIT)), stats=None, server_connections=(),
+                  budget=Budget(CONNECTION_LIMIT, Budget(SERVER_LIMIT), SMALL_ALLOWANCE), stats=None, server_connections=(),
                   peer="test")
 
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import random_file, serve
 from fixtures.hardening import Raw, rss_mib
 from nbdformats.protocol import wire as P
-from nbdformats.server.budget import CONNECTION_LIMIT
+from nbdformats.server.budget import CONNECTION_LIMIT, SERVER_LIMIT, SMALL_ALLOWANCE
 from nbdformats.protocol.transmission import MAX_PAYLOAD
 
 GATE = str(Path(__file__).parent / "fixtures" / "plugins" / "gate.py")
@@ -67,6 +67,50 @@ def test_client_that_never_reads_replies_cannot_grow_server_memory(tmp_path, plu
         assert cookies == set(range(count))
         sender.join(10)
         assert srv.proc.poll() is None
+
+
+def test_many_clients_that_never_read_are_bounded_server_wide():
+    """Many clients each pipeline 32 MiB reads and never read the replies: the server-wide budget
+    bounds what they pin together, not just per connection, and the memory goes back once they
+    have gone.  (docs/security.md gives the figure for 200 clients.)"""
+    clients_count, reads_each, length = 40, 4, 32 << 20
+    with serve("memory", "1G") as srv:
+        before = rss_mib(srv.proc.pid)
+        clients = []
+        for _ in range(clients_count):
+            client = Raw(srv.socket)
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.go()
+            clients.append(client)
+
+        def flood(client: Raw) -> None:
+            try:
+                for cookie in range(reads_each):
+                    client.request(P.CMD_READ, cookie, 0, length)
+            except OSError:
+                pass
+
+        senders = [threading.Thread(target=flood, args=(c,), daemon=True) for c in clients]
+        for sender in senders:
+            sender.start()
+        peak = before
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            peak = max(peak, rss_mib(srv.proc.pid))
+            time.sleep(0.05)
+        # 40 clients x 4 x 32 MiB = 5 GiB asked for; the server holds its 512 MiB budget, each
+        # connection's small allowance, one request beyond, and what threads and allocator keep.
+        bound = SERVER_LIMIT + clients_count * SMALL_ALLOWANCE + length
+        assert peak - before < bound / (1 << 20) + 128, (before, peak)
+        well_behaved = Raw(srv.socket)  # its small reads need none of the server's budget
+        well_behaved.go()
+        assert well_behaved.read(0, 4096) == bytes(4096)
+        for client in clients:
+            client.sock.close()
+        deadline = time.monotonic() + 20
+        while rss_mib(srv.proc.pid) - before > 64 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert rss_mib(srv.proc.pid) - before <= 64  # freed buffers went back to the kernel
 
 
 def probe(sock: str) -> int:

@@ -2,38 +2,62 @@
 yet written.  Without a bound, a client that pipelines 64 MiB reads and never reads the replies
 makes the server hold them all, and many such clients exhaust memory.
 
-Each connection has a Budget whose parent is the server's: a request takes room in both before
-its buffer is allocated and gives it back once the reply is sent (or the write done).  A request
-waits while either is full, except that one request always fits in an empty budget, so a request
-larger than the limit still runs, alone.
+Each connection has a Budget (CONNECTION_LIMIT) whose parent is the server's (SERVER_LIMIT): a
+request takes room before its buffer is allocated and gives it back once the reply is sent (or the
+write done).  A connection's first SMALL_ALLOWANCE bytes in flight are its own; only what it holds
+beyond them is charged to the server, so however many hostile clients fill the server's budget, a
+well-behaved client's small requests still run.  A request waits while there is no room, except
+that one request always fits in an empty budget, so a request larger than the limit still runs,
+alone.  Memory pinned by requests is thus at most SERVER_LIMIT + connections x SMALL_ALLOWANCE,
+plus one request.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 CONNECTION_LIMIT = 64 * 1024 * 1024  # nbdkit's largest request: one always fits
 SERVER_LIMIT = 512 * 1024 * 1024
+SMALL_ALLOWANCE = 256 * 1024  # per connection, not charged to the server: small I/O never waits for others
+# When the server's budget empties after holding this much, freed buffers go back to the kernel:
+# glibc keeps up to its trim threshold (256 MiB, server/listeners.py tune_malloc) for reuse.
+RETURN_MEMORY_AFTER = 128 * 1024 * 1024
+
+
+def return_free_memory() -> None:
+    """malloc_trim(0): give the heap's free pages back to the kernel (glibc; elsewhere nothing)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Budget:
-    def __init__(self, limit: int, parent: "Budget | None" = None) -> None:
+    def __init__(self, limit: int, parent: "Budget | None" = None, allowance: int = 0) -> None:
         self.limit = limit
         self.parent = parent
+        self.allowance = allowance  # bytes held without charging the parent
         self.used = 0
+        self.peak = 0  # the most held since the budget was last empty
         self._changed = threading.Condition()
 
     def _fits(self, n: int) -> bool:
         return self.used == 0 or self.used + n <= self.limit
+
+    def _charged(self, used: int) -> int:
+        """What holding `used` bytes costs the parent."""
+        return max(0, used - self.allowance)
 
     def try_acquire(self, n: int) -> bool:
         """Take n bytes if there is room here and in the parent, without waiting."""
         with self._changed:
             if not self._fits(n):
                 return False
-            if self.parent is not None and not self.parent.try_acquire(n):
+            extra = self._charged(self.used + n) - self._charged(self.used)
+            if extra and self.parent is not None and not self.parent.try_acquire(extra):
                 return False
-            self.used += n
+            self._take(n)
             return True
 
     def acquire(self, n: int) -> None:
@@ -41,15 +65,26 @@ class Budget:
         with self._changed:
             while not self._fits(n):
                 self._changed.wait()
-            self.used += n
-        if self.parent is not None:
-            self.parent.acquire(n)
+            extra = self._charged(self.used + n) - self._charged(self.used)
+            self._take(n)
+        if extra and self.parent is not None:
+            self.parent.acquire(extra)
+
+    def _take(self, n: int) -> None:
+        self.used += n
+        self.peak = max(self.peak, self.used)
 
     def release(self, n: int) -> None:
         if not n:
             return
-        if self.parent is not None:
-            self.parent.release(n)
         with self._changed:
+            extra = self._charged(self.used) - self._charged(self.used - n)
             self.used -= n
             self._changed.notify_all()
+            emptied_after_much = self.used == 0 and self.peak >= RETURN_MEMORY_AFTER
+            if self.used == 0:
+                self.peak = 0
+        if extra and self.parent is not None:
+            self.parent.release(extra)
+        if emptied_after_much and self.parent is None:
+            return_free_memory()

@@ -23,7 +23,7 @@ from ..protocol.handshake import (Abort, ExportInfo, ExportRequest, ListExports,
                                   oldstyle_greeting)
 from ..protocol.transmission import RequestDecoder
 from ..tls.memorybio import TLSClosed, TLSSocket
-from .budget import CONNECTION_LIMIT, Budget
+from .budget import CONNECTION_LIMIT, SMALL_ALLOWANCE, Budget
 from .engine import Engine
 from .settings import ServerSettings
 from .stream import Stream, TLSStream
@@ -123,7 +123,7 @@ class Connection:
         self.engine = Engine(
             self.stream, transmission, decoder, thread_model=chain.thread_model, threads=settings.threads,
             latency_bound=chain.latency_bound, busy_poll_us=settings.busy_poll_us,
-            budget=Budget(CONNECTION_LIMIT, settings.budget), stats=settings.stats,
+            budget=Budget(CONNECTION_LIMIT, settings.budget, SMALL_ALLOWANCE), stats=settings.stats,
             server_connections=settings.connections, peer=self.peer)
         if self._stopping:  # shutdown() came before the engine existed
             self.engine.stop()

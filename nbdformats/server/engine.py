@@ -58,6 +58,7 @@ SLOW_REQUEST = 0.004
 WATCHDOG_INTERVAL = 0.005
 COALESCE_BYTES = 256 * 1024
 COALESCE_BUFFERS = 64  # sendmsg takes at most IOV_MAX (1024) buffers
+READ_ONLY_COMMANDS = frozenset((P.CMD_READ, P.CMD_BLOCK_STATUS, P.CMD_CACHE))
 
 
 class Engine:
@@ -85,6 +86,7 @@ class Engine:
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self.stopping = False  # DISC, EOF, an error, or the server shutting down
+        self.client_gone = False  # a send failed: replies can no longer be delivered
         self._running = 0  # live threads
         self._finished = threading.Event()
         self._busy_since: dict[int, float] = {}  # thread ident -> when its current request started
@@ -207,6 +209,7 @@ class Engine:
                 self.stream.send(held)
         except OSError:
             self.stopping = True
+            self.client_gone = True
         finally:
             held.clear()  # the replies' memory goes with their budget
             self.budget.release(cost)
@@ -233,6 +236,8 @@ class Engine:
                     break
                 if req is None:
                     break
+                if self.client_gone and req.type in READ_ONLY_COMMANDS:
+                    continue  # nobody will see the answer; writes still reach the disk
                 problem = transmission.check(req)
                 cost = req.length if req.payload is not None else 0  # a WRITE's payload was charged
                 if problem is None and req.type == P.CMD_READ:
@@ -251,6 +256,7 @@ class Engine:
                     req.payload = None  # the WRITE buffer is done with
                 held.extend(buffers)
                 held_bytes += sum(len(b) for b in buffers)
+                buffers = []  # `held` owns the replies now: their memory goes when their budget does
                 if (self.coalesce and self._pending and held_bytes < COALESCE_BYTES
                         and len(held) < COALESCE_BUFFERS):
                     continue  # more requests already received: answer them together
