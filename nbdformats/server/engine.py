@@ -12,7 +12,8 @@ Threads.  A connection starts with one thread: threads contend for the GIL, and 
 in-memory I/O one thread per connection measured as fast as two or more.  A watchdog adds one
 (up to `-t`) when every thread of a connection has been inside a request for SLOW_REQUEST while
 the client has sent more: that request waits for a disk or another machine, and another thread
-can wait alongside.  Chains whose callbacks wait for another machine (`latency_bound`: nbd, rbd,
+can wait alongside.  While no request is slow the watchdog checks less and less often (up to
+every WATCHDOG_IDLE_INTERVAL), so the first slow requests are noticed within 0.1 s.  Chains whose callbacks wait for another machine (`latency_bound`: nbd, rbd,
 S3, curl...) start with all `-t` threads, as nbdkit's connections do; their 0.1-4 ms round trips
 are too short for the watchdog.  `serialize_requests` gives a connection one thread,
 `serialize_all_requests` one plus a server-wide lock around each request.
@@ -56,6 +57,7 @@ log = logging.getLogger("nbdformats")
 SERVER_WIDE_LOCK = threading.Lock()
 SLOW_REQUEST = 0.004
 WATCHDOG_INTERVAL = 0.005
+WATCHDOG_IDLE_INTERVAL = 0.1
 COALESCE_BYTES = 256 * 1024
 COALESCE_BUFFERS = 64  # sendmsg takes at most IOV_MAX (1024) buffers
 READ_ONLY_COMMANDS = frozenset((P.CMD_READ, P.CMD_BLOCK_STATUS, P.CMD_CACHE))
@@ -115,16 +117,18 @@ class Engine:
         self.stopping = True
         self.stream.stop_reading()
 
-    def grow_if_blocked(self) -> None:
+    def grow_if_blocked(self) -> bool:
         """Watchdog: add a thread when all of them have been inside requests for a while and
-        the client has sent more."""
+        the client has sent more.  Whether a request of this connection is running slowly."""
         if self.stopping or self._running >= self.max_threads:
             _unwatch(self)
-            return
+            return False
         starts = list(self._busy_since.values())
+        slow = bool(starts) and time.monotonic() - min(starts) > SLOW_REQUEST / 2
         if starts and len(starts) >= self._running and time.monotonic() - max(starts) > SLOW_REQUEST \
                 and (self._pending or self.stream.has_input()):
             self._add_thread()
+        return slow
 
     def _add_thread(self) -> None:
         with self._state_lock:
@@ -295,16 +299,20 @@ _watchdog: threading.Thread | None = None
 
 
 def _watch_for_blocked_connections() -> None:
+    """Checks every WATCHDOG_INTERVAL while some request runs slowly; while none does (page-cache or
+    in-memory I/O: microseconds), less and less often, up to WATCHDOG_IDLE_INTERVAL: waking up and
+    taking the GIL 200 times a second would cost the connections themselves."""
     global _watchdog
+    interval = WATCHDOG_INTERVAL
     while True:
-        time.sleep(WATCHDOG_INTERVAL)
+        time.sleep(interval)
         with _watchdog_lock:
             engines = list(_watched)
             if not engines:
                 _watchdog = None
                 return
-        for engine in engines:
-            engine.grow_if_blocked()
+        slow = [engine.grow_if_blocked() for engine in engines]
+        interval = WATCHDOG_INTERVAL if any(slow) else min(interval * 2, WATCHDOG_IDLE_INTERVAL)
 
 
 def _watch(engine: Engine) -> None:
