@@ -478,7 +478,7 @@ class Layer:
         self._can_extents = bool(handle.can_extents())
         self._can_cache = int(handle.can_cache())
         self._can_resize = self._can_write and bool(handle.can_resize())
-        self.pread = handle.pread
+        self.pread = handle.pread  # type: ignore[method-assign]
         base = FilterHandle if isinstance(handle, FilterHandle) else PluginHandle
         if _overrides(handle, "pread", base) and not _overrides(handle, "pread_sparse", base):
             self.pread_sparse = self._pread_dense  # type: ignore[method-assign]

@@ -281,7 +281,9 @@ class NBDClient:
         """Like submit(), in pieces the server accepts: READ and WRITE at most its maximum block size,
         TRIM, WRITE_ZEROES and CACHE at most 1 GiB.  All pieces are in flight at once."""
         if type in (P.CMD_READ, P.CMD_WRITE):
-            view = memoryview(into if type == P.CMD_READ else payload).cast("B")
+            source = into if type == P.CMD_READ else payload
+            assert source is not None, "READ needs `into`, WRITE a payload"
+            view = memoryview(source).cast("B")
             length, step = len(view), self.max_payload
             if type == P.CMD_READ:
                 into = view

@@ -83,6 +83,7 @@ def _option(option: int, payload: bytes = b"") -> Generator[Recv | Send, bytes |
     replies: list[OptionReply] = []
     while len(replies) < MAX_OPTION_REPLIES:
         header = yield Recv(P.OPTION_REPLY.size)
+        assert header is not None  # a Recv is answered with bytes
         magic, echoed, reply_type, length = P.OPTION_REPLY.unpack(header)
         if magic != P.OPTION_REPLY_MAGIC:
             raise HandshakeError(f"bad option reply magic {magic:#x}")
@@ -112,11 +113,13 @@ def negotiate(export_name: str = "", *, tls: str = "off", structured: bool = Tru
     holds the server's export list and the connection is then aborted (no transmission phase).
     """
     greeting = yield Recv(16)
+    assert greeting is not None  # a Recv is answered with bytes
     magic, second = struct.unpack(">QQ", greeting)
     if magic != P.NBDMAGIC:
         raise HandshakeError("not an NBD server (bad greeting magic)")
     if second == P.OLDSTYLE_MAGIC:
         rest = yield Recv(8 + 4 + 124)
+        assert rest is not None
         if tls == "require":
             raise HandshakeError("TLS is required but the server speaks the oldstyle protocol (no TLS)")
         if list_exports:
@@ -125,7 +128,9 @@ def negotiate(export_name: str = "", *, tls: str = "off", structured: bool = Tru
         return Negotiated(style="oldstyle", size=size, flags=flags & 0xFFFF)
     if second != P.IHAVEOPT:
         raise HandshakeError(f"unknown handshake style {second:#x}")
-    (server_flags,) = P.U16.unpack((yield Recv(2)))
+    flags_field = yield Recv(2)
+    assert flags_field is not None
+    (server_flags,) = P.U16.unpack(flags_field)
     fixed = bool(server_flags & P.FLAG_FIXED_NEWSTYLE)
     no_zeroes = bool(server_flags & P.FLAG_NO_ZEROES)
     client_flags = (P.CLIENT_FLAG_FIXED_NEWSTYLE if fixed else 0) | (P.CLIENT_FLAG_NO_ZEROES if no_zeroes else 0)

@@ -186,7 +186,7 @@ class ReplyEncoder:
         if alignment > 1:
             # Keep the data part aligned for O_DIRECT plugins.
             pad = -len(head) % alignment
-            whole = aligned_buffer(pad + len(head) + length, alignment)[pad:]
+            whole: bytearray | memoryview = aligned_buffer(pad + len(head) + length, alignment)[pad:]
         else:
             whole = bytearray(len(head) + length)
         whole[:len(head)] = head

@@ -109,7 +109,7 @@ def listen_vsock(port: str | None) -> socket.socket:
 
 def listen_tcp(config: ListenConfig) -> list[socket.socket]:
     port = config.port or "10809"
-    hosts = config.addresses or [None]
+    hosts: list[str | None] = [*config.addresses] or [None]
     sockets = []
     for host in hosts:
         infos = socket.getaddrinfo(host, port, config.family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
@@ -187,8 +187,11 @@ class Server:
     def _serve(self, stream: Stream) -> None:
         assert self.loop is not None
         loop = self.loop
-        connection = Connection(self.settings, stream, skip_handshake=self.config.no_handshake,
-                                on_closed=lambda c: loop.call_soon_threadsafe(self._connection_closed, c))
+
+        def closed(connection: Connection) -> None:  # on the connection's thread
+            loop.call_soon_threadsafe(self._connection_closed, connection)
+
+        connection = Connection(self.settings, stream, skip_handshake=self.config.no_handshake, on_closed=closed)
         self.settings.connections.add(connection)
         connection.start()
 
@@ -274,7 +277,10 @@ def install_signal_handlers(server: Server) -> None:
     from ..api.chain import set_shutdown_hook
 
     loop = asyncio.get_running_loop()
-    set_shutdown_hook(lambda: loop.call_soon_threadsafe(server.stop))
+    def shutdown() -> None:  # from any thread
+        loop.call_soon_threadsafe(server.stop)
+
+    set_shutdown_hook(shutdown)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, server.stop)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)

@@ -52,7 +52,7 @@ class SocketStream(Stream):
     can_busy_poll = True
 
     def __init__(self, sock: socket.socket) -> None:
-        self.socket = sock
+        self.socket = self.sock = sock
         sock.setblocking(True)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -63,29 +63,29 @@ class SocketStream(Stream):
 
     def recv_into(self, buf: memoryview, timeout: float | None = None) -> int:
         if timeout is None:
-            return self.socket.recv_into(buf)
-        self.socket.settimeout(timeout)
+            return self.sock.recv_into(buf)
+        self.sock.settimeout(timeout)
         try:
-            return self.socket.recv_into(buf)
+            return self.sock.recv_into(buf)
         finally:
-            self.socket.settimeout(None)
+            self.sock.settimeout(None)
 
     def try_recv_into(self, buf: memoryview) -> int | None:
         try:
-            return self.socket.recv_into(buf, 0, socket.MSG_DONTWAIT)
+            return self.sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return None
 
     def has_input(self) -> bool:
         try:
-            return bool(self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except OSError:  # nothing (BlockingIOError), or the connection is gone
             return False
 
     def send(self, buffers: Sequence[Any]) -> None:
-        sendmsg = self.socket.sendmsg
+        sendmsg = self.sock.sendmsg
         if len(buffers) == 1:
-            self.socket.sendall(buffers[0])
+            self.sock.sendall(buffers[0])
             return
         pending = list(buffers)
         while pending:
@@ -102,12 +102,12 @@ class SocketStream(Stream):
 
     def stop_reading(self) -> None:
         try:
-            self.socket.shutdown(socket.SHUT_RD)
+            self.sock.shutdown(socket.SHUT_RD)
         except OSError:
             pass
 
     def close(self) -> None:
-        self.socket.close()
+        self.sock.close()
 
 
 class TLSStream(Stream):

@@ -164,6 +164,7 @@ class Transmission:
             if type == P.CMD_READ:
                 return self._read(req)
             if type == P.CMD_WRITE:
+                assert req.payload is not None  # the decoder gives every WRITE its payload
                 self.layer.pwrite(req.payload, req.offset, FLAG_FUA if req.flags & P.CMD_FLAG_FUA else 0)
             elif type == P.CMD_FLUSH:
                 self.layer.flush(0)

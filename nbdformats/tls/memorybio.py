@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 RECORD = 256 * 1024  # plaintext encrypted per step: a 64 MiB reply does not double in memory
 RECEIVE = 256 * 1024
@@ -81,7 +81,7 @@ class TLSSocket:
         while True:
             try:
                 with self._ssl_lock:
-                    n = self._ssl.read(len(buf), buf)
+                    n = cast(int, self._ssl.read(len(buf), buf))  # into buf: a count
                     pending = self._outgoing.pending
             except ssl.SSLWantReadError:
                 if not self._fill():
