@@ -593,6 +593,8 @@ def _main(argv: list[str]) -> int:
     if plugin_name is None:
         raise ConfigError(f"no plugin given\n{usage()}")
     if opts.flag("dump-plugin"):
+        if any(opts.get(name) not in (None, False) for name in ("port", "run", "single", "unix", "vsock", "fd")):
+            raise ConfigError("--dump-plugin cannot be used with -p, --run, -s, -U, --vsock or --fd")
         dump_plugin(plugin_name, plugin_args)
         return 0
     absolute_paths(opts)

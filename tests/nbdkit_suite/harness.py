@@ -179,9 +179,14 @@ PREREQUISITES = {
 }
 
 
+PYTHON_MODULES = {"nbd": "python3-libnbd", "packaging": "python3-packaging"}  # for the system python3
+
+
 def check_prerequisites() -> None:
     missing = {package for tool, package in PREREQUISITES.items()
                if shutil.which(tool, path=SYSTEM_PATH) is None}
+    missing |= {package for module, package in PYTHON_MODULES.items()
+                if subprocess.run(["/usr/bin/python3", "-c", f"import {module}"], capture_output=True).returncode}
     if missing:
         raise SuiteError("missing Debian packages (scripts/setup installs them): " + " ".join(sorted(missing)))
 
