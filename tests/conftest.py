@@ -25,6 +25,10 @@ from typing import Iterator
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The servers the tests start make their temporary files (-U -'s private directory, cache and cow
+# files) here; what is left at the end of the run is a leak, reported by pytest_sessionfinish.
+SESSION_TMPDIR = tempfile.mkdtemp(prefix="nbdf-session-", dir="/tmp")
+os.environ["TMPDIR"] = SESSION_TMPDIR
 NBDFORMATS = [sys.executable, "-m", "nbdformats"]
 # Debian's python3 has the libnbd binding (python3-libnbd); nbdsh runs "python3 -m nbd".
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -170,6 +174,14 @@ def random_file(path: str | Path, size: int, seed: int = 0) -> Path:
 
 # Reports test modules add for the end of the run (CI's log): section title -> lines.
 SUMMARY: dict[str, list[str]] = {}
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    leaked = sorted(p.name for p in Path(SESSION_TMPDIR).glob("nbdformats-*"))
+    shutil.rmtree(SESSION_TMPDIR, ignore_errors=True)
+    if leaked:
+        SUMMARY["temporary files left behind"] = [f"{SESSION_TMPDIR}/{name}" for name in leaked]
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
