@@ -622,10 +622,7 @@ def serve(opts: Options, plugin_name: str, filters: list[str], plugin_args: list
 
     identity = resolve_identity(opts.text("user"), opts.text("group"))
     if opts.get("selinux-label") is not None:
-        try:
-            check_selinux_label()
-        except OSError as e:
-            raise ConfigError(e.strerror) from None
+        check_selinux_label()
     tls_mode = str(opts.get("tls", "off"))
     if tls_mode not in ("off", "on", "require"):
         raise ConfigError("--tls must be off, on or require")
@@ -653,18 +650,7 @@ def serve(opts: Options, plugin_name: str, filters: list[str], plugin_args: list
         exit_with_parent()
     if opts.flag("swap"):
         lock_memory_for_swap()
-
-    from .server.debugflags import parse_debug_flag
-    debug_flags = [parse_debug_flag(str(text)) for text in opts.get("debug", [])]  # type: ignore[union-attr]
-    chain = build_chain(plugin_name, filters, plugin_args, debug_flags)
-    try:
-        chain.get_ready()
-    except ConfigError:
-        raise
-    except OSError as e:
-        raise ConfigError(f"{plugin_name}: {e}") from None
-
-    context = None
+    context = None  # checked before the chain's possibly long start-up
     if tls_mode != "off":
         psk_file = opts.text("tls-psk")
         cert_dir = opts.text("tls-certificates")
@@ -678,6 +664,17 @@ def serve(opts: Options, plugin_name: str, filters: list[str], plugin_args: list
                 context = tls_context(cert_dir, opts.flag("tls-verify-peer"))
             except OSError as e:  # ssl.SSLError is an OSError
                 raise ConfigError(f"cannot load TLS certificates from {cert_dir}: {e}") from None
+
+    from .server.debugflags import parse_debug_flag
+    debug_flags = [parse_debug_flag(str(text)) for text in opts.get("debug", [])]  # type: ignore[union-attr]
+    chain = build_chain(plugin_name, filters, plugin_args, debug_flags)
+    try:
+        chain.get_ready()
+    except ConfigError:
+        raise
+    except OSError as e:
+        raise ConfigError(f"{plugin_name}: {e}") from None
+
     settings = ServerSettings(
         chain=chain, readonly=opts.flag("readonly"), tls=tls_mode, tls_context=context,
         oldstyle=opts.flag("oldstyle"), threads=threads, busy_poll_us=busy_poll_us,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from ..api.chain import ThreadModel
+from ..api.errors import ConfigError
 from .connection import Connection
 from .settings import ServerSettings
 from .stream import PipeStream, SocketStream, Stream
@@ -141,7 +142,7 @@ SELINUX_FS = "/sys/fs/selinux"
 def check_selinux_label() -> None:
     """--selinux-label needs SELinux running (nbdkit fails the same way, when it labels the socket)."""
     if not os.path.exists(os.path.join(SELINUX_FS, "enforce")):
-        raise OSError(0, f"--selinux-label: SELinux is not enabled on this machine ({SELINUX_FS} is not mounted)")
+        raise ConfigError(f"--selinux-label: SELinux is not enabled on this machine ({SELINUX_FS} is not mounted)")
 
 
 @contextlib.contextmanager
