@@ -1,9 +1,13 @@
 """nbdkit 1.32.5's own tests, run unmodified against nbdformats (harness.py): each test listed in
 expected-pass.txt is one pytest test and must pass.  A test listed with `needs NAME,...` runs once
-this build has those plugins and filters (nbdkit's tests probe for filters with the null plugin)."""
+this build has those plugins and filters (nbdkit's tests probe for filters with the null plugin).
+
+The tests run two at a time, as nbdkit's `make check -j` runs them: they mostly wait (their
+start_nbdkit polls for the pid file once a second), and each uses files and sockets of its own."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,31 +21,35 @@ LISTS = {name: harness.read_list(harness.HERE / f"{name}.txt")
 EXPECTED = LISTS["expected-pass"]
 
 
-@pytest.fixture(scope="session")
-def nbdkit_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tree of nbdkit's source whose `nbdkit` is nbdformats, and a directory for the tests' logs."""
-    src, data = harness.prepared()
-    work = tmp_path_factory.mktemp("nbdkit-suite")
-    harness.make_tree(src, data, work / "tree", harness.nbdformats_command())
-    (work / "logs").mkdir()
-    return work / "tree", work / "logs"
-
-
 def missing_components(annotation: str) -> list[str]:
     have = set(names("plugin")) | set(names("filter"))
     needed = annotation.removeprefix("needs").strip()
     return [name for name in needed.split(",") if name and name.lower() not in have]
 
 
+@pytest.fixture(scope="session")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, harness.Result]:
+    """Every expected test this build can run, run once in a tree of nbdkit's source whose `nbdkit`
+    is nbdformats; the report goes to the end of pytest's output."""
+    src, data = harness.prepared()
+    work = tmp_path_factory.mktemp("nbdkit-suite")
+    tree, logs = work / "tree", work / "logs"
+    harness.make_tree(src, data, tree, harness.nbdformats_command())
+    logs.mkdir()
+    runnable = [test for test in sorted(EXPECTED) if not missing_components(EXPECTED[test])]
+    with ThreadPoolExecutor(2) as pool:
+        done = dict(zip(runnable, pool.map(lambda test: harness.run_test_retrying(tree, test, logs), runnable)))
+    SUMMARY[f"nbdkit {harness.VERSION}'s tests against nbdformats"] = [
+        f"{test:45} {result.outcome:8} {result.seconds:5.0f} s" for test, result in done.items()]
+    return done
+
+
 @pytest.mark.parametrize("test", sorted(EXPECTED))
-def test_nbdkit_test_passes(test: str, nbdkit_tree: tuple[Path, Path]) -> None:
+def test_nbdkit_test_passes(test: str, results: dict[str, harness.Result]) -> None:
     missing = missing_components(EXPECTED[test])
     if missing:
         pytest.skip(f"uses {', '.join(missing)}, not in this build yet")
-    tree, logs = nbdkit_tree
-    result = harness.run_test(tree, test, logs)
-    SUMMARY.setdefault(f"nbdkit {harness.VERSION}'s tests against nbdformats", []).append(
-        f"{test:45} {result.outcome:8} {result.seconds:5.0f} s")
+    result = results[test]
     assert result.outcome == "PASS", f"{test}: {result.outcome} after {result.seconds:.0f} s\n{result.tail()}"
 
 
