@@ -535,13 +535,15 @@ def parse_mask(text: str) -> int:
     return (P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES) & mask
 
 
-def integer(opts: Options, name: str, default: int, minimum: int, maximum: int) -> int:
+def integer(opts: Options, name: str, default: int, minimum: int, maximum: int, unit: str = "a whole number",
+            lowest: str = "") -> int:
+    """The value of option `name`, a whole number in [minimum, maximum]; `lowest` names the minimum's meaning."""
     try:
         value = int(str(opts.get(name, default)))
         if not minimum <= value <= maximum:
             raise ValueError
     except ValueError:
-        raise ConfigError(f"--{name} needs a whole number from {minimum} to {maximum}") from None
+        raise ConfigError(f"--{name} needs {unit} from {minimum}{lowest} to {maximum}") from None
     return value
 
 
@@ -627,7 +629,7 @@ def serve(opts: Options, plugin_name: str, filters: list[str], plugin_args: list
     if tls_mode not in ("off", "on", "require"):
         raise ConfigError("--tls must be off, on or require")
     threads = integer(opts, "threads", 16, 1, 1024)
-    busy_poll_us = integer(opts, "busy-poll", DEFAULT_MAX_US, 0, 10_000)
+    busy_poll_us = integer(opts, "busy-poll", DEFAULT_MAX_US, 0, 10_000, "microseconds", " (off)")
     try:
         handshake_timeout = float(str(opts.get("timeout", 60)))
         if not 0 < handshake_timeout <= 86400:

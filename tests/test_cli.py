@@ -428,7 +428,7 @@ def check_busy_poll(tmp: Path) -> None:
                          f'exec /usr/bin/python3 -c "{script}"').stdout
         times[value] = int(out)
     assert times["10000"] > 2 * times["0"], times
-    refused(["--busy-poll=-1", "memory", SIZE], "--busy-poll needs a whole number from 0 to 10000")
+    refused(["--busy-poll=-1", "memory", SIZE], "--busy-poll needs microseconds from 0 (off) to 10000")
 
 
 OPTION_CHECKS: dict[str, Callable[[Path], None]] = {

@@ -320,9 +320,9 @@ def test_example_runs_as_written(example: Example, tmp_path: Path) -> None:
         (tmp_path / name).write_text(text)
     prelude = PRELUDE.replace("SOCKETS", " ".join(REMOTE_SOCKETS))
     env_path = f"{ROOT / '.venv' / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    proc = subprocess.run(["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--propagation",
-                           "private", "env", f"PATH={env_path}", "bash", "-c", prelude, "doc-test", str(fixtures()),
-                           str(tmp_path)],
+    sandbox = ["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--propagation",
+               "private", "env", "-u", "TMPDIR", f"PATH={env_path}"]  # TMPDIR: the examples' default
+    proc = subprocess.run([*sandbox, "bash", "-c", prelude, "doc-test", str(fixtures()), str(tmp_path)],
                           input=script(example), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (f"{example.id} failed ({proc.returncode}):\n{example.text}\n--- script:\n"
                                   f"{script(example)}--- output:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
