@@ -25,10 +25,6 @@ from typing import Iterator
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# The servers the tests start make their temporary files (-U -'s private directory, cache and cow
-# files) here; what is left at the end of the run is a leak, reported by pytest_sessionfinish.
-SESSION_TMPDIR = tempfile.mkdtemp(prefix="nbdf-session-", dir="/tmp")
-os.environ["TMPDIR"] = SESSION_TMPDIR
 NBDFORMATS = [sys.executable, "-m", "nbdformats"]
 # Debian's python3 has the libnbd binding (python3-libnbd); nbdsh runs "python3 -m nbd".
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -176,11 +172,18 @@ def random_file(path: str | Path, size: int, seed: int = 0) -> Path:
 SUMMARY: dict[str, list[str]] = {}
 
 
+def pytest_configure(config) -> None:
+    """The servers the tests start make their temporary files (-U -'s private directory, cache and
+    cow files) in a directory of this run; pytest_sessionfinish reports what is left there."""
+    os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="nbdf-session-", dir="/tmp")
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
-    leaked = sorted(p.name for p in Path(SESSION_TMPDIR).glob("nbdformats-*"))
-    shutil.rmtree(SESSION_TMPDIR, ignore_errors=True)
+    session_tmpdir = os.environ["TMPDIR"]
+    leaked = sorted(p.name for p in Path(session_tmpdir).glob("nbdformats-*"))
+    shutil.rmtree(session_tmpdir, ignore_errors=True)
     if leaked:
-        SUMMARY["temporary files left behind"] = [f"{SESSION_TMPDIR}/{name}" for name in leaked]
+        SUMMARY["temporary files left behind"] = [f"{session_tmpdir}/{name}" for name in leaked]
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
