@@ -376,7 +376,7 @@ def list_components() -> None:
 
 
 def component_of(logger_name: str) -> str:
-    """The plugin or filter a logger belongs to: nbdformats.luks, nbdformats.filters.luks.header
+    """The plugin or filter a logger belongs to: nbdformats.luks, nbdformats.filters.luks
     and nbdformats.plugins.luks all give "luks"; the server's own loggers give ""."""
     parts = logger_name.split(".")
     if parts[0] != "nbdformats" or len(parts) < 2 or parts[1] in _NOT_COMPONENTS:

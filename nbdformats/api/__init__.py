@@ -7,7 +7,7 @@ progress bars) and api/syscalls.py (fallocate); docs/api.md is the reference.
 
 from .chain import (EMULATE, EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM,
                     FLAG_REQ_ONE, NATIVE, NONE, Export, Extents, Filter, FilterHandle, Holes, Layer, Plugin, PluginHandle,
-                    ThreadModel, current_client, current_tls, request_shutdown)
+                    ThreadModel, current_client, current_tls, request_shutdown, sleep)
 from .errors import ConfigError, NBDError
 from .params import Bool, Enum, Float, Int, Param, ParamType, Path, Secret, SecretValue, Size, String
 from .progress import progress
@@ -17,6 +17,6 @@ __all__ = [
     "EMULATE", "EXTENT_DATA", "EXTENT_HOLE", "EXTENT_ZERO", "FLAG_FAST_ZERO", "FLAG_FUA", "FLAG_MAY_TRIM",
     "FLAG_REQ_ONE", "NATIVE", "NONE", "Export", "Extents", "Filter", "FilterHandle", "Holes", "Layer", "Plugin",
     "PluginHandle", "ThreadModel", "current_client", "current_tls",
-    "request_shutdown", "ConfigError", "NBDError", "Bool", "Enum", "Float", "Int", "Param", "ParamType", "Path",
+    "request_shutdown", "sleep", "ConfigError", "NBDError", "Bool", "Enum", "Float", "Int", "Param", "ParamType", "Path",
     "Secret", "SecretValue", "Size", "String", "progress", "fill_zero", "is_zero", "write_zeroes",
 ]

@@ -15,6 +15,10 @@ import contextlib
 import errno
 import functools
 import logging
+import os
+import select
+import threading
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import IntEnum
@@ -193,6 +197,38 @@ def set_shutdown_hook(hook: Callable[[], None] | None) -> None:
     _shutdown_hook = hook
 
 
+# What sleep() watches: a pipe that becomes readable when the server stops, and the descriptor of
+# the client whose request this thread runs (the engine sets it around each request).
+_stopping_read, _stopping_write = os.pipe()
+_request_client = threading.local()
+
+
+def server_stopping() -> None:
+    """The server is shutting down: every sleep() returns now (called once, by the server)."""
+    os.write(_stopping_write, b"x")
+
+
+def set_request_client(fd: int | None) -> None:
+    """The descriptor whose hang-up ends this thread's sleeps (the engine's, around each request)."""
+    _request_client.fd = fd
+
+
+def sleep(seconds: float) -> None:
+    """Sleep as nbdkit_nanosleep does: wake early, with NBDError(ESHUTDOWN), when the server shuts
+    down or the client of the request being served hangs up, so a delayed request never holds a
+    dead connection or the server's exit for the whole delay."""
+    poller = select.poll()
+    poller.register(_stopping_read, select.POLLIN)
+    client = getattr(_request_client, "fd", None)
+    if client is not None:
+        poller.register(client, select.POLLRDHUP)
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        for fd, _ in poller.poll(remaining * 1000):
+            raise NBDError(errno.ESHUTDOWN, "the server is shutting down" if fd == _stopping_read
+                           else "the client hung up")
+
+
 class PluginHandle:
     """One connection's view of a plugin.  Override what the plugin supports."""
 
@@ -201,6 +237,10 @@ class PluginHandle:
 
     def block_size(self) -> tuple[int, int, int] | None:
         """(minimum, preferred, maximum) request sizes, or None for no constraints."""
+        return None
+
+    def export_description(self) -> str | None:
+        """What NBD_INFO_DESCRIPTION tells a client of this export, or None (nbdkit's .export_description)."""
         return None
 
     def can_write(self) -> bool:
@@ -331,6 +371,9 @@ class FilterHandle:
     def block_size(self) -> tuple[int, int, int] | None:
         return self.next.block_size()
 
+    def export_description(self) -> str | None:
+        return self.next.export_description()
+
     def can_write(self) -> bool:
         return self.next.can_write()
 
@@ -351,7 +394,9 @@ class FilterHandle:
         return self.next.can_fast_zero()
 
     def can_fua(self) -> int:
-        return NATIVE if self.next.can_fua() != NONE else NONE
+        # EMULATE passes up as nbdkit's filters pass it: the topmost layer answering EMULATE
+        # turns FUA into a flush, and the layers below it never see FUA.
+        return self.next.can_fua()
 
     def can_multi_conn(self) -> bool:
         return self.next.can_multi_conn()
@@ -461,8 +506,8 @@ class Layer:
         self.handle = handle
         self.readonly = readonly
         self._size = handle.get_size()
-        if self._size < 0:
-            raise NBDError(errno.EIO, f"get_size returned a negative size {self._size}")
+        if not 0 <= self._size < 1 << 63:  # sizes are signed 64-bit for every client we know
+            raise NBDError(errno.EIO, f"the export's size {self._size} is not within 0 to 2^63-1")
         self._block_size = handle.block_size()
         self._can_write = (not readonly) and bool(handle.can_write())
         self._can_flush = bool(handle.can_flush())
@@ -501,6 +546,9 @@ class Layer:
 
     def block_size(self) -> tuple[int, int, int] | None:
         return self._block_size
+
+    def export_description(self) -> str | None:
+        return self.handle.export_description()
 
     def can_write(self) -> bool:
         return self._can_write

@@ -2,15 +2,16 @@
 
 Delays are `SECS` (fractions allowed) or `NNms`.  rdelay= is delay-read=; wdelay= sets the
 delay of writes, zeroes and trims, which delay-write=, delay-zero=, delay-trim= override.
-Requests sleep in worker threads, so a delayed request does not hold up the others.
+Requests sleep in their connection's thread (api.sleep: nbdkit_nanosleep's rules), so a delayed
+request does not hold up other connections, and a client that hangs up or a server that stops
+is not kept waiting for the whole delay.
 """
 
 from __future__ import annotations
 
 import errno
-import time
 
-from ..api.chain import FLAG_FAST_ZERO, Extents, Filter, FilterHandle, Holes, Layer
+from ..api.chain import FLAG_FAST_ZERO, Extents, Filter, FilterHandle, Holes, Layer, sleep
 from ..api.errors import NBDError
 from ..api.params import Bool, Param, ParamType
 
@@ -72,7 +73,7 @@ class DelayFilter(Filter):
     def wait(self, op: str) -> None:
         seconds = self.delays[op]
         if seconds:
-            time.sleep(seconds)
+            sleep(seconds)  # wakes early (ESHUTDOWN) if the client hangs up or the server stops
 
     class Handle(FilterHandle):
         filter: "DelayFilter"

@@ -339,6 +339,15 @@ class Handle(PluginHandle):
 
     # -- sizes and capabilities, asked once per connection
 
+    def export_description(self) -> str | None:
+        if "export_description" not in self.callbacks:
+            return None
+        description = self.call("export_description", self.h)
+        if not isinstance(description, str):
+            raise NBDError(errno.EIO, f"{self.script_name}: export_description returned "
+                                      f"{type(description).__name__}, not a string")
+        return description
+
     def get_size(self) -> int:
         size = self.call("get_size", self.h)
         try:

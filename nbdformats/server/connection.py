@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..api.chain import Layer
-from ..api.errors import NBDError
+from ..api.chain import Layer, set_request_client
+from ..api.errors import ConfigError, NBDError
 from ..protocol import wire as P
 from ..protocol.errors import ProtocolError
 from ..protocol.handshake import (Abort, ExportInfo, ExportRequest, ListExports, NeedData, ServerHandshake, StartTLS,
@@ -77,6 +77,7 @@ class Connection:
     def _run(self) -> None:
         preconnected = holds_connection_lock = False
         opened: Opened | None = None
+        set_request_client(self.stream.hangup_fd)
         try:
             log.debug("connection from %s", self.peer)
             try:
@@ -148,8 +149,8 @@ class Connection:
         """Run the handshake; the opened export, or None when the client left or was refused."""
         settings = self.settings
         if settings.oldstyle or self.skip_handshake:
-            layer = self._open("")
-            info = export_info("", layer, False)
+            name, layer = self._open("")
+            info = export_info(name, layer, False)
             if settings.oldstyle:
                 self.stream.send([oldstyle_greeting(info)])
             return Opened(layer, info, structured=False, extended=False, meta_context_id=None, leftover=b"")
@@ -187,14 +188,21 @@ class Connection:
     def _choose_export(self, handshake: ServerHandshake, name: str) -> Opened | None:
         """Answer NBD_OPT_INFO, NBD_OPT_GO or NBD_OPT_EXPORT_NAME; the export if transmission starts."""
         try:
-            layer = self._open(name)
+            name, layer = self._open(name)
         except Exception as e:
-            reason = str(e) if isinstance(e, NBDError) else f"{type(e).__name__}: {e}"
-            log.info("%s: cannot open export %r: %s", self.peer, name, reason)
+            if isinstance(e, (NBDError, ConfigError)):
+                reason = str(e)
+                log.info("%s: cannot open export %r: %s", self.peer, name, reason)
+            else:  # a bug, or an error a component did not expect: show where
+                reason = f"{type(e).__name__}: {e}"
+                log.warning("%s: cannot open export %r", self.peer, name, exc_info=e)
             handshake.reply_error(P.REP_ERR_UNKNOWN, f"cannot open export {name!r}: {reason}")
             return None
         try:
-            info = export_info(name, layer, handshake.structured_replies, self.settings.description)
+            # NBD_INFO_NAME is the export's real name (the default export's, when the client asked
+            # for ""); the description is the chain's, else --description's.
+            description = layer.export_description() or self.settings.description
+            info = export_info(name, layer, handshake.structured_replies, description)
             ready = handshake.reply_export(info)
             self._send_handshake(handshake)
         except BaseException:
@@ -206,11 +214,12 @@ class Connection:
         return Opened(layer, info, structured=handshake.structured_replies, extended=handshake.extended_headers,
                       meta_context_id=handshake.meta_context_id, leftover=handshake.leftover())
 
-    def _open(self, name: str) -> Layer:
+    def _open(self, name: str) -> tuple[str, Layer]:
+        """The export's name (the default export's for "") and the chain opened for it."""
         readonly = self.settings.readonly
         if not name:
             name = self.chain.default_export(readonly, self.tls_active)
-        return self.chain.open(readonly, name, self.client_socket, self.tls_active)
+        return name, self.chain.open(readonly, name, self.client_socket, self.tls_active)
 
     def _send_handshake(self, handshake: ServerHandshake) -> None:
         data = handshake.data_to_send()

@@ -41,7 +41,7 @@ import time
 import weakref
 from typing import Any, Collection
 
-from ..api.chain import ThreadModel
+from ..api.chain import ThreadModel, set_request_client
 from ..protocol import wire as P
 from ..protocol.errors import ProtocolError
 from ..protocol.transmission import Request, RequestDecoder, aligned_buffer
@@ -219,6 +219,7 @@ class Engine:
             self.budget.release(cost)
 
     def _serve(self) -> None:
+        set_request_client(self.stream.hangup_fd)  # a sleeping request wakes when its client hangs up
         transmission = self.transmission
         budget = self.budget
         held: list[Any] = []  # replies not sent yet: sent together in one sendmsg

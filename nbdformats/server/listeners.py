@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ..api.chain import ThreadModel
+from ..api.chain import ThreadModel, server_stopping
 from ..api.errors import ConfigError
 from .connection import Connection
 from .settings import ServerSettings
@@ -236,6 +236,7 @@ class Server:
     async def close(self) -> None:
         """Stop accepting; let running requests finish, flush and close every connection."""
         assert self.loop is not None
+        server_stopping()  # requests sleeping in api.sleep() wake up
         for sock in self.listeners:
             self.loop.remove_reader(sock.fileno())
         connections = list(self.settings.connections)

@@ -26,6 +26,11 @@ class Stream:
     socket: socket.socket | None = None
     can_busy_poll = False  # non-blocking tries are cheap and meaningful (a plain socket)
 
+    @property
+    def hangup_fd(self) -> int | None:
+        """A descriptor that polls POLLRDHUP when the client hangs up (api.sleep watches it)."""
+        return self.socket.fileno() if self.socket is not None else None
+
     def recv_into(self, buf: memoryview, timeout: float | None = None) -> int:
         """Receive into buf; 0 at the end of the stream.  Raises TimeoutError after `timeout` seconds."""
         raise NotImplementedError
