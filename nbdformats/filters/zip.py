@@ -20,7 +20,8 @@ from ..api.errors import NBDError
 from ..api.params import Bool, Param, String
 from ..formats.deflate_index import DeflateIndex
 from ..formats.errors import FormatError
-from ..formats.zip import DEFLATED, LOCAL, STORED, ZipEntry, data_offset, parse_central_directory, read_central_directory
+from ..formats.zip import (DEFLATED, LOCAL, STORED, ZipEntry, check_extent, data_offset, parse_central_directory,
+                           read_central_directory)
 from ._decompress import SourceHandle
 from ._members import Member, MemberFilter, Segment, SegmentHandle, read_archive
 
@@ -106,15 +107,10 @@ class ZipFilter(MemberFilter):
                                           "filter cannot read (--filter=archive reads more methods)")
         try:
             start = data_offset(read_archive(below, entry.header_offset, LOCAL.size), entry)
+            check_extent(entry, start, below.get_size())
         except FormatError as e:
             raise NBDError(errno.EIO, f"zip: {e}") from None
-        if start + entry.compressed_size > below.get_size():
-            raise NBDError(errno.EIO, f"zip: truncated archive: {entry.name!r} ends at "
-                                      f"{start + entry.compressed_size}, the archive at {below.get_size()}")
         if entry.method == STORED:
-            if entry.compressed_size != entry.size:
-                raise NBDError(errno.EIO, f"zip: corrupt archive: stored member {entry.name!r} has "
-                                          f"{entry.compressed_size} bytes stored for {entry.size}")
             stored = replace(member, segments=(Segment(0, entry.size, start),))
             if self.zip_write:  # writes make the recorded CRC stale: nothing to check
                 return SegmentHandle(self, below, stored, writable=True)

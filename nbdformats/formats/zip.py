@@ -14,7 +14,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
-from .errors import FormatError
+from .deflate_index import DEFLATE_MAX_RATIO
+from .errors import FormatError, check_size
 from .readers import Reader
 
 EOCD = struct.Struct("<4sHHHHIIH")  # signature, disk, cd disk, entries here, entries, cd size, cd offset, comment
@@ -194,3 +195,19 @@ def data_offset(local_header: bytes, entry: ZipEntry) -> int:
         raise ZipError(f"{entry.name}: no local header at offset {entry.header_offset}")
     name_length, extra_length = LOCAL.unpack_from(local_header)[9:11]
     return entry.header_offset + LOCAL.size + name_length + extra_length
+
+
+def check_extent(entry: ZipEntry, start: int, archive_size: int) -> None:
+    """ZipError unless the member's sizes are possible: its data (from `start`) inside the
+    archive, a stored member as long as its data, a deflated one no more than deflate can
+    expand it, and no size beyond 2^63-1 (zip64 fields go to 2^64-1)."""
+    if start + entry.compressed_size > archive_size:
+        raise ZipError(f"truncated archive: {entry.name!r} ends at {start + entry.compressed_size}, "
+                       f"the archive at {archive_size}")
+    check_size(entry.size, f"{entry.name!r}: the uncompressed size", error=ZipError)
+    if entry.method == STORED and entry.compressed_size != entry.size:
+        raise ZipError(f"corrupt archive: stored member {entry.name!r} has {entry.compressed_size} bytes "
+                       f"stored for {entry.size}")
+    if entry.method == DEFLATED and entry.size > entry.compressed_size * DEFLATE_MAX_RATIO:
+        raise ZipError(f"corrupt archive: {entry.name!r} claims {entry.size} bytes, more than its "
+                       f"{entry.compressed_size} deflated bytes can hold (deflate expands at most 1032 times)")
