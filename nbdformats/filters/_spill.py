@@ -117,6 +117,8 @@ class Spill:
                     self._finish()
                     return
                 offset, data = piece
+                if offset != self.done and not self.sparse:
+                    raise NBDError(errno.EIO, f"{self.what}: the data skips from byte {self.done} to {offset}")
                 piece_end = offset + len(data)
                 if self.size is not None and piece_end > self.size:
                     raise NBDError(errno.EIO, f"{self.what}: the data decodes to more than the "

@@ -32,6 +32,16 @@ log = logging.getLogger(__name__)
 READ_BLOCK = 1 << 20  # bytes handed to libarchive per read callback
 SEEK_SET, SEEK_CUR, SEEK_END = 0, 1, 2
 
+_entry_sparse_count = ffi.libarchive.archive_entry_sparse_count
+_entry_sparse_count.argtypes = [ctypes.c_void_p]
+_entry_sparse_count.restype = ctypes.c_int
+
+
+def is_sparse(entry: ArchiveEntry) -> bool:
+    """Whether the entry has holes (GNU sparse tar): then the data may end before its size,
+    the rest reading as zeroes.  libarchive counts no regions for an ordinary file."""
+    return _entry_sparse_count(entry._entry_p) > 0
+
 
 class LayerReader:
     """A libarchive read handle pulling the archive from a Layer.  `layer` may be replaced
@@ -45,6 +55,7 @@ class LayerReader:
         self.buffer = ctypes.create_string_buffer(READ_BLOCK)
         self.view = memoryview(self.buffer).cast("B")
         self.ordinal = -1  # index of the current entry in the archive
+        self.data_warning = ""  # what libarchive warned about the current entry's data
         # ctypes callbacks must outlive the archive handle.
         self._read_cb = ffi.READ_CALLBACK(self._read)
         self._seek_cb = ffi.SEEK_CALLBACK(self._seek)
@@ -101,14 +112,21 @@ class LayerReader:
         if self.call(ffi.read_next_header2, entry._entry_p) == ffi.ARCHIVE_EOF:
             return None
         self.ordinal += 1
+        self.data_warning = ""
         return entry
 
     def read_block(self) -> tuple[int, int, int] | None:
         """The next (address, length, offset) of the current entry's data, None at its end.
         The address points into libarchive's buffer, valid until the next call."""
         buffer, length, offset = ctypes.c_void_p(), ctypes.c_size_t(), ctypes.c_longlong()
-        if self.call(ffi.read_data_block, ctypes.byref(buffer), ctypes.byref(length),
-                     ctypes.byref(offset)) == ffi.ARCHIVE_EOF:
+        status = self.call(ffi.read_data_block, ctypes.byref(buffer), ctypes.byref(length), ctypes.byref(offset))
+        if status == ffi.ARCHIVE_WARN:
+            # The data is wrong ("ZIP uncompressed data is wrong size", a bad CRC): libarchive
+            # only warns, with the last block.  What it gave is not the member: fail at its end.
+            self.data_warning = (ffi.error_string(self.archive_p) or b"libarchive warned").decode(errors="replace")
+        if status == ffi.ARCHIVE_EOF or not length.value and self.data_warning:
+            if self.data_warning:
+                raise ArchiveError(self.data_warning)
             return None
         return buffer.value or 0, length.value, offset.value
 
@@ -143,7 +161,7 @@ class MemberBlocks:
             raise NBDError(errno.EIO, f"archive: unpacking {self.name!r} failed at byte {self.position}: "
                                       f"{e}") from None
         if block is None:
-            return None  # a trailing hole of a sparse member reads as zeroes
+            return None  # the Spill checks the member is complete (or, if sparse, ends in a hole)
         address, length, offset = block
         if offset + length > self.size:
             # A corrupt or hostile archive (a decompression bomb): serve what its header
@@ -190,7 +208,7 @@ class ArchiveFilter(MemberFilter):
         while (entry := reader.next_entry()) is not None:
             if entry.isfile and not entry.islnk:
                 yield Member(entry.pathname, entry.size if entry.size is not None else -1, None,
-                             (reader, reader.ordinal))
+                             (reader, reader.ordinal, is_sparse(entry)))
 
     def open_export(self, below: Layer, below_export: str, wanted: str, readonly: bool) -> FilterHandle:
         with self.lock:
@@ -206,7 +224,7 @@ class ArchiveFilter(MemberFilter):
         return SourceHandle(self, below, unpacker, below, cache_mode=EMULATE)
 
     def start_unpacking(self, below: Layer, member: Member) -> Spill:
-        reader, ordinal = member.detail
+        reader, ordinal, sparse = member.detail
         size = member.size
         if size < 0:
             raise NBDError(errno.ENOTSUP, f"archive: the archive does not record the size of {member.name!r} "
@@ -223,7 +241,7 @@ class ArchiveFilter(MemberFilter):
         log.debug("archive: unpacking %r (%s bytes) on demand into %s", member.name, size,
                   "memory" if in_memory else "a temporary file")
         return Spill(MemberBlocks(reader, member.name, size), size, f"archive: {member.name!r}",
-                     in_memory=in_memory, sparse=True)
+                     in_memory=in_memory, sparse=sparse)
 
 
 FILTER = ArchiveFilter
