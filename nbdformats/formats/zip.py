@@ -211,3 +211,21 @@ def check_extent(entry: ZipEntry, start: int, archive_size: int) -> None:
     if entry.method == DEFLATED and entry.size > entry.compressed_size * DEFLATE_MAX_RATIO:
         raise ZipError(f"corrupt archive: {entry.name!r} claims {entry.size} bytes, more than its "
                        f"{entry.compressed_size} deflated bytes can hold (deflate expands at most 1032 times)")
+
+
+def find_overlap(target: ZipEntry, start: int, read: Reader, entries: list[ZipEntry],
+                 directory: CentralDirectory) -> str | None:
+    """What a stored member's recorded extent, `start` to `start + size`, shares with the rest
+    of the archive: the central directory (and the end records after it), or another member's
+    local header or data (their headers read through `read`).  None when nothing: only then
+    may writes to the member leave the archive otherwise intact."""
+    end = start + target.compressed_size
+    if end > directory.offset:
+        return f"the central directory (from byte {directory.offset})"
+    for other in entries:
+        if other == target:
+            continue
+        other_end = data_offset(read(other.header_offset, LOCAL.size), other) + other.compressed_size
+        if other.header_offset < end and start < other_end:
+            return f"member {other.name!r} (bytes {other.header_offset} to {other_end})"
+    return None
