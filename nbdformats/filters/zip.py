@@ -107,7 +107,7 @@ class ZipFilter(MemberFilter):
 
         try:
             directory, raw = read_central_directory(read, below.get_size())
-            overlap = find_overlap(entry, start, read, parse_central_directory(raw, directory), directory)
+            overlap = find_overlap(entry, start, read, parse_central_directory(raw, directory))
         except FormatError as e:
             raise NBDError(errno.EIO, f"zip: {e}") from None
         if overlap is not None:

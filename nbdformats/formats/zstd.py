@@ -150,6 +150,22 @@ def parse_seek_table(frame: bytes, count: int, checksums: bool) -> list[SeekEntr
     return entries
 
 
+def check_frames(read: Reader, entries: list[SeekEntry]) -> list[bool]:
+    """Check the seek table against the frames it lists: each must start with a frame header,
+    and one that declares Frame_Content_Size must declare the entry's Decompressed_Size (else a
+    lying entry would shift every later frame: the data served at the wrong offsets).  Returns,
+    per entry, whether its frame declares its size."""
+    offset, declared = 0, []
+    for number, entry in enumerate(entries):
+        header = parse_frame_header(read(offset, min(FRAME_HEADER_MAX, entry.compressed)))
+        if header.content_size is not None and header.content_size != entry.decompressed:
+            raise ZstdFormatError(f"zstd seek table entry {number} says {entry.decompressed} bytes, its frame "
+                                  f"(at offset {offset}) declares {header.content_size}")
+        declared.append(header.content_size is not None)
+        offset += entry.compressed
+    return declared
+
+
 def seek_table(entries: list[tuple[int, int, int | None]]) -> bytes:
     """A seek table frame for (compressed, decompressed, checksum or None) entries."""
     checksums = bool(entries) and entries[0][2] is not None
