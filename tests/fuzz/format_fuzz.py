@@ -187,9 +187,49 @@ def mutate_luks2_json(rng: random.Random, image: bytes) -> bytes:
     return bytes(out)
 
 
+BOMB = b"""<?xml version="1.0"?>
+<!DOCTYPE v [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">
+<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;"><!ENTITY d "&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;">
+<!ENTITY e "&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;"><!ENTITY f "&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;">
+<!ENTITY g "&f;&f;&f;&f;&f;&f;&f;&f;&f;&f;"><!ENTITY h "&g;&g;&g;&g;&g;&g;&g;&g;&g;&g;">]>
+<value><struct><member><name>version</name><value>&h;</value></member></struct></value>"""
+EXTERNAL = b"""<?xml version="1.0"?>
+<!DOCTYPE v [<!ENTITY x SYSTEM "file:///etc/passwd">]><value>&x;</value>"""
+
+
+def mutate_xva(rng: random.Random, archive: bytes) -> bytes:
+    """ova.xml made hostile (an entity bomb, an external entity, deep nesting) or damaged, and
+    now and then a chunk's bytes; the tar rewritten around them."""
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else b"") for m in tar.getmembers()]  # type: ignore[union-attr]
+    choice = rng.random()
+    if choice < 0.15:
+        ova = BOMB
+    elif choice < 0.25:
+        ova = EXTERNAL
+    elif choice < 0.35:
+        ova = b"<value>" * 10000
+    else:
+        text = members[0][1].decode()
+        for _ in range(rng.randint(1, 4)):
+            pos = rng.randrange(len(text))
+            text = text[:pos] + rng.choice(["<", ">", "&", "</value>", "<struct>", "Ref:99", "-1", "99999999999999999999",
+                                            "", "\x00"]) + text[pos + rng.randint(0, 20):]
+        ova = text.encode("utf-8", "replace")
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for index, (member, data) in enumerate(members):
+            data = ova if index == 0 else mutate_bytes(rng, data, (0, len(data))) if rng.random() < 0.05 else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return out.getvalue()
+
+
 def mutate(fmt: str, rng: random.Random, seed: Seed) -> bytes:
     if fmt == "luks2" and rng.random() < 0.5:
         return mutate_luks2_json(rng, seed.data)
+    if fmt == "xva" and rng.random() < 0.7:
+        return mutate_xva(rng, seed.data)
     return mutate_bytes(rng, seed.data, hot_range(fmt, seed))
 
 
