@@ -214,10 +214,10 @@ class MemberHandle(SourceHandle):
     def __init__(self, filter: "ArchiveFilter", next: Layer, unpacker: Spill) -> None:
         # The spill reads the archive through this connection's layer; reading ahead unpacks.
         super().__init__(filter, next, unpacker, next, cache_mode=EMULATE)
-        self.archive_filter = filter
+        self.archive_filter, self.unpacker = filter, unpacker
 
     def close(self) -> None:
-        self.archive_filter.release(self.source)
+        self.archive_filter.release(self.unpacker)
 
 
 class ArchiveFilter(MemberFilter):
