@@ -3,7 +3,7 @@
 library fails the test too), seeds and case counts printed; the cases that found bugs,
 replayed from their seeds; hostile directories for the floppy and linuxdisk plugins.
 
-A long run (10^6 cases: about 90 minutes on 2 cores, see docs/security.md):
+A long run (10^6 cases: about 75 minutes on 2 cores, see docs/security.md):
     for f in gzip xz zstd tar zip luks1 luks2 xva; do
         .venv/bin/python tests/fuzz/format_fuzz.py --format $f --cases 125000 --seed 1; done
 """
