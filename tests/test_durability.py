@@ -43,7 +43,7 @@ phase("flush", lambda: h.flush())
 phase("fua", lambda: h.pwrite(block[::-1], 2 << 20, nbd.CMD_FLAG_FUA))
 print(json.dumps(phases))
 """
-LINE = re.compile(r"^\d+ (?P<time>\d+\.\d+) (?P<call>\w+)\((?P<fd>\d+)<(?P<path>[^>]*)>")
+LINE = re.compile(r"^\d+\s+(?P<time>\d+\.\d+) (?P<call>\w+)\((?P<fd>\d+)<(?P<path>[^>]*)>")
 
 
 def syncs(log: Path, path_pattern: str) -> list[float]:
