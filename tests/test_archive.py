@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
+import time
 import zipfile
 from pathlib import Path
 
@@ -13,8 +15,9 @@ import pytest
 
 from conftest import nbdinfo_json, run, serve, sha256_file
 from fixtures.archives import bsdtar, compress, gnu_tar, make_tree, py_zip, truncated_copy
-from fixtures.reads import check_random_reads, filter_over_file, read_export
+from fixtures.reads import check_random_reads, filter_over_file, read_export, read_range
 from nbdformats.api.errors import ConfigError, NBDError
+from nbdformats.client import NBDClient
 from nbdformats.filters._members import normalize
 
 FLAT_NAMES = ["disk.img", "sparse.img", "empty"]  # for formats with flat, short names (ar)
@@ -124,9 +127,11 @@ def test_output_beyond_the_declared_size_is_cut(tmp_path):
     data[22:26] = (1000).to_bytes(4, "little")  # and local header
     (tmp_path / "lie.zip").write_bytes(data)
     chain = chain_for(tmp_path / "lie.zip")
-    assert read_export(chain, "b.img") == b"A" * 1000
+    top = chain.open(readonly=True, export_name="b.img")  # the spill lives while a connection uses it
+    assert read_range(top, 0, top.get_size()) == b"A" * 1000
     [unpacker] = set(chain.filters[0].unpackers.values())
     assert unpacker.finished and unpacker.done == 1000
+    top.close()
     chain.cleanup()
 
 
@@ -192,3 +197,72 @@ def test_archive_over_gzip_filter(tree):
         run(["nbdcopy", srv.uri, str(out)])
         assert sha256_file(out) == hashlib.sha256(files["disk.img"]).hexdigest()
         assert nbdinfo_json(srv.uri)["exports"][0]["is_read_only"] is True
+
+
+def rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def zeroes_zip(path: Path, members: int, size: int) -> Path:
+    """A small zip of `members` deflated members of `size` zero bytes each."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for index in range(members):
+            with z.open(f"m{index}.img", "w") as f:
+                for _ in range(size >> 20):
+                    f.write(bytes(1 << 20))
+    return path
+
+
+def test_memory_budget_bounds_rss_and_members_are_freed_when_unused(tmp_path, monkeypatch):
+    """Issue 20, item 1: 8 members of 64 MiB zeroes (a 500 KB zip), all opened at once and read
+    at their end.  Before, every member stayed in RAM until exit (RSS +512 MiB, never freed).
+    Now at most archive-memory-total= of members is in memory, the others go to $TMPDIR, and
+    every member is freed when its last connection closes."""
+    archive = zeroes_zip(tmp_path / "zeroes.zip", 8, 64 << 20)
+    assert archive.stat().st_size < 1 << 20
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(spill_dir))
+    with serve("--filter=archive", "file", str(archive), "archive-memory-total=128M") as srv:
+        before = rss_mib(srv.proc.pid)
+        clients = [NBDClient.connect(srv.uri_for(f"m{index}.img")) for index in range(8)]
+        try:
+            for client in clients:
+                assert bytes(client.pread(4096, (64 << 20) - 4096)) == bytes(4096)
+            peak = rss_mib(srv.proc.pid)
+            spilled = sum("nbdformats-spill" in os.readlink(fd) for fd in Path(f"/proc/{srv.proc.pid}/fd").iterdir())
+        finally:
+            for client in clients:
+                client.close()
+        time.sleep(1)  # the server closes the handles after the disconnects
+        after = rss_mib(srv.proc.pid)
+        log = srv.stderr()
+    assert peak - before < 128 + 64, (before, peak)  # the budget, and room for libarchive and buffers
+    assert spilled == 6  # two members in memory, six in temporary files
+    assert after - before < 48, (before, peak, after)
+    assert "Traceback" not in log
+
+
+def test_members_beyond_both_budgets_are_refused_until_others_close(tmp_path, monkeypatch):
+    archive = zeroes_zip(tmp_path / "three.zip", 3, 4 << 20)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    chain = chain_for(archive, ("archive-memory-total", "4M"), ("archive-disk-total", "4M"))
+    first = chain.open(readonly=True, export_name="m0.img")  # in memory
+    second = chain.open(readonly=True, export_name="m1.img")  # in a temporary file
+    with pytest.raises(NBDError, match=r"no room to unpack 'm2.img' \(4194304 bytes\) while other connections use "
+                                       r"members: archive-memory-total=4194304 has 0 bytes left") as refused:
+        chain.open(readonly=True, export_name="m2.img")
+    assert refused.value.errno == errno.ENOMEM
+    again = chain.open(readonly=True, export_name="m0.img")  # a member in use is shared, not unpacked again
+    first.close()
+    again.close()  # m0 is freed: its memory serves m2
+    third = chain.open(readonly=True, export_name="m2.img")
+    assert read_range(third, (4 << 20) - 10, 10) == bytes(10)
+    assert set(chain.filters[0].unpackers) == {("", "m1.img"), ("", "m2.img")}
+    second.close()
+    third.close()
+    assert not chain.filters[0].unpackers
+    chain.cleanup()

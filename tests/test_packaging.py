@@ -16,7 +16,7 @@ def test_build_and_install_wheel_in_fresh_venv(tmp_path):
     assert len(wheels) == 1 and len(sdists) == 1
     names = zipfile.ZipFile(wheels[0]).namelist()
     for module in ("nbdformats/cli.py", "nbdformats/server/connection.py", "nbdformats/plugins/memory.py",
-                   "nbdformats/filters/luks/filter.py"):
+                   "nbdformats/filters/luks.py", "nbdformats/formats/luks/header.py"):
         assert module in names, module
     assert any(n.endswith("entry_points.txt") for n in names)
     with tarfile.open(sdists[0]) as sdist:

@@ -132,6 +132,55 @@ def test_stored_writes_need_zip_write(tree, tmp_path):
     assert test.returncode != 0 and b"disk.img" in test.stdout
 
 
+def claim_stored_size(archive: Path, name: str, size: int) -> None:
+    """Make the central directory record of stored member `name` claim `size` bytes (both sizes)."""
+    data = bytearray(archive.read_bytes())
+    raw = name.encode()
+    record = data.index(b"PK\x01\x02")
+    while data[record + 46:record + 46 + len(raw)] != raw:
+        record = data.index(b"PK\x01\x02", record + 4)
+    data[record + 20:record + 28] = size.to_bytes(4, "little") * 2  # compressed size, uncompressed size
+    archive.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("names, liar", [(["a.img", "b.img", "c.img"], "a.img"), (["a.img", "b.img"], "b.img")])
+def test_members_overlapping_the_archive_are_refused(tmp_path, names, liar):
+    """A member whose recorded size runs into the next member or the central directory is
+    refused, as CPython's zipfile does ("possible zip bomb"); with zip-write=true a member that
+    such a member's data overlaps is not opened writable either (issue 20, item 7: one 4 KiB
+    write used to destroy the central directory)."""
+    archive = py_zip(tmp_path / "overlap.zip", {name: name[0].encode() * 65536 for name in names}, zipfile.ZIP_STORED)
+    claim_stored_size(archive, liar, 65536 + 64)
+    before = archive.read_bytes()
+    chain = chain_for(archive, ("zip-write", "true"))
+    for readonly in (False, True):
+        with pytest.raises(NBDError, match=f"the data of '{liar}' .* runs past byte \\d+, where the next member or "
+                                           "the central directory starts"):
+            chain.open(readonly=readonly, export_name=liar)
+    if liar == "a.img":  # b.img is fine itself, but a.img's claimed data covers it
+        with pytest.raises(NBDError, match="stored member 'b.img' .* overlaps member 'a.img'.*refusing to open it "
+                                           r"writable \(serve with -r to read it\)"):
+            chain.open(readonly=False, export_name="b.img")
+        top = chain.open(readonly=True, export_name="b.img")
+        assert read_range_bytes(top, 0, 4096) == b"b" * 4096
+        top.close()
+    honest = "c.img" if liar == "a.img" else "a.img"
+    with serve("--filter=zip", "file", str(archive), "zip-write=true") as srv:
+        proc = nbdsh(srv.uri_for(liar), "h.pwrite(b'X' * 4096, 65536)\n", check=False)
+        assert proc.returncode != 0
+        nbdsh(srv.uri_for(honest), "h.pwrite(b'Y' * 10, 0)\nh.flush()\n")
+        assert "Traceback" not in srv.stderr()
+    after = archive.read_bytes()
+    assert after.replace(b"Y" * 10, honest[0].encode() * 10, 1) == before  # only the honest member changed
+    assert run(["unzip", "-l", archive]).returncode == 0
+
+
+def read_range_bytes(top, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    top.pread(memoryview(buf), offset, 0)
+    return bytes(buf)
+
+
 def test_refusals_are_clear(tree, tmp_path):
     root, files = tree
     (tmp_path / "secret.img").write_bytes(b"s" * 10000)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Protocol
 from ..api.chain import NONE, Filter, FilterHandle, Layer, OpenNext
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Param, Size
-from ..formats.errors import FormatError
+from ..formats.errors import FormatError, check_size
 from ..formats.readers import Reader
 from ._format_errors import nbd_error
 from ._layer_bytes import read_bytes
@@ -162,6 +162,10 @@ class DecompressFilter(Filter):
                     raise nbd_error(e, f"{self.name}: ") from None
                 except NBDError as e:
                     raise NBDError(e.errno, f"{self.name}: {e}") from None
+                try:
+                    check_size(source.size, "the uncompressed size")
+                except FormatError as e:
+                    raise nbd_error(e, f"{self.name}: ") from None
                 if self.max_size is not None and source.size > self.max_size:
                     raise NBDError(errno.EFBIG, f"{self.name}: the data decompresses to {source.size} "
                                                 f"bytes, more than max-size={self.max_size}")

@@ -114,7 +114,7 @@ class MemberFilter(Filter):
             below.close()
 
     def get_ready(self) -> None:
-        # Check the archive and tar-entry= now, so a typo is a start-up error listing the members.
+        # Open tar-entry= now, so a typo or a corrupt member is a start-up error (listing the members).
         if self.entry is None:
             return
         try:
@@ -123,7 +123,7 @@ class MemberFilter(Filter):
             log.debug("%s: cannot open the layer below at start-up (%s); checking at connection", self.name, e)
             return
         try:
-            self.find_member(below, self.entry)
+            self.open_export(below, "", self.entry, True).close()
         except (FormatError, NBDError) as e:
             raise ConfigError(str(e) if isinstance(e, NBDError) else f"{self.name}: {e}") from None
         finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import tempfile
 import threading
@@ -76,7 +77,11 @@ class Spill:
         self.finished = False  # the producer has nothing more to give
         self.failed: NBDError | None = None  # a failed producer cannot go on: later reads fail alike
         self.lock = threading.Lock()
-        self.memory = bytearray(size) if in_memory and size is not None else None
+        # In memory: an anonymous mapping, whose pages cost nothing until written and go back to
+        # the kernel on close (a bytearray would stay in the allocator's heap: see tune_malloc).
+        self.memory: mmap.mmap | bytearray | None = None
+        if in_memory and size is not None:
+            self.memory = mmap.mmap(-1, size) if size else bytearray()
         self.fd: int | None = None
 
     def read_into(self, buf: memoryview, offset: int, reader: Any) -> None:
@@ -117,6 +122,8 @@ class Spill:
                     self._finish()
                     return
                 offset, data = piece
+                if offset != self.done and not self.sparse:
+                    raise NBDError(errno.EIO, f"{self.what}: the data skips from byte {self.done} to {offset}")
                 piece_end = offset + len(data)
                 if self.size is not None and piece_end > self.size:
                     raise NBDError(errno.EIO, f"{self.what}: the data decodes to more than the "
@@ -169,6 +176,8 @@ class Spill:
             if self.fd is not None:
                 os.close(self.fd)
                 self.fd = None
+            if isinstance(self.memory, mmap.mmap):
+                self.memory.close()
 
     def __del__(self) -> None:
         if self.fd is not None:

@@ -19,7 +19,8 @@ import os
 import tempfile
 from typing import Iterator
 
-from ..api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, NONE, Extents, Filter, FilterHandle, Layer
+from ..api.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FUA, NATIVE, NONE, Extents, Filter, FilterHandle,
+                         Layer)
 from ..api.errors import NBDError
 from ..api.params import Bool, Param, ParamType, Size, parse_bool
 from ..api.syscalls import punch_hole
@@ -191,7 +192,7 @@ class CowFilter(Filter):
             return True
 
         def can_fua(self) -> int:
-            return NATIVE  # the overlay lives as long as the server: nothing to make durable
+            return NATIVE  # a FUA write is written, then flushed (below)
 
         def can_multi_conn(self) -> bool:
             return True  # one overlay for every connection, no per-connection caching
@@ -248,14 +249,21 @@ class CowFilter(Filter):
         # -- writes --------------------------------------------------------------------------
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             self._change(offset, len(buf), buf)
+            self._flush_if_fua(flags)
 
         def zero(self, count: int, offset: int, flags: int) -> None:
             self._change(offset, count, None)
+            self._flush_if_fua(flags)
 
         def trim(self, count: int, offset: int, flags: int) -> None:
             # The whole blocks are dropped and read as zeroes; trimmed bytes of partial blocks
             # are zeroed too, so a trim never exposes the plugin's data again.
             self._change(offset, count, None)
+            self._flush_if_fua(flags)
+
+        def _flush_if_fua(self, flags: int) -> None:
+            if flags & FLAG_FUA:
+                self.flush(0)
 
         def _change(self, offset: int, count: int, data: memoryview | None) -> None:
             """Write `data` (None: zeroes) over [offset, offset+count) in the overlay."""
@@ -294,7 +302,12 @@ class CowFilter(Filter):
                     block += 1
 
         def flush(self, flags: int) -> None:
-            pass  # the overlay does not outlive the server: nothing to make durable
+            # The overlay does not outlive the server, but FLUSH still means "on stable storage"
+            # until then, as nbdkit's cow filter does it (blk_flush: fdatasync of the overlay).
+            try:
+                os.fdatasync(self.overlay.fd)
+            except OSError as e:
+                raise NBDError(e.errno or errno.EIO, f"cow: flushing the overlay failed: {e.strerror}") from None
 
         # -- metadata ------------------------------------------------------------------------
         def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:

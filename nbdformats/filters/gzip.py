@@ -26,7 +26,7 @@ from ..api.chain import Layer
 from ..api.params import Bool, Param, Path, Size
 from ..api.progress import Progress, progress
 from ..formats.deflate_index import DEFAULT_SPAN, Checkpoint, DeflateIndex
-from ..formats.gzip import GzipFormatError, bgzf_block_size, check_magic, parse_bgzf
+from ..formats.gzip import GzipFormatError, bgzf_block_size, check_magic, declared_size, parse_bgzf
 from ._decompress import DecompressError, DecompressFilter, Reader, Source, read_exact
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class GzipFilter(DecompressFilter):
         return index
 
     def _lazy(self, reader: Reader, compressed: int) -> DeflateIndex:
-        (isize,) = struct.unpack("<I", read_exact(reader, compressed - 4, 4, "the gzip trailer"))
+        isize = declared_size(read_exact(reader, compressed - 8, 8, "the gzip trailer"), compressed)
         log.info("gzip: gzip-lazy: serving %d bytes as the trailer says (wrong for multi-member "
                  "files or over 4 GiB); indexing as reads go forward", isize)
         return DeflateIndex(reader, 0, compressed, isize, raw=False, span=self.gzip_span,

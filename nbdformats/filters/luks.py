@@ -130,7 +130,11 @@ class LuksFilter(Filter):
         self._unlocked: dict[bytes, Unlocked] = {}
         self._unlock_lock = threading.Lock()
         self.write_lock = SharedExclusiveLock()
-        below = self.open_below(True, "")
+        try:
+            below = self.open_below(True, "")
+        except (NBDError, OSError) as e:  # e.g. file dir=: no default export; each volume unlocks at first use
+            log.debug("luks: cannot open the layer below at start-up (%s); unlocking at connection", e)
+            return
         try:
             self.unlock(below).volume.payload_size(below.get_size())  # a truncated file fails here
         except KdfBudgetError as e:

@@ -20,7 +20,8 @@ from ..api.errors import NBDError
 from ..api.params import Bool, Param, String
 from ..formats.deflate_index import DeflateIndex
 from ..formats.errors import FormatError
-from ..formats.zip import DEFLATED, LOCAL, STORED, ZipEntry, data_offset, parse_central_directory, read_central_directory
+from ..formats.zip import (DEFLATED, LOCAL, STORED, ZipEntry, check_extent, data_offset, find_overlap,
+                           parse_central_directory, read_central_directory)
 from ._decompress import SourceHandle
 from ._members import Member, MemberFilter, Segment, SegmentHandle, read_archive
 
@@ -97,6 +98,23 @@ class ZipFilter(MemberFilter):
             if not entry.is_dir:
                 yield Member(entry.name, entry.size, None, entry)
 
+    def check_writable(self, below: Layer, entry: ZipEntry, start: int) -> None:
+        """Refuse writes to a member whose recorded extent overlaps the central directory or
+        another member: they would destroy what the archive holds outside the member."""
+
+        def read(offset: int, length: int) -> bytes:
+            return read_archive(below, offset, length)
+
+        try:
+            directory, raw = read_central_directory(read, below.get_size())
+            overlap = find_overlap(entry, start, read, parse_central_directory(raw, directory))
+        except FormatError as e:
+            raise NBDError(errno.EIO, f"zip: {e}") from None
+        if overlap is not None:
+            raise NBDError(errno.EIO, f"zip: the archive is corrupt: stored member {entry.name!r} (bytes {start} to "
+                                      f"{start + entry.size}) overlaps {overlap}; refusing to open it writable "
+                                      "(serve with -r to read it)")
+
     def open_member(self, below: Layer, member: Member, readonly: bool, below_export: str) -> FilterHandle:
         entry: ZipEntry = member.detail
         if entry.encrypted:
@@ -106,17 +124,14 @@ class ZipFilter(MemberFilter):
                                           "filter cannot read (--filter=archive reads more methods)")
         try:
             start = data_offset(read_archive(below, entry.header_offset, LOCAL.size), entry)
+            check_extent(entry, start, below.get_size())
         except FormatError as e:
             raise NBDError(errno.EIO, f"zip: {e}") from None
-        if start + entry.compressed_size > below.get_size():
-            raise NBDError(errno.EIO, f"zip: truncated archive: {entry.name!r} ends at "
-                                      f"{start + entry.compressed_size}, the archive at {below.get_size()}")
         if entry.method == STORED:
-            if entry.compressed_size != entry.size:
-                raise NBDError(errno.EIO, f"zip: corrupt archive: stored member {entry.name!r} has "
-                                          f"{entry.compressed_size} bytes stored for {entry.size}")
             stored = replace(member, segments=(Segment(0, entry.size, start),))
             if self.zip_write:  # writes make the recorded CRC stale: nothing to check
+                if not readonly:
+                    self.check_writable(below, entry, start)
                 return SegmentHandle(self, below, stored, writable=True)
             with self.lock:
                 check = self.stored_checks.setdefault(

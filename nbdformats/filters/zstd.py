@@ -19,8 +19,8 @@ import zstandard
 from ..api.chain import Layer
 from ..api.errors import NBDError
 from ..api.params import Int, Param, Size
-from ..formats.zstd import (SEEK_FOOTER, Frame, ZstdFormatError, parse_seek_table, parse_seek_table_footer,
-                            seek_table_size, walk_frames)
+from ..formats.zstd import (SEEK_FOOTER, Frame, ZstdFormatError, check_frames, parse_seek_table,
+                            parse_seek_table_footer, seek_table_size, walk_frames)
 from ..formats.readers import WindowedReader
 from ._decompress import BlockSource, DecompressFilter, Reader, Source, Unit, read_exact
 from ._spill import InOrder, Spill
@@ -77,18 +77,17 @@ class FrameStream:
 
 def decode_frame(unit: Unit, reader: Reader, checksum: int | None = None) -> bytes:
     data = read_exact(reader, unit.offset, unit.length, f"zstd frame {unit.number}")
-    stream = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data))
-    out = bytearray()
     try:
-        # At most one byte more than declared, so a lying frame cannot make us allocate more.
-        while len(out) <= unit.size and (chunk := stream.read(unit.size + 1 - len(out))):
-            out += chunk
+        # The whole frame or an error ("did not decompress full frame": a stream reader would
+        # return a cut frame's output as if complete); at most one byte more than declared, so
+        # a lying frame cannot make us allocate more.
+        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=unit.size + 1)
     except zstandard.ZstdError as e:
         raise NBDError(errno.EIO, f"zstd frame {unit.number} (compressed offset {unit.offset}) "
                                   f"is corrupt: {e}") from None
     if checksum is not None and xxhash is not None and xxhash.xxh64_intdigest(out) & 0xFFFFFFFF != checksum:
         raise NBDError(errno.EIO, f"zstd frame {unit.number}: checksum mismatch with the seek table")
-    return bytes(out)
+    return out
 
 
 def count_output(stream: FrameStream, reader: Reader, limit: int | None) -> int:
@@ -144,6 +143,11 @@ class ZstdFilter(DecompressFilter):
         if offset != size - table_size:
             raise ZstdFormatError(f"the zstd seek table covers {offset} compressed bytes, "
                                   f"the frames take {size - table_size}")
+        declared = check_frames(reader, entries)
+        for unit, sized in zip(units, declared):
+            # An empty entry is left out of the disk: unless its frame says so, make sure it is empty.
+            if not unit.size and not sized and FrameStream(unit.offset, unit.length).read(reader):
+                raise ZstdFormatError(f"zstd seek table entry {unit.number} says 0 bytes, its frame holds more")
         checksums.update((number, entry.checksum) for number, entry in enumerate(entries))
         units = [u for u in units if u.size]
         log.info("zstd: seekable format: %d frames", len(units))

@@ -56,6 +56,9 @@ WINDOW = 32 * 1024  # deflate's maximum back-reference distance
 RING = 256 * 1024  # output ring: the last WINDOW bytes are the next checkpoint's window
 IN_CHUNK = 256 * 1024  # compressed bytes fed to inflate at a time
 DEFAULT_SPAN = 4 * 1024 * 1024
+# zlib's "technical details": deflate expands at most 1032 times (a 258-byte match in 2 bits),
+# so a declared size beyond 1032 times the compressed size is a lie.
+DEFLATE_MAX_RATIO = 1032
 PARKED_STREAMS = 4  # streams kept where a read ended, for the next sequential read
 
 Z_OK, Z_STREAM_END, Z_NEED_DICT, Z_BUF_ERROR = 0, 1, 2, -5

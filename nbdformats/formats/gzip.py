@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from .deflate_index import DEFLATE_MAX_RATIO
 from .errors import FormatError
 
 MAGIC = b"\x1f\x8b"
@@ -23,6 +24,16 @@ BGZF_MAX_ISIZE = 65536
 
 class GzipFormatError(FormatError):
     pass
+
+
+def declared_size(trailer: bytes, compressed_size: int) -> int:
+    """ISIZE, the last member's "size of the original input data modulo 2^32", from the last 8
+    bytes of a file; GzipFormatError if more than `compressed_size` bytes of deflate could hold."""
+    (isize,) = struct.unpack_from("<I", trailer, 4)
+    if isize > compressed_size * DEFLATE_MAX_RATIO:
+        raise GzipFormatError(f"the gzip trailer's ISIZE {isize} is more than {compressed_size} compressed bytes "
+                              "can hold (deflate expands at most 1032 times)")
+    return isize
 
 
 def check_magic(head: bytes) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from .errors import FormatError
+from .errors import FormatError, check_size
 from .readers import Reader
 
 BLOCK = 512
@@ -160,6 +160,7 @@ def parse_sparse_1_0_map(data: bytes) -> tuple[list[tuple[int, int]], int] | Non
 
 
 def _check_sparse_map(regions: list[tuple[int, int]], real_size: int, stored: int, name: str) -> tuple[tuple[int, int], ...]:
+    check_size(real_size, f"{name}: the GNU sparse real size", error=TarError)
     regions = [(o, n) for o, n in regions if n > 0]
     end = 0
     for region_offset, length in regions:

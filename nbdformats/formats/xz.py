@@ -17,13 +17,17 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from .errors import FormatError
+from .errors import FormatError, check_size
 from .readers import Reader
 
 HEADER_MAGIC = b"\xfd7zXZ\x00"
 FOOTER_MAGIC = b"YZ"
 HEADER_SIZE = FOOTER_SIZE = 12
 MAX_INDEX_SIZE = 1 << 34  # Backward Size is 32 bits of 4-byte units
+# LZMA2, the filter xz writes, stores at most 2 MiB of output per chunk, and a chunk takes at
+# least 6 bytes (control, unpacked and packed sizes, properties, one byte of data): a block
+# cannot decode to more than this many times its Unpadded Size.
+LZMA2_MAX_RATIO = (2 << 20) // 6 + 1
 
 
 class XzFormatError(FormatError):
@@ -146,9 +150,13 @@ def locate_blocks(read: Reader, size: int) -> list[XzBlock]:
     for first_block, flags, records in reversed(streams):
         offset = first_block
         for unpadded, uncompressed in records:
+            if uncompressed > unpadded * LZMA2_MAX_RATIO:
+                raise XzFormatError(f"xz block {len(blocks)}: the index's Uncompressed Size {uncompressed} is more "
+                                    f"than its {unpadded} compressed bytes can hold (LZMA2: 2 MiB per 6-byte chunk)")
             blocks.append(XzBlock(len(blocks), offset, unpadded, uncompressed, out, flags))
             offset += round4(unpadded)
             out += uncompressed
+    check_size(out, "the sum of the xz index's Uncompressed Sizes", error=XzFormatError)
     return blocks
 
 

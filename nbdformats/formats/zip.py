@@ -9,12 +9,14 @@ Reference: PKWARE APPNOTE.TXT 6.3.x, sections 4.3.6 (local header), 4.3.12 (cent
 
 from __future__ import annotations
 
+import bisect
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
-from .errors import FormatError
+from .deflate_index import DEFLATE_MAX_RATIO
+from .errors import FormatError, check_size
 from .readers import Reader
 
 EOCD = struct.Struct("<4sHHHHIIH")  # signature, disk, cd disk, entries here, entries, cd size, cd offset, comment
@@ -30,6 +32,7 @@ LOCAL_SIGNATURE = b"PK\x03\x04"
 MAX_COMMENT = 0xFFFF
 
 FLAG_ENCRYPTED = 1 << 0
+FLAG_STRONG_ENCRYPTION = 1 << 6  # APPNOTE 4.4.4: PKWARE's strong encryption (bit 0 must be set too)
 FLAG_UTF8 = 1 << 11
 STORED, DEFLATED = 0, 8
 METHOD_NAMES = {1: "shrink", 6: "implode", 9: "deflate64", 12: "bzip2", 14: "LZMA", 93: "zstd",
@@ -51,6 +54,9 @@ class ZipEntry:
     compressed_size: int
     size: int
     header_offset: int  # absolute offset of the local header in the data we were given
+    # Where the next local header (by offset) or the central directory starts: the member's
+    # data must end by then, or it overlaps them (as CPython's zipfile checks: "possible zip bomb").
+    limit: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -58,7 +64,7 @@ class ZipEntry:
 
     @property
     def encrypted(self) -> bool:
-        return bool(self.flags & FLAG_ENCRYPTED) or self.method == 99
+        return bool(self.flags & (FLAG_ENCRYPTED | FLAG_STRONG_ENCRYPTION)) or self.method == 99
 
     @property
     def method_name(self) -> str:
@@ -185,7 +191,10 @@ def parse_central_directory(data: bytes, directory: CentralDirectory) -> list[Zi
         position = end
     if position != len(data):
         raise ZipError(f"corrupt central directory: {len(data) - position} stray bytes at its end")
-    return entries
+    following = sorted({entry.header_offset for entry in entries} | {directory.offset})
+    return [replace(entry, limit=following[bisect.bisect_right(following, entry.header_offset)])
+            if entry.header_offset < directory.offset else replace(entry, limit=directory.offset)
+            for entry in entries]
 
 
 def data_offset(local_header: bytes, entry: ZipEntry) -> int:
@@ -194,3 +203,38 @@ def data_offset(local_header: bytes, entry: ZipEntry) -> int:
         raise ZipError(f"{entry.name}: no local header at offset {entry.header_offset}")
     name_length, extra_length = LOCAL.unpack_from(local_header)[9:11]
     return entry.header_offset + LOCAL.size + name_length + extra_length
+
+
+def check_extent(entry: ZipEntry, start: int, archive_size: int) -> None:
+    """ZipError unless the member's sizes are possible: its data (from `start`) inside the
+    archive and before what follows it, a stored member as long as its data, a deflated one no
+    more than deflate can expand it, and no size beyond 2^63-1 (zip64 fields go to 2^64-1)."""
+    if start + entry.compressed_size > archive_size:
+        raise ZipError(f"truncated archive: {entry.name!r} ends at {start + entry.compressed_size}, "
+                       f"the archive at {archive_size}")
+    if start + entry.compressed_size > entry.limit:
+        raise ZipError(f"corrupt archive: the data of {entry.name!r} (bytes {start} to {start + entry.compressed_size}) "
+                       f"runs past byte {entry.limit}, where the next member or the central directory starts "
+                       "(overlapping members: a possible zip bomb)")
+    check_size(entry.size, f"{entry.name!r}: the uncompressed size", error=ZipError)
+    if entry.method == STORED and entry.compressed_size != entry.size:
+        raise ZipError(f"corrupt archive: stored member {entry.name!r} has {entry.compressed_size} bytes "
+                       f"stored for {entry.size}")
+    if entry.method == DEFLATED and entry.size > entry.compressed_size * DEFLATE_MAX_RATIO:
+        raise ZipError(f"corrupt archive: {entry.name!r} claims {entry.size} bytes, more than its "
+                       f"{entry.compressed_size} deflated bytes can hold (deflate expands at most 1032 times)")
+
+
+def find_overlap(target: ZipEntry, start: int, read: Reader, entries: list[ZipEntry]) -> str | None:
+    """Which other member's local header or data (their headers read through `read`) a member's
+    extent, `start` to `start + size`, overlaps (check_extent has kept it before the next
+    header and the central directory).  None when none: only then may writes to the member
+    leave the archive otherwise intact."""
+    end = start + target.compressed_size
+    for other in entries:
+        if other == target:
+            continue
+        other_end = data_offset(read(other.header_offset, LOCAL.size), other) + other.compressed_size
+        if other.header_offset < end and start < other_end:
+            return f"member {other.name!r} (bytes {other.header_offset} to {other_end})"
+    return None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .errors import FormatError
+from .errors import FormatError, check_size
 from .readers import Reader
 
 FRAME_MAGIC = 0xFD2FB528
@@ -23,7 +23,9 @@ SKIPPABLE_MASK, SKIPPABLE_MAGIC = 0xFFFFFFF0, 0x184D2A50
 SEEK_TABLE_MAGIC = 0x184D2A5E
 SEEKABLE_MAGIC = 0x8F92EAB1
 SEEK_FOOTER = 9
-MAX_BLOCK = 128 * 1024  # Block_Maximum_Size: a block never holds more than this
+MAX_BLOCK = 128 * 1024  # Block_Maximum_Size: a block never decodes to more than this
+# The smallest block that decodes to MAX_BLOCK bytes is an RLE block: a 3-byte header and one byte.
+MAX_RATIO = MAX_BLOCK // 4
 FRAME_HEADER_MAX = 4 + 14
 
 
@@ -80,7 +82,9 @@ def walk_frames(read: Reader, size: int) -> list[Frame]:
             raise ZstdFormatError(f"no zstd frame at offset {offset} (magic {magic:08x})")
         header = parse_frame_header(head)
         pos = offset + header.header_size
+        blocks = 0
         while True:
+            blocks += 1
             block = read(pos, 3)
             if len(block) < 3:
                 raise ZstdFormatError(f"truncated zstd frame at offset {offset}")
@@ -96,6 +100,10 @@ def walk_frames(read: Reader, size: int) -> list[Frame]:
         pos += 4 if header.has_checksum else 0
         if pos > size:
             raise ZstdFormatError(f"truncated zstd frame at offset {offset}")
+        if header.content_size is not None and header.content_size > blocks * MAX_BLOCK:
+            raise ZstdFormatError(f"the zstd frame at offset {offset} declares a Frame_Content_Size of "
+                                  f"{header.content_size} bytes, more than its {blocks} block(s) can hold "
+                                  f"(128 KiB each)")
         frames.append(Frame(offset, pos - offset, header.content_size))
         offset = pos
     return frames
@@ -132,9 +140,30 @@ def parse_seek_table(frame: bytes, count: int, checksums: bool) -> list[SeekEntr
     entries = []
     for pos in range(8, 8 + count * step, step):
         compressed, decompressed = struct.unpack_from("<II", frame, pos)
+        if decompressed > compressed * MAX_RATIO:
+            raise ZstdFormatError(f"zstd seek table entry {len(entries)}: Decompressed_Size {decompressed} is more "
+                                  f"than its {compressed} compressed bytes can hold")
         checksum = struct.unpack_from("<I", frame, pos + 8)[0] if checksums else None
         entries.append(SeekEntry(compressed, decompressed, checksum))
+    check_size(sum(entry.decompressed for entry in entries), "the sum of the zstd seek table's Decompressed_Sizes",
+               error=ZstdFormatError)
     return entries
+
+
+def check_frames(read: Reader, entries: list[SeekEntry]) -> list[bool]:
+    """Check the seek table against the frames it lists: each must start with a frame header,
+    and one that declares Frame_Content_Size must declare the entry's Decompressed_Size (else a
+    lying entry would shift every later frame: the data served at the wrong offsets).  Returns,
+    per entry, whether its frame declares its size."""
+    offset, declared = 0, []
+    for number, entry in enumerate(entries):
+        header = parse_frame_header(read(offset, min(FRAME_HEADER_MAX, entry.compressed)))
+        if header.content_size is not None and header.content_size != entry.decompressed:
+            raise ZstdFormatError(f"zstd seek table entry {number} says {entry.decompressed} bytes, its frame "
+                                  f"(at offset {offset}) declares {header.content_size}")
+        declared.append(header.content_size is not None)
+        offset += entry.compressed
+    return declared
 
 
 def seek_table(entries: list[tuple[int, int, int | None]]) -> bytes:

@@ -12,7 +12,7 @@ from ..api.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, 
                          Export, Extents, Holes, Plugin, PluginHandle, pread_sparse_by_extents)
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Enum, Param, Path
-from ..api.syscalls import FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, fallocate, punch_hole
+from ..api.syscalls import FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, fallocate, open_beneath, punch_hole
 from ..api.zeroes import write_zeroes
 
 BLKGETSIZE64 = 0x80081272
@@ -45,32 +45,54 @@ class FilePlugin(Plugin):
     def list_exports(self, readonly: bool, is_tls: bool) -> list[Export]:
         if self.dir is None:
             return [Export("")]
-        # In the directory's own order, as nbdkit lists them.
-        return [Export(name) for name in os.listdir(self.dir) if os.path.isfile(os.path.join(self.dir, name))]
+        # In the directory's own order, as nbdkit lists them; not the links that lead outside.
+        directory = os.path.realpath(self.dir)
+        return [Export(name) for name in os.listdir(directory)
+                if os.path.isfile(path := os.path.join(directory, name))
+                and os.path.commonpath([directory, os.path.realpath(path)]) == directory]
 
-    def path_for(self, export_name: str) -> str:
+    def open_export(self, export_name: str, flags: int) -> int:
+        """The file of an export opened with `flags`: file=, or a regular file of dir= that no
+        symbolic link, ".." or absolute path leads out of the directory to (see docs/security.md)."""
         if self.dir is None:
-            return self.file
+            return os.open(self.file, flags | os.O_CLOEXEC)
         if not export_name:  # as nbdkit: a directory has no default export
             raise NBDError(errno.ENOENT, f"no default export: name a file of {self.dir} (nbdinfo --list shows them)")
-        if "/" in export_name or export_name in (".", ".."):
+        if export_name in (".", "..") or any(c in export_name for c in "/\0\n"):
             raise NBDError(errno.ENOENT, f"no export {export_name!r}")
-        path = os.path.join(self.dir, export_name)
-        if not os.path.isfile(path):
-            raise NBDError(errno.ENOENT, f"no export {export_name!r} in {self.dir}")
-        return path
+        directory = os.path.realpath(self.dir)
+        dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # O_NONBLOCK: a FIFO must not hang the open; it is refused below.
+            fd = open_beneath(dir_fd, directory, export_name, flags | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.ELOOP):
+                raise NBDError(errno.EPERM, f"export {export_name!r}: a symbolic link leading outside {self.dir}: "
+                                            "refused") from None
+            if e.errno == errno.ENOENT:
+                raise NBDError(errno.ENOENT, f"no export {export_name!r} in {self.dir}") from None
+            raise
+        finally:
+            os.close(dir_fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NBDError(errno.ENOENT, f"no export {export_name!r} in {self.dir} (not a regular file)")
+        os.set_blocking(fd, True)
+        return fd
 
     class Handle(PluginHandle):
         def __init__(self, plugin: "FilePlugin", readonly: bool, export_name: str) -> None:
             self.plugin = plugin
-            path = plugin.path_for(export_name)
             try:
-                self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+                try:
+                    self.fd = plugin.open_export(export_name, os.O_RDONLY if readonly else os.O_RDWR)
+                except OSError as e:
+                    if readonly or e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+                        raise
+                    self.fd = plugin.open_export(export_name, os.O_RDONLY)
+                    readonly = True
             except OSError as e:
-                if readonly or e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
-                    raise NBDError(e.errno, f"{path}: {e.strerror}") from None
-                self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                readonly = True
+                raise NBDError(e.errno or errno.EIO, f"{export_name or plugin.file}: {e.strerror}") from None
             self.writable = not readonly
             st = os.fstat(self.fd)
             self.is_block = stat.S_ISBLK(st.st_mode)

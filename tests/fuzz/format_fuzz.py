@@ -1,24 +1,41 @@
 #!/usr/bin/env python3
-"""Format fuzzer: mutated gzip/xz/zstd streams, tar/zip archives, LUKS1/LUKS2 headers (and
-LUKS2 JSON), XVA exports (ova.xml, entity bombs) served through their filters, and hostile
-directories for the floppy and linuxdisk plugins.
+"""Format fuzzer through the server, with a differential oracle.
 
-Each case opens the chain in-process and reads the disk (its start, middle and end).  The
-only acceptable failures are ConfigError (start-up) and NBDError (open or a request); any
-other exception, or a case slower than --case-timeout, is a finding.  Run one format per
-process, so that a crash or hang in a C library shows up as such:
+Each run starts from a seed: the valid input of each format, and every mutation of it, come
+from random.Random(seed), so `--seed S --only N` replays case N exactly.  Cases are written
+into a directory served by `file dir=` under the format's filter (a fresh server every
+--batch cases), and a libnbd client does what a real one does: the handshake, reads of the
+whole disk, and a write (read back, then checked in the file by an independent decoder) or,
+on read-only exports, a write that must be refused.
 
-    .venv/bin/python tests/fuzz/format_fuzz.py --format tar --cases 5000 --seed 1
+The oracle is a reference decoder that is not ours: Python's gzip rules (zlib, members,
+zero padding and trailing garbage as gzip(1)), lzma, zstandard, tarfile, zipfile, and for
+LUKS the specification's own layout decrypted with the volume key the seed was made with
+(tests/fixtures/luks_spec.py).  When the reference accepts the input, every byte served must
+equal its output (the server may still refuse, more strictly: counted as "stricter").  When
+it refuses, the server may serve what it can, but a format that carries its own checksums
+(gzip, xz, zstd's seek table, zip's CRC-32) must not serve all of the data as good.  A
+Python traceback or an unexpected exception in the server's log, a server that dies, wrong
+bytes, a write that lands wrong or is not refused, or a case slower than --case-timeout is a
+finding: its case is kept in --keep-dir as a small file to replay.  XVA (one archive per
+server) runs in-process instead, through the filter chain.
+
+    .venv/bin/python tests/fuzz/format_fuzz.py --format tar --cases 100000 --seed 7
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import hashlib
 import io
 import json
+import logging
+import lzma
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -26,79 +43,107 @@ import tempfile
 import time
 import traceback
 import zipfile
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import nbd
+import zstandard
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from nbdformats.api.chain import Chain  # noqa: E402
-from nbdformats.api.errors import ConfigError, NBDError  # noqa: E402
-from nbdformats.registry import load_filter, load_plugin  # noqa: E402
+from fixtures.luks import reference_crypt  # noqa: E402
+from fixtures.luks_spec import luks1_image, luks2_image  # noqa: E402
 
-PATH_ENV = "/usr/bin:/usr/sbin:/bin:/sbin:" + os.environ.get("PATH", "")
-DISK = bytes(range(256)) * 1024 * 2 + os.urandom(256 << 10) + bytes(256 << 10)  # 1 MiB: text, noise, zeroes
+FORMATS = ["gzip", "xz", "zstd", "tar", "zip", "luks1", "luks2", "xva"]
 PASSPHRASE = b"fuzz passphrase"
+DISK_SIZE = 64 << 10
+READ = 16 << 10  # bytes per read request
+SAMPLED = 1 << 20  # larger disks are read at their start, middle and end only
+ENV = dict(os.environ, PATH="/usr/bin:/usr/sbin:/bin:/sbin:" + os.environ.get("PATH", ""))
 
 
-def sh(*cmd: str | Path) -> None:
-    subprocess.run([str(c) for c in cmd], check=True, capture_output=True, timeout=60, env=dict(os.environ, PATH=PATH_ENV))
+def disk_image(rng: random.Random) -> bytes:
+    """64 KiB like a disk: text, noise and zeroes (every kind of compressed block appears)."""
+    text = b"".join(b"sector %d: the quick brown fox\n" % n for n in range(700))[:DISK_SIZE // 4]
+    return (text + rng.randbytes(DISK_SIZE // 4) + bytes(DISK_SIZE // 4) + text)[:DISK_SIZE]
 
 
-# -- Valid seeds, made once per run ----------------------------------------------------------
-def seed_file(fmt: str, work: Path) -> tuple[Path, list[tuple[str, list[tuple[str, str]]]]]:
-    """A valid input of this format and the filters (with parameters) that serve it."""
-    raw = work / "disk.img"
-    raw.write_bytes(DISK)
-    if fmt == "gzip":
-        sh("gzip", "-k", "-9", raw)
-        return work / "disk.img.gz", [("gzip", [])]
+# -- Valid seeds -----------------------------------------------------------------------------------
+@dataclass
+class Seed:
+    data: bytes  # the valid input
+    disk: bytes  # what it holds
+    args: list[str]  # the filter and its parameters on the command line
+    master_key: bytes = b""  # LUKS: the volume key, for the reference
+
+
+def make_seed(fmt: str, rng: random.Random, work: Path) -> Seed:
+    disk = disk_image(rng)
+    if fmt == "gzip":  # two members, as `cat a.gz b.gz`
+        half = DISK_SIZE // 2
+        return Seed(gzip.compress(disk[:half], 9, mtime=0) + gzip.compress(disk[half:], 1, mtime=0), disk,
+                    ["--filter=gzip"])
     if fmt == "xz":
-        sh("xz", "-k", "--block-size=65536", raw)
-        return work / "disk.img.xz", [("xz", [])]
+        raw = work / "disk.img"
+        raw.write_bytes(disk)
+        blob = subprocess.run(["xz", "-c", "--block-size=16KiB", "--check=crc64", raw], check=True,
+                              capture_output=True, timeout=60, env=ENV).stdout
+        return Seed(blob, disk, ["--filter=xz"])
     if fmt == "zstd":
         from fixtures.compressed import seekable_zstd
-        return seekable_zstd(DISK, work / "disk.zst", frame_size=65536), [("zstd", [])]
+        return Seed(seekable_zstd(disk, work / "seed.zst", frame_size=16 << 10).read_bytes(), disk, ["--filter=zstd"])
     if fmt == "tar":
-        with tarfile.open(work / "a.tar", "w", format=tarfile.PAX_FORMAT) as tar:
-            tar.add(raw, "dir/disk.img")
-        return work / "a.tar", [("tar", [("tar-entry", "dir/disk.img")])]
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name, content in (("dir/notes.txt", b"notes\n" * 100), ("dir/disk.img", disk)):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(content), 1714521600, 0o644
+                tar.addfile(info, io.BytesIO(content))
+        return Seed(out.getvalue(), disk, ["--filter=tar", "tar-entry=dir/disk.img"])
     if fmt == "zip":
-        with zipfile.ZipFile(work / "a.zip", "w", zipfile.ZIP_DEFLATED) as z:
-            z.write(raw, "disk.img")
-        return work / "a.zip", [("zip", [("zip-entry", "disk.img")])]
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as z:
+            z.writestr(zipfile.ZipInfo("notes.txt", (2024, 5, 1, 0, 0, 0)), b"notes\n" * 100, zipfile.ZIP_STORED)
+            z.writestr(zipfile.ZipInfo("disk.img", (2024, 5, 1, 0, 0, 0)), disk, zipfile.ZIP_DEFLATED)
+        return Seed(out.getvalue(), disk, ["--filter=zip", "zip-entry=disk.img"])
     if fmt in ("luks1", "luks2"):
-        from fixtures.luks import cryptsetup_format, fast_pbkdf
-        key = work / "key"
-        key.write_bytes(PASSPHRASE)
-        options = fast_pbkdf("pbkdf2" if fmt == "luks1" else "argon2id")
-        image = cryptsetup_format(work / "luks.img", key, fmt, (16 << 20) + (1 << 20) if fmt == "luks2" else 4 << 20,
-                                  *options)
-        return image, [("luks", [("keyfile", str(key))])]
+        image, key = (luks1_image if fmt == "luks1" else luks2_image)(disk, PASSPHRASE, rng)
+        keyfile = work / "key"
+        keyfile.write_bytes(PASSPHRASE)
+        return Seed(image, disk, ["--filter=luks", f"keyfile={keyfile}", "luks-kdf-max-seconds=2"], key)
     if fmt == "xva":
-        from fixtures.xva import XvaDisk, make_xva
-        return make_xva(work / "vm.xva", [XvaDisk(DISK)]), [("xva", [])]
+        from fixtures.xva import XvaDisk, xva_members, write_tar
+        return Seed(write_tar(work / "seed.xva", xva_members([XvaDisk(disk * 20)], "xxhash", "vm")).read_bytes(),
+                    disk * 20, ["--filter=xva"])
     raise SystemExit(f"unknown format {fmt}")
 
 
-# -- Mutations ---------------------------------------------------------------------------------
-def mutate_bytes(rng: random.Random, data: bytes, hot: int) -> bytes:
-    """Flip, overwrite with extreme values, insert, delete or truncate; mostly within `hot` bytes."""
+# -- Mutations -------------------------------------------------------------------------------------
+EXTREMES = [b"\xff" * 8, b"\0" * 8, b"\x7f" + b"\xff" * 7, b"\x80" + b"\0" * 7, b"\xff\xff\xff\x7f"]
+
+
+def mutate_bytes(rng: random.Random, data: bytes, hot: tuple[int, int]) -> bytes:
+    """Flip, overwrite with extreme values, insert, delete or truncate; mostly within `hot`."""
     raw = bytearray(data)
-    for _ in range(rng.randint(1, 6)):
+    for _ in range(rng.randint(1, 4)):
         if not raw:
             break
-        span = hot if rng.random() < 0.8 else len(raw)
-        pos = rng.randrange(max(1, min(span, len(raw))))
+        lo, hi = (hot if rng.random() < 0.8 else (0, len(raw)))
+        pos = rng.randrange(min(lo, len(raw) - 1), max(min(hi, len(raw)), min(lo, len(raw) - 1) + 1))
         kind = rng.random()
         if kind < 0.4:
             raw[pos] ^= 1 << rng.randrange(8)
         elif kind < 0.6:
-            raw[pos:pos + 8] = rng.choice([b"\xff" * 8, b"\0" * 8, b"\x7f" + b"\xff" * 7, b"\x80" + b"\0" * 7])
+            extreme = rng.choice(EXTREMES)
+            raw[pos:pos + len(extreme)] = extreme
         elif kind < 0.7:
-            raw[pos:pos] = rng.randbytes(rng.randint(1, 512))
+            raw[pos:pos] = rng.randbytes(rng.randint(1, 64))
         elif kind < 0.8:
-            del raw[pos:pos + rng.randint(1, 512)]
+            del raw[pos:pos + rng.randint(1, 64)]
         elif kind < 0.9:
             del raw[rng.randrange(len(raw)):]  # truncation
         else:
@@ -106,22 +151,40 @@ def mutate_bytes(rng: random.Random, data: bytes, hot: int) -> bytes:
     return bytes(raw)
 
 
-def mutate_luks2_json(rng: random.Random, image: Path, out: Path) -> None:
-    from fixtures.luks import rewrite_luks2_json
-    shutil.copy(image, out)
-    extremes = [-1, 0, 2 ** 63, 2 ** 64, "x", None, [], {}, "18446744073709551615", 1e308, "512", "dynamic"]
+def hot_range(fmt: str, seed: Seed) -> tuple[int, int]:
+    """Where mutations do the most: headers, indexes, tables."""
+    size = len(seed.data)
+    return {"gzip": (0, 64), "xz": (size - 256, size), "zstd": (0, size), "tar": (0, 2048),
+            "zip": (size - 300, size), "luks1": (0, 1024), "luks2": (0, 32768), "xva": (0, 4096)}[fmt]
 
-    def change(meta, depth=0):
-        keys = list(meta) if isinstance(meta, dict) else list(range(len(meta))) if isinstance(meta, list) else []
+
+def mutate_luks2_json(rng: random.Random, image: bytes) -> bytes:
+    """Change values of the LUKS2 metadata and give both copies valid checksums again."""
+    header_size = struct.unpack_from(">Q", image, 8)[0]
+    extremes = [-1, 0, 2 ** 63, 2 ** 64, "x", None, [], {}, "18446744073709551615", "512", "dynamic", "9" * 30]
+    text = image[4096:header_size].split(b"\0", 1)[0]
+    metadata = json.loads(text)
+
+    def change(node, depth=0) -> None:
+        keys = list(node) if isinstance(node, dict) else list(range(len(node))) if isinstance(node, list) else []
         for key in keys:
-            if rng.random() < 0.15:
-                if rng.random() < 0.3 and isinstance(meta, dict):
-                    del meta[key]
+            if rng.random() < 0.1:
+                if isinstance(node, dict) and rng.random() < 0.3:
+                    del node[key]
                 else:
-                    meta[key] = rng.choice(extremes)
-            elif isinstance(meta[key], (dict, list)) and depth < 6:
-                change(meta[key], depth + 1)
-    rewrite_luks2_json(out, change)
+                    node[key] = rng.choice(extremes)
+            elif isinstance(node[key], (dict, list)) and depth < 6:
+                change(node[key], depth + 1)
+    change(metadata)
+    new_text = json.dumps(metadata, separators=(",", ":")).encode()[:header_size - 4097]
+    out = bytearray(image)
+    for offset in (0, header_size):
+        area = bytearray(out[offset:offset + header_size])
+        area[4096:] = new_text.ljust(header_size - 4096, b"\0")
+        area[448:512] = bytes(64)
+        area[448:480] = hashlib.sha256(area).digest()
+        out[offset:offset + header_size] = area
+    return bytes(out)
 
 
 BOMB = b"""<?xml version="1.0"?>
@@ -134,125 +197,390 @@ EXTERNAL = b"""<?xml version="1.0"?>
 <!DOCTYPE v [<!ENTITY x SYSTEM "file:///etc/passwd">]><value>&x;</value>"""
 
 
-def mutate_xva(rng: random.Random, image: Path, out: Path) -> None:
-    with tarfile.open(image) as tar:
-        members = [(m, tar.extractfile(m).read() if m.isfile() else b"") for m in tar.getmembers()]
-    ova = members[0][1]
+def mutate_xva(rng: random.Random, archive: bytes) -> bytes:
+    """ova.xml made hostile (an entity bomb, an external entity, deep nesting) or damaged, and
+    now and then a chunk's bytes; the tar rewritten around them."""
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else b"") for m in tar.getmembers()]  # type: ignore[union-attr]
     choice = rng.random()
     if choice < 0.15:
         ova = BOMB
     elif choice < 0.25:
         ova = EXTERNAL
     elif choice < 0.35:
-        ova = b"<value>" * 10000  # deep nesting
+        ova = b"<value>" * 10000
     else:
-        text = ova.decode()
+        text = members[0][1].decode()
         for _ in range(rng.randint(1, 4)):
             pos = rng.randrange(len(text))
-            text = text[:pos] + rng.choice(["<", ">", "&", "</value>", "<struct>", "Ref:99", "-1",
-                                            "99999999999999999999", "", "\x00"]) + text[pos + rng.randint(0, 20):]
+            text = text[:pos] + rng.choice(["<", ">", "&", "</value>", "<struct>", "Ref:99", "-1", "99999999999999999999",
+                                            "", "\x00"]) + text[pos + rng.randint(0, 20):]
         ova = text.encode("utf-8", "replace")
-    with tarfile.open(out, "w") as tar:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
         for index, (member, data) in enumerate(members):
-            if index == 0:
-                data = ova
-            elif rng.random() < 0.05:
-                data = mutate_bytes(rng, data, len(data))
+            data = ova if index == 0 else mutate_bytes(rng, data, (0, len(data))) if rng.random() < 0.05 else data
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
+    return out.getvalue()
 
 
-def make_case(fmt: str, rng: random.Random, seed: Path, out: Path) -> None:
+def mutate(fmt: str, rng: random.Random, seed: Seed) -> bytes:
     if fmt == "luks2" and rng.random() < 0.5:
-        return mutate_luks2_json(rng, seed, out)
+        return mutate_luks2_json(rng, seed.data)
     if fmt == "xva" and rng.random() < 0.7:
-        return mutate_xva(rng, seed, out)
-    data = seed.read_bytes()
-    hot = {"luks1": 4096, "luks2": 32768, "tar": 2048, "zip": len(data), "xva": 4096}.get(fmt, len(data))
-    if fmt == "zip" and rng.random() < 0.5:  # the central directory and end record sit at the end
-        tail = mutate_bytes(rng, data[-200:], 200)
-        out.write_bytes(data[:-200] + tail)
-        return
-    out.write_bytes(mutate_bytes(rng, data, hot))
+        return mutate_xva(rng, seed.data)
+    return mutate_bytes(rng, seed.data, hot_range(fmt, seed))
 
 
-# -- Running a case ------------------------------------------------------------------------------
-def read_disk(filters: list[tuple[str, list[tuple[str, str]]]], path: Path) -> str:
-    chain = Chain([load_filter(name)() for name, _ in filters], load_plugin("file")())
-    pairs = {i: params for i, (_, params) in enumerate(filters)}
-    pairs[len(filters)] = [("file", str(path))]
-    chain.configure(pairs)
-    chain.get_ready()
+# -- References (not our code) -------------------------------------------------------------------
+def gzip_reference(data: bytes) -> bytes:
+    """gzip(1)'s rules with Python's zlib: members one after another, checked (CRC-32, ISIZE);
+    zero padding, or anything that is not a member, after the last one is ignored."""
+    out, rest = [], data
+    while True:
+        inflater = zlib.decompressobj(31)
+        out.append(inflater.decompress(rest))
+        if not inflater.eof:
+            raise zlib.error("truncated member")
+        rest = inflater.unused_data
+        if not rest.startswith(b"\x1f\x8b"):
+            return b"".join(out)
+
+
+def zstd_reference(data: bytes) -> bytes:
+    """zstandard, frame after frame (skippable frames skipped); a frame cut short is an error."""
+    out = []
+    while data:
+        if len(data) >= 8 and struct.unpack_from("<I", data)[0] & 0xFFFFFFF0 == 0x184D2A50:
+            data = data[8 + struct.unpack_from("<I", data, 4)[0]:]
+            continue
+        frame = zstandard.ZstdDecompressor().decompressobj()
+        out.append(frame.decompress(data))
+        if not frame.eof:
+            raise zstandard.ZstdError("a frame cut short")
+        data = frame.unused_data
+    return b"".join(out)
+
+
+def tar_reference(data: bytes) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        member = tar.extractfile("dir/disk.img")
+        assert member is not None
+        return member.read()
+
+
+def zip_reference(data: bytes) -> bytes:
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        return z.read("disk.img")
+
+
+def luks_layout(fmt: str, data: bytes) -> tuple[int, int | None, str, int, int]:
+    """(payload offset, size or None for "to the end", cipher, sector size, iv tweak) as the
+    header says, read by the specification."""
+    if fmt == "luks1":
+        name, mode = (part.split(b"\0", 1)[0].decode() for part in struct.unpack_from(">32s32s", data, 8))
+        return struct.unpack_from(">I", data, 104)[0] * 512, None, f"{name}-{mode}", 512, 0
+    header_size = struct.unpack_from(">Q", data, 8)[0]
+    segment = json.loads(data[4096:header_size].split(b"\0", 1)[0])["segments"]["0"]
+    size = None if segment["size"] == "dynamic" else int(segment["size"])
+    return int(segment["offset"]), size, segment["encryption"], int(segment["sector_size"]), int(segment["iv_tweak"])
+
+
+def luks_reference(fmt: str, data: bytes, key: bytes) -> bytes:
+    offset, size, cipher, sector, tweak = luks_layout(fmt, data)
+    if cipher != "aes-xts-plain64" or tweak or sector != 512 or not 0 < offset < len(data):
+        raise ValueError("a layout the reference does not decrypt")
+    payload = data[offset:] if size is None else data[offset:offset + size]
+    if size is not None and (len(payload) != size or size % 512):
+        raise ValueError("the segment does not fit the file")
+    return reference_crypt(cipher, key, payload[:len(payload) // 512 * 512], 512, encrypt=False)
+
+
+def reference(fmt: str, data: bytes, seed: Seed) -> bytes | None:
+    """What the reference decoder makes of `data`; None when it refuses it (as corrupt, or as
+    something it does not support: see corrupt())."""
+    decoders: dict[str, Callable[[bytes], bytes]] = {
+        "gzip": gzip_reference, "xz": lambda d: lzma.decompress(d, lzma.FORMAT_XZ), "zstd": zstd_reference,
+        "tar": tar_reference, "zip": zip_reference,
+        "luks1": lambda d: luks_reference("luks1", d, seed.master_key),
+        "luks2": lambda d: luks_reference("luks2", d, seed.master_key)}
     try:
-        top = chain.open(True, "")
+        return decoders[fmt](data)
+    except Exception:  # noqa: BLE001 - any refusal of the reference counts the same
+        return None
+
+
+def corrupt(fmt: str, data: bytes, seed: Seed) -> bool:
+    """Whether the reference refuses `data` as damaged, rather than as using something it does
+    not implement (zipfile: a "version needed" above 6.3, strong encryption)."""
+    if fmt != "zip":
+        return reference(fmt, data, seed) is None
+    try:
+        zip_reference(data)
+    except NotImplementedError:
+        return False
+    except Exception:  # noqa: BLE001 - refused as damaged
+        return True
+    return False
+
+
+CHECKSUMMED = {"gzip", "xz", "zstd", "zip"}  # all of the data served as good while the reference refuses: a finding
+
+
+# -- Running cases through the server ------------------------------------------------------------
+@dataclass
+class Result:
+    fmt: str
+    seed: int
+    cases: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    findings: list[str] = field(default_factory=list)
+    slowest: float = 0.0
+
+    def count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+
+class Server:
+    """nbdformats serving every case file of a directory under the format's filter."""
+
+    def __init__(self, seed: Seed, directory: Path, work: Path) -> None:
+        self.socket = str(work / "sock")
+        self.log_path = work / "server.log"
+        self.log = open(self.log_path, "wb")
+        self.seen = 0
+        self.proc = subprocess.Popen([sys.executable, "-m", "nbdformats", "-f", "-U", self.socket, *seed.args[:1],
+                                      "file", f"dir={directory}", *seed.args[1:]],
+                                     cwd=ROOT, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, env=ENV)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start: {self.log_path.read_text(errors='replace')}")
+            time.sleep(0.01)
+
+    def new_messages(self) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(self.seen)
+            text = f.read()
+        self.seen += len(text)
+        return text.decode(errors="replace")
+
+    def stop(self) -> None:
+        self.proc.terminate()
         try:
-            size = top.get_size()
-            spots = sorted({0, size // 2, max(0, size - (1 << 20))})
-            failures = 0
-            for spot in spots:
-                for offset in range(spot, min(size, spot + (1 << 20)), 65536):
-                    buf = bytearray(min(65536, size - offset))
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+
+
+def read_all(h: nbd.NBD, size: int, expected: bytes | None) -> tuple[int, int, list[str]]:
+    """Read the disk (sampled beyond SAMPLED); (reads ok, reads failing with EIO, wrong bytes)."""
+    spots = [(0, size)] if size <= SAMPLED else [(0, SAMPLED // 4), (size // 2, SAMPLED // 4),
+                                                 (size - SAMPLED // 4, SAMPLED // 4)]
+    ok = failed = 0
+    wrong = []
+    for start, length in spots:
+        for offset in range(start, start + length, READ):
+            n = min(READ, start + length - offset)
+            try:
+                data = h.pread(n, offset)
+            except nbd.Error as e:
+                if e.errno not in ("EIO", "EFBIG", "ENOMEM"):
+                    wrong.append(f"a read at {offset} failed with {e.errno}, not EIO")
+                failed += 1
+                continue
+            ok += 1
+            if expected is not None and data != expected[offset:offset + n]:
+                wrong.append(f"bytes {offset}-{offset + n} differ from the reference" if offset + n <= len(expected)
+                             else f"bytes {offset}-{offset + n} served, the reference has {len(expected)} bytes")
+    return ok, failed, wrong
+
+
+def write_check(fmt: str, h: nbd.NBD, size: int, rng: random.Random, case: Path, seed: Seed) -> list[str]:
+    """A write must be refused on a read-only export; elsewhere read back, and found in the file
+    by the reference (it may only change the member or the payload)."""
+    if size < 4096:
+        return []
+    offset = rng.randrange(0, size - 4096 + 1, 512)
+    block = rng.randbytes(4096)
+    if h.is_read_only():
+        try:
+            h.pwrite(block, offset)
+        except nbd.Error as e:
+            return [] if e.errno in ("EPERM", "EROFS") else [f"a write to a read-only export failed with {e.errno}"]
+        return ["a write to a read-only export succeeded"]
+    try:
+        h.pwrite(block, offset)
+        h.flush()
+    except nbd.Error as e:
+        return [] if e.errno in ("EIO", "ENOSPC", "EINVAL") else [f"a write failed with {e.errno}"]
+    if h.pread(4096, offset) != block:
+        return ["a write did not read back"]
+    written = reference(fmt, case.read_bytes(), seed)
+    if written is not None and written[offset:offset + 4096] != block:
+        return [f"the reference does not find the write at {offset} in the file"]
+    return []
+
+
+def run_case(fmt: str, index: int, server: Server, case: Path, expected: bytes | None, seed: Seed,
+             rng: random.Random, result: Result) -> None:
+    h = nbd.NBD()
+    h.set_strict_mode(0)  # send what a hostile client would, e.g. writes to a read-only export
+    h.set_export_name(case.name)
+    problems: list[str] = []
+    try:
+        h.connect_unix(server.socket)
+    except nbd.Error:
+        outcome = "stricter" if expected is not None else "refused"
+    else:
+        size = h.get_size()
+        ok, failed, wrong = read_all(h, size, expected)
+        problems += wrong
+        if expected is not None and size != len(expected) and not failed:
+            problems.append(f"a disk of {size} bytes served without an error, the reference has {len(expected)}")
+        if expected is None and not failed and fmt in CHECKSUMMED and size and corrupt(fmt, case.read_bytes(), seed):
+            problems.append("served all of the data, which the reference refuses as corrupt")
+        problems += write_check(fmt, h, size, rng, case, seed)
+        outcome = ("match" if not failed else "stricter") if expected is not None else \
+            ("served" if not failed else "read with EIO")
+        h.shutdown()
+    del h  # closes the handle (and its socket)
+    messages = server.new_messages()
+    # A refused open must give the filter's own message: another one is an exception it did not expect.
+    component = seed.args[0].removeprefix("--filter=")
+    unclear = [line for line in messages.splitlines()
+               if "cannot open export" in line and not line.split(f"'{case.name}': ", 1)[-1].startswith(component)]
+    if "Traceback" in messages or "internal error" in messages or unclear:
+        problems.append(f"the server logged:\n{messages[-3000:]}")
+    if server.proc.poll() is not None:
+        problems.append(f"the server died ({server.proc.returncode}):\n{messages[-3000:]}")
+    if problems:
+        result.findings.append(f"{fmt} seed {result.seed} case {index}: " + "; ".join(problems))
+        outcome = "finding"
+    result.count(outcome)
+
+
+def run_through_server(fmt: str, seed_number: int, cases: int, batch: int, case_timeout: float, work: Path,
+                       keep: Path | None, only: int | None) -> Result:
+    rng = random.Random(seed_number)
+    seed = make_seed(fmt, rng, work)
+    result = Result(fmt, seed_number)
+    directory = work / "cases"
+    index = 0
+    while index < cases:
+        directory.mkdir()
+        todo = []
+        for number in range(index, min(cases, index + batch)):
+            data = mutate(fmt, rng, seed) if number else seed.data  # case 0: the valid seed
+            if only is not None and number != only:
+                continue
+            case = directory / f"case{number}"
+            case.write_bytes(data)
+            todo.append((number, case, reference(fmt, data, seed)))
+        if todo:
+            server = Server(seed, directory, work)
+            try:
+                for number, case, expected in todo:
+                    started = time.monotonic()
+                    run_case(fmt, number, server, case, expected, seed, random.Random(f"{seed_number}/{number}"),
+                             result)
+                    elapsed = time.monotonic() - started
+                    result.slowest = max(result.slowest, elapsed)
+                    if elapsed > case_timeout:
+                        result.findings.append(f"{fmt} seed {seed_number} case {number} took {elapsed:.1f} s")
+                    if keep is not None and result.findings and f"case {number}" in result.findings[-1]:
+                        keep.mkdir(parents=True, exist_ok=True)
+                        shutil.copy(case, keep / f"{fmt}-seed{seed_number}-case{number}")
+                    result.cases += 1
+                    if server.proc.poll() is not None:
+                        break
+            finally:
+                server.stop()
+        shutil.rmtree(directory)
+        index += batch
+    if only is None and result.outcomes.get("match", 0) == 0:
+        result.findings.append(f"{fmt}: the valid seed (case 0) did not match its reference")
+    return result
+
+
+# -- XVA: one archive per server, so in-process through the filter chain ----------------------------
+def run_in_process(fmt: str, seed_number: int, cases: int, work: Path, keep: Path | None,
+                   only: int | None) -> Result:
+    from nbdformats.api.chain import Chain
+    from nbdformats.api.errors import ConfigError, NBDError
+    from nbdformats.registry import load_filter, load_plugin
+
+    logging.disable(logging.CRITICAL)  # the filter's messages about bad chunks: expected here
+    rng = random.Random(seed_number)
+    seed = make_seed(fmt, rng, work)
+    result = Result(fmt, seed_number)
+    case = work / "case"
+    for number in range(cases):
+        data = mutate(fmt, rng, seed) if number else seed.data
+        if only is not None and number != only:
+            continue
+        case.write_bytes(data)
+        chain = Chain([load_filter("xva")()], load_plugin("file")())
+        try:
+            chain.configure({0: [], 1: [("file", str(case))]})
+            chain.get_ready()
+            top = chain.open(True, "")
+            try:
+                size = top.get_size()
+                for offset in range(0, min(size, SAMPLED), READ):
+                    buf = bytearray(min(READ, size - offset))
                     try:
                         top.pread(memoryview(buf), offset, 0)
                     except NBDError:
-                        failures += 1
-            return f"read, {failures} EIO"
+                        pass
+            finally:
+                top.close()
+            result.count("served" if number else "match")
+        except (ConfigError, NBDError):
+            result.count("refused")
+        except Exception:  # noqa: BLE001 - what the fuzzer looks for
+            result.findings.append(f"{fmt} seed {seed_number} case {number}: {traceback.format_exc(limit=6)}")
+            result.count("finding")
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(case, keep / f"{fmt}-seed{seed_number}-case{number}")
         finally:
-            top.close()
-    finally:
-        chain.cleanup()
-
-
-def run_cases(fmt: str, cases: int, seed: int, case_timeout: float, work: Path) -> dict:
-    base, filters = seed_file(fmt, work)
-    assert read_disk(filters, base) == "read, 0 EIO", "the unmutated seed must read cleanly"
-    rng = random.Random(seed)
-    outcomes: dict[str, int] = {}
-    findings = []
-    slowest = 0.0
-    for index in range(cases):
-        case = work / f"case{index % 4}"
-        make_case(fmt, rng, base, case)
-        start = time.monotonic()
-        try:
-            outcome = "read" if read_disk(filters, case) == "read, 0 EIO" else "read with EIO"
-        except ConfigError:
-            outcome = "ConfigError"
-        except NBDError:
-            outcome = "NBDError"
-        except Exception:  # noqa: BLE001 - this is what the fuzzer looks for
-            keep = work / f"finding-{index}"
-            shutil.copy(case, keep)
-            findings.append(f"case {index} (kept as {keep}): {traceback.format_exc(limit=6)}")
-            outcome = "crash"
-        elapsed = time.monotonic() - start
-        slowest = max(slowest, elapsed)
-        if elapsed > case_timeout:
-            findings.append(f"case {index} took {elapsed:.1f} s")
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-    return {"format": fmt, "cases": cases, "outcomes": outcomes, "slowest": round(slowest, 2),
-            "findings": findings[:5]}
+            chain.cleanup()
+        result.cases += 1
+    return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--format", required=True,
-                        choices=["gzip", "xz", "zstd", "tar", "zip", "luks1", "luks2", "xva"])
-    parser.add_argument("--cases", type=int, default=200)
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--cases", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=400, help="cases per server")
+    parser.add_argument("--only", type=int, help="replay this case number alone")
     parser.add_argument("--case-timeout", type=float, default=10.0)
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (findings)")
+    parser.add_argument("--keep-dir", type=Path, help="copy the inputs of findings here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix=f"nbdf-{args.format}-fuzz-"))
+    started = time.monotonic()
     try:
-        result = run_cases(args.format, args.cases, args.seed, args.case_timeout, work)
+        if args.format == "xva":
+            result = run_in_process(args.format, args.seed, args.cases, work, args.keep_dir, args.only)
+        else:
+            result = run_through_server(args.format, args.seed, args.cases, args.batch, args.case_timeout, work,
+                                        args.keep_dir, args.only)
     finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result))
-    return 1 if result["findings"] else 0
+        shutil.rmtree(work, ignore_errors=True)
+    report = {"format": result.fmt, "seed": result.seed, "cases": result.cases, "outcomes": result.outcomes,
+              "seconds": round(time.monotonic() - started, 1), "slowest": round(result.slowest, 2),
+              "findings": result.findings[:5]}
+    print(json.dumps(report))
+    return 1 if result.findings else 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

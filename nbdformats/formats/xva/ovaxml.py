@@ -16,7 +16,7 @@ from xml.etree.ElementTree import Element, ParseError
 import defusedxml
 import defusedxml.ElementTree
 
-from ..errors import FormatError
+from ..errors import FormatError, check_size
 
 MAX_DEPTH = 64  # XML-RPC nesting in real files is about 6 deep
 
@@ -100,8 +100,7 @@ def parse(data: bytes) -> VmDescription:
             size = int(size_text)
         except ValueError:
             raise OvaXmlError(f"ova.xml: VDI {ref} has no valid virtual_size ({size_text!r})") from None
-        if size < 0:
-            raise OvaXmlError(f"ova.xml: VDI {ref} has a negative virtual_size")
+        check_size(size, f"ova.xml: the virtual_size of VDI {ref}", error=OvaXmlError)
         vdis[ref] = Vdi(ref, str(record.get("name_label", "")), size, str(record.get("uuid", "")))
 
     userdevices: dict[str, int] = {}
