@@ -222,7 +222,10 @@ def test_extents_show_dirty_blocks():
     top.flush(0)
     extents = Extents(0, MIB)
     top.extents(MIB, 0, 0, extents)
-    assert (BLOCK, BLOCK, EXTENT_DATA) in list(extents)
+    # Written back: the plugin has the data (memory reports the page of it as data, the rest of
+    # the block as allocated zeroes, as nbdkit's sparse array does).
+    start, length, kind = next(e for e in extents if e[0] <= BLOCK + 10 < e[0] + e[1])
+    assert kind == EXTENT_DATA and start + length >= BLOCK + 110
 
 
 # -- limits -----------------------------------------------------------------------------------
