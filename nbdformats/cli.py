@@ -704,7 +704,7 @@ def serve(opts: Options, plugin_name: str, filters: list[str], plugin_args: list
 
 def _listen_and_serve(opts: Options, settings, config, identity, run_cmd: str | None, private_dir: str | None,
                       foreground: bool) -> int:
-    from .server.listeners import make_listeners, tune_malloc, use_fast_event_loop
+    from .server.listeners import make_listeners, tune_malloc
     from .server.privileges import drop_privileges
 
     listeners = []
@@ -741,7 +741,6 @@ def _listen_and_serve(opts: Options, settings, config, identity, run_cmd: str | 
     pidfile = opts.text("pidfile")
     if pidfile is not None:
         write_pidfile(pidfile)
-    use_fast_event_loop()
     tune_malloc()
     return asyncio.run(_serve(settings, config, listeners, captive))
 

@@ -108,7 +108,7 @@ def peer_of(client: Any) -> Peer:
         host = client.getpeername()[0]
         return Peer(family, address=ipaddress.ip_address(host.split("%", 1)[0]))
     if family == socket.AF_UNIX:
-        # Through a duplicate so any socket-like object works (asyncio's and uvloop's wrappers).
+        # Through a duplicate so any socket-like object works.
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(client.fileno())) as sock:
             pid, uid, gid = PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size))
         return Peer(family, pid=pid, uid=uid, gid=gid)

@@ -302,15 +302,6 @@ def tls_context(certificates_dir: str, verify_peer: bool) -> ssl.SSLContext:
     return context
 
 
-def use_fast_event_loop() -> None:
-    """uvloop when installed: measured faster on this workload; plain asyncio otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 def tune_malloc() -> None:
     """Keep request and reply buffers (up to 64 MiB) on glibc's heap and do not trim it eagerly.
 
