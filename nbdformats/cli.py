@@ -147,9 +147,23 @@ class Options:
     def flag(self, name: str) -> bool:
         return bool(self.values.get(name))
 
+    def items(self, name: str) -> list[str]:
+        """The values of a repeatable option, in command-line order."""
+        values = self.values.get(name, [])
+        assert isinstance(values, list)
+        return values
+
+    def number(self, name: str, default: int) -> int:
+        """An option stored as a number (a `const` such as -4's address family)."""
+        value = self.values.get(name, default)
+        assert isinstance(value, int)
+        return value
+
     def store(self, option: Option, value: object) -> None:
         if option.repeatable:
-            self.values.setdefault(option.key, []).append(value)  # type: ignore[union-attr]
+            values = self.values.setdefault(option.key, [])
+            assert isinstance(values, list)
+            values.append(value)
         else:
             self.values[option.key] = value
 
@@ -281,11 +295,13 @@ def print_help(plugin_name: str | None, filter_names: list[str]) -> None:
         print(usage())
         return
     for name in filter_names:
-        cls = load_filter(name)
-        print(f"filter {cls.name}: {cls.summary()}\n{describe_params(cls)}{describe_debug_flags(cls)}\n")
+        filter_class = load_filter(name)
+        print(f"filter {filter_class.name}: {filter_class.summary()}\n{describe_params(filter_class)}"
+              f"{describe_debug_flags(filter_class)}\n")
     if plugin_name is not None:
-        cls = load_plugin(plugin_name)
-        print(f"plugin {cls.name}: {cls.summary()}\n{describe_params(cls)}{describe_debug_flags(cls)}")
+        plugin_class = load_plugin(plugin_name)
+        print(f"plugin {plugin_class.name}: {plugin_class.summary()}\n{describe_params(plugin_class)}"
+              f"{describe_debug_flags(plugin_class)}")
 
 
 def describe_debug_flags(cls) -> str:
@@ -298,9 +314,10 @@ def describe_debug_flags(cls) -> str:
 def print_version(plugin_name: str | None, filter_names: list[str]) -> None:
     """As nbdkit -V: the server's version, then each filter's and the plugin's (loading them, so
     a missing one fails: nbdkit's test scripts probe for components this way)."""
+    from .api.chain import Component
     from .registry import component_version, load_filter, load_plugin
 
-    classes = [load_filter(name) for name in filter_names]
+    classes: list[type[Component]] = [load_filter(name) for name in filter_names]
     if plugin_name is not None:
         classes.append(load_plugin(plugin_name))
     print(f"nbdformats {__version__}")
@@ -430,9 +447,9 @@ def setup_logging(verbose: bool, destination: str) -> None:
         handler.setFormatter(ComponentFormatter("nbdformats", with_pid=True))
         root.addHandler(handler)
     else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(ComponentFormatter("nbdformats"))
-        root.addHandler(handler)
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(ComponentFormatter("nbdformats"))
+        root.addHandler(stream)
     root.propagate = False
 
 
@@ -572,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     opts = parse_argv(argv)
-    filters: list[str] = list(opts.get("filter", []))  # type: ignore[arg-type]
+    filters = opts.items("filter")
     plugin_name = opts.positional[0] if opts.positional else None
     plugin_args = opts.positional[1:]
     for name in ("long-options", "short-options"):
@@ -639,8 +656,8 @@ def serve(opts: Options, plugin_name: str, filters: list[str], plugin_args: list
     fd = opts.get("fd")
     config = ListenConfig(
         unix_path=opts.text("unix"), port=opts.text("port"), vsock=opts.flag("vsock"),
-        addresses=list(opts.get("ipaddr", [])),  # type: ignore[arg-type]
-        family=int(opts.get("family", socket.AF_UNSPEC)),  # type: ignore[arg-type]
+        addresses=opts.items("ipaddr"),
+        family=opts.number("family", socket.AF_UNSPEC),
         single=opts.flag("single"), fd=integer(opts, "fd", 0, 0, 1 << 20) if fd is not None else None,
         no_handshake=opts.flag("no-handshake"), exit_last=opts.flag("exit-last"),
         max_connections=integer(opts, "max-connections", 0, 0, 1 << 20), keepalive=opts.flag("keepalive"),
@@ -668,7 +685,7 @@ def serve(opts: Options, plugin_name: str, filters: list[str], plugin_args: list
                 raise ConfigError(f"cannot load TLS certificates from {cert_dir}: {e}") from None
 
     from .server.debugflags import parse_debug_flag
-    debug_flags = [parse_debug_flag(str(text)) for text in opts.get("debug", [])]  # type: ignore[union-attr]
+    debug_flags = [parse_debug_flag(text) for text in opts.items("debug")]
     chain = build_chain(plugin_name, filters, plugin_args, debug_flags)
     try:
         chain.get_ready()
@@ -750,6 +767,7 @@ async def _serve(settings, config, listeners, captive: subprocess.Popen | None) 
 
     server = Server(settings, config)
     await server.start(listeners)
+    assert server.stopped is not None
     if settings.stats is not None:
         chain = settings.chain
         settings.stats.start(asyncio.get_running_loop(), version=__version__, plugin=chain.plugin.name,

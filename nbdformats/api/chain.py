@@ -116,7 +116,8 @@ class Component:
     """What plugins and filters share: typed parameters and lifecycle hooks."""
 
     name: ClassVar[str] = ""
-    thread_model: ClassVar[ThreadModel] = ThreadModel.PARALLEL
+    # Set per instance by a component that learns it from its configuration (python, noparallel).
+    thread_model: ThreadModel = ThreadModel.PARALLEL
     # The thread model of the whole chain (the strictest of its components), set by
     # Chain.get_ready() before get_ready() runs, as nbdkit passes it to .get_ready.
     final_thread_model: ThreadModel = ThreadModel.PARALLEL

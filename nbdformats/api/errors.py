@@ -12,9 +12,10 @@ import errno as _errno
 class NBDError(Exception):
     """A request failed; `errno` is sent to the client (mapped to an NBD error code)."""
 
-    def __init__(self, errno: int = _errno.EIO, message: str = "") -> None:
-        super().__init__(message or _errno.errorcode.get(errno, str(errno)))
-        self.errno = errno
+    def __init__(self, errno: int | None = _errno.EIO, message: str = "") -> None:
+        code = _errno.EIO if errno is None else errno  # an OSError's errno may be None
+        super().__init__(message or _errno.errorcode.get(code, str(code)))
+        self.errno = code
 
 
 class ConfigError(Exception):

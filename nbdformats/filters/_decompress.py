@@ -37,7 +37,9 @@ MIN_CACHE_BYTES = 96 << 20  # a block cache may keep more than its depth of unit
 class Source(Protocol):
     """Read-only data of a known size, shared by all connections (so thread-safe)."""
 
-    size: int
+    @property
+    def size(self) -> int | None:
+        """None until decoding has found it; known before any handle serves the source."""
 
     def read_into(self, buf: memoryview, offset: int, reader: Any) -> None: ...
 
@@ -74,7 +76,9 @@ class SourceHandle(FilterHandle):
         self.cache_mode = cache_mode  # EMULATE where reading ahead pays (it fills a spill or an index)
 
     def get_size(self) -> int:
-        return self.source.size
+        size = self.source.size
+        assert size is not None, "a source is served only once its size is known"
+        return size
 
     def block_size(self) -> tuple[int, int, int] | None:
         return None
@@ -162,11 +166,13 @@ class DecompressFilter(Filter):
                     raise nbd_error(e, f"{self.name}: ") from None
                 except NBDError as e:
                     raise NBDError(e.errno, f"{self.name}: {e}") from None
+                size = source.size
+                assert size is not None, "load() returns a source whose size is known"
                 try:
-                    check_size(source.size, "the uncompressed size")
+                    check_size(size, "the uncompressed size")
                 except FormatError as e:
                     raise nbd_error(e, f"{self.name}: ") from None
-                if self.max_size is not None and source.size > self.max_size:
+                if self.max_size is not None and size > self.max_size:
                     raise NBDError(errno.EFBIG, f"{self.name}: the data decompresses to {source.size} "
                                                 f"bytes, more than max-size={self.max_size}")
                 with self._lock:

@@ -10,6 +10,7 @@ while no client is connected.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import select
@@ -56,20 +57,20 @@ class ExitwhenFilter(Filter):
     def config_complete(self) -> None:
         self.checks: list[Callable[[], bool]] = []
         for path in self.exit_when_file_created:
-            self.checks.append(lambda path=path: self._file_created(path))
+            self.checks.append(functools.partial(self._file_created, path))
         for path in self.exit_when_file_deleted:
-            self.checks.append(lambda path=path: not self._file_created(path))
+            self.checks.append(functools.partial(self._file_deleted, path))
         for fd in [*self.exit_when_pipe_closed, *self.exit_when_fd_closed]:
             try:
                 os.fstat(fd)
             except OSError as e:
                 raise ConfigError(f"exit-when-pipe-closed={fd}: {e.strerror}") from None
-            self.checks.append(lambda fd=fd: self._pipe_closed(fd))
+            self.checks.append(functools.partial(self._pipe_closed, fd))
         for pid in [*self.exit_when_process_exits, *self.exit_when_pid_exits]:
             watch = process_watch(pid)
-            self.checks.append(lambda watch=watch: self._process_exited(watch))
+            self.checks.append(functools.partial(self._process_exited, watch))
         for script in self.exit_when_script:
-            self.checks.append(lambda script=script: self._script_says(script))
+            self.checks.append(functools.partial(self._script_says, script))
         self.lock = threading.Lock()
         self.exiting = False
         self.stopping = threading.Event()
@@ -78,6 +79,10 @@ class ExitwhenFilter(Filter):
     @staticmethod
     def _file_created(path: str) -> bool:
         return os.access(path, os.R_OK)
+
+    @staticmethod
+    def _file_deleted(path: str) -> bool:
+        return not os.access(path, os.R_OK)
 
     @staticmethod
     def _pipe_closed(fd: int) -> bool:

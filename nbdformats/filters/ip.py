@@ -89,8 +89,10 @@ def matches(rule: Rule, peer: Peer) -> bool:
     if kind == "vsock":
         return peer.family == AF_VSOCK
     if kind == "net":
-        return peer.address is not None and peer.address.version == rule.network.version \
-            and peer.address in rule.network  # type: ignore[operator]
+        network = rule.network
+        assert network is not None  # "net" rules always have one
+        return peer.address is not None and peer.address.version == network.version \
+            and peer.address in network  # type: ignore[operator]
     value = {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid, "vsock-cid": peer.cid,
              "vsock-port": peer.port}[kind]
     return value is not None and value == rule.number

@@ -162,7 +162,7 @@ class XvaFilter(Filter):
                 n = min(CHUNK_SIZE - within, count - done)
                 chunk = chunks.get(slot)
                 from_chunk = 0 if chunk is None else max(0, min(n, chunk.size - within))
-                if from_chunk:
+                if chunk is not None and from_chunk:
                     target = buf[done:done + from_chunk]
                     if chunk.state == GOOD:
                         self.next.pread(target, chunk.source + within, 0)

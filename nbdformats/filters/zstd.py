@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import io
 import logging
+from typing import IO, cast
 
 import zstandard
 
@@ -25,10 +26,7 @@ from ..formats.readers import WindowedReader
 from ._decompress import BlockSource, DecompressFilter, Reader, Source, Unit, read_exact
 from ._spill import InOrder, Spill
 
-try:
-    import xxhash
-except ImportError:  # checksums of the seek table are then not verified (frames may have their own)
-    xxhash = None
+import xxhash
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +60,8 @@ class FrameStream:
 
     def __init__(self, offset: int, length: int) -> None:
         self.input = _FrameInput(offset, length)
-        self.stream = zstandard.ZstdDecompressor().stream_reader(self.input, read_size=1 << 20,
+        # _FrameInput has the one method stream_reader calls: read(n).
+        self.stream = zstandard.ZstdDecompressor().stream_reader(cast(IO[bytes], self.input), read_size=1 << 20,
                                                                  read_across_frames=True)
 
     def read(self, reader: Reader) -> bytes:
@@ -85,7 +84,7 @@ def decode_frame(unit: Unit, reader: Reader, checksum: int | None = None) -> byt
     except zstandard.ZstdError as e:
         raise NBDError(errno.EIO, f"zstd frame {unit.number} (compressed offset {unit.offset}) "
                                   f"is corrupt: {e}") from None
-    if checksum is not None and xxhash is not None and xxhash.xxh64_intdigest(out) & 0xFFFFFFFF != checksum:
+    if checksum is not None and xxhash.xxh64_intdigest(out) & 0xFFFFFFFF != checksum:
         raise NBDError(errno.EIO, f"zstd frame {unit.number}: checksum mismatch with the seek table")
     return out
 

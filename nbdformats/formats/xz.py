@@ -145,7 +145,7 @@ def locate_blocks(read: Reader, size: int) -> list[XzBlock]:
             raise XzFormatError("xz stream header and footer flags differ")
         streams.append((stream_start + HEADER_SIZE, flags, records))
         end = stream_start
-    blocks = []
+    blocks: list[XzBlock] = []
     out = 0
     for first_block, flags, records in reversed(streams):
         offset = first_block

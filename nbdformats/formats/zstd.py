@@ -137,7 +137,7 @@ def parse_seek_table(frame: bytes, count: int, checksums: bool) -> list[SeekEntr
     if magic != SEEK_TABLE_MAGIC or frame_size != len(frame) - 8:
         raise ZstdFormatError("bad zstd seek table frame header")
     step = 12 if checksums else 8
-    entries = []
+    entries: list[SeekEntry] = []
     for pos in range(8, 8 + count * step, step):
         compressed, decompressed = struct.unpack_from("<II", frame, pos)
         if decompressed > compressed * MAX_RATIO:

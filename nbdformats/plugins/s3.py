@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import re
 import threading
 from collections import OrderedDict
@@ -274,19 +275,24 @@ class S3Plugin(Plugin):
             self.disk.pread(buf, offset)
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-            self.disk.pwrite(buf, offset)
+            self.writable_disk().pwrite(buf, offset)
 
         def flush(self, flags: int) -> None:
             pass  # every acknowledged write is a completed PUT or DELETE
 
         def zero(self, count: int, offset: int, flags: int) -> None:
-            self.disk.zero(count, offset)
+            self.writable_disk().zero(count, offset)
 
         def trim(self, count: int, offset: int, flags: int) -> None:
-            self.disk.trim(count, offset)
+            self.writable_disk().trim(count, offset)
 
         def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
-            self.disk.extents(count, offset, extents)
+            self.writable_disk().extents(count, offset, extents)  # can_extents: only a set of objects
+
+        def writable_disk(self) -> "ObjectSet":
+            """The disk of many objects (a single object is read-only: can_write says so)."""
+            assert isinstance(self.disk, ObjectSet)
+            return self.disk
 
 
 class SingleObject:
@@ -328,7 +334,7 @@ class SingleObject:
         """Direct ranged GETs: one, or several in parallel for a large read."""
         plugin = self.plugin
         pieces = [(start, min(LARGE_READ, len(buf) - start)) for start in range(0, len(buf), LARGE_READ)]
-        plugin.run_parallel([lambda s=start, n=n: self._get_exact(buf[s:s + n], offset + s)
+        plugin.run_parallel([functools.partial(self._get_exact, buf[start:start + n], offset + start)
                              for start, n in pieces])
 
     def _get_exact(self, buf: memoryview, offset: int) -> None:
@@ -405,11 +411,11 @@ class ObjectSet:
             if not plugin.get_into(plugin.object_name(index), start, piece):
                 piece[:] = bytes(len(piece))
 
-        plugin.run_parallel([lambda i=i, s=s, p=buf[d:d + n]: read(i, s, p)
+        plugin.run_parallel([functools.partial(read, i, s, buf[d:d + n])
                              for i, s, n, d in self.pieces(offset, len(buf))])
 
     def pwrite(self, buf: memoryview, offset: int) -> None:
-        self.plugin.run_parallel([lambda i=i, s=s, p=buf[d:d + n]: self._write_object(i, s, p)
+        self.plugin.run_parallel([functools.partial(self._write_object, i, s, buf[d:d + n])
                                   for i, s, n, d in self.pieces(offset, len(buf))])
 
     def _write_object(self, index: int, start: int, piece: memoryview) -> None:
@@ -473,7 +479,7 @@ class ObjectSet:
         else:
             edges = [(head, head_start, size - head_start)] if head_start else []
             edges += [(tail, 0, tail_length)] if tail_length else []
-        calls: list[Callable[[], None]] = [lambda i=i, s=s, n=n: self._zero_partial(i, s, n) for i, s, n in edges]
+        calls: list[Callable[[], None]] = [functools.partial(self._zero_partial, i, s, n) for i, s, n in edges]
         first, end = self._whole_objects(offset, count)
         if first < end:
             calls.append(lambda: self._delete_range(first, end))

@@ -139,7 +139,7 @@ class SparseRandomPlugin(SyntheticPlugin):
         def _expected(self, offset: int, count: int) -> memoryview:
             first, blocks = self._blocks(count, offset)
             start = offset - first * BLOCK
-            return memoryview(self.plugin.read_blocks(first, blocks))[start:start + count]
+            return memoryview(self.plugin.read_blocks(first, blocks).data)[start:start + count]
 
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             buf[:] = self._expected(offset, len(buf))

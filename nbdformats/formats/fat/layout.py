@@ -348,7 +348,7 @@ def boot_sector(geometry: Geometry, label: bytes, serial: int) -> bytearray:
     return sector
 
 
-def with_boot_code(volume_boot_record: bytes, code: bytes, keep: tuple[int, int]) -> bytearray:
+def with_boot_code(volume_boot_record: bytes | bytearray, code: bytes, keep: tuple[int, int]) -> bytearray:
     """`code` (a 512-byte boot sector) with bytes keep[0]:keep[1] (the BPB) taken from
     `volume_boot_record`, and the 0x55AA signature."""
     sector = bytearray(code)

@@ -68,9 +68,9 @@ def parse_cipher_spec(text: str) -> CipherSpec:
     raise LuksError(f"unsupported cipher {text!r}: unknown IV mode {ivgen!r} (supported: {SUPPORTED})")
 
 
-def _octets(words: np.ndarray) -> np.ndarray:
-    """A byte view of a contiguous u64 array (cryptography takes buffers of bytes only)."""
-    return words.view(np.uint8)
+def _octets(words: np.ndarray) -> memoryview:
+    """A flat byte view of a contiguous u64 array (cryptography takes buffers of bytes only)."""
+    return words.reshape(-1).view(np.uint8).data
 
 
 def _ecb(key: bytes) -> Cipher:

@@ -137,6 +137,7 @@ def index(read: Reader, size: int, with_checksums: bool) -> Archive:
                     raise XvaError(f"ova.xml is implausibly large ({entry.size} bytes)")
                 ova_data = read_ahead(entry.data_offset, entry.size)
                 continue
+            assert match is not None  # a chunk: only those are left
             number, suffix = int(match.group(1)), match.group(2)
             if suffix is None:
                 chunks = directories.setdefault(directory, {})

@@ -128,7 +128,7 @@ class CurlPlugin(Plugin):
                 import socks  # noqa: F401  (PySocks, which urllib3.contrib.socks needs)
             except ImportError:
                 raise ConfigError("curl: a socks proxy needs the PySocks package (pip install PySocks)") from None
-        self.fixed_headers = self._fixed_headers()
+        self.fixed_headers: list[tuple[str, str | None]] = self._fixed_headers()
         if scheme == "file":
             for key in self._http_only_given():
                 log.warning("curl: %s= does not apply to file: URLs (as in libcurl)", key)
@@ -156,8 +156,8 @@ class CurlPlugin(Plugin):
         password = _text(self.password) if self.password is not None else url_password
         if user is not None or password is not None:
             headers.insert(0, ("Authorization", basic_auth(user or "", (password or "").encode())))
-        for key, value in (("cookie", self.cookie), ("user-agent", self.user_agent)):
-            text = _text(value) if isinstance(value, SecretValue) else value
+        for key, text in (("cookie", None if self.cookie is None else _text(self.cookie)),
+                          ("user-agent", self.user_agent)):
             if text is not None and any(c in text for c in "\r\n\0"):
                 raise ConfigError(f"curl: {key}= contains a line break or NUL")
         if self.cookie is not None:
@@ -189,6 +189,7 @@ class CurlPlugin(Plugin):
         return context
 
     def get_ready(self) -> None:
+        self.client: FileClient | RangeClient
         if self.scheme == "file":
             self.client = FileClient(self.request_url, Headers([], self.url, self.header_script, 0,
                                                                 self.cookie_script, 0))
@@ -247,8 +248,9 @@ class CurlPlugin(Plugin):
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.clear()
-        if isinstance(getattr(self, "client", None), FileClient):
-            self.client.close()
+        client = getattr(self, "client", None)
+        if isinstance(client, FileClient):
+            client.close()
 
     def fetch(self, buf: memoryview, offset: int) -> None:
         """Fill buf from the object at offset (one ranged GET, retried); NBDError(EIO) on failure."""

@@ -281,7 +281,7 @@ class FatImage:
             if filled:
                 payload = payloads[index]
                 directory = directories[index]
-                if directory is not None:
+                if isinstance(payload, str):  # a host file's name, read at request time
                     read_host(f"{directory}/{payload}", object_offset, part[:filled])
                 else:
                     part[:filled] = payload[object_offset:object_offset + filled]
@@ -343,7 +343,9 @@ class FatImage:
                 position = starts[k]
             stop = min(ends[k], end)
             index = objects[k]
-            path = f"{self._directories[index]}/{self._payloads[index]}"
+            name = self._payloads[index]
+            assert isinstance(name, str)  # only host files have ranges to look up
+            path = f"{self._directories[index]}/{name}"
             for start, length, is_data in host_ranges(path, position - starts[k], stop - position):
                 out.append((base + starts[k] + start, length, EXTENT_DATA if is_data else EXTENT_HOLE | EXTENT_ZERO))
             position = stop

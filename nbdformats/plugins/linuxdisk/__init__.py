@@ -126,7 +126,7 @@ class LinuxDiskPlugin(Plugin):
             else:
                 staging = source = tempfile.mkdtemp(prefix="linuxdisk-merge-", dir=tmpdir)
                 stats = tree.stage(self.dirs, staging)
-            self.fd = self._build_filesystem(program, source, stats, tmpdir)
+            self.fd: int | None = self._build_filesystem(program, source, stats, tmpdir)
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -210,7 +210,8 @@ class LinuxDiskPlugin(Plugin):
     class Handle(PluginHandle):
         def __init__(self, plugin: "LinuxDiskPlugin", readonly: bool, export_name: str) -> None:
             self.plugin = plugin
-            self.fd = plugin.fd
+            assert plugin.fd is not None  # built by get_ready(), closed only at cleanup
+            self.fd: int = plugin.fd
             self.fs_start, self.fs_end = plugin.fs_start, plugin.fs_end
 
         def get_size(self) -> int:
