@@ -138,13 +138,13 @@ class NbdPlugin(Plugin):
         implied_shared = self.command is not None or self.socket_fd is not None
         if implied_shared and self.shared is False:
             raise ConfigError("nbd: command= and socket-fd= need shared=true")
-        self.shared_mode = bool(self.shared) or implied_shared
+        self.shared_mode: bool = bool(self.shared) or implied_shared
         if self.dynamic_export and self.shared_mode:
             raise ConfigError("nbd: dynamic-export=true cannot be combined with shared mode "
                               "(shared=true, command=, socket-fd=)")
         if self.dynamic_export and self.export is not None:
             raise ConfigError("nbd: export= and dynamic-export=true are incompatible")
-        self.address = self._address()
+        self.address: Address = self._address()
 
     def _address(self) -> Address:
         # "If omitted but another tls option is present, this defaults to on" (nbdkit-nbd-plugin(1)).
@@ -217,11 +217,13 @@ class NbdPlugin(Plugin):
                 raise ConfigError(f"nbd: {reason}") from None
 
     def cleanup(self) -> None:
-        if getattr(self, "shared_client", None) is not None:
-            self.shared_client.close()
+        shared_client = getattr(self, "shared_client", None)
+        if shared_client is not None:
+            shared_client.close()
             self.shared_client = None
-        if getattr(self, "spawned", None) is not None:
-            self.spawned.stop()
+        spawned = getattr(self, "spawned", None)
+        if spawned is not None:
+            spawned.stop()
             self.spawned = None
 
     def list_exports(self, readonly: bool, is_tls: bool) -> list[Export]:
@@ -244,8 +246,8 @@ class NbdPlugin(Plugin):
     class Handle(PluginHandle):
         def __init__(self, plugin: "NbdPlugin", readonly: bool, export_name: str) -> None:
             self.owned = plugin.shared_client is None
-            self.client = plugin.connect(export_name) if self.owned else plugin.shared_client
-            assert self.client is not None
+            client = plugin.connect(export_name) if plugin.shared_client is None else plugin.shared_client
+            self.client: NBDClient = client
 
         def close(self) -> None:
             if self.owned:
