@@ -8,6 +8,7 @@ killed with its whole process group.  Callers turn a `Finished` into their own e
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import signal
@@ -49,10 +50,20 @@ def run(argv: list[str], *, stdout_limit: int, timeout: float, input: bytes | me
     is stopped once it has written that much and the first `stdout_limit` bytes are returned
     (for generators whose output is cut, like data's <(SCRIPT)[:N]).
     """
+    def start(command: list[str]) -> subprocess.Popen:
+        # close_fds=False: as under nbdkit, the command inherits what the server inherited; the
+        # server's own descriptors are all close-on-exec (Python's default) and do not leak.
+        return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=dict(env) if env is not None else None, cwd=cwd, close_fds=False,
+                                start_new_session=True)  # its own process group: killed as a whole
+
     try:
-        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   env=dict(env) if env is not None else None, cwd=cwd, close_fds=True,
-                                   start_new_session=True)  # its own process group: killed as a whole
+        try:
+            process = start(argv)
+        except OSError as e:
+            if e.errno != errno.ENOEXEC:
+                raise
+            process = start(["/bin/sh", *argv])  # a script without #!: run by the shell, as execvp does
     except OSError as e:
         raise ScriptFailed(f"cannot run {argv[0]}: {e.strerror}") from None
     assert process.stdin and process.stdout and process.stderr
