@@ -115,9 +115,9 @@ class SparsePages:
         self.region_counts[region] = self.region_counts.get(region, 0) + 1
         return page
 
-    def page_is_zero(self, index: int) -> bool:
-        """Whether the allocated page `index` holds only zeroes."""
-        return self.pages[index] == ZERO_PAGE
+    def page_is_zero(self, index: int, start: int = 0) -> bool:
+        """Whether the allocated page `index` holds only zeroes from byte `start` of it on."""
+        return memoryview(self.pages[index])[start:] == ZERO_PAGE[start:]
 
     def free(self, index: int) -> None:
         if self.pages.pop(index, None) is not None:
@@ -162,8 +162,9 @@ class SparsePages:
                 step = PAGE
                 if index not in pages:
                     kind = EXTENT_HOLE | EXTENT_ZERO
-                else:  # as nbdkit's sparse array: an allocated page of zeroes reads as zeroes
-                    kind = EXTENT_ZERO if self.page_is_zero(index) else EXTENT_DATA
+                else:  # as nbdkit's sparse array: allocated zeroes (from where the request starts) read as zeroes
+                    zero = self.page_is_zero(index, max(offset - position, 0))
+                    kind = EXTENT_ZERO if zero else EXTENT_DATA
             extents.add(position, step, kind)
             position += step
 
@@ -177,8 +178,8 @@ class ZstdPages(SparsePages):
         self.compressor = zstandard.ZstdCompressor(level=1)
         self.decompressor = zstandard.ZstdDecompressor()
 
-    def page_is_zero(self, index: int) -> bool:
-        return self.decompressor.decompress(self.pages[index]) == ZERO_PAGE
+    def page_is_zero(self, index: int, start: int = 0) -> bool:
+        return memoryview(self.decompressor.decompress(self.pages[index]))[start:] == ZERO_PAGE[start:]
 
     def read(self, buf: memoryview, offset: int) -> None:
         done, count = 0, len(buf)
