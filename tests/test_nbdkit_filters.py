@@ -30,6 +30,12 @@ def test_swab_bytes_size_and_block_size_match_nbdkit(tmp, bits):
         assert facts[0]["block_size_minimum"] == facts[1]["block_size_minimum"]
 
 
+def test_swab_sparse_reads_match_nbdkit(tmp):
+    args = ("--filter=swab", "data", "@5 1 2 3 @0x100000 4 5 6 7 @0x300000 ( 9 8 )*4096", "size=4M", "swab-bits=32")
+    with serve_nbdkit(*args) as ref, serve(*args) as ours:
+        assert served_sha(ours.uri, tmp, "ours") == served_sha(ref.uri, tmp, "ref")
+
+
 def test_swab_writes_are_swapped_and_unaligned_requests_refused():
     with serve("--filter=swab", "memory", "1M", "swab-bits=32") as srv:
         nbdsh(srv.uri, "h.pwrite(b'abcdefgh', 8)")

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Callable, TypeVar
 
-from ..api.chain import (FLAG_FAST_ZERO, FLAG_FUA, NONE, Extents, Filter, FilterHandle, Layer, OpenNext,
+from ..api.chain import (FLAG_FAST_ZERO, FLAG_FUA, NONE, Extents, Filter, FilterHandle, Holes, Layer, OpenNext,
                          ThreadModel)
 from ..api.errors import NBDError
 from ..api.params import Bool, Int, Param
@@ -25,7 +25,6 @@ class RetryFilter(Filter):
     """Reopen the plugin and retry when a request fails (with exponential back-off)."""
 
     name = "retry"
-    blocking = True  # waits between retries
     thread_model = ThreadModel.SERIALIZE_REQUESTS  # the layer below is replaced under a request's feet otherwise
     retries = Param(Int(minimum=0, maximum=1000), default=5, help="How many times a request is retried (0: never)")
     retry_delay = Param(Int(minimum=1, maximum=3600), default=2, help="Seconds to wait before the first retry")
@@ -101,6 +100,12 @@ class RetryFilter(Filter):
                 self._in_range(below, len(buf), offset, False)
                 below.pread(buf, offset, flags)
             self._retry("pread", call)
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            def call(below: Layer) -> Holes:
+                self._in_range(below, len(buf), offset, False)
+                return below.pread_sparse(buf, offset, flags)
+            return self._retry("pread", call)
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             def call(below: Layer) -> None:

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Callable, TypeVar
 
-from ..api.chain import Extents, Filter, FilterHandle, OpenNext
+from ..api.chain import Extents, Filter, FilterHandle, Holes, OpenNext
 from ..api.params import Bool, Int, Param
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,6 @@ class RetryRequestFilter(Filter):
     """Retry each failed request (and open) a few times, without reopening the plugin."""
 
     name = "retry-request"
-    blocking = True  # waits between retries
     retry_request_retries = Param(Int(minimum=0, maximum=1000), default=2,
                                   help="How many times a request is retried (0: never)")
     retry_request_delay = Param(Int(minimum=1, maximum=3600), default=2, help="Seconds to wait before each retry")
@@ -51,6 +50,9 @@ class RetryRequestFilter(Filter):
 
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             self.filter.retry("pread", lambda: self.next.pread(buf, offset, flags))
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            return self.filter.retry("pread", lambda: self.next.pread_sparse(buf, offset, flags))
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             self.filter.retry("pwrite", lambda: self.next.pwrite(buf, offset, flags))

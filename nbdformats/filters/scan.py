@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from ..api.chain import NATIVE, Filter, FilterHandle, Layer, ThreadModel
+from ..api.chain import NATIVE, Filter, FilterHandle, Holes, Layer, ThreadModel
 from ..api.params import Bool, Param, Size
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,16 @@ class ScanFilter(Filter):
                     return
 
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-            if self.thread is not None:
-                self.client_reached = max(self.client_reached, offset + len(buf))
+            self._client_read(offset + len(buf))
             self.next.pread(buf, offset, flags)
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            self._client_read(offset + len(buf))
+            return self.next.pread_sparse(buf, offset, flags)
+
+        def _client_read(self, end: int) -> None:
+            if self.thread is not None:
+                self.client_reached = max(self.client_reached, end)
 
         def close(self) -> None:
             if self.thread is not None:

@@ -11,7 +11,7 @@ import errno
 
 import numpy as np
 
-from ..api.chain import Extents, Filter, FilterHandle, Layer
+from ..api.chain import Extents, Filter, FilterHandle, Holes, Layer
 from ..api.errors import NBDError
 from ..api.params import Enum, Param
 
@@ -83,11 +83,20 @@ class SwabFilter(Filter):
             minimum, preferred, maximum = below
             return max(minimum, self.width), preferred, maximum
 
+        def _swap_in_place(self, buf: memoryview) -> None:
+            if self.bits != 8:
+                np.frombuffer(buf, dtype=WORD_TYPES[self.bits]).byteswap(inplace=True)
+
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             self._check(len(buf), offset)
             self.next.pread(buf, offset, flags)
-            if self.bits != 8:
-                np.frombuffer(buf, dtype=WORD_TYPES[self.bits]).byteswap(inplace=True)
+            self._swap_in_place(buf)
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            self._check(len(buf), offset)
+            holes = self.next.pread_sparse(buf, offset, flags)
+            self._swap_in_place(buf)  # holes read as zeroes in any byte order: what fills them does not matter
+            return holes
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             self._check(len(buf), offset)

@@ -20,7 +20,7 @@ from typing import Callable
 from ..api.chain import (EMULATE, EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, FLAG_REQ_ONE,
                          NATIVE, NONE, Export, Extents, Plugin, PluginHandle, ThreadModel, current_tls)
 from ..api.errors import ConfigError, NBDError
-from ..api.params import apply_params, params_of, parse_size
+from ..api.params import parse_size
 from ..api.zeroes import write_zeroes
 from . import _subprocess
 
@@ -129,7 +129,6 @@ def chomp(text: str) -> str:
 class ScriptedPlugin(Plugin):
     """What the sh and eval plugins share: calling methods, and the handle."""
 
-    blocking = True  # every method is a process
     _tmpdir: str | None = None
 
     @property
@@ -178,11 +177,6 @@ class ScriptedPlugin(Plugin):
             return self.expect(method, (Status.OK, Status.MISSING), *args)
         except ScriptError as e:
             raise ConfigError(f"{self.name}: {e}") from None
-
-    def parse_defaults(self) -> None:
-        """--dump-plugin without parameters does not parse any: take the defaults."""
-        if not vars(self).keys() & {param.attr for param in params_of(type(self))}:
-            apply_params(self, [], self.name)
 
     def settle_thread_model(self) -> None:
         """As nbdkit: a script without a thread_model method (or an answer not understood) is run

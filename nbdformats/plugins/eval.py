@@ -74,7 +74,6 @@ class EvalPlugin(ScriptedPlugin):
         self.settle_thread_model()
 
     def dump_plugin(self) -> None:
-        self.parse_defaults()
         self.settle_thread_model()  # --dump-plugin shows the script's
         super().dump_plugin()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 
-from ..api.chain import EXTENT_HOLE, EXTENT_ZERO, Extents
+from ..api.chain import EXTENT_HOLE, EXTENT_ZERO, Extents, Holes
 from ..api.errors import NBDError
 from ..api.zeroes import fill_zero
 from ._synthetic import SyntheticPlugin
@@ -22,6 +22,9 @@ class FullPlugin(SyntheticPlugin):
     class Handle(SyntheticPlugin.Handle):
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             fill_zero(buf)
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            return [(0, len(buf))]  # all zeroes: nothing to fill
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             raise NBDError(errno.ENOSPC, "full: no space left on device")

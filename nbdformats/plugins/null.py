@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..api.chain import EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents
+from ..api.chain import EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents, Holes
 from ..api.params import Param, Size
 from ..api.zeroes import fill_zero
 from ._synthetic import SyntheticPlugin
@@ -23,6 +23,9 @@ class NullPlugin(SyntheticPlugin):
 
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             fill_zero(buf)
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            return [(0, len(buf))]  # all zeroes: nothing to fill
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             pass

@@ -41,7 +41,6 @@ class OndemandPlugin(Plugin):
     """Persistent filesystems made on demand: each export name is a file in dir=, created by mkfs."""
 
     name = "ondemand"
-    blocking = True  # file I/O, and a command when an export is new
     accepts_any_key = True  # other parameters are shell variables for the command
     dir = Param(Path("dir"), required=True, help="Directory where the filesystems are kept")
     size = Param(Size(), required=True, magic=True,

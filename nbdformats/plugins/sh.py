@@ -84,7 +84,6 @@ class ShPlugin(ScriptedPlugin):
         self.settle_thread_model()
 
     def dump_plugin(self) -> None:
-        self.parse_defaults()
         if self.script is not None:
             self.settle_thread_model()  # --dump-plugin shows the script's
         super().dump_plugin()

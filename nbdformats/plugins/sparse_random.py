@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from ..api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Extents
+from ..api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Extents, Holes, pread_sparse_by_extents
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Bool, Float, Int, Param, Size
 from ..api.progress import progress
@@ -143,6 +143,9 @@ class SparseRandomPlugin(SyntheticPlugin):
 
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
             buf[:] = self._expected(offset, len(buf))
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            return pread_sparse_by_extents(self, buf, offset, flags)  # holes from the bitmap
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             if buf != self._expected(offset, len(buf)):

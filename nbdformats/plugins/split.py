@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, NATIVE, Extents, Plugin, PluginHandle
+from ..api.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, NATIVE, Extents, Holes, Plugin, PluginHandle,
+                         pread_sparse_by_extents)
 from ..api.params import Param, Path
 from ._sparse import data_and_holes
 
@@ -33,7 +34,6 @@ class SplitPlugin(Plugin):
     """Files concatenated into one disk, in the order given."""
 
     name = "split"
-    blocking = True  # file I/O
     file = Param(Path("file"), required=True, repeat=True, magic=True,
                  help="A file to concatenate (repeat for each; bare arguments work too)")
 
@@ -82,6 +82,9 @@ class SplitPlugin(Plugin):
                         raise OSError(errno.EIO, "split: unexpected end of file (was a file truncated?)")
                     view, at = view[n:], at + n
                 done += length
+
+        def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+            return pread_sparse_by_extents(self, buf, offset, flags)  # holes from SEEK_DATA/SEEK_HOLE
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             done = 0

@@ -19,7 +19,6 @@ class TmpdiskPlugin(Plugin):
     """A fresh temporary filesystem (or any disk a command makes) for each client, deleted after."""
 
     name = "tmpdisk"
-    blocking = True  # file I/O, and a command at each open
     accepts_any_key = True  # other parameters are shell variables for the command
     size = Param(Size(), required=True, magic=True,
                  help="Size of each disk; with command= only a suggestion ($size), the disk it makes is served")
