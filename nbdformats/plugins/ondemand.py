@@ -69,7 +69,7 @@ class OndemandPlugin(Plugin):
         # Files with "." (dot-files too, where commands may keep state) or ":" are not exports.
         names = [name for name in os.listdir(self.dir)
                  if "." not in name and ":" not in name and name != "default"]
-        return [Export("default"), *(Export(name) for name in sorted(names))]  # "" is "default", listed first
+        return [Export(""), *(Export(name) for name in sorted(names))]  # "" (the file "default") first
 
     def default_export(self, readonly: bool, is_tls: bool) -> str:
         return "default"
