@@ -1,10 +1,19 @@
-"""What the floppy and linuxdisk plugins share: the data and holes of a sparse host file."""
+"""What the floppy, linuxdisk, split and partitioning plugins share: the data and holes of a sparse host file."""
 
 from __future__ import annotations
 
 import errno
 import os
 from typing import Iterator
+
+
+def seeks_holes(fd: int) -> bool:
+    """Whether the file's filesystem answers SEEK_DATA/SEEK_HOLE (so data_and_holes works)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as e:
+        return e.errno == errno.ENXIO  # ENXIO: the file is one hole; other errors: no hole support
+    return True
 
 
 def data_and_holes(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:

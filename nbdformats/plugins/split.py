@@ -11,7 +11,7 @@ from typing import Iterator
 from ..api.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, NATIVE, Extents, Holes, Plugin, PluginHandle,
                          pread_sparse_by_extents)
 from ..api.params import Param, Path
-from ._sparse import data_and_holes
+from ._sparse import data_and_holes, seeks_holes
 
 
 @dataclass
@@ -20,14 +20,6 @@ class Piece:
     offset: int  # where the file starts on the disk
     size: int
     seeks_holes: bool  # the filesystem answers SEEK_DATA/SEEK_HOLE
-
-
-def seeks_holes(fd: int) -> bool:
-    try:
-        os.lseek(fd, 0, os.SEEK_DATA)
-    except OSError as e:
-        return e.errno == errno.ENXIO  # ENXIO: the file is one hole; other errors: no hole support
-    return True
 
 
 class SplitPlugin(Plugin):
