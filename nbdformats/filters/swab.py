@@ -101,7 +101,7 @@ class SwabFilter(Filter):
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
             self._check(len(buf), offset)
             if self.bits != 8:
-                buf = memoryview(self._swapped(buf)).cast("B")
+                buf = memoryview(self._swapped(buf).tobytes())
             self.next.pwrite(buf, offset, flags)
 
         def trim(self, count: int, offset: int, flags: int) -> None:

@@ -181,7 +181,7 @@ class ScriptedPlugin(Plugin):
     def settle_thread_model(self) -> None:
         """As nbdkit: a script without a thread_model method (or an answer not understood) is run
         serialize_all_requests."""
-        self.thread_model = ThreadModel.SERIALIZE_ALL_REQUESTS
+        self.thread_model = ThreadModel.SERIALIZE_ALL_REQUESTS  # type: ignore[misc]  # the chain reads it after configure
         status, out = self.config_call("thread_model")
         if status == Status.OK:
             text = chomp(as_text(out)).lower().replace("-", "_")
@@ -189,7 +189,7 @@ class ScriptedPlugin(Plugin):
             if model is None:
                 log.debug("ignoring unrecognized thread model: %s", text)
             else:
-                self.thread_model = model
+                self.thread_model = model  # type: ignore[misc]
 
     def dump_plugin(self) -> None:
         print(f"max_known_status={int(Status.FALSE)}")

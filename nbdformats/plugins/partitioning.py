@@ -150,7 +150,7 @@ def record(kind: int, first_lba: int, length: int, bootable: bool = False) -> by
     return mbr.pack_record(kind, first_lba, sectors(length), bootable, CHS_UNUSED, CHS_UNUSED)
 
 
-def build_mbr(files: list[PartitionFile]) -> tuple[Layout, Region, list[Region]]:
+def build_mbr(files: list[PartitionFile]) -> Layout:
     layout = Layout()
     table = layout.append(SECTOR)
     ebrs = []
@@ -173,7 +173,7 @@ def build_mbr(files: list[PartitionFile]) -> tuple[Layout, Region, list[Region]]
                                     next_file.start + next_file.size - following.start))
             ebr.data = mbr.mbr_sector(links)
     table.data = mbr.mbr_sector(records)
-    return layout, table, ebrs
+    return layout
 
 
 def gpt_name(given: str) -> str:
@@ -219,20 +219,23 @@ class PartitioningPlugin(Plugin):
     def configure(self, pairs: Iterable[tuple[str, str]]) -> None:
         # alignment=, mbr-id= and type-guid= apply to the files after them: read in order.
         declared = {param.key: param for param in params_of(type(self))}
-        current = {"alignment": MAX_ALIGNMENT, "mbr-id": DEFAULT_MBR_ID, "type-guid": gpt.LINUX_FILESYSTEM}
+        alignment, mbr_id, type_guid = MAX_ALIGNMENT, DEFAULT_MBR_ID, gpt.LINUX_FILESYSTEM
         self.files: list[PartitionFile] = []
-        self.partition_type = None
+        self.table: str | None = None
         for key, text in pairs:
             if key not in declared:
                 raise ConfigError(f"partitioning: unknown parameter {key!r} (known: {', '.join(sorted(declared))})")
             value = declared[key].parse(text)
             if key == "file":
-                self.files.append(PartitionFile(value, text, current["alignment"], current["mbr-id"],
-                                                current["type-guid"]))
+                self.files.append(PartitionFile(value, text, alignment, mbr_id, type_guid))
             elif key == "partition-type":
-                self.partition_type = value
+                self.table = value
+            elif key == "alignment":
+                alignment = value
+            elif key == "mbr-id":
+                mbr_id = value
             else:
-                current[key] = value
+                type_guid = value
         self.config_complete()
 
     def config_complete(self) -> None:
@@ -244,14 +247,14 @@ class PartitioningPlugin(Plugin):
                 raise ConfigError(f"partitioning: {f.given_name}: zero length partitions are not allowed")
         total = sum(f.size for f in self.files)
         needs_gpt = total > MAX_MBR_DISK_SIZE
-        if self.partition_type is None:
-            self.partition_type = "gpt" if needs_gpt or len(self.files) > 4 else "mbr"
-        elif self.partition_type == "mbr" and needs_gpt:
+        if self.table is None:
+            self.table = "gpt" if needs_gpt or len(self.files) > 4 else "mbr"
+        elif self.table == "mbr" and needs_gpt:
             raise ConfigError(f"partitioning: MBR supports a virtual disk of about 2 TB, but the {len(self.files)} "
                               f"file(s) hold {total} bytes (> {MAX_MBR_DISK_SIZE}): use partition-type=gpt")
 
     def get_ready(self) -> None:
-        self.layout = build_gpt(self.files) if self.partition_type == "gpt" else build_mbr(self.files)[0]
+        self.layout = build_gpt(self.files) if self.table == "gpt" else build_mbr(self.files)
         self.writable = True
         for f in self.files:
             try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Literal, Union
 
 from ...api.errors import ConfigError
 
@@ -22,7 +22,7 @@ MAX_INT64 = (1 << 63) - 1
 MAX_NESTING = 200  # parentheses and variables inside variables
 SPACE = " \t\n\f\r\v"
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-WORDS = {"le16:": ("little", 2), "le32:": ("little", 4), "le64:": ("little", 8),
+WORDS: dict[str, tuple[Literal["little", "big"], int]] = {"le16:": ("little", 2), "le32:": ("little", 4), "le64:": ("little", 8),
          "be16:": ("big", 2), "be32:": ("big", 4), "be64:": ("big", 8)}
 ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11}
 
