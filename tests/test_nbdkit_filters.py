@@ -177,8 +177,24 @@ def test_scan_warns_and_stays_out_of_the_way_when_it_cannot_scan():
         assert "not scanning" in srv.stderr()
 
 
-EXPORTS = ["list_exports=printf 'INTERLEAVED\\na\\nx\\nb\\ny\\nc\\nz\\n'", "default_export=echo a", "open=echo $3",
-           "get_size=case $2 in a) echo 1;; b) echo 2;; c) echo 3;; *) exit 1;; esac"]
+# (A sh script, not eval: nbdkit's exportname filter also takes default_export= for its own.)
+EXPORTS_SCRIPT = """case "$1" in
+  list_exports) printf 'INTERLEAVED\\na\\nx\\nb\\ny\\nc\\nz\\n' ;;
+  default_export) echo a ;;
+  open) echo "$3" ;;
+  export_description) echo "described $2" ;;
+  get_size) case "$2" in a) echo 1 ;; b) echo 2 ;; c) echo 3 ;; *) exit 1 ;; esac ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+@pytest.fixture
+def exports(tmp) -> str:
+    script = tmp / "exports.sh"
+    script.write_text(EXPORTS_SCRIPT)
+    script.chmod(0o755)
+    return str(script)
 
 
 def listing(uri: str) -> list:
@@ -187,24 +203,35 @@ def listing(uri: str) -> list:
 
 
 @pytest.mark.parametrize("options", [(), ("exportname-list=keep",), ("exportname-list=empty",),
+                                     ("exportname-list=defaultonly",),
                                      ("exportname-list=explicit", "exportname=b", "exportname=a"),
                                      ("exportname-list=defaultonly", "default-export=b"),
                                      ("exportdesc=none",), ("exportdesc=fixed:hi",),
                                      ("exportdesc=script:echo $name$name",)])
-def test_exportname_lists_match_nbdkit(options):
-    args = ("--filter=exportname", "eval", *EXPORTS, *options)
+def test_exportname_lists_match_nbdkit(exports, options):
+    args = ("--filter=exportname", "sh", exports, *options)
     with serve_nbdkit(*args) as ref, serve(*args) as ours:
         assert listing(ours.uri) == listing(ref.uri)
 
 
-def test_exportname_error_policy_and_strict_names():
-    with serve("--filter=exportname", "eval", *EXPORTS, "exportname-list=error") as srv:
+def test_exportname_error_policy_and_strict_names(exports):
+    with serve("--filter=exportname", "sh", exports, "exportname-list=error") as srv:
         assert run(["nbdinfo", "--list", srv.uri], check=False).returncode != 0
-    args = ("--filter=exportname", "eval", *EXPORTS, "exportname-strict=true", "exportname=a", "exportname=b")
+    args = ("--filter=exportname", "sh", exports, "exportname-strict=true", "exportname=a", "exportname=b")
     with serve_nbdkit(*args) as ref, serve(*args) as ours:
         for export in ("a", "b", "c", ""):
             results = [nbdsh(s.uri_for(export), "print(h.get_size())", check=False).returncode == 0
                        for s in (ours, ref)]
             assert results[0] == results[1], export
-    with serve("--filter=exportname", "eval", *EXPORTS, "default-export=c") as srv:
+    with serve("--filter=exportname", "sh", exports, "default-export=c") as srv:
         assert nbdsh(srv.uri, "print(h.get_size())").stdout == b"3\n"
+
+
+@pytest.mark.parametrize("options", [(), ("exportdesc=none",), ("exportdesc=fixed:hi",),
+                                     ("exportdesc=script:echo $name$name",), ("default-export=b",)])
+def test_exportname_description_of_the_open_export_matches_nbdkit(exports, options):
+    args = ("--filter=exportname", "sh", exports, *options)
+    with serve_nbdkit(*args, options=("-e", "c")) as ref, serve(*args, options=("-e", "c")) as ours:
+        for export in ("c", ""):
+            infos = [nbdinfo_json(s.uri_for(export), "--no-content")["exports"][0] for s in (ours, ref)]
+            assert [i.get("description") for i in infos] == [infos[1].get("description")] * 2, export

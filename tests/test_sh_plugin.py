@@ -228,3 +228,10 @@ def test_dump_plugin_shows_the_scripts_thread_model_and_lines(tmp):
     assert "thread_model=serialize_requests" in out and "extra=1" in out and "max_known_status=3" in out
     out = run([*NBDFORMATS, "--dump-plugin", "eval"]).stdout.decode().splitlines()
     assert "thread_model=serialize_all_requests" in out
+
+
+def test_export_description_reaches_the_client_like_nbdkit():
+    args = ("eval", "get_size=echo 1", "open=echo $3", "export_description=echo the export $2")
+    with serve_nbdkit(*args) as ref, serve(*args) as ours:
+        infos = [nbdinfo_json(s.uri_for("xyz"), "--no-content")["exports"][0] for s in (ours, ref)]
+        assert infos[0]["description"] == infos[1]["description"] == "the export xyz"

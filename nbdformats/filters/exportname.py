@@ -12,7 +12,7 @@ import errno
 import logging
 from typing import Callable
 
-from ..api.chain import Export, Filter, FilterHandle, OpenNext
+from ..api.chain import Export, Filter, FilterHandle, Layer, OpenNext
 from ..api.errors import NBDError
 from ..api.params import Bool, Enum, Param, ParamType, String
 from ..plugins import _subprocess
@@ -95,6 +95,19 @@ class ExportnameFilter(Filter):
         if self.exportname_strict and export_name not in self.exportname:
             raise NBDError(errno.ENOENT, f"exportname: export {export_name!r} not found")
         return super().open(next_open, readonly, export_name)
+
+    class Handle(FilterHandle):
+        filter: "ExportnameFilter"
+
+        def __init__(self, filter: "ExportnameFilter", next: Layer, readonly: bool, export_name: str) -> None:
+            super().__init__(filter, next, readonly, export_name)
+            self.export_name = export_name
+
+        def export_description(self) -> str | None:
+            keep = self.filter.exportdesc[0] == "keep"
+            description = self.filter.description(self.export_name, (self.next.export_description() or "")
+                                                  if keep else "")
+            return description or None
 
 
 FILTER = ExportnameFilter

@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import errno
 import logging
-import time
 from typing import Callable, TypeVar
 
 from ..api.chain import (FLAG_FAST_ZERO, FLAG_FUA, NONE, Extents, Filter, FilterHandle, Holes, Layer, OpenNext,
-                         ThreadModel)
+                         ThreadModel, sleep)
 from ..api.errors import NBDError
 from ..api.params import Bool, Int, Param
 
 log = logging.getLogger(__name__)
 Result = TypeVar("Result")
+
+
+def wait_or_give_up(seconds: float, failure: Exception) -> None:
+    """Wait before a retry; when the client hangs up or the server stops meanwhile, the request
+    fails with its own error (as nbdkit's retry filters)."""
+    try:
+        sleep(seconds)
+    except NBDError:
+        raise failure from None
 
 
 class RetryFilter(Filter):
@@ -65,7 +73,7 @@ class RetryFilter(Filter):
                         log.debug("could not recover after %d retries", self.filter.retries)
                         raise
                     log.debug("%s failed: %s; retry %d: waiting %d seconds", method, e, retry + 1, delay)
-                time.sleep(delay)
+                    wait_or_give_up(delay, e)
                 retry += 1
                 if self.filter.retry_exponential:
                     delay *= 2

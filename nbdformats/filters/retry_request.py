@@ -8,11 +8,11 @@ retry-request-retries= times.  Unlike the retry filter, the plugin is not reopen
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable, TypeVar
 
 from ..api.chain import Extents, Filter, FilterHandle, Holes, OpenNext
 from ..api.params import Bool, Int, Param
+from .retry import wait_or_give_up
 
 log = logging.getLogger(__name__)
 Result = TypeVar("Result")
@@ -37,7 +37,7 @@ class RetryRequestFilter(Filter):
                     raise
                 log.debug("%s failed: %s; retry %d: waiting %d seconds", method, e, attempt + 1,
                           self.retry_request_delay)
-            time.sleep(self.retry_request_delay)
+                wait_or_give_up(self.retry_request_delay, e)
             attempt += 1
 
     def open(self, next_open: OpenNext, readonly: bool, export_name: str) -> FilterHandle:

@@ -154,14 +154,14 @@ class ScriptedPlugin(Plugin):
                                      env=dict(os.environ, tmpdir=self.tmpdir))  # not the server's own (nor --run's)
         except _subprocess.ScriptFailed as e:
             raise ScriptError(errno.EIO, f"{method}: {e}") from None
+        if result.status < 0:
+            raise ScriptError(errno.EIO, f"{script}: {method}: script terminated by signal {-result.status}")
+        if result.status not in (0, 2, 3):
+            raise parse_error(result.stderr, script)  # its own error first, whatever it read
         if result.stdin_refused:
             raise ScriptError(errno.EIO, f"{script}: {method}: the script exited without reading all its input "
                                          "(a bug in the script)")
-        if result.status < 0:
-            raise ScriptError(errno.EIO, f"{script}: {method}: script terminated by signal {-result.status}")
-        if result.status in (0, 2, 3):
-            return Status(result.status), result.stdout
-        raise parse_error(result.stderr, script)
+        return Status(result.status), result.stdout
 
     def expect(self, method: str, allowed: tuple[Status, ...], *args: str, **kw) -> tuple[Status, bytes]:
         """call(), with statuses the method may not return (3 where no boolean is asked) as errors."""
@@ -284,6 +284,14 @@ class ScriptedPlugin(Plugin):
                 raise ScriptError(errno.EIO, f"{self.plugin.script_for('block_size')}: block_size method cannot "
                                              "be parsed")
             return sizes  # type: ignore[return-value]
+
+        def export_description(self) -> str | None:
+            try:
+                status, out = self._call("export_description")
+            except ScriptError as e:  # as nbdkit: no description then
+                log.error("%s", e)
+                return None
+            return chomp(as_text(out)) if status == Status.OK else None
 
         def can_write(self) -> bool:
             return self._boolean("can_write")
