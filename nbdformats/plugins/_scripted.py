@@ -181,7 +181,7 @@ class ScriptedPlugin(Plugin):
     def settle_thread_model(self) -> None:
         """As nbdkit: a script without a thread_model method (or an answer not understood) is run
         serialize_all_requests."""
-        self.thread_model = ThreadModel.SERIALIZE_ALL_REQUESTS  # type: ignore[misc]  # the chain reads it after configure
+        self.thread_model = ThreadModel.SERIALIZE_ALL_REQUESTS  # the chain reads it after configure
         status, out = self.config_call("thread_model")
         if status == Status.OK:
             text = chomp(as_text(out)).lower().replace("-", "_")
@@ -189,7 +189,7 @@ class ScriptedPlugin(Plugin):
             if model is None:
                 log.debug("ignoring unrecognized thread model: %s", text)
             else:
-                self.thread_model = model  # type: ignore[misc]
+                self.thread_model = model
 
     def dump_plugin(self) -> None:
         print(f"max_known_status={int(Status.FALSE)}")
@@ -275,15 +275,14 @@ class ScriptedPlugin(Plugin):
             status, out = self._call("block_size")
             if status == Status.MISSING:
                 return None
-            fields = as_text(out).split()
             try:
-                sizes = tuple(parse_size(f) for f in fields[:3])
+                sizes = [parse_size(field) for field in as_text(out).split()[:3]]
             except ValueError:
-                sizes = ()
+                sizes = []
             if len(sizes) != 3 or max(sizes) > 0xFFFFFFFF:
                 raise ScriptError(errno.EIO, f"{self.plugin.script_for('block_size')}: block_size method cannot "
                                              "be parsed")
-            return sizes  # type: ignore[return-value]
+            return sizes[0], sizes[1], sizes[2]
 
         def export_description(self) -> str | None:
             try:
