@@ -19,6 +19,7 @@ import ctypes
 import logging
 import logging.handlers
 import os
+import re
 import platform
 import shutil
 import signal
@@ -254,6 +255,10 @@ def help_command(plugin_name: str, filter_names: list[str]) -> str:
     return " ".join(["nbdformats", *(f"--filter={name}" for name in filter_names), plugin_name, "--help"])
 
 
+# nbdkit's is_config_key (server/main.c): a letter first, then letters, digits, '.', '_', '-'.
+CONFIG_KEY = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+
+
 def assign_args(plugin_name: str, filter_names: list[str], components: list,
                 args: list[str]) -> dict[int, list[tuple[str, str]]]:
     """key=value pairs per component (filters first, the plugin last) from [[KEY=]VALUE ...]."""
@@ -264,8 +269,9 @@ def assign_args(plugin_name: str, filter_names: list[str], components: list,
     pairs: dict[int, list[tuple[str, str]]] = {}
     for arg in args:
         key, eq, value = arg.partition("=")
-        if not eq or not key or "/" in key or key.startswith("."):
-            # A bare value (or a path containing '='): the plugin's magic parameter.
+        if not eq or not CONFIG_KEY.fullmatch(key):
+            # A bare value, or one whose '=' follows no valid key ("a/b=c", "1=2", "(1)=x" in the
+            # data plugin): the plugin's magic parameter, as nbdkit's is_config_key decides.
             magic = magic_param(plugin_cls)
             if magic is None:
                 raise ConfigError(f"{plugin_cls.name}: this plugin takes no bare argument ({arg!r}); use key=value")

@@ -120,8 +120,8 @@ def test_write_to_a_logical_partition_stays_inside_it(mbr, tmp):
 
 @pytest.mark.parametrize("number, message", [
     (3, "extended partition"),
-    (4, "partition 4 is empty"),
-    (7, "logical partition 7 not found"),
+    (4, "MBR partition 4 not found (its entry is empty)"),
+    (7, "MBR partition 7 not found"),
 ])
 def test_unservable_mbr_partitions_are_refused_at_start_up(mbr, number, message):
     path, _ = mbr

@@ -5,7 +5,7 @@ parameters), api/errors.py, api/zeroes.py (zero buffers and ranges), api/progres
 progress bars) and api/syscalls.py (fallocate); docs/api.md is the reference.
 """
 
-from .chain import (EMULATE, EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM,
+from .chain import (DEFAULT_EXPORT, EMULATE, EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM,
                     FLAG_REQ_ONE, NATIVE, NONE, Export, Extents, Filter, FilterHandle, Holes, Layer, Plugin, PluginHandle,
                     ThreadModel, current_client, current_tls, request_shutdown, sleep)
 from .errors import ConfigError, NBDError
@@ -14,7 +14,7 @@ from .progress import progress
 from .zeroes import fill_zero, is_zero, write_zeroes
 
 __all__ = [
-    "EMULATE", "EXTENT_DATA", "EXTENT_HOLE", "EXTENT_ZERO", "FLAG_FAST_ZERO", "FLAG_FUA", "FLAG_MAY_TRIM",
+    "DEFAULT_EXPORT", "EMULATE", "EXTENT_DATA", "EXTENT_HOLE", "EXTENT_ZERO", "FLAG_FAST_ZERO", "FLAG_FUA", "FLAG_MAY_TRIM",
     "FLAG_REQ_ONE", "NATIVE", "NONE", "Export", "Extents", "Filter", "FilterHandle", "Holes", "Layer", "Plugin",
     "PluginHandle", "ThreadModel", "current_client", "current_tls",
     "request_shutdown", "sleep", "ConfigError", "NBDError", "Bool", "Enum", "Float", "Int", "Param", "ParamType", "Path",

@@ -63,8 +63,16 @@ class ThreadModel(IntEnum):
 
 @dataclass(frozen=True)
 class Export:
+    """One entry of list_exports()."""
+
     name: str
     description: str = ""
+    # DEFAULT_EXPORT: "the default export", named by the chain with default_export() (asked once
+    # per connection), as nbdkit_use_default_export does.
+    is_default: bool = False
+
+
+DEFAULT_EXPORT = Export("", is_default=True)
 
 
 class Extents:
@@ -347,7 +355,7 @@ class Plugin(Component):
     buffer_alignment: ClassVar[int] = 1
 
     def list_exports(self, readonly: bool, is_tls: bool) -> list[Export]:
-        return [Export(self.default_export(readonly, is_tls))]
+        return [DEFAULT_EXPORT]
 
     def default_export(self, readonly: bool, is_tls: bool) -> str:
         return ""
@@ -696,30 +704,49 @@ class Chain:
             f.cleanup()
         self.plugin.cleanup()
 
-    def _list(self, index: int, readonly: bool, is_tls: bool) -> list[Export]:
+    def _list(self, index: int, readonly: bool, is_tls: bool, defaults: dict[int, str] | None) -> list[Export]:
+        if index < len(self.filters):
+            return self.filters[index].list_exports(
+                lambda ro, tls: self._list(index + 1, ro, tls, defaults), readonly, is_tls)
+        exports = []
+        for export in self.plugin.list_exports(readonly, is_tls):
+            if export.is_default:
+                try:
+                    export = Export(self._default(index, readonly, is_tls, defaults), export.description)
+                except NBDError:
+                    continue  # as nbdkit: no default export, nothing to list for it
+            exports.append(export)
+        return exports
+
+    def list_exports(self, readonly: bool, is_tls: bool, defaults: dict[int, str] | None = None) -> list[Export]:
+        return self._list(0, readonly, is_tls, defaults)
+
+    def _default(self, index: int, readonly: bool, is_tls: bool, defaults: dict[int, str] | None = None) -> str:
+        """The default export name of the layer at `index`; with a connection's `defaults`, each
+        layer's answer is asked once per connection and kept there (nbdkit caches them so)."""
+        if defaults is not None and index in defaults:
+            return defaults[index]
         if index == len(self.filters):
-            return self.plugin.list_exports(readonly, is_tls)
-        return self.filters[index].list_exports(
-            lambda ro, tls: self._list(index + 1, ro, tls), readonly, is_tls)
+            name = self.plugin.default_export(readonly, is_tls)
+        else:
+            name = self.filters[index].default_export(
+                lambda ro, tls: self._default(index + 1, ro, tls, defaults), readonly, is_tls)
+        if defaults is not None:
+            defaults[index] = name
+        return name
 
-    def list_exports(self, readonly: bool, is_tls: bool) -> list[Export]:
-        return self._list(0, readonly, is_tls)
+    def default_export(self, readonly: bool, is_tls: bool, defaults: dict[int, str] | None = None) -> str:
+        return self._default(0, readonly, is_tls, defaults)
 
-    def _default(self, index: int, readonly: bool, is_tls: bool) -> str:
-        if index == len(self.filters):
-            return self.plugin.default_export(readonly, is_tls)
-        return self.filters[index].default_export(
-            lambda ro, tls: self._default(index + 1, ro, tls), readonly, is_tls)
-
-    def default_export(self, readonly: bool, is_tls: bool) -> str:
-        return self._default(0, readonly, is_tls)
-
-    def _open(self, index: int, readonly: bool, export_name: str) -> Layer:
+    def _open(self, index: int, readonly: bool, export_name: str, defaults: dict[int, str] | None = None) -> Layer:
+        if not export_name and defaults is not None:
+            # As nbdkit's backend_open: a layer asked for "" opens its own default export.
+            export_name = self._default(index, readonly, bool(current_tls()), defaults)
         if index == len(self.filters):
             handle: PluginHandle | FilterHandle = self.plugin.open(readonly, export_name)
         else:
             handle = self.filters[index].open(
-                lambda ro, name: self._open(index + 1, ro, name), readonly, export_name)
+                lambda ro, name: self._open(index + 1, ro, name, defaults), readonly, export_name)
         try:
             return Layer(handle, readonly)
         except BaseException:
@@ -729,17 +756,20 @@ class Chain:
                 below.close()
             raise
 
-    def open(self, readonly: bool, export_name: str, client: Any = None, tls: bool | None = None) -> Layer:
+    def open(self, readonly: bool, export_name: str, client: Any = None, tls: bool | None = None,
+             defaults: dict[int, str] | None = None) -> Layer:
         """Open the whole chain for one connection; returns the top layer.
 
         `client` is the connection's socket and `tls` whether it negotiated TLS (what
         `current_client()` and `current_tls()` return while the plugin and filters open), so
         that filters can group connections by client and plugins can answer nbdkit.is_tls().
+        `defaults` is the connection's cache of default export names: each layer opened with ""
+        opens its own default export.
         """
         client_token = _current_client.set(client)
         tls_token = _current_tls.set(tls)
         try:
-            return self._open(0, readonly, export_name)
+            return self._open(0, readonly, export_name, defaults)
         finally:
             _current_tls.reset(tls_token)
             _current_client.reset(client_token)

@@ -89,7 +89,9 @@ class ExportnameFilter(Filter):
             if "" not in self.exportname:
                 raise NBDError(errno.ENOENT, "exportname: the default export is not one of the exportname= names")
             return self.default_export_name or ""
-        return self.default_export_name or next_default(readonly, is_tls)
+        if self.default_export_name is not None:  # given, even empty: it is the answer (nbdkit)
+            return self.default_export_name
+        return next_default(readonly, is_tls)
 
     def open(self, next_open: OpenNext, readonly: bool, export_name: str) -> FilterHandle:
         if self.exportname_strict and export_name not in self.exportname:

@@ -61,10 +61,10 @@ def find_partition(read: Reader, mbr: bytes, disk_size: int, number: int, sector
     if number <= 4:
         record = table[number - 1]
         if record.kind == 0 or record.sectors == 0:
-            raise PartitionError(f"MBR partition {number} is empty")
+            raise PartitionError(f"MBR partition {number} not found (its entry is empty)")
         if record.kind in EXTENDED_TYPES:
-            raise PartitionError(f"MBR partition {number} is an extended partition (its logical "
-                                 f"partitions are numbered from 5)")
+            raise PartitionError(f"MBR partition {number} not found: it is the extended partition "
+                                 f"(its logical partitions are numbered from 5)")
         return record.first_lba * sector_size, record.sectors * sector_size
 
     for record in table:
@@ -88,7 +88,7 @@ def find_partition(read: Reader, mbr: bytes, disk_size: int, number: int, sector
         partition, link = records(sector)[:2]
         if logical == number:
             if partition.kind == 0 or partition.sectors == 0:
-                raise PartitionError(f"MBR logical partition {number} is empty")
+                raise PartitionError(f"MBR partition {number} not found (its logical entry is empty)")
             offset, length = ebr + partition.first_lba * sector_size, partition.sectors * sector_size
             if offset <= ebr or offset + length > extended_end:
                 raise PartitionError(f"MBR logical partition {number} ({offset}+{length} bytes) is not inside "
@@ -100,7 +100,7 @@ def find_partition(read: Reader, mbr: bytes, disk_size: int, number: int, sector
         if following <= ebr:
             raise PartitionError(f"invalid EBR chain: the EBR at byte {ebr} links back to byte {following}")
         ebr = following
-    raise PartitionError(f"MBR logical partition {number} not found (the disk has {logical - 4})")
+    raise PartitionError(f"MBR partition {number} not found (the disk has {logical - 4} logical partitions)")
 
 
 # -- Writing ----------------------------------------------------------------------------------

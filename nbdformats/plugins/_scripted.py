@@ -18,7 +18,7 @@ from enum import IntEnum
 from typing import Callable
 
 from ..api.chain import (EMULATE, EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, FLAG_REQ_ONE,
-                         NATIVE, NONE, Export, Extents, Plugin, PluginHandle, ThreadModel, current_tls)
+                         DEFAULT_EXPORT, NATIVE, NONE, Export, Extents, Plugin, PluginHandle, ThreadModel, current_tls)
 from ..api.errors import ConfigError, NBDError
 from ..api.params import parse_size
 from ..api.zeroes import write_zeroes
@@ -222,10 +222,7 @@ class ScriptedPlugin(Plugin):
                                   str(is_tls).lower())
         if status == Status.OK:
             return parse_exports(as_text(out))
-        try:
-            return [Export(self.default_export(readonly, is_tls))]
-        except NBDError:
-            return []  # as nbdkit: no default export, no list
+        return [DEFAULT_EXPORT]
 
     def default_export(self, readonly: bool, is_tls: bool) -> str:
         status, out = self.expect("default_export", (Status.OK, Status.MISSING), str(readonly).lower(),

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..api.chain import Layer, set_request_client
+from ..api.chain import Layer, ThreadModel, set_request_client
 from ..api.errors import ConfigError, NBDError
 from ..protocol import wire as P
 from ..protocol.errors import ProtocolError
@@ -57,6 +57,8 @@ class Connection:
         self.client_socket = stream.socket
         self.peer = _describe_peer(stream)
         self.tls_active = False
+        self.default_exports: dict[int, str] = {}  # each layer's default export name, asked once
+        self.multi_conn = self.chain.thread_model != ThreadModel.SERIALIZE_CONNECTIONS
         self.engine: Engine | None = None
         self._stopping = False  # the server is shutting down: flush before closing
         self.closed = threading.Event()
@@ -104,6 +106,9 @@ class Connection:
         except Exception:
             log.exception("%s: connection failed", self.peer)
         finally:
+            # Closing runs after the client has gone: its hang-up must not cut a close's sleep
+            # short (nbdkit runs .close outside the connection too); a shutdown still does.
+            set_request_client(None)
             if opened is not None:
                 self._close_layer(opened.layer)
             if preconnected:
@@ -150,7 +155,7 @@ class Connection:
         settings = self.settings
         if settings.oldstyle or self.skip_handshake:
             name, layer = self._open("")
-            info = export_info(name, layer, False)
+            info = export_info(name, layer, False, multi_conn=self.multi_conn)
             if settings.oldstyle:
                 self.stream.send([oldstyle_greeting(info)])
             return Opened(layer, info, structured=False, extended=False, meta_context_id=None, leftover=b"")
@@ -175,7 +180,7 @@ class Connection:
                 handshake.tls_established()
             elif isinstance(event, ListExports):
                 try:
-                    exports = self.chain.list_exports(settings.readonly, self.tls_active)
+                    exports = self.chain.list_exports(settings.readonly, self.tls_active, self.default_exports)
                     handshake.reply_list([(e.name, e.description) for e in exports])
                 except Exception as e:
                     handshake.reply_error(P.REP_ERR_PLATFORM, f"cannot list exports: {e}")
@@ -202,7 +207,7 @@ class Connection:
             # NBD_INFO_NAME is the export's real name (the default export's, when the client asked
             # for ""); the description is the chain's, else --description's.
             description = layer.export_description() or self.settings.description
-            info = export_info(name, layer, handshake.structured_replies, description)
+            info = export_info(name, layer, handshake.structured_replies, description, self.multi_conn)
             ready = handshake.reply_export(info)
             self._send_handshake(handshake)
         except BaseException:
@@ -218,8 +223,8 @@ class Connection:
         """The export's name (the default export's for "") and the chain opened for it."""
         readonly = self.settings.readonly
         if not name:
-            name = self.chain.default_export(readonly, self.tls_active)
-        return name, self.chain.open(readonly, name, self.client_socket, self.tls_active)
+            name = self.chain.default_export(readonly, self.tls_active, self.default_exports)
+        return name, self.chain.open(readonly, name, self.client_socket, self.tls_active, self.default_exports)
 
     def _send_handshake(self, handshake: ServerHandshake) -> None:
         data = handshake.data_to_send()

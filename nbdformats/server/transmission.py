@@ -25,7 +25,7 @@ SPARSE_HOLE_MIN = 4096  # smaller zero ranges go out as data
 MAX_DESCRIPTORS = 1 << 16  # block status descriptors in one reply; clients ask again for the rest
 
 
-def transmission_flags(layer: Layer, structured: bool) -> int:
+def transmission_flags(layer: Layer, structured: bool, multi_conn: bool = True) -> int:
     flags = P.TF_HAS_FLAGS
     if not layer.can_write():
         flags |= P.TF_READ_ONLY
@@ -43,7 +43,7 @@ def transmission_flags(layer: Layer, structured: bool) -> int:
             flags |= P.TF_SEND_FAST_ZERO
     if structured:
         flags |= P.TF_SEND_DF
-    if layer.can_multi_conn():
+    if multi_conn and layer.can_multi_conn():
         flags |= P.TF_CAN_MULTI_CONN
     if layer.can_cache() != NONE:
         flags |= P.TF_SEND_CACHE
@@ -52,10 +52,13 @@ def transmission_flags(layer: Layer, structured: bool) -> int:
     return flags
 
 
-def export_info(name: str, layer: Layer, structured: bool, description: str = "") -> ExportInfo:
+def export_info(name: str, layer: Layer, structured: bool, description: str = "",
+                multi_conn: bool = True) -> ExportInfo:
+    """What the handshake tells a client.  `multi_conn` False: the server serves one connection at
+    a time (serialize_connections), so it never advertises multi-conn, as nbdkit."""
     constraints = layer.block_size()
     minimum, preferred, maximum = constraints if constraints else (1, 4096, MAX_PAYLOAD)
-    return ExportInfo(name=name, size=layer.get_size(), flags=transmission_flags(layer, structured),
+    return ExportInfo(name=name, size=layer.get_size(), flags=transmission_flags(layer, structured, multi_conn),
                       minimum=minimum, preferred=max(preferred, minimum), maximum=min(maximum, MAX_PAYLOAD),
                       description=description)
 
