@@ -30,6 +30,7 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _results import Run  # noqa: E402
 from _common import ENV, NBDFORMATS, ROOT, MiB, Server  # noqa: E402
 from core import parse_size, random_io  # noqa: E402
 
@@ -155,10 +156,21 @@ def main() -> int:
                 f.write(os.urandom(MiB))
         header = f"medians of {args.rounds} rounds, {args.size}, {os.cpu_count()} CPUs, single-node Ceph on this machine"
         if args.only in (None, "rbd"):
-            print_table(f"RBD ({header}); ratio = nbdformats / librbd", bench_rbd(args, work, source, size))
+            rbd_run = Run("ceph-rbd", vars(args))
+            rbd = bench_rbd(args, work, source, size)
+            print_table(f"RBD ({header}); ratio = nbdformats / librbd", rbd)
+            rbd_run.save({"medians": medians(rbd), "rounds": rbd})
         if args.only in (None, "s3"):
-            print_table(f"S3 ({header}); ratio = nbdformats / nbdkit", bench_s3(args, work, source, size))
+            s3_run = Run("ceph-s3", vars(args))
+            s3 = bench_s3(args, work, source, size)
+            print_table(f"S3 ({header}); ratio = nbdformats / nbdkit", s3)
+            s3_run.save({"medians": medians(s3), "rounds": s3})
     return 0
+
+
+def medians(results: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    return {who: {workload: statistics.median(values) for workload, values in per.items()}
+            for who, per in results.items()}
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from _common import ENV, NBDFORMATS, MiB, Server, nbdcopy_sha256  # noqa: E402
+from _results import Run  # noqa: E402
 from fixtures.compressed import make_image  # noqa: E402
 from fixtures.nginx import Nginx  # noqa: E402
 
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", type=Path, help="Keep (and reuse) the image files in this directory")
     args = parser.parse_args()
+    run = Run("curl", {"size_mib": args.size_mib, "rounds": args.rounds})
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-curl-"))
     root = work / "root"
     root.mkdir(parents=True, exist_ok=True)
@@ -98,11 +100,14 @@ def main() -> None:
     finally:
         nginx.stop()
     print(f"\n{'variant':12} {'conns':>5} {'nbdkit MiB/s':>13} {'ours MiB/s':>11} {'ours/nbdkit':>12}")
+    medians: dict[str, float] = {}
     for label in ("raw http", "raw https", "xz"):
         for n in (1, 4):
             theirs = statistics.median(results[(label, n, "nbdkit")])
             ours = statistics.median(results[(label, n, "ours")])
+            medians[f"{label}|{n}|nbdkit"], medians[f"{label}|{n}|ours"] = theirs, ours
             print(f"{label:12} {n:5} {theirs:13.0f} {ours:11.0f} {ours / theirs:11.2f}x")
+    run.save({"mib_per_s": medians, "rounds": {"|".join(map(str, key)): values for key, values in results.items()}})
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

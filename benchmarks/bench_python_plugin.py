@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_python_plugin.py [--batches 40] [--batch 250] [--block 4096]
 
 Both servers run the same scripts from tests/fixtures/python_plugins in the same run, on Unix
-sockets: ramdisk.py (nbdkit's default thread model: nbdformats calls it inline on its event
-loop) and file.py (THREAD_MODEL_PARALLEL: nbdformats calls it from worker threads).  Each
+sockets: ramdisk.py (nbdkit's default thread model, serialize_all_requests) and file.py
+(THREAD_MODEL_PARALLEL); nbdformats calls both from the connection's own thread.  Each
 server also serves the native `memory` plugin, the floor of that server's own round trip, so
 "script cost" = script latency - memory latency is what running the Python script costs there.
 
@@ -16,7 +16,8 @@ At queue depth 1 where the scheduler puts client and server decides much of the 
 one CPU a request costs two context switches; on two, two wake-ups of an idle CPU (~20 us each
 in this VM).  Left to itself the scheduler picks either, run to run.  So each measurement runs
 three ways: all on one CPU, client and servers on different CPUs (taskset), and unpinned.
-Last, the in-process cost of our plugin layer is timed directly (no sockets).
+Last, the in-process cost of our plugin layer is timed directly (no sockets).  Raw results go to
+benchmarks/results/ (benchmarks/_results.py); benchmarks/tables.py makes the docs' table from them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import nbd  # libnbd's Python binding (Debian: python3-libnbd)
 from _common import Server
+from _results import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "tests" / "fixtures" / "python_plugins"
@@ -137,6 +139,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=250, help="requests per turn (default 250)")
     parser.add_argument("--block", type=int, default=4096, help="bytes per request (default 4096)")
     args = parser.parse_args()
+    run = Run("python-plugin", vars(args))
 
     cpus = sorted(os.sched_getaffinity(0))
     placements = {"client and servers on one CPU": ({cpus[0]}, ["taskset", "-c", str(cpus[0])])}
@@ -154,14 +157,18 @@ def main() -> None:
         }
         print(f"{args.block}-byte requests, queue depth 1, {args.batches} turns of {args.batch} per server: "
               "median microseconds per request; speed-up = nbdkit / nbdformats")
+        results: dict[str, dict[str, float]] = {}
         for placement, (client_cpus, server_prefix) in placements.items():
             latency = measure(tmp, workloads, args, client_cpus, server_prefix)
             print(f"\n{placement}:")
             print_table(latency, workloads)
+            results[placement] = {"|".join(key): value for key, value in latency.items()}
         os.sched_setaffinity(0, set(cpus))
         print("\nin process, what our plugin layer adds to one script call (no sockets):")
-        for label, overhead in layer_overhead(image):
+        overheads = layer_overhead(image)
+        for label, overhead in overheads:
             print(f"  {label:<16} {overhead:6.2f} us")
+        run.save({"latency_us": results, "layer_overhead_us": dict(overheads)})
 
 
 if __name__ == "__main__":

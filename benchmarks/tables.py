@@ -28,9 +28,10 @@ LABELS = {
 
 
 def source_line(record: dict[str, Any]) -> str:
+    rounds = record["arguments"].get("rounds")
     return (f"*From `{record['file']}`: commit {record['commit']}, {record['started'][:10]}, "
-            f"{record['arguments'].get('rounds')} interleaved rounds (medians), {record['cpus']} CPUs, "
-            f"load average {record['load_before']} before the run.*")
+            + (f"{rounds} interleaved rounds (medians), " if rounds else "")
+            + f"{record['cpus']} CPUs, load average {record['load_before']} before the run.*")
 
 
 def core_table(kind: str) -> Callable[[dict[str, Any]], str]:
@@ -56,7 +57,53 @@ def core_table(kind: str) -> Callable[[dict[str, Any]], str]:
     return table
 
 
+def python_plugin_table(record: dict[str, Any]) -> str:
+    """Microseconds per request at queue depth 1 under nbdkit and under nbdformats, per CPU placement."""
+    latency = record["results"]["latency_us"]
+    placements = list(latency)
+    head = "| script | request | " + " | ".join(f"{p}: nbdkit / nbdformats (speed-up)" for p in placements) + " |"
+    lines = [head, "|---" * (2 + len(placements)) + "|"]
+    for workload in ("memory (native)", "ramdisk.py", "file.py"):
+        for kind in ("read", "write"):
+            cells = []
+            for placement in placements:
+                theirs = latency[placement][f"nbdkit|{workload}|{kind}"]
+                ours = latency[placement][f"nbdformats|{workload}|{kind}"]
+                cells.append(f"{theirs:.1f} / {ours:.1f} us ({theirs / ours:.2f}x)")
+            lines.append(f"| {workload} | {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + source_line(record)
+
+
+def curl_table(record: dict[str, Any]) -> str:
+    """MiB/s copying the image through the curl plugin, nbdkit's and ours, from one nginx."""
+    medians = record["results"]["mib_per_s"]
+    lines = ["| variant | connections | nbdkit (MiB/s) | nbdformats (MiB/s) | nbdformats/nbdkit |", "|---|---|---|---|---|"]
+    for label in ("raw http", "raw https", "xz"):
+        for n in (1, 4):
+            theirs, ours = medians[f"{label}|{n}|nbdkit"], medians[f"{label}|{n}|ours"]
+            lines.append(f"| {label} | {n} | {theirs:.0f} | {ours:.0f} | {ours / theirs:.2f}x |")
+    return "\n".join(lines) + "\n\n" + source_line(record)
+
+
+def two_server_table(first: str, second: str) -> Callable[[dict[str, Any]], str]:
+    """Median of each workload for two servers (or tools) and the ratio second/first."""
+    def table(record: dict[str, Any]) -> str:
+        medians = record["results"]["medians"]
+        lines = [f"| workload | {first} | {second} | {second}/{first} |", "|---|---|---|---|"]
+        for workload, theirs in medians[first].items():
+            ours = medians[second].get(workload)
+            if ours is not None:
+                ratio = f"{ours / theirs:.2f}x" if theirs and "RSS" not in workload else ""
+                lines.append(f"| {workload} | {theirs:.0f} | {ours:.0f} | {ratio} |")
+        return "\n".join(lines) + "\n\n" + source_line(record)
+    return table
+
+
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "ceph-rbd": ("ceph-rbd", two_server_table("rbd bench (librbd)", "nbdformats rbd")),
+    "ceph-s3": ("ceph-s3", two_server_table("nbdkit S3", "nbdformats S3")),
+    "curl": ("curl", curl_table),
+    "python-plugin": ("python-plugin", python_plugin_table),
     "core-memory": ("core", core_table("memory")),
     "core-file": ("core", core_table("file")),
 }
