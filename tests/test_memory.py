@@ -99,3 +99,32 @@ def test_bad_allocator_and_impossible_malloc():
     assert option.returncode == 1 and b"only malloc takes mlock" in option.stderr
     huge = run([*NBDFORMATS, "-U", "-", "memory", "1E", "allocator=malloc", "--run", "true"], check=False)
     assert huge.returncode == 1 and b"allocator=malloc cannot allocate" in huge.stderr
+
+
+@pytest.mark.parametrize("allocator", ["sparse", "zstd", "malloc"])
+def test_connections_writing_into_one_new_page_lose_nothing(allocator):
+    """Connections run in threads of their own: two clients writing different 4 KiB pieces of the
+    same unwritten 32 KiB page at once must both land (an unlocked allocation would keep one)."""
+    import threading
+
+    pages, piece = 400, 4096
+    with serve("memory", str(pages * 32768), f"allocator={allocator}", options=("-t", "4")) as srv:
+        clients = [NBDClient.connect(srv.uri) for _ in range(4)]
+
+        def writer(number: int) -> None:
+            data = bytes([number + 1]) * piece
+            for page in range(pages):
+                clients[number].pwrite(data, page * 32768 + number * piece)
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        whole = clients[0].pread(pages * 32768, 0)
+        for client in clients:
+            client.close()
+    for page in range(pages):
+        for number in range(4):
+            start = page * 32768 + number * piece
+            assert whole[start:start + piece] == bytes([number + 1]) * piece, (page, number)

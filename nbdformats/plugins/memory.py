@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import threading
 from typing import NamedTuple
 
 import zstandard
@@ -54,8 +55,12 @@ class SparsePages:
     """Pages that exist only once written; the others read as zeroes (allocator=sparse)."""
 
     def __init__(self) -> None:
-        self.pages: dict[int, bytearray] = {}
+        self.pages: dict[int, bytearray] = {}  # ZstdPages keeps each compressed, as bytes
         self.region_counts: dict[int, int] = {}
+        # Connections run in threads of their own: pages are added and removed under this lock
+        # (two writes to one new page must not each allocate it); reads take none (dict lookups
+        # are atomic), and writes into an existing page are as concurrent as in nbdkit.
+        self.lock = threading.Lock()
 
     def read(self, buf: memoryview, offset: int) -> None:
         pages = self.pages
@@ -110,23 +115,29 @@ class SparsePages:
             done += n
 
     def allocate(self, index: int) -> bytearray:
-        page = self.pages[index] = bytearray(PAGE)
-        region = index // REGION_PAGES
-        self.region_counts[region] = self.region_counts.get(region, 0) + 1
-        return page
+        """Page `index`, allocated (zeroed) unless another thread just did."""
+        with self.lock:
+            page = self.pages.get(index)
+            if page is None:
+                page = self.pages[index] = bytearray(PAGE)
+                region = index // REGION_PAGES
+                self.region_counts[region] = self.region_counts.get(region, 0) + 1
+            return page
 
     def page_is_zero(self, index: int, start: int = 0) -> bool:
-        """Whether the allocated page `index` holds only zeroes from byte `start` of it on."""
-        return memoryview(self.pages[index])[start:] == ZERO_PAGE[start:]
+        """Whether page `index` holds only zeroes from byte `start` of it on (a freed one does)."""
+        page = self.pages.get(index)
+        return page is None or memoryview(page)[start:] == ZERO_PAGE[start:]
 
     def free(self, index: int) -> None:
-        if self.pages.pop(index, None) is not None:
-            region = index // REGION_PAGES
-            left = self.region_counts[region] - 1
-            if left:
-                self.region_counts[region] = left
-            else:
-                del self.region_counts[region]
+        with self.lock:
+            if self.pages.pop(index, None) is not None:
+                region = index // REGION_PAGES
+                left = self.region_counts[region] - 1
+                if left:
+                    self.region_counts[region] = left
+                else:
+                    del self.region_counts[region]
 
     def clear(self, count: int, offset: int) -> None:
         """Zero (trim) a range: whole pages are freed, the edges of others zeroed."""
@@ -143,7 +154,9 @@ class SparsePages:
     def resize(self, old: int, size: int) -> None:
         """Bytes past a smaller size are dropped, so growing again reads zeroes."""
         if size < old:
-            for index in [i for i in self.pages if i * PAGE >= size]:
+            with self.lock:
+                beyond = [i for i in self.pages if i * PAGE >= size]
+            for index in beyond:
                 self.free(index)
             tail = size % PAGE
             if tail and size // PAGE in self.pages:
@@ -175,11 +188,25 @@ class ZstdPages(SparsePages):
 
     def __init__(self) -> None:
         super().__init__()
-        self.compressor = zstandard.ZstdCompressor(level=1)
-        self.decompressor = zstandard.ZstdDecompressor()
+        # zstandard's (de)compressors must not be used by two threads at once: one per thread.
+        self.codecs = threading.local()
+        self.write_lock = threading.Lock()
+
+    def _thread_codecs(self) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
+        codecs = self.codecs
+        if not hasattr(codecs, "pair"):
+            codecs.pair = (zstandard.ZstdCompressor(level=1), zstandard.ZstdDecompressor())
+        return codecs.pair
+
+    def decompress(self, packed: bytes | bytearray) -> bytes:
+        return self._thread_codecs()[1].decompress(packed)
+
+    def compress(self, page: bytearray) -> bytes:
+        return self._thread_codecs()[0].compress(page)
 
     def page_is_zero(self, index: int, start: int = 0) -> bool:
-        return memoryview(self.decompressor.decompress(self.pages[index]))[start:] == ZERO_PAGE[start:]
+        packed = self.pages.get(index)
+        return packed is None or memoryview(self.decompress(packed))[start:] == ZERO_PAGE[start:]
 
     def read(self, buf: memoryview, offset: int) -> None:
         done, count = 0, len(buf)
@@ -187,26 +214,31 @@ class ZstdPages(SparsePages):
             index, start = divmod(offset + done, PAGE)
             n = min(PAGE - start, count - done)
             packed = self.pages.get(index)
-            source = ZERO_PAGE if packed is None else memoryview(self.decompressor.decompress(packed))
+            source = ZERO_PAGE if packed is None else memoryview(self.decompress(packed))
             buf[done:done + n] = source[start:start + n]
             done += n
 
     def copy_page(self, page: bytearray, start: int, destination: memoryview) -> None:  # type: ignore[override]
-        destination[:] = memoryview(self.decompressor.decompress(page))[start:start + len(destination)]
+        destination[:] = memoryview(self.decompress(page))[start:start + len(destination)]
 
     def write(self, buf: memoryview, offset: int) -> None:
         done, count = 0, len(buf)
-        while done < count:
-            index, start = divmod(offset + done, PAGE)
-            n = min(PAGE - start, count - done)
-            packed = self.pages.get(index)
-            if packed is None:
-                page = self.allocate(index)
-            else:
-                page = bytearray(self.decompressor.decompress(packed))
-            page[start:start + n] = buf[done:done + n]
-            self.pages[index] = self.compressor.compress(page)  # type: ignore[assignment]
-            done += n
+        with self.write_lock:  # each page is read, changed and stored whole: one writer at a time
+            while done < count:
+                index, start = divmod(offset + done, PAGE)
+                n = min(PAGE - start, count - done)
+                packed = self.pages.get(index)
+                page = bytearray(PAGE) if packed is None else bytearray(self.decompress(packed))
+                page[start:start + n] = buf[done:done + n]
+                self._store(index, self.compress(page))
+                done += n
+
+    def _store(self, index: int, packed: bytes) -> None:
+        with self.lock:
+            if index not in self.pages:
+                region = index // REGION_PAGES
+                self.region_counts[region] = self.region_counts.get(region, 0) + 1
+            self.pages[index] = packed  # type: ignore[assignment]  # compressed bytes
 
 
 class WholeBuffer:
