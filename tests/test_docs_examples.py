@@ -322,7 +322,12 @@ def test_example_runs_as_written(example: Example, tmp_path: Path) -> None:
     env_path = f"{ROOT / '.venv' / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     sandbox = ["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--propagation",
                "private", "env", "-u", "TMPDIR", f"PATH={env_path}"]  # TMPDIR: the examples' default
-    proc = subprocess.run([*sandbox, "bash", "-c", prelude, "doc-test", str(fixtures()), str(tmp_path)],
-                          input=script(example), capture_output=True, text=True, timeout=300)
+    for _ in range(3):
+        proc = subprocess.run([*sandbox, "bash", "-c", prelude, "doc-test", str(fixtures()), str(tmp_path)],
+                              input=script(example), capture_output=True, text=True, timeout=300)
+        # qemu-img times its PBKDF2 before making a LUKS image and gives up on a busy machine,
+        # before any server runs: that is not the example failing (as in tests/nbdkit_suite).
+        if "Unable to get accurate CPU usage" not in proc.stderr:
+            break
     assert proc.returncode == 0, (f"{example.id} failed ({proc.returncode}):\n{example.text}\n--- script:\n"
                                   f"{script(example)}--- output:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
