@@ -17,6 +17,7 @@ Python steps.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import zlib
 from collections import OrderedDict
@@ -39,6 +40,7 @@ Holes = list[tuple[int, int]]  # (start, length) ranges of a buffer that read as
 
 MAX_L2_TABLES_PER_MAP = 256  # allocation maps stop after this many L2 tables (the caller asks again)
 _UNITS = np.arange(SUBCLUSTERS, dtype=np.uint64)
+_serials = itertools.count()
 
 
 class Kind(IntEnum):
@@ -59,23 +61,27 @@ class Run:
     host: int = 0
 
 
+CacheKey = tuple[int, str, int]  # (image serial, "l2" or "cluster", host offset or descriptor)
+
+
 class ByteCache:
-    """A thread-safe LRU of immutable bytes, bounded by their total size."""
+    """A thread-safe LRU of immutable bytes (L2 tables, decompressed clusters), bounded by
+    their total size; one cache may serve several images (the images of a backing chain)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._items: OrderedDict[tuple[str, int], bytes | np.ndarray] = OrderedDict()
+        self._items: OrderedDict[CacheKey, bytes | np.ndarray] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, int]) -> bytes | np.ndarray | None:
+    def get(self, key: CacheKey) -> bytes | np.ndarray | None:
         with self._lock:
             value = self._items.get(key)
             if value is not None:
                 self._items.move_to_end(key)
             return value
 
-    def put(self, key: tuple[str, int], value: bytes | np.ndarray) -> None:
+    def put(self, key: CacheKey, value: bytes | np.ndarray) -> None:
         with self._lock:
             if key in self._items:
                 return
@@ -91,6 +97,7 @@ class Qcow2Image:
 
     def __init__(self, header: Header, l1: np.ndarray, disk_size: int, file_size: int, cache: ByteCache) -> None:
         self.header, self.l1, self.size, self.file_size, self.cache = header, l1, disk_size, file_size, cache
+        self.serial = next(_serials)  # its part of the shared cache
         self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size
         self.extended = header.extended_l2
@@ -129,7 +136,7 @@ class Qcow2Image:
             position = table_end
 
     def _l2_table(self, l2_offset: int, l1_index: int, read: Reader) -> np.ndarray:
-        table = self.cache.get(("l2", l2_offset))
+        table = self.cache.get((self.serial, "l2", l2_offset))
         if table is None:
             if l2_offset % self.cluster_size:
                 raise Qcow2Error(f"L1 entry {l1_index}: the L2 table offset {l2_offset:#x} is not cluster-aligned")
@@ -137,7 +144,7 @@ class Qcow2Image:
                         self.file_size)
             words = np.frombuffer(read(l2_offset, self.cluster_size), dtype=">u8").astype(np.uint64)
             table = words.reshape(-1, 2) if self.extended else words
-            self.cache.put(("l2", l2_offset), table)
+            self.cache.put((self.serial, "l2", l2_offset), table)
         assert isinstance(table, np.ndarray)
         return table
 
@@ -204,7 +211,7 @@ class Qcow2Image:
     # Compressed clusters ---------------------------------------------------------------------
     def compressed_cluster(self, descriptor: int, read: Reader) -> bytes:
         """The decompressed cluster a compressed L2 entry describes (cached)."""
-        cached = self.cache.get(("cluster", descriptor))
+        cached = self.cache.get((self.serial, "cluster", descriptor))
         if cached is not None:
             assert isinstance(cached, bytes)
             return cached
@@ -218,7 +225,7 @@ class Qcow2Image:
                              f"({self.file_size} bytes)")
         data = read(offset, min(length, self.file_size - offset))
         cluster = self._decompress(data, offset)
-        self.cache.put(("cluster", descriptor), cluster)
+        self.cache.put((self.serial, "cluster", descriptor), cluster)
         return cluster
 
     def _decompress(self, data: bytes, offset: int) -> bytes:
@@ -245,7 +252,7 @@ class Qcow2Image:
         return cluster
 
 
-def open_image(read: Reader, file_size: int, snapshot: str | None = None, cache_bytes: int = 64 << 20) -> Qcow2Image:
+def open_image(read: Reader, file_size: int, cache: ByteCache, snapshot: str | None = None) -> Qcow2Image:
     """Check the header and load the L1 table: the active one, or the snapshot's (by id or name)."""
     header = read_header(read, file_size)
     l1_offset, l1_size, disk_size = header.l1_offset, header.l1_size, header.size
@@ -257,7 +264,7 @@ def open_image(read: Reader, file_size: int, snapshot: str | None = None, cache_
             raise Qcow2Error(f"snapshot {snapshot!r}: its L1 table has {l1_size} entries, too few for its "
                              f"{disk_size}-byte disk (it needs {needed})")
     l1 = np.frombuffer(read(l1_offset, l1_size * ENTRY), dtype=">u8").astype(np.uint64)
-    return Qcow2Image(header, l1, disk_size, file_size, ByteCache(cache_bytes))
+    return Qcow2Image(header, l1, disk_size, file_size, cache)
 
 
 class Disk(Protocol):
