@@ -39,7 +39,8 @@ from ..api.zeroes import fill_zero
 from ..formats.errors import FormatError
 from ..formats.luks.errors import LuksError
 from ..formats.luks.unlock import KdfBudgetError
-from ..formats.qcow2.image import ByteCache, Disk, Qcow2Disk, Qcow2Image, luks_header_reader, open_image
+from ..formats.qcow2.image import ByteCache, Cipher, Disk, Qcow2Disk, Qcow2Image, luks_header_reader, open_image
+from ..formats.readers import Reader
 from ..formats.qcow2.structs import MAGIC
 from ..registry import load_plugin
 from ._decompress import layer_reader
@@ -257,7 +258,7 @@ class Qcow2Filter(LuksKeys, Filter):
                 backing = LayerDisk(backing_layer)
         return Qcow2Disk(image, read, layer_read_into(layer), backing, cipher)
 
-    def _image(self, where: Location, snapshot: str | None, read: Any, size: int) -> Qcow2Image:
+    def _image(self, where: Location, snapshot: str | None, read: Reader, size: int) -> Qcow2Image:
         key = (where.export, where.value, snapshot, size)
         with self._lock:
             image = self._images.get(key)
@@ -267,7 +268,7 @@ class Qcow2Filter(LuksKeys, Filter):
                 image = self._images.setdefault(key, image)
         return image
 
-    def _cipher(self, image: Qcow2Image, read: Any) -> Any:
+    def _cipher(self, image: Qcow2Image, read: Reader) -> Cipher:
         if self.passphrase is None:
             raise ChainError("the image is encrypted (LUKS): give passphrase= or keyfile=")
         luks_read, length = luks_header_reader(read, image.header)
