@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import struct
 import tarfile
@@ -288,7 +289,7 @@ def test_hostile_header_fields_are_named(images, field, value, message):
     struct.pack_into(fmt, data, offset, value)
     if field == "backing_file_size":
         struct.pack_into(">Q", data, 8, 512)
-    with pytest.raises(Qcow2Error, match=message.replace("(", r"\(").replace(")", r"\)").replace("^", r"\^")):
+    with pytest.raises(Qcow2Error, match=re.escape(message)):
         open_bytes(bytes(data))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import MAX_SIZE, check_size
+from ..errors import check_size
 from ..readers import Reader
 from .errors import Qcow2Error, Qcow2UnsupportedError
 from .structs import (COMPRESSION_TYPE_OFFSET, COMPRESSION_ZLIB, COMPRESSION_ZSTD, CRYPT_AES, CRYPT_LUKS, CRYPT_NONE,
@@ -231,7 +231,7 @@ def _backing_name(cluster: bytes, offset: int, length: int, cluster_size: int) -
         return None
     if length > MAX_BACKING_NAME or length == 0:
         raise Qcow2Error(f"backing_file_size is {length}, not 1 to {MAX_BACKING_NAME}")
-    if offset > MAX_SIZE or offset + length > cluster_size:
+    if offset + length > cluster_size:
         raise Qcow2Error(f"the backing file name (offset {offset}, {length} bytes) is not inside the first "
                          f"{cluster_size}-byte cluster")
     if offset + length > len(cluster):

@@ -39,6 +39,8 @@ ReadInto = Callable[[memoryview, int], None]  # fill the buffer from this offset
 Holes = list[tuple[int, int]]  # (start, length) ranges of a buffer that read as zeroes
 
 MAX_L2_TABLES_PER_MAP = 256  # allocation maps stop after this many L2 tables (the caller asks again)
+# LUKS in qcow2: 512-byte sectors, IVs from "the physical disk sector" (the host offset).
+ENCRYPTION_SECTOR = 512
 _UNITS = np.arange(SUBCLUSTERS, dtype=np.uint64)
 _serials = itertools.count()
 
@@ -286,11 +288,9 @@ class Cipher(Protocol):
     def decrypt(self, data: memoryview, first_sector: int) -> None: ...
 
 
-ENCRYPTION_SECTOR = 512  # qemu's LUKS in qcow2: 512-byte sectors, "the physical disk sector as the input tweak"
-
-
 class Qcow2Disk:
-    """One connection's view of a qcow2 image: reads `read` and `read_into` its file."""
+    """One connection's view of a qcow2 image: its file read through `read` (metadata) and
+    `read_into` (data, straight into the caller's buffer), its backing disk, its cipher."""
 
     def __init__(self, image: Qcow2Image, read: Reader, read_into: ReadInto, backing: Disk | None = None,
                  cipher: Cipher | None = None) -> None:
