@@ -22,7 +22,8 @@ from conftest import NBDFORMATS, run
 FUZZER = Path(__file__).parent / "fuzz" / "format_fuzz.py"
 SEED = int(os.environ.get("NBDFORMATS_FUZZ_SEED", "20"))
 # Cases per format, 10,000 in all; LUKS cases cost more (a 2 MiB image, a key to derive).
-CASES = {"gzip": 1500, "xz": 1500, "zstd": 1500, "tar": 1500, "zip": 1500, "luks1": 500, "luks2": 1000, "xva": 1000}
+CASES = {"gzip": 1500, "xz": 1500, "zstd": 1500, "tar": 1500, "zip": 1500, "luks1": 500, "luks2": 1000, "xva": 1000,
+         "qcow2": 500}  # qcow2: qemu-img, the reference, runs once a case
 SCALE = float(os.environ.get("NBDFORMATS_FORMAT_CASES_SCALE", "1"))
 # Cases that found bugs: (format, seed, case), replayed exactly from the seed.
 REGRESSIONS = [

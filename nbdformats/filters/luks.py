@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import ClassVar, Mapping
 
 from ..api.chain import EMULATE, EXTENT_DATA, FLAG_FUA, Extents, Filter, FilterHandle, Layer
 from ..api.errors import ConfigError, NBDError
@@ -22,6 +23,7 @@ from ..formats.luks.cipher import SectorCipher
 from ..formats.luks.errors import LuksError
 from ..formats.luks.header import Keyslot, Volume, read_volume
 from ..formats.luks.unlock import Derivation, KdfBudgetError, unlock
+from ..formats.readers import Reader
 from ._layer_bytes import read_bytes
 
 log = logging.getLogger("nbdformats.luks")
@@ -106,12 +108,13 @@ def derive_interruptibly(job: Derivation) -> bytes:
     return result
 
 
-class LuksFilter(Filter):
-    """Decrypt (and encrypt) a LUKS1 or LUKS2 disk image, as cryptsetup and qemu make them."""
+class LuksKeys:
+    """The passphrase parameters and the unlocking of LUKS volumes, for the filters that open
+    them: luks (a LUKS image) and qcow2 (LUKS inside qcow2).  Each volume is unlocked once (key
+    derivation is slow by design) and its cipher kept by header."""
 
-    name = "luks"
-    debug_flag_help = {"keyslots": "log each keyslot tried at unlock: its KDF, whether the passphrase "
-                                   "opened it and how long that took (with -v)"}
+    name: ClassVar[str]
+    debug_flags: Mapping[str, int]
     passphrase = Param(Secret(), help="The passphrase: SECRET, +FILE, - (prompt) or -FD (as nbdkit)")
     keyfile = Param(Path("file"), help="A cryptsetup key file: its whole contents are the passphrase")
     keyslot = Param(Int(0, 31), help="Try only this keyslot (default: every active keyslot)")
@@ -120,15 +123,65 @@ class LuksFilter(Filter):
                                  "together; a keyslot whose derivation is estimated to take longer is "
                                  "not tried (cryptsetup writes keyslots of about 2 s; default 60)")
 
-    def config_complete(self) -> None:
+    def check_one_passphrase(self) -> None:
         if (self.passphrase is None) == (self.keyfile is None):
-            raise ConfigError("luks: give exactly one of passphrase= or keyfile=")
+            raise ConfigError(f"{self.name}: give exactly one of passphrase= or keyfile=")
 
-    def get_ready(self) -> None:
+    def prepare_keys(self) -> None:
+        """Read the key file (at start-up, before the server listens)."""
         if self.keyfile is not None:
             self.passphrase = SecretValue(self._read_keyfile(self.keyfile))
         self._unlocked: dict[bytes, Unlocked] = {}
         self._unlock_lock = threading.Lock()
+
+    def _read_keyfile(self, path: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(KEYFILE_MAX + 1)
+        except OSError as e:
+            raise ConfigError(f"{self.name}: cannot read keyfile {path}: {e.strerror}") from None
+        if len(data) > KEYFILE_MAX:
+            raise ConfigError(f"{self.name}: keyfile {path} is larger than {KEYFILE_MAX} bytes")
+        return data
+
+    def unlock_volume(self, read: Reader, device_size: int) -> Unlocked:
+        """The volume whose header `read` reads, with its cipher; KdfBudgetError or LuksError."""
+        volume = read_volume(read, device_size)
+        with self._unlock_lock:
+            unlocked = self._unlocked.get(volume.identity)
+            if unlocked is None:
+                for warning in volume.warnings:
+                    log.warning("%s: %s", self.name, warning)
+                tried = _log_keyslot if self.debug_flags.get("keyslots") else None
+                key = unlock(volume, self.passphrase.reveal(), read, device_size, self.keyslot, tried,
+                             derive_interruptibly, self.kdf_max_seconds)
+                segment = volume.segment
+                unlocked = Unlocked(volume, SectorCipher(segment.cipher, key, segment.sector_size,
+                                                         segment.iv_tweak))
+                self._unlocked[volume.identity] = unlocked
+                log.debug("%s: unlocked LUKS%d volume %s (%s, %d-byte sectors)", self.name, volume.version,
+                          volume.uuid, segment.cipher.text, segment.sector_size)
+        return unlocked
+
+    def budget_message(self, error: KdfBudgetError) -> str:
+        return f"{self.name}: {error} (raise luks-kdf-max-seconds= to try them)"
+
+
+KEYSLOTS_FLAG = {"keyslots": "log each keyslot tried at unlock: its KDF, whether the passphrase "
+                             "opened it and how long that took (with -v)"}
+
+
+class LuksFilter(LuksKeys, Filter):
+    """Decrypt (and encrypt) a LUKS1 or LUKS2 disk image, as cryptsetup and qemu make them."""
+
+    name = "luks"
+    debug_flag_help = KEYSLOTS_FLAG
+
+    def config_complete(self) -> None:
+        self.check_one_passphrase()
+
+    def get_ready(self) -> None:
+        self.prepare_keys()
         self.write_lock = SharedExclusiveLock()
         try:
             below = self.open_below(True, "")
@@ -138,46 +191,19 @@ class LuksFilter(Filter):
         try:
             self.unlock(below).volume.payload_size(below.get_size())  # a truncated file fails here
         except KdfBudgetError as e:
-            raise ConfigError(f"luks: {e} (raise luks-kdf-max-seconds= to try them)") from None
+            raise ConfigError(self.budget_message(e)) from None
         except (LuksError, NBDError) as e:
             raise ConfigError(f"luks: {e}") from None
         finally:
             below.close()
 
-    @staticmethod
-    def _read_keyfile(path: str) -> bytes:
-        try:
-            with open(path, "rb") as f:
-                data = f.read(KEYFILE_MAX + 1)
-        except OSError as e:
-            raise ConfigError(f"luks: cannot read keyfile {path}: {e.strerror}") from None
-        if len(data) > KEYFILE_MAX:
-            raise ConfigError(f"luks: keyfile {path} is larger than {KEYFILE_MAX} bytes")
-        return data
-
     def unlock(self, below: Layer) -> Unlocked:
         """The volume behind `below` with its cipher; the key derivation runs once per header."""
-        device_size = below.get_size()
 
         def read(offset: int, length: int) -> bytes:
             return read_bytes(below, offset, length)
 
-        volume = read_volume(read, device_size)
-        with self._unlock_lock:
-            unlocked = self._unlocked.get(volume.identity)
-            if unlocked is None:
-                for warning in volume.warnings:
-                    log.warning("luks: %s", warning)
-                tried = _log_keyslot if self.debug_flags.get("keyslots") else None
-                key = unlock(volume, self.passphrase.reveal(), read, device_size, self.keyslot, tried,
-                             derive_interruptibly, self.kdf_max_seconds)
-                segment = volume.segment
-                unlocked = Unlocked(volume, SectorCipher(segment.cipher, key, segment.sector_size,
-                                                         segment.iv_tweak))
-                self._unlocked[volume.identity] = unlocked
-                log.debug("luks: unlocked LUKS%d volume %s (%s, %d-byte sectors)", volume.version,
-                          volume.uuid, segment.cipher.text, segment.sector_size)
-        return unlocked
+        return self.unlock_volume(read, below.get_size())
 
     class Handle(FilterHandle):
         def __init__(self, filter: "LuksFilter", next: Layer, readonly: bool, export_name: str) -> None:

@@ -9,9 +9,9 @@ whole disk, and a write (read back, then checked in the file by an independent d
 on read-only exports, a write that must be refused.
 
 The oracle is a reference decoder that is not ours: Python's gzip rules (zlib, members,
-zero padding and trailing garbage as gzip(1)), lzma, zstandard, tarfile, zipfile, and for
+zero padding and trailing garbage as gzip(1)), lzma, zstandard, tarfile, zipfile, for
 LUKS the specification's own layout decrypted with the volume key the seed was made with
-(tests/fixtures/luks_spec.py).  When the reference accepts the input, every byte served must
+(tests/fixtures/luks_spec.py), and qemu-img for qcow2.  When the reference accepts the input, every byte served must
 equal its output (the server may still refuse, more strictly: counted as "stricter").  When
 it refuses, the server may serve what it can, but a format that carries its own checksums
 (gzip, xz, zstd's seek table, zip's CRC-32) must not serve all of the data as good.  A
@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fixtures.luks import reference_crypt  # noqa: E402
 from fixtures.luks_spec import luks1_image, luks2_image  # noqa: E402
 
-FORMATS = ["gzip", "xz", "zstd", "tar", "zip", "luks1", "luks2", "xva"]
+FORMATS = ["gzip", "xz", "zstd", "tar", "zip", "luks1", "luks2", "xva", "qcow2"]
 PASSPHRASE = b"fuzz passphrase"
 DISK_SIZE = 64 << 10
 READ = 16 << 10  # bytes per read request
@@ -115,6 +115,13 @@ def make_seed(fmt: str, rng: random.Random, work: Path) -> Seed:
         keyfile = work / "key"
         keyfile.write_bytes(PASSPHRASE)
         return Seed(image, disk, ["--filter=luks", f"keyfile={keyfile}", "luks-kdf-max-seconds=2"], key)
+    if fmt == "qcow2":  # compressed 4 KiB clusters: header, L1, L2 and descriptors in the first bytes
+        raw = work / "disk.img"
+        raw.write_bytes(disk)
+        subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k", raw,
+                        work / "seed.qcow2"], check=True, capture_output=True, timeout=60, env=ENV)
+        # backing=none: a mutated backing file name must not reach the other cases of the directory.
+        return Seed((work / "seed.qcow2").read_bytes(), disk, ["--filter=qcow2", "backing=none"])
     if fmt == "xva":
         from fixtures.xva import XvaDisk, xva_members, write_tar
         return Seed(write_tar(work / "seed.xva", xva_members([XvaDisk(disk * 20)], "xxhash", "vm")).read_bytes(),
@@ -155,7 +162,8 @@ def hot_range(fmt: str, seed: Seed) -> tuple[int, int]:
     """Where mutations do the most: headers, indexes, tables."""
     size = len(seed.data)
     return {"gzip": (0, 64), "xz": (size - 256, size), "zstd": (0, size), "tar": (0, 2048),
-            "zip": (size - 300, size), "luks1": (0, 1024), "luks2": (0, 32768), "xva": (0, 4096)}[fmt]
+            "zip": (size - 300, size), "luks1": (0, 1024), "luks2": (0, 32768), "xva": (0, 4096),
+            "qcow2": (0, min(size, 32768))}[fmt]
 
 
 def mutate_luks2_json(rng: random.Random, image: bytes) -> bytes:
@@ -297,6 +305,16 @@ def luks_reference(fmt: str, data: bytes, key: bytes) -> bytes:
     return reference_crypt(cipher, key, payload[:len(payload) // 512 * 512], 512, encrypt=False)
 
 
+def qcow2_reference(data: bytes) -> bytes:
+    """qemu-img's decoding (a backing file name it finds is no backing file: none exists)."""
+    with tempfile.TemporaryDirectory(prefix="nbdf-qcow2-ref-") as directory:
+        image, out = Path(directory) / "case.qcow2", Path(directory) / "out.raw"
+        image.write_bytes(data)
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", image, "-O", "raw", out], check=True,
+                       capture_output=True, timeout=30, env=ENV)
+        return out.read_bytes()
+
+
 def reference(fmt: str, data: bytes, seed: Seed) -> bytes | None:
     """What the reference decoder makes of `data`; None when it refuses it (as corrupt, or as
     something it does not support: see corrupt())."""
@@ -304,7 +322,7 @@ def reference(fmt: str, data: bytes, seed: Seed) -> bytes | None:
         "gzip": gzip_reference, "xz": lambda d: lzma.decompress(d, lzma.FORMAT_XZ), "zstd": zstd_reference,
         "tar": tar_reference, "zip": zip_reference,
         "luks1": lambda d: luks_reference("luks1", d, seed.master_key),
-        "luks2": lambda d: luks_reference("luks2", d, seed.master_key)}
+        "luks2": lambda d: luks_reference("luks2", d, seed.master_key), "qcow2": qcow2_reference}
     try:
         return decoders[fmt](data)
     except Exception:  # noqa: BLE001 - any refusal of the reference counts the same
