@@ -271,8 +271,9 @@ class Leg:
                 self._flushed = max(self._flushed, flush.covered)
             lost, self._lost_writes = self._lost_writes, False
         if lost:
-            raise NBDError(errno.EIO, self._say("writes it acknowledged were lost with a connection that broke "
-                                                "before they were flushed"))
+            message = self._say("writes it acknowledged may be lost: its connection broke before they were flushed")
+            log.warning(message)
+            raise NBDError(errno.EIO, message)
 
     def flush(self) -> None:
         self.finish_flush(self.start_flush())

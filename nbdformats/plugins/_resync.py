@@ -1,29 +1,32 @@
-"""The mirror's online rebuild of a stale copy, while clients keep reading and writing.
+"""The mirror's online rebuild of a stale copy (the target) while clients keep reading and writing.
 
-Client writes go to the copies in sync only.  Each marks the chunks it touched in a dirty map once it is
-done on them (before it is acknowledged), and the rebuild clears a chunk's mark before it reads that
-chunk from a copy in sync, so a chunk written after its copy started is copied again:
-
-1. The map starts with every chunk marked.  A pass takes the marked chunks in order, asks a copy in sync
-   which of them read as zeroes (block status), zeroes those on the target and copies the rest; the
-   next pass copies what was written meanwhile, and so on while more than LAST_STEP_BYTES are marked.
-2. Then new writes wait (`WriteTracker.held`) and the rebuild waits for those in flight, copies the few
-   chunks still marked, flushes the target and makes it a copy in sync: the writes that follow go to it.
+From the moment a rebuild starts, client writes go to the target too (as to a copy in sync, but it
+does not count for write-quorum and is not read).  The rebuild copies the disk from a copy in sync:
+for each span of chunks marked in its dirty map (at first, all of them) it asks the source which ranges
+read as zeroes (block status) and zeroes them on the target, then copies the rest in pieces of 1 MiB.
+A client write that overlaps the copy of a range in time may reach the target before or after the copy
+does, so the chunks it wrote there are marked again (`WriteTracker.copying`) and the next pass copies
+them again.  Copying a range takes milliseconds, so such writes are few and each pass has less to do;
+once at most LAST_STEP_BYTES are marked, new writes wait while the rest is copied and the target is
+flushed and made a copy in sync.
 
 resync-rate= limits the bytes of data copied per second (zeroed ranges are not counted).  Memory is
-bounded: one byte per chunk (chunks are at least 1 MiB, more on disks over 1 TiB) and two copy buffers.
+bounded: one byte per chunk (chunks are 1 MiB, larger on disks over 1 TiB) and one 1 MiB buffer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import logging
 import threading
 import time
 from typing import Callable, Iterator
 
+from ..api.errors import NBDError
 from ..api.zeroes import write_zeroes
-from ..client import Command, NBDClient, wait_all
+from ..client import NBDClient, wait_all
 from ..protocol import wire as P
 
 log = logging.getLogger("nbdformats")
@@ -31,7 +34,7 @@ log = logging.getLogger("nbdformats")
 MIB = 1024 * 1024
 MOST_CHUNKS = 1 << 20  # the dirty map holds at most this many chunks (1 MiB of memory)
 SPAN_CHUNKS = 64  # chunks taken from the map at once (one block status request for them)
-COPY_PIECE = 4 * MIB  # data is read into one buffer while the other is written
+COPY_PIECE = MIB  # data copied at once: a client write races with a copy only while it lasts
 LAST_STEP_BYTES = 16 * MIB  # at most this much is copied while writes wait
 PROGRESS_INTERVAL = 10.0  # seconds between progress lines in the log
 
@@ -77,36 +80,57 @@ class DirtyMap:
             return self._marks.count(1) * self.chunk
 
 
-class WriteTracker:
-    """What a rebuild needs to know of client writes: where they wrote, and a moment when none is in flight.
+def overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
 
-    Every write (write, zero, trim) runs inside `tracking()`: when it is done, failed or not, its range
-    is marked in `dirty`, the map of the rebuild running if any.  `held()` makes new writes wait and
-    waits for those in flight (the rebuild's last step).
+
+class WriteTracker:
+    """Client writes as a rebuild sees them: which are in flight, and which overlap a copy in time.
+
+    Every write (write, zero, trim) runs inside `tracking()`, and every copy of a range inside
+    `copying()`: when the copy ends, the writes that overlap its range and were in flight when it began,
+    or started before it ended, are marked in the dirty map.  `held()` makes new writes wait and waits
+    for those in flight.
     """
 
     def __init__(self) -> None:
-        self.dirty: DirtyMap | None = None
         self._changed = threading.Condition()
-        self._in_flight = 0
+        self._in_flight: dict[int, tuple[int, int]] = {}  # [start, end) of each write in flight
+        self._keys = itertools.count()
+        self._copying: tuple[int, int] | None = None
+        self._raced: list[tuple[int, int]] = []  # the writes that overlap it
         self._held = False
 
     @contextlib.contextmanager
     def tracking(self, offset: int, length: int) -> Iterator[None]:
+        written = (offset, offset + length)
         with self._changed:
             while self._held:
                 self._changed.wait()
-            self._in_flight += 1
+            key = next(self._keys)
+            self._in_flight[key] = written
+            if self._copying is not None and overlap(self._copying, written):
+                self._raced.append(written)
         try:
             yield
         finally:
-            dirty = self.dirty
-            if dirty is not None:
-                dirty.mark(offset, length)
             with self._changed:
-                self._in_flight -= 1
+                del self._in_flight[key]
                 if not self._in_flight:
                     self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def copying(self, dirty: DirtyMap, start: int, end: int) -> Iterator[None]:
+        with self._changed:
+            self._copying = (start, end)
+            self._raced = [written for written in self._in_flight.values() if overlap(written, self._copying)]
+        try:
+            yield
+        finally:
+            with self._changed:
+                raced, self._copying, self._raced = self._raced, None, []
+            for written_start, written_end in raced:
+                dirty.mark(max(start, written_start), min(end, written_end) - max(start, written_start))
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -130,7 +154,7 @@ class Rebuild:
     """Makes `target` hold what the copies in sync hold, then calls `rejoin()` (see the module's doc).
 
     `source()` gives the connection to a copy in sync, asked again for every span (the copy it was may
-    have failed meanwhile).  Any failure raises (NBDError, OSError) and the rebuild starts over later.
+    have failed meanwhile).  Any failure raises (NBDError) and the rebuild starts over later.
     """
 
     def __init__(self, name: str, size: int, target: NBDClient, source: Callable[[], NBDClient],
@@ -143,36 +167,44 @@ class Rebuild:
         self.rejoin = rejoin
         self.rate = rate  # data bytes per second, 0 for no limit
         self.stopping = stopping
-        self._buffers = [memoryview(bytearray(COPY_PIECE)) for _ in range(2)]
+        self.failure: str | None = None  # why a client write to the target failed
+        self._buffer = memoryview(bytearray(COPY_PIECE))
         self.started = time.monotonic()
         self.copied = self.zeroed = 0  # bytes of data copied, of ranges zeroed
         self._rate_clock = self.started  # when the data copied so far may have been copied at `rate`
         self._reported = self.started
 
+    def fail(self, reason: str) -> None:
+        """A client write to the target failed: the rebuild stops at its next step."""
+        self.failure = reason
+
+    def _check(self) -> None:
+        if self.stopping.is_set():
+            raise Stopped
+        if self.failure is not None:
+            raise NBDError(errno.EIO, f"a write to it failed: {self.failure}")
+
     def run(self) -> None:
         dirty = DirtyMap(self.size, chunk_size(self.size))
-        self.writes.dirty = dirty
-        try:
-            passes = 1
-            while True:
-                self._copy_marked(dirty, pass_number=passes, limited=True)
-                self._flush_target()  # most data durable before writes are held for the last step
-                left = dirty.marked_bytes()
-                if left <= LAST_STEP_BYTES:
-                    break
-                passes += 1
-                log.info("mirror: rebuilding %s: pass %d: copying the %d MiB written during the last pass",
-                         self.name, passes, left // MIB)
-            with self.writes.held():
-                self._copy_marked(dirty, pass_number=passes, limited=False)
-                self._flush_target()
-                self.rejoin()
-        finally:
-            self.writes.dirty = None
+        passes = 1
+        while True:
+            self._copy_marked(dirty, pass_number=passes, limited=True)
+            self._flush_target()  # most data durable before writes are held for the last step
+            left = dirty.marked_bytes()
+            if left <= LAST_STEP_BYTES:
+                break
+            passes += 1
+            log.info("mirror: rebuilding %s: pass %d: copying again the %d MiB written while they were copied",
+                     self.name, passes, left // MIB)
+        with self.writes.held():
+            self._copy_marked(dirty, pass_number=passes, limited=False)
+            self._flush_target()
+            self._check()
+            self.rejoin()
         seconds = time.monotonic() - self.started
-        log.info("mirror: %s rebuilt in %.1f s: %d MiB of data copied (%.0f MiB/s), %d MiB of zeroes, "
-                 "%d passes", self.name, seconds, self.copied // MIB, self.copied / MIB / max(seconds, 1e-3),
-                 self.zeroed // MIB, passes)
+        log.info("mirror: %s rebuilt in %.1f s and %d pass%s: %d MiB of data copied (%.0f MiB/s), %d MiB "
+                 "zeroed", self.name, seconds, passes, "es" if passes > 1 else "", self.copied // MIB,
+                 self.copied / MIB / max(seconds, 1e-3), self.zeroed // MIB)
 
     def _flush_target(self) -> None:
         if self.target.can_flush:
@@ -182,16 +214,18 @@ class Rebuild:
         chunk = dirty.chunk
         position = 0
         while (run := dirty.take(position, SPAN_CHUNKS)) is not None:
-            if self.stopping.is_set():
-                raise Stopped
+            self._check()
             first, count = run
             start, end = first * chunk, min(self.size, (first + count) * chunk)
             source = self.source()
-            for offset, length, zero in self._extents(source, start, end):
-                if zero:
-                    self._zero(offset, length)
-                else:
-                    self._copy(source, offset, length, limited)
+            with self.writes.copying(dirty, start, end):  # from asking which ranges read as zeroes to zeroing them
+                extents = list(self._extents(source, start, end))
+                for offset, length, zero in extents:
+                    if zero:
+                        self._zero(offset, length)
+            for offset, length, zero in extents:
+                if not zero:
+                    self._copy(dirty, source, offset, length, limited)
             position = first + count
             self._report(pass_number, end)
 
@@ -220,18 +254,16 @@ class Rebuild:
             write_zeroes(lambda buf, at, flags: target.pwrite(buf, at), length, offset)
         self.zeroed += length
 
-    def _copy(self, source: NBDClient, offset: int, length: int, limited: bool) -> None:
-        """Read each piece into one buffer while the previous piece is written from the other."""
-        writing: list[Command] = []
-        for index, at in enumerate(range(offset, offset + length, COPY_PIECE)):
-            buf = self._buffers[index % 2][:min(COPY_PIECE, offset + length - at)]
-            wait_all(source.submit_split(P.CMD_READ, at, len(buf), into=buf))
-            wait_all(writing)  # the previous piece: its buffer is the one read into next
-            writing = self.target.submit_split(P.CMD_WRITE, at, len(buf), payload=buf)
+    def _copy(self, dirty: DirtyMap, source: NBDClient, offset: int, length: int, limited: bool) -> None:
+        for at in range(offset, offset + length, COPY_PIECE):
+            self._check()
+            buf = self._buffer[:min(COPY_PIECE, offset + length - at)]
+            with self.writes.copying(dirty, at, at + len(buf)):
+                wait_all(source.submit_split(P.CMD_READ, at, len(buf), into=buf))
+                wait_all(self.target.submit_split(P.CMD_WRITE, at, len(buf), payload=buf))
             self.copied += len(buf)
             if limited:
                 self._keep_to_rate(len(buf))
-        wait_all(writing)
 
     def _keep_to_rate(self, nbytes: int) -> None:
         if not self.rate:

@@ -1,7 +1,8 @@
 """mirror plugin: RAID-1 across NBD servers, surviving the loss of copies and rebuilding them online.
 
 Writes (write, zero, trim) and flushes go to every copy in sync at once and are acknowledged when at
-least write-quorum of them succeeded; reads go to one copy in sync, each request to the next in turn.
+least write-quorum of them succeeded (writes go to a copy being rebuilt too, which does not count);
+reads go to one copy in sync, each request to the next in turn.
 A copy that fails while another carries on (its connection breaks, a request gets no reply within
 request-timeout=, or it fails a request another copy carried out) becomes stale: it is no longer read
 or written, and state=PATH records so before any write it missed is acknowledged.  A background thread
@@ -68,6 +69,7 @@ class Mirror:
         self.state_path = state_path
         self.resync_rate = resync_rate
         self.writes = WriteTracker()
+        self.rebuild: Rebuild | None = None  # the rebuild running, if any
         self._state_lock = threading.Lock()  # which copies are in sync, and the state file
         self._changes = self._saved = 0  # changes of which copies are in sync, made and recorded
         self._turn = itertools.count()
@@ -125,6 +127,7 @@ class Mirror:
                 copy.in_sync = False
                 self._changes += 1
                 raise
+            self.rebuild = None  # writes reach it as a copy in sync now
         log.info("mirror: %s is in sync again and rejoins the mirror", copy.describe())
 
     # -- Requests ----------------------------------------------------------------------------------
@@ -146,15 +149,21 @@ class Mirror:
         return reachable
 
     def write(self, type: int, offset: int, length: int, flags: int, payload: memoryview | None = None) -> None:
-        """WRITE, WRITE_ZEROES or TRIM to every copy in sync."""
+        """WRITE, WRITE_ZEROES or TRIM to every copy in sync, and to the copy being rebuilt."""
         name, quorum = P.COMMAND_NAMES[type], self.write_quorum
         with self.writes.tracking(offset, length):
             copies = self._reachable()
             if len(copies) < quorum:
                 raise NBDError(errno.EIO, f"mirror: {len(copies)} copies in sync can be reached, fewer than "
                                           f"write-quorum={quorum}")
+            rebuild = self.rebuild
+            rebuilt = [] if rebuild is None else rebuild.target.submit_split(type, offset, length, flags,
+                                                                             payload=payload)
             sent = [(copy, client, client.submit_split(type, offset, length, flags, payload=payload))
                     for copy, client in copies]
+            failure = next((c for c in rebuilt if c.wait().error), None)
+            if rebuild is not None and failure is not None:
+                rebuild.fail(f"{name}: {failure.message or os.strerror(failure.error)}")
             succeeded: list[tuple[Copy, NBDClient]] = []
             failed: list[tuple[Copy, NBDClient, Command]] = []
             for copy, client, commands in sent:
@@ -262,8 +271,12 @@ class Mirror:
                  f", at most {self.resync_rate >> 20} MiB/s" if self.resync_rate else "")
         copy.last_problem = ""
         copy.leg.forget_lost_writes()  # what it held before does not matter: it is overwritten
-        Rebuild(copy.describe(), self.size, target, lambda: self._reachable()[0][1], self.writes,
-                lambda: self.rejoin(copy), self.resync_rate, self._stopping).run()
+        self.rebuild = Rebuild(copy.describe(), self.size, target, lambda: self._reachable()[0][1], self.writes,
+                               lambda: self.rejoin(copy), self.resync_rate, self._stopping)
+        try:
+            self.rebuild.run()
+        finally:
+            self.rebuild = None
 
 
 class MirrorPlugin(Plugin):
