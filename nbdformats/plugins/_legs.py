@@ -174,9 +174,9 @@ class Leg:
                 break
             except OSError as e:
                 if attempt == retries:
-                    self.why_down = reason(e)
+                    self.why_down = error_text(e)
                     raise
-                log.debug(self._say(f"connecting failed ({reason(e)}); retrying in {RETRY_DELAY:g}s"))
+                log.debug(self._say(f"connecting failed ({error_text(e)}); retrying in {RETRY_DELAY:g}s"))
                 time.sleep(RETRY_DELAY)
         if self.offer is None:
             self.offer = Offer.of(client)
@@ -203,7 +203,7 @@ class Leg:
             try:
                 client = self._connect()
             except OSError as e:
-                self.why_down = f"{lost}cannot connect: {reason(e)}"
+                self.why_down = f"{lost}cannot connect: {error_text(e)}"
                 self._next_attempt = now + self._delay
                 self._delay = min(2 * self._delay, LONGEST_RECONNECT_DELAY)
                 raise NBDError(errno.EIO, self._say(self.why_down)) from None
@@ -288,7 +288,7 @@ class Flush:
     command: Command
 
 
-def reason(error: OSError) -> str:
+def error_text(error: OSError) -> str:
     """An OSError as a message says it: its text without "[Errno N]"."""
     return error.strerror or str(error)
 

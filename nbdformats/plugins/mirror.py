@@ -32,7 +32,7 @@ from ..client import Command, NBDClient
 from ..protocol import wire as P
 from . import _mirror_state
 from ._legs import (Flush, Leg, Offer, Timeouts, close_all, connect_timeout_param, open_all, parse_servers,
-                    reason, request_timeout_param)
+                    error_text, request_timeout_param)
 from ._resync import Rebuild, Stopped, WriteTracker
 from .nbd import command_flags, zero_command_flags
 
@@ -41,6 +41,11 @@ Result = TypeVar("Result")
 
 SERVICE_INTERVAL = 1.0  # seconds between looks at the stale copies
 REBUILD_RETRY_DELAY = 10.0  # seconds before a rebuild that failed is tried again
+
+
+def describe(command: Command) -> str:
+    """Why a server failed a request."""
+    return command.message or os.strerror(command.error)
 
 
 class Copy:
@@ -106,8 +111,8 @@ class Mirror:
         with self._state_lock:
             if not copy.in_sync:
                 return
+            self._changes += 1  # first: a write that no longer sees the copy must see the change to record
             copy.in_sync = False
-            self._changes += 1
             left = sum(c.in_sync for c in self.copies)
             log.warning("mirror: %s is stale and no longer used: %s; %d of %d copies in sync. It is rebuilt "
                         "from a copy in sync once it can be reached.", copy.describe(), reason, left, len(self.copies))
@@ -161,9 +166,7 @@ class Mirror:
                                                                              payload=payload)
             sent = [(copy, client, client.submit_split(type, offset, length, flags, payload=payload))
                     for copy, client in copies]
-            failure = next((c for c in rebuilt if c.wait().error), None)
-            if rebuild is not None and failure is not None:
-                rebuild.fail(f"{name}: {failure.message or os.strerror(failure.error)}")
+            rebuild_failure = next((c for c in rebuilt if c.wait().error), None)
             succeeded: list[tuple[Copy, NBDClient]] = []
             failed: list[tuple[Copy, NBDClient, Command]] = []
             for copy, client, commands in sent:
@@ -175,7 +178,9 @@ class Mirror:
             if not succeeded:
                 failed[0][2].result()  # raises: no copy took it, none is blamed
             for copy, client, command in failed:
-                self.mark_stale(copy, client.failure or f"{name} failed: {command.message or os.strerror(command.error)}")
+                self.mark_stale(copy, client.failure or f"{name} failed: {describe(command)}")
+            if rebuild is not None and rebuild_failure is not None:
+                rebuild.fail(f"{name} failed: {describe(rebuild_failure)}")
             self.ensure_saved()
             if len(succeeded) < quorum:
                 raise NBDError(errno.EIO, f"mirror: {name} succeeded on {len(succeeded)} copies, fewer than "
@@ -184,27 +189,26 @@ class Mirror:
                 copy.leg.wrote(client, flags)
 
     def flush(self) -> None:
-        started: list[tuple[Copy, Flush | NBDError]] = []
-        for copy, _ in self._reachable():
-            try:
-                started.append((copy, copy.leg.start_flush()))
-            except NBDError as e:
-                started.append((copy, e))
+        copies = self._reachable()
+        flushes: list[tuple[Copy, Flush]] = []
         failed: list[tuple[Copy, NBDError]] = []
-        for copy, flush in started:
+        for copy, _ in copies:  # all sent first, then all waited for
             try:
-                if isinstance(flush, NBDError):
-                    raise flush
+                flushes.append((copy, copy.leg.start_flush()))
+            except NBDError as e:
+                failed.append((copy, e))
+        for copy, flush in flushes:
+            try:
                 copy.leg.finish_flush(flush)
             except NBDError as e:
                 failed.append((copy, e))
-        if len(failed) == len(started):
+        if len(failed) == len(copies):
             raise failed[0][1]
         for copy, error in failed:
             self.mark_stale(copy, f"FLUSH failed: {error}")
         self.ensure_saved()
-        if len(started) - len(failed) < self.write_quorum:
-            raise NBDError(errno.EIO, f"mirror: FLUSH succeeded on {len(started) - len(failed)} copies, fewer "
+        if len(copies) - len(failed) < self.write_quorum:
+            raise NBDError(errno.EIO, f"mirror: FLUSH succeeded on {len(copies) - len(failed)} copies, fewer "
                                       f"than write-quorum={self.write_quorum}")
 
     def from_one(self, name: str, call: Callable[[NBDClient], Result]) -> Result:
@@ -243,9 +247,11 @@ class Mirror:
         close_all(copy.leg for copy in self.copies)
 
     def _rebuild_stale_copies(self) -> None:
-        """Rebuild each stale copy, one at a time, once it can be reached."""
-        while not self._stopping.wait(SERVICE_INTERVAL):
+        """Rebuild each stale copy, one at a time, once it can be reached (looking every second)."""
+        while True:
             for copy in self.copies:
+                if self._stopping.is_set():
+                    return
                 if copy.in_sync or not copy.leg.may_try() or time.monotonic() < copy.rebuild_at:
                     continue
                 try:
@@ -265,6 +271,8 @@ class Mirror:
                     log.warning("mirror: rebuilding %s failed: %s; trying again in %g s", copy.describe(), e,
                                 REBUILD_RETRY_DELAY)
                     copy.rebuild_at = time.monotonic() + REBUILD_RETRY_DELAY
+            if self._stopping.wait(SERVICE_INTERVAL):
+                return
 
     def _rebuild(self, copy: Copy, target: NBDClient) -> None:
         log.info("mirror: rebuilding %s from the copies in sync (%d MiB%s)", copy.describe(), self.size >> 20,
@@ -309,7 +317,7 @@ class MirrorPlugin(Plugin):
         recorded = _mirror_state.load(self.state) if self.state is not None else None
         legs = [Leg(self.name, f"server {index}", address, Timeouts.of(self))
                 for index, address in enumerate(self.addresses)]
-        failures = [None if failure is None else f"cannot connect: {reason(failure)}" for failure in open_all(legs)]
+        failures = [None if failure is None else f"cannot connect: {error_text(failure)}" for failure in open_all(legs)]
         try:
             self.mirror = self._mirror(recorded, legs, failures)
         except BaseException:

@@ -22,7 +22,7 @@ from ..client import Command, NBDClient, wait_all
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Param, Size, String
 from .nbd import command_flags, zero_command_flags
-from ._legs import (Leg, Offer, Timeouts, close_all, connect_timeout_param, open_all, parse_servers, reason,
+from ._legs import (Leg, Offer, Timeouts, close_all, connect_timeout_param, open_all, parse_servers, error_text,
                     request_timeout_param)
 
 log = logging.getLogger("nbdformats")
@@ -98,7 +98,7 @@ class StripePlugin(Plugin):
         try:
             for leg, failure in zip(legs, open_all(legs)):
                 if failure is not None:
-                    raise ConfigError(f"stripe: cannot connect to {leg.describe()}: {reason(failure)}")
+                    raise ConfigError(f"stripe: cannot connect to {leg.describe()}: {error_text(failure)}")
             offers = [leg.offer for leg in legs if leg.offer is not None]
         finally:
             close_all(legs)
@@ -124,7 +124,7 @@ class StripePlugin(Plugin):
             for leg, failure in zip(self.legs, open_all(self.legs)):
                 if failure is not None:
                     close_all(self.legs)
-                    raise NBDError(errno.EIO, f"stripe: cannot connect to {leg.describe()}: {reason(failure)}")
+                    raise NBDError(errno.EIO, f"stripe: cannot connect to {leg.describe()}: {error_text(failure)}")
 
         def close(self) -> None:
             close_all(self.legs)
