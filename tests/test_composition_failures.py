@@ -236,14 +236,17 @@ def test_mirror_hung_leg_times_out_and_is_rebuilt_when_it_resumes(tmp_path, legs
     with serve(*mirror_args([a, b], f"state={state}", *TIMEOUT_ARGS)) as srv, NBDClient.connect(srv.uri) as nbd:
         nbd.pwrite(first, 0)
         b.signal(signal.SIGSTOP)
+        for offset in range(0, 8 * MIB, MIB):  # reads take turns: the one sent to b completes from a
+            data, seconds = timed(lambda: nbd.pread(MIB, offset))
+            assert data == first[offset:offset + MIB] and seconds < 1 + SLACK
         _, seconds = timed(lambda: nbd.pwrite(b"second" * 1000, 0))  # completes from the copy left
         assert seconds < 1 + SLACK
         expected = b"second" * 1000 + first[6000:]
-        for offset in range(0, 8 * MIB, MIB):  # reads are spread over the copies in sync: only a now
+        for offset in range(0, 8 * MIB, MIB):
             data, seconds = timed(lambda: nbd.pread(MIB, offset))
             assert data == expected[offset:offset + MIB] and seconds < SLACK
         assert recorded(state) == {str(a.socket): "in-sync", str(b.socket): "stale"}
-        assert re.search(r"server 1 \(.*\) is stale and no longer used: .*WRITE got no reply in 1 s", srv.stderr())
+        assert re.search(r"server 1 \(.*\) is stale and no longer used: .*READ got no reply in 1 s", srv.stderr())
         b.signal(signal.SIGCONT)
         wait_for(lambda: in_sync(state, b), 60, "server 1 to be rebuilt")
         nbd.flush()
@@ -363,6 +366,70 @@ def test_mirror_write_quorum_not_met_fails_writes_and_loses_nothing_acknowledged
         copies = [leg.read_all(tmp_path) for leg in (a, b)]
         assert copies[0] == copies[1]
         assert copies[0][:MIB] == acknowledged and copies[0][3 * MIB:3 * MIB + 12] == b"quorum again"
+
+
+def test_mirror_refuses_writes_while_the_state_file_cannot_be_written(tmp_path, legs):
+    a, b = legs(2, "memory", "1M")
+    state = tmp_path / "state.json"
+    with serve(*mirror_args([a, b], f"state={state}", *TIMEOUT_ARGS)) as srv, NBDClient.connect(srv.uri) as nbd:
+        state.unlink()
+        state.mkdir()  # nothing can be renamed over a directory that holds a file
+        (state / "blocker").touch()
+        b.kill()
+        refused = failing_fast(lambda: nbd.pwrite(b"not recorded", 0), SLACK)
+        assert refused.errno == errno.EIO and f"cannot record which copies are in sync in {state}" in str(refused)
+        assert failing_fast(lambda: nbd.pwrite(b"still not", 0), SLACK).errno == errno.EIO
+        assert len(nbd.pread(12, 0)) == 12  # reads go on
+        (state / "blocker").unlink()
+        state.rmdir()
+        nbd.pwrite(b"recorded now", 0)
+        assert recorded(state) == {str(a.socket): "in-sync", str(b.socket): "stale"}
+        assert "writes are refused until it can be written" in srv.stderr()
+
+
+def test_mirror_last_copy_in_sync_is_waited_for_not_dropped(tmp_path, legs):
+    image = random_file(tmp_path / "a.img", MIB, seed=7)
+    (a,) = legs(1, "file", str(image), nbdkit=False)
+    state = tmp_path / "state.json"
+    with serve(*mirror_args([a], f"state={state}", *TIMEOUT_ARGS)) as srv, NBDClient.connect(srv.uri) as nbd:
+        nbd.pwrite(b"acknowledged", 0)
+        a.kill()
+        assert failing_fast(lambda: nbd.pread(12, 0), SLACK).errno == errno.EIO
+        a.start()
+        assert succeeds_soon(lambda: nbd.pread(12, 0)) == b"acknowledged"
+        lost = failing_fast(nbd.flush, SLACK)  # the server went away before a flush: say so once
+        assert "may be lost" in str(lost)
+        nbd.flush()
+        assert recorded(state) == {str(a.socket): "in-sync"}
+
+
+def test_mirror_does_not_rebuild_a_copy_that_came_back_too_small(tmp_path, legs):
+    a, b = legs(2, "memory", "4M")
+    state = tmp_path / "state.json"
+    with serve(*mirror_args([a, b], f"state={state}", *TIMEOUT_ARGS)) as srv, NBDClient.connect(srv.uri) as nbd:
+        b.kill()
+        nbd.pwrite(b"x", 0)
+        b.args = ["memory", "2M"]
+        b.start()
+        wait_for(lambda: "it has 2097152 bytes, fewer than 4194304" in srv.stderr(), 30, "the size to be refused")
+        assert recorded(state)[str(b.socket)] == "stale"
+
+
+def test_mirror_rebuild_that_loses_its_target_starts_over(tmp_path, legs):
+    a, b = legs(2, "memory", "16M")
+    state = tmp_path / "state.json"
+    data = random_file(tmp_path / "data.img", 16 * MIB, seed=8)
+    with serve(*mirror_args([a, b], f"state={state}", "resync-rate=4M", *TIMEOUT_ARGS)) as srv:
+        b.kill()
+        run(["nbdcopy", "--flush", data, srv.uri])
+        b.start()
+        wait_for(lambda: "rebuilding server 1" in srv.stderr(), 30, "the rebuild to start")
+        b.kill()  # in the middle of it (16 MiB at 4 MiB/s)
+        wait_for(lambda: re.search(r"rebuilding server 1 \(.*\) failed: ", srv.stderr()), 30, "the rebuild to fail")
+        assert recorded(state)[str(b.socket)] == "stale"
+        b.start()
+        wait_for(lambda: in_sync(state, b), 60, "the rebuild to start over and finish")
+        assert b.read_all(tmp_path) == data.read_bytes()
 
 
 def test_mirror_refuses_to_start_below_write_quorum(tmp_path, legs):
