@@ -99,6 +99,22 @@ def two_server_table(first: str, second: str) -> Callable[[dict[str, Any]], str]
     return table
 
 
+def mirror_table(record: dict[str, Any]) -> str:
+    """A rebuild against nbdcopy of the same copy, and a client with and without a rebuild running."""
+    s, arguments = record["results"]["summary"], record["arguments"]
+    rate = arguments["resync_rate"]
+    lines = ["| measurement | MiB/s |", "|---|---|",
+             f"| nbdcopy of the source server onto an empty server | {s['nbdcopy_mib_s']:.0f} |",
+             f"| mirror rebuild of the same copy, full speed | {s['rebuild_mib_s']:.0f} "
+             f"({s['rebuild_mib_s'] / s['nbdcopy_mib_s']:.2f}x nbdcopy) |"]
+    for what, label in (("write", f"client nbdcopy writing {arguments['client_mib']} MiB"),
+                        ("read", "client nbdcopy reading the disk")):
+        lines.append(f"| {label}, copies in sync / during a rebuild at resync-rate={rate} | "
+                     f"{s[f'idle_{what}_mib_s']:.0f} / {s[f'during_{what}_mib_s']:.0f} |")
+    note = "" if s["all_overlapped"] else " Some rebuilds ended before the client did."
+    return "\n".join(lines) + "\n\n" + source_line(record) + note
+
+
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "ceph-rbd": ("ceph-rbd", two_server_table("rbd bench (librbd)", "nbdformats rbd")),
     "ceph-s3": ("ceph-s3", two_server_table("nbdkit S3", "nbdformats S3")),
@@ -106,6 +122,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "python-plugin": ("python-plugin", python_plugin_table),
     "core-memory": ("core", core_table("memory")),
     "core-file": ("core", core_table("file")),
+    "mirror-resync": ("bench_mirror", mirror_table),
 }
 MARKER = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 

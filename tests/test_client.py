@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import socket
 import struct
 import threading
 import time
@@ -374,3 +376,30 @@ def test_connect_errors_are_clear(tmp_path):
             NBDClient.connect(Address(unix=srv.socket, export="nope"))
         with NBDClient.connect(Address(unix=srv.socket, export="disk")) as nbd:
             assert nbd.size == 4096
+
+
+def test_connect_and_requests_are_bounded_in_time(tmp_path):
+    # A listener that never answers: the handshake gives up after the timeout.
+    mute = socket.socket(socket.AF_UNIX)
+    mute.bind(str(tmp_path / "mute.sock"))
+    mute.listen(1)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not finish the handshake within 0.5 s") as raised:
+        NBDClient.connect(f"nbd+unix:///?socket={tmp_path}/mute.sock", timeout=0.5)
+    assert raised.value.errno == errno.ETIMEDOUT and time.monotonic() - start < 5
+    mute.close()
+    # A server that stops answering: the request fails with ETIMEDOUT, and so does the connection.
+    with serve_nbdkit("memory", "1M") as srv, NBDClient.connect(unix_uri(srv), request_timeout=0.5) as nbd:
+        nbd.pwrite(b"x", 0)
+        os.killpg(srv.proc.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(NBDError, match="READ got no reply in 0.5 s") as raised:
+                nbd.pread(1, 0)
+            assert raised.value.errno == errno.ETIMEDOUT and time.monotonic() - start < 5
+            assert "got no reply" in (nbd.failure or "")
+            with pytest.raises(NBDError) as later:
+                nbd.pread(1, 0)
+            assert later.value.errno == errno.EIO
+        finally:
+            os.killpg(srv.proc.pid, signal.SIGCONT)

@@ -22,6 +22,10 @@ Request flags are the wire flags of `protocol` (CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, 
 server fails raises NBDError with the server's errno and message; a broken connection raises NBDError(EIO)
 for every request in flight and after.  `send_request()` sends one raw request (any type, flags and
 bounds, for tests) and returns the finished `Command` instead of raising.
+
+Nothing waits forever for a server that stops answering: `connect(timeout=)` bounds connecting and the
+whole handshake, and with `request_timeout=` a request that gets no reply in time fails with ETIMEDOUT
+and breaks the connection (every request in flight fails with it, later ones with EIO).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import socket
 import threading
 import time
 from dataclasses import replace
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from ..api.errors import NBDError
 from ..protocol import wire as P
@@ -77,6 +81,45 @@ def _send_all(sock: "socket.socket | TLSSocket", header: bytes, payload: Any) ->
             else:
                 parts[0] = parts[0][sent:]
                 sent = 0
+
+
+Result = TypeVar("Result")
+
+
+def _within(timeout: float, address: Address, talk: Callable[[socket.socket], Result]) -> Result:
+    """Connect to `address` and run `talk` on the socket (the handshake), all within `timeout` seconds.
+
+    A timer shuts the socket down when the time is up: that wakes whatever waits on it, the TLS
+    handshake included, so the bound holds however the server dribbles its bytes.  The socket is closed
+    if `talk` fails; a timeout raises TimeoutError (ETIMEDOUT).
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        sock = _open_socket(address, timeout)
+    except TimeoutError:
+        raise TimeoutError(errno.ETIMEDOUT, f"no connection to {address.describe()} within {timeout:g} s") from None
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        return talk(sock)
+    except BaseException as e:
+        sock.close()
+        if isinstance(e, OSError) and (expired.is_set() or isinstance(e, TimeoutError)):
+            raise TimeoutError(errno.ETIMEDOUT, f"{address.describe()} did not finish the handshake within "
+                                                f"{timeout:g} s") from None
+        raise
+    finally:
+        timer.cancel()
 
 
 def _open_socket(address: Address, timeout: float | None) -> socket.socket:
@@ -138,10 +181,12 @@ class NBDClient:
     Data methods split requests larger than the server's maximum block size into pipelined pieces.
     """
 
-    def __init__(self, sock: socket.socket | TLSSocket, info: Negotiated, address: Address | None = None) -> None:
+    def __init__(self, sock: socket.socket | TLSSocket, info: Negotiated, address: Address | None = None, *,
+                 request_timeout: float | None = None) -> None:
         self.sock = sock
         self.info = info
         self.address = address
+        self.request_timeout = request_timeout
         self.context_id = info.meta_contexts.get(P.BASE_ALLOCATION)
         self.max_payload = max(min(info.maximum or DEFAULT_MAXIMUM, 64 * 1024 * 1024), 1)
         self._commands: dict[int, Command] = {}
@@ -151,44 +196,42 @@ class NBDClient:
         self._failure: str | None = None  # why the connection is unusable
         self._closing = False
         self._decoder = ReplyDecoder(self._commands, structured=info.structured, extended=info.extended)
+        self._stopped = threading.Event()  # the connection failed or is closing: the watchdog ends
         sock.settimeout(None)
         self._reader = threading.Thread(target=self._read_replies, name="nbd-client-reader", daemon=True)
         self._reader.start()
+        if request_timeout is not None:
+            threading.Thread(target=self._expire_requests, args=(request_timeout,), name="nbd-client-watchdog",
+                             daemon=True).start()
 
     # -- Connecting ----------------------------------------------------------------------------
     @classmethod
     def connect(cls, target: str | Address, *, export: str | None = None, tls: str | None = None,
                 structured: bool = True, extended: bool = True,
-                meta_contexts: Iterable[str] = (P.BASE_ALLOCATION,), timeout: float | None = 60.0) -> "NBDClient":
+                meta_contexts: Iterable[str] = (P.BASE_ALLOCATION,), timeout: float = 60.0,
+                request_timeout: float | None = None) -> "NBDClient":
         """Connect to a URI or Address and finish the handshake.  `timeout` bounds connecting and the
-        handshake; requests have none.  Raises OSError (HandshakeError, ssl.SSLError, ...) on failure."""
+        whole handshake, `request_timeout` the wait for each request's reply (None: no limit).  Raises
+        OSError (HandshakeError, TimeoutError, ssl.SSLError, ...) on failure."""
         address = parse_uri(target) if isinstance(target, str) else target
         if export is not None:
             address = replace(address, export=export)
         if tls is not None:
             address = replace(address, tls=tls)
-        sock = _open_socket(address, timeout)
-        try:
-            sock, info = handshake(sock, address, structured=structured, extended=extended,
-                                   meta_contexts=meta_contexts)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock, info, address)
+        sock, info = _within(timeout, address, lambda sock: handshake(
+            sock, address, structured=structured, extended=extended, meta_contexts=meta_contexts))
+        return cls(sock, info, address, request_timeout=request_timeout)
 
     @staticmethod
     def list_exports(target: str | Address, *, tls: str | None = None,
-                     timeout: float | None = 60.0) -> list[tuple[str, str]]:
-        """The server's exports as (name, description) pairs (NBD_OPT_LIST)."""
+                     timeout: float = 60.0) -> list[tuple[str, str]]:
+        """The server's exports as (name, description) pairs (NBD_OPT_LIST), within `timeout` seconds."""
         address = parse_uri(target) if isinstance(target, str) else target
         if tls is not None:
             address = replace(address, tls=tls)
-        sock = _open_socket(address, timeout)
-        try:
-            sock, info = handshake(sock, address, list_exports=True)
-            return info.exports or []
-        finally:
-            sock.close()
+        sock, info = _within(timeout, address, lambda sock: handshake(sock, address, list_exports=True))
+        sock.close()
+        return info.exports or []
 
     def __enter__(self) -> "NBDClient":
         return self
@@ -262,6 +305,7 @@ class NBDClient:
                 command.finish()
                 return command
             command.cookie = next(self._cookies)
+            command.sent = time.monotonic()
             self._commands[command.cookie] = command
         header = encode_request(command, self.info.extended)
         try:
@@ -368,16 +412,34 @@ class NBDClient:
             if not (self._closing and not self._commands):
                 self._connection_failed(str(e) if isinstance(e, (OSError, ProtocolError)) else repr(e))
 
-    def _connection_failed(self, reason: str) -> None:
-        """Fail every request in flight, and all later ones."""
+    def _expire_requests(self, timeout: float) -> None:
+        """The watchdog: the oldest request in flight gets `timeout` seconds for its reply, or the server
+        is taken for hung and the connection broken.  Requests are kept in the order they were sent, so
+        the oldest has the earliest deadline; with none in flight, waking every `timeout` seconds is soon
+        enough, as a request sent meanwhile is not due before then."""
+        while True:
+            with self._lock:
+                oldest = next(iter(self._commands.values()), None)
+            wait = timeout if oldest is None else oldest.sent + timeout - time.monotonic()
+            if wait <= 0:
+                assert oldest is not None
+                name = P.COMMAND_NAMES.get(oldest.type, str(oldest.type))
+                self._connection_failed(f"{name} got no reply in {timeout:g} s", errno.ETIMEDOUT)
+                return
+            if self._stopped.wait(wait):
+                return
+
+    def _connection_failed(self, reason: str, error: int = errno.EIO) -> None:
+        """Fail every request in flight with `error`, and all later ones with EIO."""
         with self._lock:
             if self._failure is None:
                 self._failure = f"connection to the NBD server lost: {reason}"
             pending = list(self._commands.values())
             self._commands.clear()
+        self._stopped.set()
         for command in pending:
             if not command.done:
-                command.fail(errno.EIO, self._failure)
+                command.fail(error, self._failure)
                 command.finish()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -391,6 +453,7 @@ class NBDClient:
                 return
             self._closing = True
             pending = list(self._commands.values())
+        self._stopped.set()
         deadline = time.monotonic() + timeout
         for command in pending:
             try:

@@ -32,13 +32,14 @@ def nbd_to_errno(code: int) -> int:
 class Command:
     """One request and what its replies said.  `wait()` blocks until the last reply chunk arrived."""
 
-    __slots__ = ("type", "flags", "offset", "length", "cookie", "buf", "payload", "error", "message",
+    __slots__ = ("type", "flags", "offset", "length", "cookie", "sent", "buf", "payload", "error", "message",
                  "error_offset", "covered", "status", "chunk_types", "done", "_waiter")
 
     def __init__(self, type: int, flags: int, offset: int, length: int, *, buf: memoryview | None = None,
                  payload: Any = None) -> None:
         self.type, self.flags, self.offset, self.length = type, flags, offset, length
         self.cookie = 0
+        self.sent = 0.0  # time.monotonic() when it was submitted (the request timeout counts from there)
         self.buf = buf  # READ: where the data goes (len == length)
         self.payload = payload  # WRITE: the data sent
         self.error = 0  # errno; 0 = success

@@ -3,7 +3,8 @@
 Each client connection gets its own upstream connection (or all share one with shared=true); requests
 from the server's worker threads are pipelined on it.  Everything the upstream server offers passes
 through: size, read-only, flush, FUA, trim, zero (fast zero), cache, multi-conn, block size constraints,
-and block status (holes stay holes).
+and block status (holes stay holes).  A request without a reply in request-timeout= seconds breaks the
+connection; a broken connection is made again, with back-off, by the next request (_legs.Leg).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import replace
 
 from ..protocol import wire as P
@@ -24,23 +24,9 @@ from ..api.chain import (EMULATE, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, FLAG_
 from ..client import DEFAULT_PORT, Address, NBDClient, parse_uri
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Bool, Enum, Int, Param, Path, String
+from ._legs import Leg, Timeouts, connect_timeout_param, request_timeout_param
 
 log = logging.getLogger("nbdformats")
-
-RETRY_DELAY = 1.0  # seconds between connection attempts, as nbdkit
-
-
-def connect_with_retry(address: Address, retry: int, *, export: str | None = None) -> NBDClient:
-    """Connect, trying `retry` more times one second apart (nbdkit's retry=); raises OSError."""
-    for attempt in range(retry + 1):
-        try:
-            return NBDClient.connect(address, export=export)
-        except OSError as e:
-            if attempt == retry:
-                raise
-            log.debug("nbd: connecting to %s failed (%s); retrying in %gs", address.describe(), e, RETRY_DELAY)
-            time.sleep(RETRY_DELAY)
-    raise AssertionError("unreachable")
 
 
 def command_flags(flags: int) -> int:
@@ -112,7 +98,9 @@ class NbdPlugin(Plugin):
     arg = Param(String(), repeat=True, help="an argument of command= (repeat for each)")
     export = Param(String(), help="export name on the server (default: the server's default export)")
     dynamic_export = Param(Bool(), default=False, help="pass each client's export name to the server")
-    retry = Param(Int(minimum=0), default=0, help="retry a failed connection N times, one second apart")
+    retry = Param(Int(minimum=0), default=0, help="retry a failed first connection N times, one second apart")
+    connect_timeout = connect_timeout_param()
+    request_timeout = request_timeout_param()
     shared = Param(Bool(), help="one upstream connection for all clients (default false)")
     tls = Param(Enum("off", "on", "require"), help="TLS to the server (default off, on if another tls option is set)")
     tls_certificates = Param(Path(kind="dir"), help="directory with ca-cert.pem [client-cert.pem client-key.pem]")
@@ -197,13 +185,14 @@ class NbdPlugin(Plugin):
 
     def get_ready(self) -> None:
         self.spawned: SpawnedServer | None = None
-        self.shared_client: NBDClient | None = None
+        self.shared_leg: Leg | None = None
         if self.command is not None:
             self.spawned = SpawnedServer([self.command, *self.arg])
             self.address = replace(self.address, unix=self.spawned.path)
         if self.shared_mode:
+            leg = self.leg(self.address)
             try:
-                self.shared_client = connect_with_retry(self.address, self.retry)
+                leg.open(self.retry)
             except OSError as e:
                 reason = f"cannot connect to {self.address.describe()}: {e}"
                 if self.spawned is not None:
@@ -215,12 +204,19 @@ class NbdPlugin(Plugin):
                         pass
                 self.cleanup()
                 raise ConfigError(f"nbd: {reason}") from None
+            self.shared_leg = leg
+            # The server forks to detach after get_ready(), and the child keeps no thread of ours: the
+            # connection is closed before, and made again by the first request.
+            os.register_at_fork(before=leg.disconnect)
+
+    def leg(self, address: Address) -> Leg:
+        return Leg("nbd", "the server", address, Timeouts.of(self))
 
     def cleanup(self) -> None:
-        shared_client = getattr(self, "shared_client", None)
-        if shared_client is not None:
-            shared_client.close()
-            self.shared_client = None
+        shared_leg = getattr(self, "shared_leg", None)
+        if shared_leg is not None:
+            shared_leg.disconnect()
+            self.shared_leg = None
         spawned = getattr(self, "spawned", None)
         if spawned is not None:
             spawned.stop()
@@ -230,92 +226,99 @@ class NbdPlugin(Plugin):
         if not self.dynamic_export:
             return [Export("")]
         try:
-            exports = NBDClient.list_exports(self.address)
+            exports = NBDClient.list_exports(self.address, timeout=self.connect_timeout)
         except OSError as e:
             raise NBDError(errno.EIO, f"cannot list the exports of {self.address.describe()}: {e}") from None
         return [Export(name, description) for name, description in exports]
 
-    def connect(self, export_name: str) -> NBDClient:
+    def open_leg(self, export_name: str) -> Leg:
         """A new upstream connection for one client connection."""
-        export = export_name if self.dynamic_export else None
+        leg = self.leg(replace(self.address, export=export_name) if self.dynamic_export else self.address)
         try:
-            return connect_with_retry(self.address, self.retry, export=export)
+            leg.open(self.retry)
         except OSError as e:
-            raise NBDError(errno.EIO, f"cannot connect to {self.address.describe()}: {e}") from None
+            raise NBDError(errno.EIO, f"cannot connect to {leg.address.describe()}: {e}") from None
+        return leg
 
     class Handle(PluginHandle):
         def __init__(self, plugin: "NbdPlugin", readonly: bool, export_name: str) -> None:
-            self.owned = plugin.shared_client is None
-            client = plugin.connect(export_name) if plugin.shared_client is None else plugin.shared_client
-            self.client: NBDClient = client
+            self.owned = plugin.shared_leg is None
+            self.leg: Leg = plugin.open_leg(export_name) if plugin.shared_leg is None else plugin.shared_leg
+            assert self.leg.offer is not None  # the leg is open
+            self.offer = self.leg.offer  # what the clients are told, whatever the connection of the moment
 
         def close(self) -> None:
             if self.owned:
-                self.client.close()
+                self.leg.disconnect()
 
         # What the upstream server offers, passed through.
         def get_size(self) -> int:
-            return self.client.size
+            return self.offer.size
 
         def block_size(self) -> tuple[int, int, int] | None:
-            info = self.client.info
-            return info.minimum, info.preferred, info.maximum
+            return self.offer.block_size
 
         def can_write(self) -> bool:
-            return not self.client.read_only
+            return not self.offer.has(P.TF_READ_ONLY)
 
         def can_flush(self) -> bool:
-            return self.client.can_flush
+            return self.offer.has(P.TF_SEND_FLUSH)
 
         def is_rotational(self) -> bool:
-            return self.client.is_rotational
+            return self.offer.has(P.TF_ROTATIONAL)
 
         def can_trim(self) -> bool:
-            return self.client.can_trim
+            return self.offer.has(P.TF_SEND_TRIM)
 
         def can_zero(self) -> int:
             # Without upstream WRITE_ZEROES the chain writes zeroes (nbdkit's nbd plugin does the same).
-            return NATIVE if self.client.can_zero else EMULATE
+            return NATIVE if self.offer.has(P.TF_SEND_WRITE_ZEROES) else EMULATE
 
         def can_fast_zero(self) -> bool:
-            return self.client.can_fast_zero if self.client.can_zero else True
+            return self.offer.has(P.TF_SEND_FAST_ZERO) if self.offer.has(P.TF_SEND_WRITE_ZEROES) else True
 
         def can_fua(self) -> int:
-            if self.client.can_fua:
+            if self.offer.has(P.TF_SEND_FUA):
                 return NATIVE
-            return EMULATE if self.client.can_flush else NONE
+            return EMULATE if self.offer.has(P.TF_SEND_FLUSH) else NONE
 
         def can_multi_conn(self) -> bool:
-            return self.client.can_multi_conn
+            return self.offer.has(P.TF_CAN_MULTI_CONN)
 
         def can_extents(self) -> bool:
-            return self.client.can_block_status
+            return self.offer.block_status
 
         def can_cache(self) -> int:
-            return NATIVE if self.client.can_cache else NONE
+            return NATIVE if self.offer.has(P.TF_SEND_CACHE) else NONE
 
         # Requests, forwarded.
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-            self.client.pread_into(buf, offset)
+            self.leg.client().pread_into(buf, offset)
 
         def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-            self.client.pwrite(buf, offset, command_flags(flags))
+            client, wire = self.leg.client(), command_flags(flags)
+            client.pwrite(buf, offset, wire)
+            self.leg.wrote(client, wire)
 
         def flush(self, flags: int) -> None:
-            self.client.flush()
+            self.leg.flush()
 
         def trim(self, count: int, offset: int, flags: int) -> None:
-            self.client.trim(count, offset, command_flags(flags))
+            client, wire = self.leg.client(), command_flags(flags)
+            client.trim(count, offset, wire)
+            self.leg.wrote(client, wire)
 
         def zero(self, count: int, offset: int, flags: int) -> None:
-            self.client.zero(count, offset, zero_command_flags(flags))
+            client, wire = self.leg.client(), zero_command_flags(flags)
+            client.zero(count, offset, wire)
+            self.leg.wrote(client, wire)
 
         def cache(self, count: int, offset: int, flags: int) -> None:
-            self.client.cache(count, offset)
+            self.leg.client().cache(count, offset)
 
         def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
             position = offset
-            for length, state in self.client.block_status(count, offset, command_flags(flags)):
+            for length, state in self.leg.client().block_status(count, offset, command_flags(flags)):
                 extents.add(position, length, state & (P.STATE_HOLE | P.STATE_ZERO))
                 position += length
 
