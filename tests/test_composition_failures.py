@@ -315,6 +315,33 @@ def test_mirror_starts_degraded_and_rebuilds_under_concurrent_writers(tmp_path, 
         assert b.read_all(tmp_path) == expected
 
 
+def test_mirror_rebuild_progress_in_stats_json(tmp_path, legs):
+    """--stats-json lines carry the mirror's copies and the rebuild's progress while a copy is stale."""
+    a, b = legs(2, "memory", "16M")
+    state, stats = tmp_path / "state.json", tmp_path / "stats.jsonl"
+    with serve(*mirror_args([a, b], f"state={state}")) as srv:
+        run(["nbdcopy", "--flush", random_file(tmp_path / "source.img", 16 * MIB, seed=3), srv.uri])
+    b.kill()
+    with serve(*mirror_args([a, b], f"state={state}", "resync-rate=4M", *TIMEOUT_ARGS),
+               options=(f"--stats-json={stats}", "--stats-interval=0.2")) as srv:
+        wait_for(lambda: '"stale"' in stats.read_text(), 20, "a stats line showing the stale copy")
+        b.start()
+        wait_for(lambda: in_sync(state, b), 60, "server 1 to be rebuilt")
+        time.sleep(0.5)  # an interval after the rebuild
+    lines = [json.loads(line) for line in stats.read_text().splitlines()]
+    statuses = [line["status"]["mirror"] for line in lines if "status" in line]
+    assert statuses[0]["copies"] == {a.uri: "in-sync", b.uri: "stale"} and statuses[0]["rebuild"] is None
+    progress = [s["rebuild"] for s in statuses if s["rebuild"] is not None]
+    assert len(progress) >= 3, progress  # about 4 s at 4 MiB/s, a line every 0.2 s
+    assert all(p["size"] == 16 * MIB and p["server"].startswith("server 1") for p in progress)
+    positions = [p["position"] for p in progress]
+    assert positions == sorted(positions) and positions[-1] > positions[0]
+    assert 0 < progress[-1]["copied"] <= 16 * MIB
+    # Once every copy is in sync again the mirror reports nothing, and idle intervals write no line.
+    intervals = [line for line in lines if line["event"] == "interval"]
+    assert "status" not in intervals[-1] or intervals[-1]["status"]["mirror"]["rebuild"] is not None
+
+
 def test_mirror_with_a_state_file_never_reads_a_stale_copy(tmp_path, legs):
     images = [random_file(tmp_path / f"{name}.img", 8 * MIB, seed=3) for name in "ab"]
     a, b = (legs(1, "file", str(image), nbdkit=False)[0] for image in images)

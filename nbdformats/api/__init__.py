@@ -2,7 +2,7 @@
 
 The names live in api/chain.py (the chain, handles, layers, flags), api/params.py (typed
 parameters), api/errors.py, api/zeroes.py (zero buffers and ranges), api/progress.py (start-up
-progress bars) and api/syscalls.py (fallocate); docs/api.md is the reference.
+progress bars), api/status.py (background work in --stats-json) and api/syscalls.py (fallocate); docs/api.md is the reference.
 """
 
 from .chain import (DEFAULT_EXPORT, EMULATE, EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM,
@@ -11,6 +11,7 @@ from .chain import (DEFAULT_EXPORT, EMULATE, EXTENT_DATA, EXTENT_HOLE, EXTENT_ZE
 from .errors import ConfigError, NBDError
 from .params import Bool, Enum, Float, Int, Param, ParamType, Path, Secret, SecretValue, Size, String
 from .progress import progress
+from .status import report_status, withdraw_status
 from .zeroes import fill_zero, is_zero, write_zeroes
 
 __all__ = [
@@ -18,5 +19,5 @@ __all__ = [
     "FLAG_REQ_ONE", "NATIVE", "NONE", "Export", "Extents", "Filter", "FilterHandle", "Holes", "Layer", "Plugin",
     "PluginHandle", "ThreadModel", "current_client", "current_tls",
     "request_shutdown", "sleep", "ConfigError", "NBDError", "Bool", "Enum", "Float", "Int", "Param", "ParamType", "Path",
-    "Secret", "SecretValue", "Size", "String", "progress", "fill_zero", "is_zero", "write_zeroes",
+    "Secret", "SecretValue", "Size", "String", "progress", "report_status", "withdraw_status", "fill_zero", "is_zero", "write_zeroes",
 ]

@@ -173,6 +173,14 @@ class Rebuild:
         self.copied = self.zeroed = 0  # bytes of data copied, of ranges zeroed
         self._rate_clock = self.started  # when the data copied so far may have been copied at `rate`
         self._reported = self.started
+        self.pass_number, self.position = 1, 0  # where the copy is
+
+    def status(self) -> dict[str, object]:
+        """For --stats-json: where the rebuild is and how fast it goes."""
+        seconds = time.monotonic() - self.started
+        return {"server": self.name, "pass": self.pass_number, "position": self.position, "size": self.size,
+                "copied": self.copied, "zeroed": self.zeroed, "seconds": round(seconds, 3),
+                "copied_mib_per_s": round(self.copied / MIB / max(seconds, 1e-3), 1)}
 
     def fail(self, reason: str) -> None:
         """A client write to the target failed: the rebuild stops at its next step."""
@@ -218,6 +226,7 @@ class Rebuild:
             first, count = run
             start, end = first * chunk, min(self.size, (first + count) * chunk)
             source = self.source()
+            self.pass_number, self.position = pass_number, start
             with self.writes.copying(dirty, start, end):  # from asking which ranges read as zeroes to zeroing them
                 extents = list(self._extents(source, start, end))
                 for offset, length, zero in extents:
@@ -227,6 +236,7 @@ class Rebuild:
                 if not zero:
                     self._copy(dirty, source, offset, length, limited)
             position = first + count
+            self.pass_number, self.position = pass_number, end
             self._report(pass_number, end)
 
     @staticmethod
@@ -262,6 +272,7 @@ class Rebuild:
                 wait_all(source.submit_split(P.CMD_READ, at, len(buf), into=buf))
                 wait_all(self.target.submit_split(P.CMD_WRITE, at, len(buf), payload=buf))
             self.copied += len(buf)
+            self.position = at + len(buf)
             if limited:
                 self._keep_to_rate(len(buf))
 

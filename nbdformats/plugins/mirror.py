@@ -28,6 +28,7 @@ from typing import Callable, TypeVar
 from ..api.chain import EMULATE, NATIVE, NONE, Extents, Plugin, PluginHandle
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Int, Param, Size, String
+from ..api.status import report_status, withdraw_status
 from ..client import Command, NBDClient
 from ..protocol import wire as P
 from . import _mirror_state
@@ -233,14 +234,24 @@ class Mirror:
             client.submit_split(P.CMD_CACHE, offset, count)  # advisory: not waited for
 
     # -- Rebuilding stale copies, in the background --------------------------------------------------
+    def status(self) -> dict[str, object] | None:
+        """For --stats-json, while a copy is stale: each copy's state and the rebuild's progress."""
+        rebuild = self.rebuild
+        if rebuild is None and all(copy.in_sync for copy in self.copies):
+            return None
+        copies = {copy.uri: "in-sync" if copy.in_sync else "stale" for copy in self.copies}
+        return {"copies": copies, "rebuild": rebuild.status() if rebuild is not None else None}
+
     def start(self) -> None:
         self._stopping.clear()
+        report_status("mirror", self.status)
         self._service = threading.Thread(target=self._rebuild_stale_copies, name="mirror-rebuild", daemon=True)
         self._service.start()
 
     def stop(self) -> None:
         """Stop rebuilding (a rebuild stops within one span of its copy) and close the connections."""
         self._stopping.set()
+        withdraw_status("mirror")
         if self._service is not None:
             self._service.join()
             self._service = None

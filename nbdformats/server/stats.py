@@ -33,6 +33,7 @@ import threading
 import time
 from typing import IO, Any, Callable, Sequence
 
+from ..api.status import current_status
 from ..protocol import wire as P
 
 # NBD command -> the operation names nbdkit's stats filter uses.
@@ -184,12 +185,16 @@ class StatsRecorder:
         now = self.clock()
         with self._lock:
             finished, self.ops = self.ops, {}
-        if finished:
+        status = current_status()
+        if finished or status:
             ops = {OPERATION_NAMES.get(command, str(command)): op.summary()
                    for command, op in sorted(finished.items())}
-            self._write({"event": "interval", "time": round(self.wall_clock(), 3),
-                         "elapsed": round(now - self.started, 3), "seconds": round(now - self.interval_start, 3),
-                         "connections": self.connections(), "ops": ops})
+            line = {"event": "interval", "time": round(self.wall_clock(), 3),
+                    "elapsed": round(now - self.started, 3), "seconds": round(now - self.interval_start, 3),
+                    "connections": self.connections(), "ops": ops}
+            if status:
+                line["status"] = status
+            self._write(line)
         self.interval_start = now
 
     def close(self) -> None:
