@@ -70,7 +70,7 @@ def newest(name: str) -> dict[str, Any] | None:
     """The newest valid (not void, committed tree) run of a benchmark, or None."""
     for path in sorted(RESULTS.glob(f"{name}-*.json"), reverse=True):
         record = json.loads(path.read_text())
-        if not record["void"] and not record["dirty"]:
+        if record["benchmark"] == name and not record["void"] and not record["dirty"]:
             record["file"] = str(path.relative_to(ROOT))
             return record
     return None

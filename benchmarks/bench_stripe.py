@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from _common import NBDFORMATS, MiB, Server, nbdcopy_sha256, timed
+from _results import Run
 
 STRIPE_SIZE = "1M"
 
@@ -43,7 +44,8 @@ def measure(front: str, source: Path, size: int, repeat: int) -> tuple[float, fl
 
 
 def run_setting(work: Path, source: Path, size: int, legs_counts: list[int], rate: str | None,
-                repeat: int) -> None:
+                repeat: int) -> dict[str, dict[str, float]]:
+    """MiB/s written and read by setup ("one server", "stripe over N")."""
     label = f"legs limited to {rate} bit/s each" if rate else "unlimited legs"
     print(f"\n{label} ({size // MiB} MiB disk, stripe-size={STRIPE_SIZE})")
     print(f"{'setup':<26}{'write MiB/s':>12}{'read MiB/s':>12}")
@@ -52,6 +54,7 @@ def run_setting(work: Path, source: Path, size: int, legs_counts: list[int], rat
     with serve([*rate_filter, "file", str(work / "direct.img"), *rate_param], str(work / "direct.sock")) as direct:
         write, read = measure(direct.uri, source, size, repeat)
     print(f"{'one server, no stripe':<26}{write:>12.0f}{read:>12.0f}")
+    results = {"one server, no stripe": {"write": write, "read": read}}
     for count in legs_counts:
         servers: list[Server] = []
         try:
@@ -71,6 +74,8 @@ def run_setting(work: Path, source: Path, size: int, legs_counts: list[int], rat
             for server in servers:
                 server.stop()
         print(f"{f'stripe over {count}':<26}{write:>12.0f}{read:>12.0f}")
+        results[f"stripe over {count}"] = {"write": write, "read": read}
+    return results
 
 
 def main() -> None:
@@ -80,6 +85,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     size = args.size_mib * MiB
+    record = Run("stripe", vars(args))
     with tempfile.TemporaryDirectory(prefix="bench-stripe-") as tmp:
         work = Path(tmp)
         source = work / "source.img"
@@ -89,9 +95,10 @@ def main() -> None:
         with open(work / "direct.img", "wb") as f:
             f.truncate(size)
         print(f"{os.cpu_count()} CPUs; nbdcopy defaults (4 connections, 64 requests each)")
-        run_setting(work, source, size, [1, 2, 4], None, args.repeat)
+        results = {"unlimited": run_setting(work, source, size, [1, 2, 4], None, args.repeat)}
         if args.leg_rate:
-            run_setting(work, source, size, [1, 2, 4], args.leg_rate, args.repeat)
+            results["limited"] = run_setting(work, source, size, [1, 2, 4], args.leg_rate, args.repeat)
+        record.save({"mib_per_s": results})
 
 
 if __name__ == "__main__":

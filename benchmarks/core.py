@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Core server benchmark: nbdformats against nbdkit and qemu-nbd, same image, same clients, same run.
 
-    /usr/bin/python3 benchmarks/core.py [--rounds 3] [--size 1G] [--count 30000] [--only memory|file]
+    /usr/bin/python3 benchmarks/core.py [--rounds 3] [--size 1G] [--count 30000] [--only memory|file|nbd]
 
 Workloads per server: sequential write and read of the whole export with nbdcopy (4 connections when the
 server allows multi-conn, and 1), random 4 KiB reads and writes at queue depth 1 and 16 through libnbd's
@@ -9,6 +9,9 @@ aio API, and the server's peak RSS.  Servers run one at a time, interleaved roun
 same machine state; the table shows medians and the ratio of nbdformats to nbdkit (higher is better), and
 the server's CPU time per unit of work (/proc/PID/stat before and after each workload).  Raw results go to
 benchmarks/results/ (benchmarks/_results.py); benchmarks/tables.py makes the docs' tables from them.
+
+`--only nbd` measures the nbd plugins instead: nbdkit's and ours forwarding to one nbdkit memory server
+(its results are saved as benchmark core-nbd; a run of all, core, covers memory and file).
 
 Needs Debian's python3 (for libnbd's binding, python3-libnbd), nbdkit, qemu-utils and libnbd-bin.
 """
@@ -163,7 +166,7 @@ def print_table(servers: list[str], summary: dict[str, dict[str, dict]], rounds:
             cell = f"{entry['value']:.0f}" + (f" ({entry['cpu']:.0f})" if "cpu" in entry else "")
             cells.append(f"{cell:>24}")
         ratios = []
-        for kind in ("memory", "file"):
+        for kind in ("memory", "file", "nbd"):
             ours, theirs = summary.get(f"nbdformats {kind}"), summary.get(f"nbdkit {kind}")
             if not (ours and theirs and theirs[workload]["value"]):
                 continue
@@ -180,10 +183,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", default="1G")
     parser.add_argument("--count", type=int, default=30000, help="random requests per QD16 run")
-    parser.add_argument("--only", choices=["memory", "file"], help="only this backend")
+    parser.add_argument("--only", choices=["memory", "file", "nbd"], help="only this backend")
     parser.add_argument("--no-qemu", action="store_true", help="leave qemu-nbd out")
     args = parser.parse_args()
-    run_record = Run("core", vars(args))
+    run_record = Run(f"core-{args.only}" if args.only else "core", vars(args))
     size = parse_size(args.size)
     work = tempfile.mkdtemp(prefix="nbdformats-bench-")
     try:
@@ -205,13 +208,24 @@ def main() -> int:
             if not args.no_qemu:
                 servers += [("qemu-nbd file", ["qemu-nbd", "-t", "-k", sock, "-f", "raw", "--cache=writeback",
                                                "--aio=threads", image])]
+        upstream = None
+        if args.only == "nbd":  # both nbd plugins forward to the same nbdkit memory server
+            upstream_sock = os.path.join(work, "upstream.sock")
+            upstream = Server(["nbdkit", "-f", "-U", upstream_sock, "memory", str(size)], upstream_sock)
+            upstream.wait_for_socket()
+            servers += [("nbdkit nbd", ["nbdkit", "-f", "-U", sock, "nbd", f"socket={upstream_sock}"]),
+                        ("nbdformats nbd", [*NBDFORMATS, "-f", "-U", sock, "nbd", f"socket={upstream_sock}"])]
         runs: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name, _ in servers}
-        for round_number in range(args.rounds):
-            for name, argv in servers:
-                print(f"round {round_number + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-                with Server(argv, sock) as server:
-                    server.wait_for_socket()
-                    runs[name].append(run_workloads(server, source, size, args.count))
+        try:
+            for round_number in range(args.rounds):
+                for name, argv in servers:
+                    print(f"round {round_number + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
+                    with Server(argv, sock) as server:
+                        server.wait_for_socket()
+                        runs[name].append(run_workloads(server, source, size, args.count))
+        finally:
+            if upstream is not None:
+                upstream.stop()
         startup = {}
         print("\nstart-up (-U - memory 1M --run true, median of 5) and idle RSS:")
         for name, prefix in (("nbdkit", ["nbdkit"]), ("nbdformats", NBDFORMATS)):

@@ -115,6 +115,22 @@ def mirror_table(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + source_line(record) + note
 
 
+def stripe_table(record: dict[str, Any]) -> str:
+    """Write and read MiB/s through stripe over 1, 2 and 4 legs, with legs unlimited and rate-limited."""
+    results = record["results"]["mib_per_s"]
+    limited = results.get("limited")
+    rate = record["arguments"]["leg_rate"]
+    head = "| setup | legs unlimited: write / read MiB/s |" + (f" legs limited to {rate} bit/s each: write / read MiB/s |"
+                                                              if limited else "")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for setup, figures in results["unlimited"].items():
+        row = f"| {setup} | {figures['write']:.0f} / {figures['read']:.0f} |"
+        if limited:
+            row += f" {limited[setup]['write']:.0f} / {limited[setup]['read']:.0f} |"
+        lines.append(row)
+    return "\n".join(lines) + "\n\n" + source_line(record) + " Best of the repeats."
+
+
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "ceph-rbd": ("ceph-rbd", two_server_table("rbd bench (librbd)", "nbdformats rbd")),
     "ceph-s3": ("ceph-s3", two_server_table("nbdkit S3", "nbdformats S3")),
@@ -122,7 +138,9 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "python-plugin": ("python-plugin", python_plugin_table),
     "core-memory": ("core", core_table("memory")),
     "core-file": ("core", core_table("file")),
+    "core-nbd": ("core-nbd", core_table("nbd")),
     "mirror-resync": ("bench_mirror", mirror_table),
+    "stripe": ("stripe", stripe_table),
 }
 MARKER = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
