@@ -88,7 +88,9 @@ def first_command(code: str, transcript: bool) -> str | None:
 
 
 def is_command(word: str | None) -> bool:
-    return bool(word) and (word in BUILTINS or word.startswith(("./", "scripts/", ".venv/"))
+    # nbdformats always counts: were it missing from PATH its examples must fail, not vanish.
+    return bool(word) and (word in BUILTINS or word in ("nbdformats", "nbdformats-stats")
+                           or word.startswith(("./", "scripts/", ".venv/"))
                            or (shutil.which(word) is not None and not word.endswith(":")))
 
 
