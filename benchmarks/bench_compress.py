@@ -1,24 +1,30 @@
 """Compressed images: nbdformats' gzip, xz and zstd filters vs nbdkit's gzip and xz, same run.
 
-    .venv/bin/python benchmarks/bench_compress.py [--size-mib 1024] [--keep DIR]
+    .venv/bin/python benchmarks/bench_compress.py [--size-mib 1024] [--rounds 3] [--keep DIR]
 
 A disk-like image (a third random, a third zeroes, a third text, in runs of up to 1 MiB) is
 compressed with gzip -6, xz -1 --block-size=16MiB and zstd (one frame, and the seekable format
 with 1 MiB frames).  Each server variant is started fresh and timed for:
   first 4K   server start to the first 4 KiB read at a random offset answered (start-up work
              such as indexing, plus the read itself);
-  full read  nbdcopy of the whole disk to null: on the same running server;
-and the bytes read are checked against the source (sha256 of a full copy, once per variant).
-nbdkit's gzip inflates everything to a temporary file before the first answer; ours indexes
-at start (or loads gzip-index=, or takes gzip-lazy's trailer size and indexes while reading).
+  full read  nbdcopy of the whole disk to null: (4 connections where the server offers
+             multi-conn), on the same running server;
+and the bytes read are checked against the source in the first round (sha256 of a full copy,
+not timed).  Variants take turns round by round; medians of the rounds and ratios to nbdkit's
+filter for the same file are printed, and the raw results saved under benchmarks/results/
+(benchmarks/tables.py makes the docs tables from them).  nbdkit's gzip inflates everything to
+a temporary file before the first answer; ours indexes at start (or loads gzip-index=, or
+takes gzip-lazy's trailer size and indexes while reading).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +33,8 @@ from pathlib import Path
 
 import nbd
 
-from _common import ENV, NBDFORMATS, ROOT, MiB, Server, nbdcopy_sha256
+from _common import ENV, NBDFORMATS, ROOT, MiB, Server, nbdcopy_sha256, timed
+from _results import Run
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -66,8 +73,10 @@ def first_read(argv: list, sock: str, offset: int, log: Path) -> tuple[Server, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", type=Path, help="Keep (and reuse) the compressed files in this directory")
     args = parser.parse_args()
+    run = Run("compress", {"size_mib": args.size_mib, "rounds": args.rounds})
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-compress-"))
     work.mkdir(parents=True, exist_ok=True)
     size = args.size_mib * MiB
@@ -91,36 +100,57 @@ def main() -> None:
     digest = hashlib.sha256(source).hexdigest()
     offset = random.Random(3).randrange(size - 4096) & ~4095
     index = work / "disk.img.gz.gzi"
-    index.unlink(missing_ok=True)
 
     sock = str(work / "sock")
+    ours = [*NBDFORMATS, "-f", "-U", sock]
+    nbdkit = ["nbdkit", "-f", "-U", sock]
+    # (label, format, argv); "saving gzip-index" removes the index first, so "second start" loads it.
     variants = [
-        ("nbdkit gzip", ["nbdkit", "-f", "-U", sock, "--filter=gzip", "file", files["gz"]]),
-        ("ours gzip", [*NBDFORMATS, "-f", "-U", sock, "--filter=gzip", "file", files["gz"]]),
-        ("ours gzip, saving gzip-index", [*NBDFORMATS, "-f", "-U", sock, "--filter=gzip", "file", files["gz"],
-                                          f"gzip-index={index}"]),
-        ("ours gzip, second start (index)", [*NBDFORMATS, "-f", "-U", sock, "--filter=gzip", "file", files["gz"],
-                                             f"gzip-index={index}"]),
-        ("ours gzip-lazy", [*NBDFORMATS, "-f", "-U", sock, "--filter=gzip", "file", files["gz"], "gzip-lazy=true"]),
-        ("nbdkit xz (16 MiB blocks)", ["nbdkit", "-f", "-U", sock, "--filter=xz", "file", files["xz"]]),
-        ("ours xz (16 MiB blocks)", [*NBDFORMATS, "-f", "-U", sock, "--filter=xz", "file", files["xz"]]),
-        ("ours zstd seekable (1 MiB)", [*NBDFORMATS, "-f", "-U", sock, "--filter=zstd", "file", files["seek.zst"]]),
-        ("ours zstd one frame (spill)", [*NBDFORMATS, "-f", "-U", sock, "--filter=zstd", "file", files["zst"]]),
+        ("nbdkit gzip", "gzip", [*nbdkit, "--filter=gzip", "file", files["gz"]]),
+        ("nbdformats gzip", "gzip", [*ours, "--filter=gzip", "file", files["gz"]]),
+        ("nbdformats gzip, saving gzip-index", "gzip", [*ours, "--filter=gzip", "file", files["gz"],
+                                                        f"gzip-index={index}"]),
+        ("nbdformats gzip, second start (index)", "gzip", [*ours, "--filter=gzip", "file", files["gz"],
+                                                           f"gzip-index={index}"]),
+        ("nbdformats gzip-lazy", "gzip", [*ours, "--filter=gzip", "file", files["gz"], "gzip-lazy=true"]),
+        ("nbdkit xz (16 MiB blocks)", "xz", [*nbdkit, "--filter=xz", "file", files["xz"]]),
+        ("nbdformats xz (16 MiB blocks)", "xz", [*ours, "--filter=xz", "file", files["xz"]]),
+        ("nbdformats zstd seekable (1 MiB frames)", "zstd", [*ours, "--filter=zstd", "file", files["seek.zst"]]),
+        ("nbdformats zstd one frame (spill)", "zstd", [*ours, "--filter=zstd", "file", files["zst"]]),
     ]
-    print(f"{args.size_mib} MiB image: gzip {files['gz'].stat().st_size // MiB} MiB, "
-          f"xz {files['xz'].stat().st_size // MiB} MiB, zstd {files['zst'].stat().st_size // MiB} MiB; "
-          f"first read at offset {offset}")
-    print(f"{'variant':34} {'first 4K':>9} {'full read':>10} {'MiB/s':>7}  bytes")
-    for label, argv in variants:
-        server, first, data = first_read(argv, sock, offset, work / "server.log")
-        with server:
-            ok = data == source[offset:offset + 4096]
-            started = time.monotonic()
-            full_digest = nbdcopy_sha256(server.uri)
-            full = time.monotonic() - started
-            ok = ok and full_digest == digest
-        print(f"{label:34} {first:8.2f}s {full:9.2f}s {args.size_mib / full:7.0f}  {'same' if ok else 'DIFFERENT'}",
-              flush=True)
+    sizes = {key: path.stat().st_size for key, path in files.items()}
+    print(f"{args.size_mib} MiB image: gzip {sizes['gz'] // MiB} MiB, xz {sizes['xz'] // MiB} MiB, "
+          f"zstd {sizes['zst'] // MiB} MiB; first read at offset {offset}; load average {os.getloadavg()[0]:.2f}")
+    raw: dict[str, dict[str, list[float]]] = {label: {"first_4k_s": [], "full_read_s": []} for label, _, _ in variants}
+    for round_number in range(args.rounds):
+        print(f"round {round_number + 1}/{args.rounds}", flush=True)
+        for label, _, argv in variants:
+            if "saving gzip-index" in label:
+                index.unlink(missing_ok=True)
+            server, first, data = first_read(argv, sock, offset, work / "server.log")
+            with server:
+                if data != source[offset:offset + 4096]:
+                    raise server.fail("the first 4 KiB read differs from the source")
+                full = timed("nbdcopy", server.uri, "null:")
+                if round_number == 0 and nbdcopy_sha256(server.uri) != digest:
+                    raise server.fail("the full read differs from the source")
+            raw[label]["first_4k_s"].append(first)
+            raw[label]["full_read_s"].append(full)
+            print(f"  {label:42} {first:8.2f}s {full:9.2f}s", flush=True)
+
+    medians = []
+    for label, fmt, _ in variants:
+        first, full = statistics.median(raw[label]["first_4k_s"]), statistics.median(raw[label]["full_read_s"])
+        medians.append({"label": label, "format": fmt, "server": label.split()[0], "first_4k_s": first,
+                        "full_read_s": full, "mib_per_s": args.size_mib / full})
+    print(f"\nmedians of {args.rounds} rounds (load average now {os.getloadavg()[0]:.2f}):")
+    print(f"{'variant':42} {'first 4K':>9} {'full read':>10} {'MiB/s':>7} {'vs nbdkit':>10}")
+    for row in medians:
+        reference = next((r for r in medians if r["format"] == row["format"] and r["server"] == "nbdkit"), None)
+        ratio = f"{row['mib_per_s'] / reference['mib_per_s']:.2f}x" if reference and reference is not row else ""
+        print(f"{row['label']:42} {row['first_4k_s']:8.2f}s {row['full_read_s']:9.2f}s {row['mib_per_s']:7.0f} "
+              f"{ratio:>10}")
+    run.save({"medians": medians, "rounds": raw, "compressed_bytes": sizes, "first_read_offset": offset})
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -131,7 +131,52 @@ def stripe_table(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + source_line(record) + " Best of the repeats."
 
 
+def compress_table(fmt: str) -> Callable[[dict[str, Any]], str]:
+    """One format's variants of bench_compress.py: time to the first 4 KiB from server start, full
+    read speed, and the full read against nbdkit's filter on the same file (where nbdkit has one)."""
+    def table(record: dict[str, Any]) -> str:
+        rows = [r for r in record["results"]["medians"] if r["format"] == fmt]
+        reference = next((r for r in rows if r["server"] == "nbdkit"), None)
+        size = record["arguments"]["size_mib"]
+        lines = [f"| {size} MiB image | first 4 KiB from start (s) | full read (MiB/s) |"
+                 + (" full read vs nbdkit |" if reference else ""), "|---|---|---|" + ("---|" if reference else "")]
+        for r in rows:
+            line = f"| {r['label']} | {r['first_4k_s']:.2f} | {r['mib_per_s']:.0f} |"
+            if reference:
+                line += "" if r is reference else f" {r['mib_per_s'] / reference['mib_per_s']:.2f}x"
+                line += " |"
+            lines.append(line)
+        return "\n".join(lines) + "\n\n" + source_line(record)
+    return table
+
+
+def luks_servers_table(record: dict[str, Any]) -> str:
+    """bench_luks.py: nbdcopy read and write MB/s through the luks filter, nbdkit's and ours."""
+    lines = ["| image | server | read (MB/s) | write (MB/s) | read / write vs nbdkit |", "|---|---|---|---|---|"]
+    for image, servers in record["results"]["servers_mb_per_s"].items():
+        theirs = servers.get("nbdkit")
+        for name, m in servers.items():
+            ratio = (f"{m['read'] / theirs['read']:.2f}x / {m['write'] / theirs['write']:.2f}x"
+                     if theirs and name != "nbdkit" else "")
+            lines.append(f"| {image} | {name} | {m['read']:.0f} | {m['write']:.0f} | {ratio} |")
+    return "\n".join(lines) + "\n\n" + source_line(record)
+
+
+def luks_cipher_table(record: dict[str, Any]) -> str:
+    """bench_luks.py: in-process decrypt and encrypt MB/s of each cipher implementation."""
+    lines = ["| cipher | implementation | decrypt (MB/s) | encrypt (MB/s) |", "|---|---|---|---|"]
+    for case, implementations in record["results"]["cipher_mb_per_s"].items():
+        for implementation, m in implementations.items():
+            lines.append(f"| {case} | {implementation} | {m['decrypt']:.0f} | {m['encrypt']:.0f} |")
+    return "\n".join(lines) + "\n\n" + source_line(record)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "compress-gzip": ("compress", compress_table("gzip")),
+    "compress-xz": ("compress", compress_table("xz")),
+    "compress-zstd": ("compress", compress_table("zstd")),
+    "luks-servers": ("luks", luks_servers_table),
+    "luks-cipher": ("luks", luks_cipher_table),
     "ceph-rbd": ("ceph-rbd", two_server_table("rbd bench (librbd)", "nbdformats rbd")),
     "ceph-s3": ("ceph-s3", two_server_table("nbdkit S3", "nbdformats S3")),
     "curl": ("curl", curl_table),

@@ -5,8 +5,13 @@ and xz filters, composition with tar, and bad input (truncated, corrupt, bombs).
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
+import signal
+import subprocess
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -285,3 +290,144 @@ def test_startup_error_is_clear(files, tmp_path) -> None:
                 "--filter=gzip", "file", bad], check=False, timeout=60)
     assert proc.returncode != 0
     assert b"truncated" in proc.stderr and b"Traceback" not in proc.stderr
+
+
+# --- parallel read-ahead of xz blocks and zstd frames ------------------------------------------
+
+BIG = 24 * 1024 * 1024 + 4321  # 25 units of 1 MiB: enough for the read-ahead threads to run ahead
+
+
+@pytest.fixture(scope="module")
+def units(tmp_path_factory) -> dict:
+    """A multi-block xz and a multi-frame zstd (independent frames, `cat a.zst b.zst ...`), with
+    the bytes xz -dc and zstd -dc (independent decoders) give back."""
+    d = tmp_path_factory.mktemp("units")
+    image = d / "big.img"
+    make_image(image, BIG, seed=11)
+    xz = tool(["xz", "-T1", "-0", "-c", "--block-size=1MiB", image], d / "big.xz")
+    zst = d / "big.zst"
+    with open(image, "rb") as f, open(zst, "wb") as out:
+        while piece := f.read(1 << 20):
+            out.write(run(["zstd", "-q", "-1", "-c", f"--stream-size={len(piece)}", "-"], input=piece, timeout=60).stdout)
+    f = {"dir": d, "xz": xz, "zst": zst,
+         "xz_data": run(["xz", "-dc", xz], timeout=60).stdout, "zst_data": run(["zstd", "-dc", zst], timeout=60).stdout}
+    assert f["xz_data"] == f["zst_data"] == image.read_bytes()
+    return f
+
+
+def corrupt_unit(path: Path, out: Path, name: str, number: int) -> Path:
+    """A copy with the compressed bytes of block/frame `number` damaged (found by our index walkers)."""
+    blob = bytearray(path.read_bytes())
+    if name == "xz":
+        unit = locate_blocks(lambda o, n: bytes(blob[o:o + n]), len(blob))[number]
+        start, length = unit.offset, unit.padded
+    else:
+        frame = walk_frames(lambda o, n: bytes(blob[o:o + n]), len(blob))[number]
+        start, length = frame.offset, frame.length
+    for i in range(start + length // 3, start + length // 3 + 64):
+        blob[i] ^= 0x55
+    out.write_bytes(bytes(blob))
+    return out
+
+
+@pytest.mark.parametrize("name", ["xz", "zstd"])
+def test_read_ahead_bounded_in_process(units, monkeypatch, name) -> None:
+    """Cached plus decoded-ahead units stay within the depth, several units are decoded ahead at
+    once, and a sequential pass equals the reference decoder's output."""
+    from nbdformats.filters import _decompress
+    monkeypatch.setattr(_decompress, "MIN_CACHE_BYTES", 0)  # the unit count alone limits the cache
+    monkeypatch.setattr(_decompress.READ_AHEAD, "workers", 2)
+    key, depth = ("xz", "xz-max-depth") if name == "xz" else ("zst", "zstd-max-depth")
+    layer = open_filter(name, units[key], (depth, "4"))
+    source = next(h for h in _layer_handles(layer) if isinstance(getattr(h, "source", None),
+                                                                    _decompress.BlockSource)).source
+    assert source.ahead == 2
+    decoding, most = [0], [0]
+    lock = threading.Lock()
+    decode = source.decode
+
+    def counting(unit, reader):
+        with lock:
+            decoding[0] += 1
+            most[0] = max(most[0], decoding[0])
+        try:
+            time.sleep(0.01)  # so the threads overlap on a busy machine too
+            return decode(unit, reader)
+        finally:
+            with lock:
+                decoding[0] -= 1
+
+    source.decode = counting
+    data = units[key + "_data"]
+    whole = bytearray(len(data))
+    for offset in range(0, len(data), 256 * 1024):
+        n = min(256 * 1024, len(data) - offset)
+        layer.pread(memoryview(whole)[offset:offset + n], offset, 0)
+        with source.lock:
+            assert len(source.cache) + len(source.reserved) <= 4
+    assert whole == data
+    assert most[0] >= 2, "no two units were decoded at once"
+    layer.close()  # waits for the jobs reading through this connection
+    with source.lock:
+        assert not source.reserved
+    _decompress.READ_AHEAD.stop()
+    assert not [t for t in threading.enumerate() if t.name == "decompress-read-ahead"]
+
+
+def _layer_handles(layer: Layer):
+    """The handles of a chain opened in process, top first."""
+    while layer is not None:
+        handle = getattr(layer, "handle", None)
+        yield handle
+        layer = getattr(handle, "next", None)
+
+
+@pytest.mark.parametrize("name,key", [("xz", "xz"), ("zstd", "zst")])
+def test_parallel_decode_served_to_four_connections(units, tmp_path, name, key) -> None:
+    """nbdcopy (4 connections each) and four nbdcopy processes at once read the same bytes as the
+    reference decoder; the read-ahead threads end when the server stops."""
+    expected = hashlib.sha256(units[key + "_data"]).hexdigest()
+    with serve(f"--filter={name}", "file", str(units[key]), options=("-v",)) as srv:
+        out = tmp_path / "one.img"
+        run(["nbdcopy", "--connections=4", srv.uri, out], timeout=120)
+        assert sha256_file(out) == expected
+        procs = [subprocess.Popen(["nbdcopy", "--connections=4", srv.uri, tmp_path / f"copy{i}.img"],
+                                  stderr=subprocess.PIPE) for i in range(4)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+        for i in range(4):
+            assert sha256_file(tmp_path / f"copy{i}.img") == expected
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(30) == 0
+        log = srv.stderr()
+    assert "read-ahead threads stopped" in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("name,key", [("xz", "xz"), ("zstd", "zst")])
+def test_corrupt_later_unit_is_eio_for_its_reads(units, tmp_path, name, key) -> None:
+    """A corrupt block/frame that the read-ahead threads meet first: reads before it succeed, the
+    reads that need it fail with EIO, reads after it succeed, and the server keeps serving."""
+    bad = corrupt_unit(units[key], tmp_path / f"bad.{key}", name, 10)
+    data = units[key + "_data"]
+    mib = 1 << 20
+    with serve(f"--filter={name}", "file", str(bad), options=("-v",)) as srv:
+        script = (f"data = open({str(tmp_path / 'ref')!r}, 'rb').read()\n"
+                  "failed = []\n"
+                  f"for o in range(0, {len(data)}, 256 * 1024):\n"
+                  f"    n = min(256 * 1024, {len(data)} - o)\n"
+                  "    try:\n"
+                  "        assert h.pread(n, o) == data[o:o + n], o\n"
+                  "    except nbd.Error as e:\n"
+                  "        assert 'EIO' in str(e), e\n"
+                  "        failed.append(o)\n"
+                  f"assert failed == list(range({10 * mib}, {11 * mib}, 256 * 1024)), failed\n"
+                  "print('ok')\n")
+        (tmp_path / "ref").write_bytes(data)
+        assert nbdsh(srv.uri, script, timeout=120).stdout.strip() == b"ok"
+        proc = run(["nbdcopy", srv.uri, tmp_path / "copy.img"], check=False, timeout=120)
+        assert proc.returncode != 0
+        assert nbdsh(srv.uri, f"assert h.pread(4096, {20 * mib}) == open({str(tmp_path / 'ref')!r}, 'rb')"
+                              f".read()[{20 * mib}:{20 * mib + 4096}]\nprint('ok')", timeout=60).stdout.strip() == b"ok"
+        log = srv.stderr()
+    assert "Traceback" not in log and f"read-ahead of {'block' if name == 'xz' else 'frame'} 10 failed" in log, log

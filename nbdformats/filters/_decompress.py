@@ -15,8 +15,9 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
+import os
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -33,6 +34,91 @@ log = logging.getLogger(__name__)
 
 MIN_CACHE_BYTES = 96 << 20  # a block cache may keep more than its depth of units up to this
 
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class ReadAhead:
+    """The server's read-ahead threads: one per core, shared by every BlockSource (every xz and
+    zstd export), so at most that many units are decoded ahead at once server-wide (lzma and
+    zstandard release the GIL: they decode in parallel, on the other cores).
+
+    Started at the first read-ahead; stop() (the filters' cleanup, when the server exits) ends
+    them.  Each job reads through the reader of the connection that asked for it, so a
+    connection that closes first withdraws its jobs and waits for its running ones (release()).
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.cond = threading.Condition()
+        self.jobs: deque[tuple["BlockSource", Unit, Reader]] = deque()
+        self.running: list[tuple["BlockSource", Unit, Reader]] = []
+        self.threads: list[threading.Thread] = []
+        self.stopping = False
+
+    def submit(self, source: "BlockSource", unit: Unit, reader: Reader) -> bool:
+        """Queue a job; False when the pool is stopping (the caller gives back its reservation)."""
+        with self.cond:
+            if self.stopping:
+                return False
+            self.threads = [t for t in self.threads if t.is_alive()]
+            if len(self.threads) < self.workers:
+                thread = threading.Thread(target=self._work, name="decompress-read-ahead", daemon=True)
+                self.threads.append(thread)
+                thread.start()
+            self.jobs.append((source, unit, reader))
+            self.cond.notify()
+            return True
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                while not self.jobs and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                job = self.jobs.popleft()
+                self.running.append(job)
+            try:
+                job[0].prefetch(job[1], job[2])
+            finally:
+                with self.cond:
+                    self.running.remove(job)
+                    self.cond.notify_all()
+
+    def release(self, reader: Reader) -> None:
+        """A connection closes: drop its queued jobs, wait for its running ones."""
+        with self.cond:
+            dropped = [job for job in self.jobs if job[2] is reader]
+            for job in dropped:
+                self.jobs.remove(job)
+            while any(job[2] is reader for job in self.running):
+                self.cond.wait()
+        for source, unit, _ in dropped:
+            source.withdraw(unit)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the threads (running decodes finish first); a later submit() starts them again."""
+        with self.cond:
+            self.stopping = True
+            dropped, self.jobs = list(self.jobs), deque()
+            threads, self.threads = self.threads, []
+            self.cond.notify_all()
+        for source, unit, _ in dropped:
+            source.withdraw(unit)
+        for thread in threads:
+            thread.join(timeout)
+        with self.cond:
+            self.stopping = False
+        if threads:
+            log.debug("decompress: %d read-ahead threads stopped", len(threads))
+
+
+READ_AHEAD = ReadAhead(_cores())
 
 class Source(Protocol):
     """Read-only data of a known size, shared by all connections (so thread-safe)."""
@@ -122,6 +208,11 @@ class SourceHandle(FilterHandle):
     def flush(self, flags: int) -> None:
         pass
 
+    def close(self) -> None:
+        release = getattr(self.source, "release", None)
+        if release is not None:  # no read-ahead uses this connection's reader once it is closed
+            release(self.reader)
+
 
 class DecompressFilter(Filter):
     """Base of the decompressing filters (read-only; one shared Source per export)."""
@@ -145,6 +236,9 @@ class DecompressFilter(Filter):
             raise ConfigError(str(e)) from None
         finally:
             below.close()
+
+    def cleanup(self) -> None:
+        READ_AHEAD.stop()  # the server exits: its read-ahead threads end
 
     def load(self, below: Layer, reader: Reader) -> Source:
         """Inspect the compressed data (size, index); raise a FormatError or NBDError."""
@@ -204,6 +298,15 @@ class BlockSource:
 
     `decode(unit, reader)` returns a unit's output; units larger than `max_unit` are instead
     decoded on demand into a spill file through `stream(unit)`, a ChunkDecoder.
+
+    Once a read passes the middle of a unit, the next units are decoded ahead by the server's
+    read-ahead threads (READ_AHEAD), up to one per core and at most max_depth - 1, so a
+    sequential reader finds them ready.  Units being decoded ahead count in the cache limit
+    from the moment they are queued: cached plus ahead stays within max_depth units (or
+    MIN_CACHE_BYTES), the least recently used units going first.  Beyond that, memory holds
+    only the units that requests are decoding themselves (at most one per request thread).
+    A unit whose read-ahead failed (corrupt) is not tried ahead again; the read that needs it
+    decodes it and fails with EIO.
     """
 
     def __init__(self, name: str, units: list[Unit], decode: Callable[[Unit, Reader], bytes],
@@ -219,7 +322,10 @@ class BlockSource:
         self.spills: dict[int, Spill] = {}
         self.lock = threading.Lock()
         self.unit_locks: dict[int, threading.Lock] = {}
-        self.prefetching = False  # a read-ahead thread is decoding the next unit
+        self.ahead = min(READ_AHEAD.workers, max_depth - 1)
+        self.reserved: dict[int, int] = {}  # units queued or being decoded ahead: number -> size
+        self.reserved_bytes = 0
+        self.failed: set[int] = set()  # units whose read-ahead failed: not tried ahead again
 
     def read_into(self, buf: memoryview, offset: int, reader: Reader) -> None:
         end = offset + len(buf)
@@ -235,34 +341,66 @@ class BlockSource:
                 self._spill(unit).read_into(target, lo, reader)
             else:
                 target[:] = memoryview(self._unit_data(unit, reader))[lo:hi]
-                if hi * 2 > unit.size:
+                if hi * 2 > unit.size and self.ahead > 0:
                     self._read_ahead(index + 1, reader)
             position += hi - lo
             index += 1
 
+    def release(self, reader: Reader) -> None:
+        """The connection reading through `reader` closes: no read-ahead uses it afterwards."""
+        READ_AHEAD.release(reader)
+
+    def _over_limit(self, units: int, size: int) -> bool:
+        return units > self.max_depth and size > MIN_CACHE_BYTES
+
+    def _evict(self, extra_units: int = 0, extra_bytes: int = 0) -> None:
+        """Drop least recently used units until cached + ahead (+ extra) is within the limit.
+        Small units (1 MiB zstd frames) get MIN_CACHE_BYTES: readers with many requests in
+        flight (nbdcopy: 4 connections x 16 MiB) would thrash N units.  Caller holds the lock."""
+        while self.cache and self._over_limit(len(self.cache) + len(self.reserved) + extra_units,
+                                              self.cached_bytes + self.reserved_bytes + extra_bytes):
+            self.cached_bytes -= len(self.cache.popitem(last=False)[1])
+
     def _read_ahead(self, index: int, reader: Reader) -> None:
-        """Reads went past the middle of a unit: decode the next one in the background, so a
-        sequential reader finds it ready (decoding releases the GIL: it uses another core)."""
-        if index >= len(self.units) or self.max_depth < 2:
-            return
-        unit = self.units[index]
-        with self.lock:
-            if (self.prefetching or unit.number in self.cache or unit.size > self.max_unit):
+        """Queue the next units not cached, being decoded or failed, while fewer than `ahead`
+        are queued; each is reserved in the cache limit (making room if need be)."""
+        for unit in self.units[index:index + self.ahead]:
+            with self.lock:
+                if len(self.reserved) >= self.ahead:
+                    return
+                decoding = self.unit_locks.get(unit.number)
+                if (unit.number in self.reserved or unit.number in self.cache or unit.number in self.failed
+                        or unit.size > self.max_unit or (decoding is not None and decoding.locked())):
+                    continue
+                self._evict(1, unit.size)
+                if self._over_limit(len(self.cache) + len(self.reserved) + 1,
+                                    self.cached_bytes + self.reserved_bytes + unit.size):
+                    return  # no room even with the cache empty
+                self.reserved[unit.number] = unit.size
+                self.reserved_bytes += unit.size
+            if not READ_AHEAD.submit(self, unit, reader):
+                self.withdraw(unit)
                 return
-            self.prefetching = True
 
-        def decode() -> None:
-            try:
-                self._unit_data(unit, reader)
-            except Exception as e:  # the reader's connection may be gone: a real read will retry
-                log.debug("%s: read-ahead of %s %d failed: %s", self.name, self.unit_word, unit.number, e)
-            finally:
-                with self.lock:
-                    self.prefetching = False
+    def withdraw(self, unit: Unit) -> None:
+        """A queued read-ahead is dropped or done: give back its reservation."""
+        with self.lock:
+            size = self.reserved.pop(unit.number, None)
+            if size is not None:
+                self.reserved_bytes -= size
 
-        threading.Thread(target=decode, name=f"{self.name}-read-ahead", daemon=True).start()
+    def prefetch(self, unit: Unit, reader: Reader) -> None:
+        """Decode `unit` ahead (on a read-ahead thread); errors are left to the read that needs it."""
+        try:
+            self._unit_data(unit, reader, ahead=True)
+        except Exception as e:  # corrupt: the read that needs the unit decodes it again and fails
+            with self.lock:
+                self.failed.add(unit.number)
+            log.debug("%s: read-ahead of %s %d failed: %s", self.name, self.unit_word, unit.number, e)
+        finally:
+            self.withdraw(unit)
 
-    def _unit_data(self, unit: Unit, reader: Reader) -> bytes:
+    def _unit_data(self, unit: Unit, reader: Reader, ahead: bool = False) -> bytes:
         with self.lock:
             data = self.cache.get(unit.number)
             if data is not None:
@@ -278,12 +416,13 @@ class BlockSource:
                     raise NBDError(errno.EIO, f"{self.name}: {self.unit_word} {unit.number} decodes to {len(data)} "
                                               f"bytes, not the {unit.size} its index says")
                 with self.lock:
+                    if ahead:  # its reservation becomes the cached unit
+                        size = self.reserved.pop(unit.number, None)
+                        if size is not None:
+                            self.reserved_bytes -= size
                     self.cache[unit.number] = data
                     self.cached_bytes += len(data)
-                    # Small units (1 MiB zstd frames) get MIN_CACHE_BYTES: readers with many
-                    # requests in flight (nbdcopy: 4 connections x 16 MiB) would thrash N units.
-                    while len(self.cache) > self.max_depth and self.cached_bytes > MIN_CACHE_BYTES:
-                        self.cached_bytes -= len(self.cache.popitem(last=False)[1])
+                    self._evict()
         return data
 
     def _spill(self, unit: Unit) -> Spill:

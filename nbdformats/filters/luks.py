@@ -159,8 +159,9 @@ class LuksKeys:
                 unlocked = Unlocked(volume, SectorCipher(segment.cipher, key, segment.sector_size,
                                                          segment.iv_tweak))
                 self._unlocked[volume.identity] = unlocked
-                log.debug("%s: unlocked LUKS%d volume %s (%s, %d-byte sectors)", self.name, volume.version,
-                          volume.uuid, segment.cipher.text, segment.sector_size)
+                log.debug("%s: unlocked LUKS%d volume %s (%s, %d-byte sectors; cipher: %s)", self.name,
+                          volume.version, volume.uuid, segment.cipher.text, segment.sector_size,
+                          unlocked.cipher.implementation)
         return unlocked
 
     def budget_message(self, error: KdfBudgetError) -> str:

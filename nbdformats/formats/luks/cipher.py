@@ -4,8 +4,11 @@ A cipher spec is cryptsetup's `CIPHER-MODE-IVGEN` ("aes-xts-plain64", "aes-cbc-e
 IVs count 512-byte sectors even when the encryption sector is larger (cryptsetup does not set
 dm-crypt's iv_large_sectors for LUKS2), so a 4096-byte sector at byte offset B has IV B / 512.
 
-Speed: OpenSSL's XTS and CBC take one IV per call, which would mean one Python call per
-512-byte sector.  Instead whole runs of sectors go through one AES-ECB call each, with the
+Speed: OpenSSL's XTS and CBC take one IV per call.  The C extension `_sectors` (built at
+install where a compiler is found) loops over the sectors of a request calling OpenSSL's EVP
+XTS or CBC per sector, with the GIL released: OpenSSL's speed, and other threads run meanwhile.
+Without it, one Python call per 512-byte sector would be far too slow; instead whole runs of
+sectors go through one AES-ECB call each (cryptography's, which holds the GIL), with the
 per-block XTS tweaks (and the CBC chaining) computed for all sectors at once with numpy:
   XTS (IEEE 1619): C_j = E_K1(P_j ^ T_j) ^ T_j,  T_0 = E_K2(IV),  T_{j+1} = T_j * alpha in GF(2^128)
   CBC decryption:  P_j = D_K(C_j) ^ C_{j-1},  C_{-1} = IV
@@ -22,6 +25,11 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .errors import LuksError
+
+try:
+    from . import _sectors  # OpenSSL per sector, GIL released (see the module docstring)
+except ImportError:  # not built (no compiler at install) or no libcrypto.so.3: numpy it is
+    _sectors = None  # type: ignore[assignment]
 
 IV_SECTOR = 512  # IVs count 512-byte units whatever the encryption sector size
 BLOCK = 16  # AES block
@@ -96,6 +104,10 @@ def _mul_alpha_power(low: np.ndarray, high: np.ndarray, k: int, out_low: np.ndar
         out_low ^= carry
 
 
+_MODES = {"xts": 0, "cbc": 1}  # _sectors.crypt's numbering
+_IV_MODES = {"plain": 0, "plain64": 1, "essiv": 2}
+
+
 class SectorCipher:
     """Encrypts and decrypts whole sectors of one volume (or one keyslot area) with one key."""
 
@@ -112,6 +124,12 @@ class SectorCipher:
         else:
             self._key = key
         self._essiv_key = hashlib.new(spec.essiv_hash, key).digest() if spec.ivgen == "essiv" else b""
+        self._whole_key = key
+        # Chosen at creation (tests choose either).  OpenSSL refuses XTS keys whose two halves are
+        # equal (a weak key); the numpy path still serves a volume made with one.
+        weak_xts_key = spec.mode == "xts" and key[:len(key) // 2] == key[len(key) // 2:]
+        self._native = None if weak_xts_key else _sectors
+        self.implementation = "OpenSSL per sector (C extension)" if self._native else "numpy and AES-ECB runs"
 
     # IVs ---------------------------------------------------------------------------------
     def _ivs(self, first_sector: int, count: int) -> np.ndarray:
@@ -150,11 +168,23 @@ class SectorCipher:
     # Bulk operations -------------------------------------------------------------------------
     def decrypt(self, data: memoryview, first_sector: int) -> None:
         """Decrypt whole sectors in place; `first_sector` counts sectors of this cipher's size."""
-        self._each_run(data, first_sector, self._decrypt_run)
+        if self._native:
+            self._native_crypt(data, first_sector, False)
+        else:
+            self._each_run(data, first_sector, self._decrypt_run)
 
     def encrypt(self, data: memoryview, first_sector: int) -> None:
         """Encrypt whole sectors in place."""
-        self._each_run(data, first_sector, self._encrypt_run)
+        if self._native:
+            self._native_crypt(data, first_sector, True)
+        else:
+            self._each_run(data, first_sector, self._encrypt_run)
+
+    def _native_crypt(self, data: memoryview, first_sector: int, encrypt: bool) -> None:
+        assert self._native is not None
+        self._native.crypt(_MODES[self.spec.mode], self._whole_key, data,
+                           self.iv_offset + first_sector * self.iv_step, self.iv_step, self.sector_size,
+                           encrypt, _IV_MODES[self.spec.ivgen], self._essiv_key)
 
     def _each_run(self, data: memoryview, first_sector: int, operation) -> None:
         size = self.sector_size
