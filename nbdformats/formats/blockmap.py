@@ -59,8 +59,7 @@ class Image(Protocol):
         ...
 
     def decompress(self, run: Run, files: Sequence[Reader]) -> bytes:
-        """The whole grain of a COMPRESSED run, exactly the grain size (grains are aligned to their
-        size in the guest, so run.offset modulo it is where the run starts in the grain)."""
+        """The guest bytes of a COMPRESSED run (run.length of them), decoded from its grain."""
         ...
 
 
@@ -150,9 +149,7 @@ class LayeredDisk:
             if run.kind == Kind.DATA:
                 self.files_into[run.file](piece, run.host)
             elif run.kind == Kind.COMPRESSED:
-                grain = self.image.decompress(run, self.files)
-                within = run.offset % len(grain)  # grains are aligned to their size in the guest
-                piece[:] = grain[within:within + run.length]
+                piece[:] = self.image.decompress(run, self.files)
             elif run.kind == Kind.PARENT and self.parent is not None and run.offset < self.parent.size:
                 backed = min(run.length, self.parent.size - run.offset)
                 for start, length in self.parent.read_into(piece[:backed], run.offset):

@@ -1,0 +1,231 @@
+"""What the image decoders share (vmdk, vpc/vhd, vhdx, vdi, and ova's disks): a read-only disk
+decoded from the layer below, its holes in reads and block status, and its parent chain.
+
+A subclass implements `load(file, namespace)`, which parses the image in `file`, and, when its
+data lies in other files too (a VMDK's extents), `data_files`.  Parsed images are shared by all
+connections (one per file: their tables and decoded grains are cached there, bounded by
+NAME-cache-size=); each connection opens its own files and parents.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from typing import Any
+
+from ..api.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, NONE, Extents, Filter, FilterHandle,
+                         Holes, Layer, OpenNext)
+from ..api.errors import ConfigError, NBDError
+from ..api.params import Param, Size, String
+from ..api.zeroes import fill_zero
+from ..formats.blockmap import Image, LayeredDisk
+from ..formats.errors import FormatError
+from ._format_errors import nbd_error
+from ._parents import (MAX_CHAIN, ExportNamespace, Namespace, OpenedFile, ParentError, layer_file, local_file,
+                       open_parent)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE = 64 << 20
+
+
+def parent_param(component: str) -> Any:
+    return Param(String(), key=f"{component}-parent", default="auto",
+                 help="auto: the parent the image names, next to it (another member of the archive, another file "
+                      "of the directory); none: read what the parent holds as zeroes; PATH: this local file")
+
+
+def cache_param(component: str) -> Any:
+    return Param(Size(minimum=1 << 20), key=f"{component}-cache-size", default=DEFAULT_CACHE,
+                 help="Memory for each image's tables and decoded grains (an LRU)")
+
+
+class Chain:
+    """The files one connection opened for a disk and its parents, closed together."""
+
+    def __init__(self) -> None:
+        self.files: list[OpenedFile] = []
+
+    def add(self, file: OpenedFile) -> OpenedFile:
+        self.files.append(file)
+        return file
+
+    def close(self) -> None:
+        for file in reversed(self.files):
+            try:
+                file.close()
+            except Exception as e:  # one file failing to close must not keep the others open
+                log.debug("closing %s: %s", file.name, e)
+        self.files.clear()
+
+
+class ImageFilter(Filter):
+    """Base of the image decoders.  Subclasses set `name`, `parent` (parent_param(name)),
+    `cache_size` (cache_param(name)) and implement `load`."""
+
+    parent: str
+    cache_size: int
+    format_name = ""  # "VMDK", for messages
+
+    def load(self, file: OpenedFile, namespace: Namespace) -> Image:
+        """Parse the image in `file` (a FormatError if it is not valid)."""
+        raise NotImplementedError
+
+    def data_files(self, image: Image, file: OpenedFile, namespace: Namespace, chain: Chain) -> list[OpenedFile]:
+        """The files the image's runs read, in its numbering (opened for this connection into `chain`)."""
+        return [file]
+
+    def config_complete(self) -> None:
+        self._images: dict[tuple[str, str, int], Image] = {}
+        self._lock = threading.Lock()
+        self.exports = ExportNamespace(self.open_below, self.name)
+
+    def get_ready(self) -> None:
+        # Open the default export now, so a bad image is a start-up error.  Its parents are
+        # checked too, but a failure there waits for a connection: only then is the image's real
+        # name known (a member of an archive may lie in a directory its parent's name is relative to).
+        with self.below_if_available() as below:
+            if below is None:
+                return
+            try:
+                self.open_disk(below, "").close()
+            except NBDError as e:
+                if e.errno != errno.ENOENT:
+                    raise ConfigError(str(e)) from None
+                log.warning("%s (checked again when a client connects)", e)
+
+    def image(self, file: OpenedFile, namespace: Namespace) -> Image:
+        """The parsed image of `file`, parsed once and shared."""
+        key = (namespace.key, file.name, file.size)
+        with self._lock:
+            cached = self._images.get(key)
+        if cached is not None:
+            return cached
+        image = self.load(file, namespace)
+        with self._lock:
+            return self._images.setdefault(key, image)
+
+    def open(self, next_open: OpenNext, readonly: bool, export_name: str) -> FilterHandle:
+        below = next_open(True, export_name)  # decoded images are read-only: write through --filter=cow
+        try:
+            return self.open_disk(below, export_name)
+        except BaseException:
+            below.close()
+            raise
+
+    def open_disk(self, below: Layer, export_name: str) -> "DiskHandle":
+        chain = Chain()
+        try:
+            disk = self.disk(layer_file(export_name, below), self.exports, chain)
+        except ParentError as e:
+            chain.close()
+            raise NBDError(errno.ENOENT, f"{self.name}: {e}") from None
+        except (FormatError, MemoryError) as e:
+            chain.close()
+            raise nbd_error(e, f"{self.name}: ") from None
+        except BaseException:
+            chain.close()
+            raise
+        return DiskHandle(self, below, disk, chain)
+
+    def disk(self, file: OpenedFile, namespace: Namespace, chain: Chain) -> LayeredDisk:
+        """The disk in `file` over its parents: `auto`, `none` or a path, as NAME-parent= says."""
+        image = self.image(file, namespace)
+        top = disk = self.layered(image, file, namespace, chain)
+        seen = {(namespace.key, file.name)}
+        choice = self.parent
+        for depth in range(MAX_CHAIN + 1):
+            link = getattr(image, "parent", None)
+            if link is None:
+                if choice not in ("auto", "none") and depth == 0:
+                    raise ParentError(f"{self.name}-parent={choice}: the image has no parent")
+                return top
+            if choice == "none":
+                return top
+            if depth == MAX_CHAIN:
+                raise ParentError(f"the chain of parents is longer than {MAX_CHAIN}")
+            if choice == "auto" or depth > 0:
+                parent_file = chain.add(open_parent(link, file.name, namespace, self.name))
+            else:
+                parent_file, namespace = local_file(choice, f"{self.name}-parent")
+                chain.add(parent_file)
+            if (namespace.key, parent_file.name) in seen:
+                raise ParentError(f"the chain of parents loops: {parent_file.name!r} is its own ancestor")
+            seen.add((namespace.key, parent_file.name))
+            image = self.image(parent_file, namespace)
+            identity = getattr(image, "identity", "")
+            if identity not in link.identities:
+                raise ParentError(f"the parent {parent_file.name!r} is {identity}, but the image expects "
+                                  f"{' or '.join(link.identities)} ({link.what}): it is not this image's parent, or "
+                                  "it changed after the image was made")
+            parent = self.layered(image, parent_file, namespace, chain)
+            disk.parent = parent
+            disk, file = parent, parent_file
+        raise AssertionError("unreachable")
+
+    def layered(self, image: Image, file: OpenedFile, namespace: Namespace, chain: Chain) -> LayeredDisk:
+        files = self.data_files(image, file, namespace, chain)
+        return LayeredDisk(image, [f.read for f in files], [f.read_into for f in files])
+
+
+class DiskHandle(FilterHandle):
+    """A read-only decoded disk: reads with holes, block status, and the files it opened."""
+
+    def __init__(self, filter: Filter, next: Layer, disk: LayeredDisk, chain: Chain,
+                 description: str | None = None) -> None:
+        self.filter, self.next = filter, next
+        self.disk, self.chain, self.description = disk, chain, description
+
+    def get_size(self) -> int:
+        return self.disk.size
+
+    def block_size(self) -> tuple[int, int, int] | None:
+        return None
+
+    def export_description(self) -> str | None:
+        return self.description or self.next.export_description()
+
+    def can_write(self) -> bool:
+        return False
+
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        raise NBDError(errno.EROFS, f"{self.filter.name}: read-only (stack --filter=cow on top to write)")
+
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        raise NBDError(errno.EROFS, f"{self.filter.name}: read-only")
+
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        raise NBDError(errno.EROFS, f"{self.filter.name}: read-only")
+
+    def can_multi_conn(self) -> bool:
+        return True  # read-only: every connection sees the same bytes
+
+    def can_extents(self) -> bool:
+        return True
+
+    def can_cache(self) -> int:
+        return NONE
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        for start, length in self.pread_sparse(buf, offset, flags):
+            fill_zero(buf[start:start + length])
+
+    def pread_sparse(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        try:
+            return self.disk.read_into(buf, offset)
+        except (FormatError, MemoryError) as e:
+            raise nbd_error(e, f"{self.filter.name}: ") from None
+
+    def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
+        try:
+            found = self.disk.allocation(offset, count)
+        except (FormatError, MemoryError) as e:
+            raise nbd_error(e, f"{self.filter.name}: ") from None
+        for start, length, zero in found:
+            extents.add(start, length, EXTENT_HOLE | EXTENT_ZERO if zero else EXTENT_DATA)
+            if flags & FLAG_REQ_ONE:
+                return
+
+    def close(self) -> None:
+        self.chain.close()

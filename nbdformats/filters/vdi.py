@@ -1,0 +1,25 @@
+"""vdi filter: serve the disk inside a VirtualBox VDI image (static or dynamic), read-only.
+
+    nbdformats --filter=vdi file disk.vdi
+    nbdformats --filter=cow --filter=vdi file disk.vdi         # writable, through a temporary overlay
+"""
+
+from __future__ import annotations
+
+from ..formats.blockmap import Image
+from ..formats.vdi.image import VdiImage
+from ._parents import Namespace, OpenedFile
+from ._vdisk import ImageFilter
+
+
+class VdiFilter(ImageFilter):
+    """Serve the disk inside a VirtualBox VDI image (static or dynamic), read-only."""
+
+    name = "vdi"
+    parent = "none"  # a differencing VDI names its parent by UUID only: refused by the format code
+
+    def load(self, file: OpenedFile, namespace: Namespace) -> Image:
+        return VdiImage(file.read, file.size)
+
+
+FILTER = VdiFilter

@@ -1,0 +1,29 @@
+"""vhdx filter: serve the disk inside a VHDX image, read-only.
+
+    nbdformats --filter=vhdx file disk.vhdx
+    nbdformats --filter=cow --filter=vhdx file disk.vhdx       # writable, through a temporary overlay
+
+Fixed, dynamic and differencing disks (formats/vhdx/); an image whose log needs replaying is
+refused; a differencing disk's parent is found through its parent locator (vhdx-parent=auto).
+"""
+
+from __future__ import annotations
+
+from ..formats.blockmap import Image
+from ..formats.vhdx.image import VhdxImage
+from ._parents import Namespace, OpenedFile
+from ._vdisk import ImageFilter, cache_param, parent_param
+
+
+class VhdxFilter(ImageFilter):
+    """Serve the disk inside a VHDX image (fixed, dynamic, differencing), read-only."""
+
+    name = "vhdx"
+    parent = parent_param("vhdx")
+    cache_size = cache_param("vhdx")
+
+    def load(self, file: OpenedFile, namespace: Namespace) -> Image:
+        return VhdxImage(file.read, file.size, self.cache_size)
+
+
+FILTER = VhdxFilter

@@ -1,0 +1,30 @@
+"""vpc filter (also called vhd): serve the disk inside a VHD image, read-only.
+
+    nbdformats --filter=vpc file disk.vhd
+    nbdformats --filter=vpc --filter=zip file disk.vhd.zip     # every member an export: parents found
+    nbdformats --filter=cow --filter=vpc file disk.vhd         # writable, through a temporary overlay
+
+Fixed, dynamic and differencing disks (formats/vhd/); a differencing disk's parent is found
+through its parent locators, next to it (vpc-parent=auto), as docs/filters/vpc.md says.
+"""
+
+from __future__ import annotations
+
+from ..formats.blockmap import Image
+from ..formats.vhd.image import VhdImage
+from ._parents import Namespace, OpenedFile
+from ._vdisk import ImageFilter, cache_param, parent_param
+
+
+class VpcFilter(ImageFilter):
+    """Serve the disk inside a VHD image (fixed, dynamic, differencing), read-only."""
+
+    name = "vpc"
+    parent = parent_param("vpc")
+    cache_size = cache_param("vpc")
+
+    def load(self, file: OpenedFile, namespace: Namespace) -> Image:
+        return VhdImage(file.read, file.size, self.cache_size)
+
+
+FILTER = VpcFilter
