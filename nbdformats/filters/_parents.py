@@ -77,14 +77,14 @@ class ExportNamespace:
 
     def __init__(self, open_below: Callable[[bool, str], Layer], component: str) -> None:
         self.open_below, self.component = open_below, component
-        self.names_select_exports: bool | None = None
+        self._names_select_exports: bool | None = None
 
     def open(self, name: str, what: str) -> OpenedFile:
-        if not self._names_select_exports():
+        if not self.names_select_exports():
+            explicit = f", or give {self.component}-parent=PATH" if "parent" in what else ""
             raise ParentError(f"{what} {name!r} is a file next to the image, but the layer below serves one file "
                               "whatever the export name: serve the directory (file dir=DIR) or the whole archive "
-                              f"(without tar-entry=/zip-entry=) and name the image as the export, or give "
-                              f"{self.component}-parent=PATH")
+                              f"(without tar-entry=/zip-entry=) and name the image as the export{explicit}")
         try:
             layer = self.open_below(True, name)
         except NBDError as e:
@@ -93,17 +93,17 @@ class ExportNamespace:
             raise
         return layer_file(name, layer, layer.close)
 
-    def _names_select_exports(self) -> bool:
+    def names_select_exports(self) -> bool:
         """Whether the layer below opens another file for another export name: a plugin serving
         one file (file FILE, tar-entry=) gives the same bytes whatever the name, which must never
         be read as a parent.  Such a layer accepts a name no real one can have."""
-        if self.names_select_exports is None:
+        if self._names_select_exports is None:
             try:
                 self.open_below(True, PROBE_NAME).close()
-                self.names_select_exports = False
+                self._names_select_exports = False
             except (NBDError, OSError):
-                self.names_select_exports = True
-        return self.names_select_exports
+                self._names_select_exports = True
+        return self._names_select_exports
 
 
 class DirectoryNamespace:

@@ -83,15 +83,16 @@ class ImageFilter(Filter):
 
     def get_ready(self) -> None:
         # Open the default export now, so a bad image is a start-up error.  Its parents are
-        # checked too, but a failure there waits for a connection: only then is the image's real
-        # name known (a member of an archive may lie in a directory its parent's name is relative to).
+        # checked too, but where the layer below has other exports a failure there waits for a
+        # connection: only then is the image's real name known (a member of an archive may lie in
+        # a directory its parent's name is relative to).
         with self.below_if_available() as below:
             if below is None:
                 return
             try:
                 self.open_disk(below, "").close()
             except NBDError as e:
-                if e.errno != errno.ENOENT:
+                if e.errno != errno.ENOENT or not self.exports.names_select_exports():
                     raise ConfigError(str(e)) from None
                 log.warning("%s (checked again when a client connects)", e)
 

@@ -243,6 +243,7 @@ class VhdxImage:
             elif state == PAYLOAD_PARTIALLY_PRESENT and self.differencing:
                 start = self._located(entry, f"payload block {block}", self.block_size)
                 bitmap = self._sector_bitmap(block // self.chunk_ratio, files[0])
+                # 2.4.2: "Bit 0 (that is, bit 0 of byte 0) is the entry for the first virtual sector".
                 yield from bitmap_runs(bitmap, "little", (block - block % self.chunk_ratio) * self.block_size
                                        // self.sector_size, self.sector_size, position, run_end,
                                        Run(position, run_end - position, Kind.DATA, start + within))
