@@ -28,14 +28,15 @@ class VmdkFilter(ImageFilter):
     cache_size = cache_param("vmdk")
 
     def load(self, file: OpenedFile, namespace: Namespace) -> Image:
-        descriptor, embedded = read_descriptor(file.read, file.size, file.name or "the image")
+        name = file.name or "the image"
+        descriptor, embedded = read_descriptor(file.read, file.size, name)
         if embedded is not None:  # the file is the disk's only extent
-            return VmdkImage(descriptor, [(file.read, file.size)], embedded, self.cache_size)
+            return VmdkImage(descriptor, [(file.read, file.size)], embedded, self.cache_size, name)
         chain = Chain()  # the extents' headers are read once, here; connections open their own
         try:
             extents = self._open_extents(descriptor.extents, file, namespace, chain)
             return VmdkImage(descriptor, [(f.read, f.size) if f else None for f in extents], None,
-                             self.cache_size)
+                             self.cache_size, name)
         finally:
             chain.close()
 

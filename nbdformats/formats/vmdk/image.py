@@ -149,10 +149,11 @@ class Extent:
 class VmdkImage:
     """A checked VMDK: its descriptor and extents, shared by all connections.  `extent_files`
     has the (reader, size) of each extent's file (None for ZERO extents), in the descriptor's
-    order; the readers each call is given follow the same order."""
+    order; the readers each call is given follow the same order.  `name` is the image's, for
+    messages about an embedded extent."""
 
     def __init__(self, descriptor: Descriptor, extent_files: Sequence[tuple[Reader, int] | None],
-                 embedded: SparseHeader | None, cache_bytes: int) -> None:
+                 embedded: SparseHeader | None, cache_bytes: int, name: str) -> None:
         self.descriptor = descriptor
         self.embedded = embedded is not None  # the descriptor is inside the disk's one sparse extent
         self.identity = f"{descriptor.cid:08x}"
@@ -162,7 +163,7 @@ class VmdkImage:
         self.extents: list[Extent] = []
         start = 0
         for number, (line, file) in enumerate(zip(descriptor.extents, extent_files)):
-            name = line.filename or f"extent {number}"
+            name = line.filename or name
             sparse = None
             if line.kind == "SPARSE":
                 assert file is not None
