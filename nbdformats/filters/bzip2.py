@@ -10,7 +10,7 @@ Evaluated against doing it here (finding the magic, re-aligning a block by its b
 stream of its own for Python's bz2): indexed_bzip2 decodes several times faster (its own decoder,
 on every core), keeps the index, and refuses corrupt blocks with a CRC error; its file-object
 input reads through the layer below.  It must be closed before the interpreter exits (its
-threads abort the process otherwise): the filter closes every source at cleanup and at exit.
+threads abort the process otherwise), and its threads must not cross a fork (see Bzip2Source).
 """
 
 from __future__ import annotations
@@ -63,22 +63,35 @@ class LayerFile(io.RawIOBase):
 
 
 class Bzip2Source:
-    """A bzip2 file indexed by block; reads are serialized (the reader seeks)."""
+    """A bzip2 file indexed by block; reads are serialized (the reader seeks).
+
+    indexed_bzip2's threads must not exist when the server forks to detach: the child would wait
+    for them forever.  So the index is built by a reader that is closed again, reads use a reader
+    made on demand from the index (which costs nothing to load), and that reader is closed before
+    any fork."""
 
     def __init__(self, layer: Layer, threads: int) -> None:
-        self.layer = layer
+        self.layer, self.threads = layer, threads
+        self.layer_open = True
         self.lock = threading.Lock()
-        self.file = indexed_bzip2.open(LayerFile(layer), parallelization=threads)
-        atexit.register(self.close)
+        indexer = indexed_bzip2.open(LayerFile(layer), parallelization=threads)
         try:
-            self.size = self.file.seek(0, io.SEEK_END)  # decodes every block once: the index
+            self.size = indexer.seek(0, io.SEEK_END)  # decodes every block once: the index
+            self.offsets = indexer.block_offsets()
         except RuntimeError as e:
-            self.file.close()
             raise DecompressError(f"the bzip2 data is corrupt or truncated ({e})") from None
+        finally:
+            indexer.close()
+        self.file: Any = None
+        os.register_at_fork(before=self._close_reader)
+        atexit.register(self.close)
 
     def read_into(self, buf: memoryview, offset: int, reader: Reader) -> None:
         try:
             with self.lock:
+                if self.file is None:
+                    self.file = indexed_bzip2.open(LayerFile(self.layer), parallelization=self.threads)
+                    self.file.set_block_offsets(self.offsets)
                 self.file.seek(offset)
                 done = self.file.readinto(buf)
         except RuntimeError as e:
@@ -86,11 +99,18 @@ class Bzip2Source:
         if done != len(buf):
             raise NBDError(errno.EIO, f"bzip2: {done} bytes at offset {offset}, not {len(buf)}")
 
-    def close(self) -> None:
+    def _close_reader(self) -> None:
         with self.lock:
-            if not self.file.closed:
+            if self.file is not None:
                 self.file.close()
-                self.layer.close()
+                self.file = None
+
+    def close(self) -> None:
+        """At cleanup, and at exit for a source whose cleanup did not run: once."""
+        self._close_reader()
+        layer, self.layer_open = self.layer_open, False
+        if layer:
+            self.layer.close()
 
 
 class Bzip2Filter(DecompressFilter):
@@ -118,7 +138,7 @@ class Bzip2Filter(DecompressFilter):
             own.close()
             raise
         self._open_sources.append(source)
-        log.info("bzip2: %d bytes in %d blocks", source.size, len(source.file.block_offsets()))
+        log.info("bzip2: %d bytes in %d blocks", source.size, len(source.offsets))
         return source
 
     def cleanup(self) -> None:
