@@ -32,6 +32,10 @@ from ._decompress import DecompressError, DecompressFilter, Reader
 
 log = logging.getLogger(__name__)
 
+# How indexed_bzip2 reports corrupt data: its decoder's checks (ValueError: "origPtr error", "selector
+# out of range", a Huffman code that cannot be built), CRC mismatches and C++ exceptions (RuntimeError).
+CORRUPT = (RuntimeError, ValueError)
+
 
 class LayerFile(io.RawIOBase):
     """The layer below as the seekable binary file indexed_bzip2 reads."""
@@ -78,7 +82,7 @@ class Bzip2Source:
         try:
             self.size = indexer.seek(0, io.SEEK_END)  # decodes every block once: the index
             self.offsets = indexer.block_offsets()
-        except RuntimeError as e:
+        except CORRUPT as e:
             raise DecompressError(f"the bzip2 data is corrupt or truncated ({e})") from None
         finally:
             indexer.close()
@@ -94,7 +98,7 @@ class Bzip2Source:
                     self.file.set_block_offsets(self.offsets)
                 self.file.seek(offset)
                 done = self.file.readinto(buf)
-        except RuntimeError as e:
+        except CORRUPT as e:
             raise NBDError(errno.EIO, f"bzip2: the block holding offset {offset} is corrupt ({e})") from None
         if done != len(buf):
             raise NBDError(errno.EIO, f"bzip2: {done} bytes at offset {offset}, not {len(buf)}")

@@ -110,14 +110,29 @@ def parse_dynamic_header(block: bytes, file_size: int) -> DynamicHeader:
                          parent_name.decode("utf-16-be", "replace").rstrip("\0"), found)
 
 
+def read_footer(read: Reader, file_size: int) -> Footer:
+    """A dynamic disk has "a copy of the hard disk footer at the beginning of the file" (512
+    bytes) besides the footer in its last 512 bytes.  As qemu, the copy is read first, so a disk
+    whose end is damaged or cut still opens; a fixed disk has no copy (its first sector is data)."""
+    problems = []
+    for offset in (0, file_size - FOOTER.size):
+        try:
+            footer = parse_footer(read_exact(read, offset, FOOTER.size, "the footer", VhdError))
+        except VhdError as e:
+            problems.append(str(e))
+            continue
+        if offset == file_size - FOOTER.size or footer.disk_type != FIXED:
+            return footer
+    raise VhdError(problems[-1])
+
+
 class VhdImage:
     """A checked VHD and its BAT, shared by all connections."""
 
     def __init__(self, read: Reader, file_size: int, cache_bytes: int) -> None:
         if file_size < FOOTER.size:
             raise VhdError(f"the file has {file_size} bytes, too few for a VHD footer ({FOOTER.size})")
-        # The footer is the file's last 512 bytes (a dynamic disk's copy at the start is not needed).
-        self.footer = parse_footer(read_exact(read, file_size - FOOTER.size, FOOTER.size, "the footer", VhdError))
+        self.footer = read_footer(read, file_size)
         self.size = self.footer.size
         self.identity = self.footer.unique_id
         self.cache = TableCache(cache_bytes)
