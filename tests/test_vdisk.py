@@ -90,12 +90,25 @@ def test_served_as_qemu_decodes_it(work, raw, key):
         assert ours == qemu_map(directory / image, fmt)
 
 
-def test_a_single_file_cannot_hold_its_extents(work, raw):
+def test_extents_and_parents_next_to_a_single_file(work, raw, vmdk_chain):
+    """Over file=PATH the files next to the image are files of its directory, opened by the same plugin."""
+    directory, image = image_dir(work, raw, "vmdk-twoGbMaxExtentFlat")
+    expected = qemu_raw(directory / image, "vmdk", work / "split.ref")
+    with serve("--filter=vmdk", "file", directory / image) as srv:
+        assert copy_out(srv.uri, work / "out.raw") == expected
+    expected = qemu_raw(vmdk_chain / "top.vmdk", "vmdk", work / "top.ref")
+    with serve("--filter=vmdk", "file", vmdk_chain / "top.vmdk") as srv:
+        assert copy_out(srv.uri, work / "out.raw") == expected
+
+
+def test_a_member_chosen_by_entry_cannot_reach_its_extents(work, raw):
     directory, image = image_dir(work, raw, "vmdk-monolithicFlat")
-    proc = run([*NBDFORMATS, "-U", "-", "--filter=vmdk", "file", directory / image, "--run", "true"], check=False)
+    run(["tar", "-C", directory, "-cf", work / "flat.tar", image, "disk-flat.vmdk"])
+    proc = run([*NBDFORMATS, "-U", "-", "--filter=vmdk", "--filter=tar", "file", work / "flat.tar",
+                f"tar-entry={image}", "--run", "true"], check=False)
     err = proc.stderr.decode()
     assert proc.returncode != 0 and "Traceback" not in err
-    assert "the extent file 'disk-flat.vmdk' is a file next to the image" in err and "file dir=DIR" in err
+    assert "the extent file 'disk-flat.vmdk' is a file next to the image" in err and "without tar-entry=" in err
 
 
 @pytest.mark.parametrize("container", ["tar", "zip", "tar.gz", "xz", "zst"])
@@ -232,7 +245,7 @@ def test_parent_missing_escaping_looping_or_not_matching(work, differencing, tmp
 
     (tmp_path / "child.vhd").write_bytes(vhd)
     message = refused("--filter=vhd", "file", f"dir={tmp_path}", export="child.vhd")
-    assert "the parent (parent locators) 'parent.vhd' is not there" in message
+    assert "the parent (parent locators) 'parent.vhd' (an export of the layer below) cannot be opened" in message
     child("escape.vhd", "..\\parent.vhd")
     assert "leads outside the archive or directory" in refused("--filter=vhd", "file", f"dir={tmp_path}",
                                                                 export="escape.vhd")
@@ -317,7 +330,9 @@ def test_hostile_images_give_clear_errors(work, raw, tmp_path):
         ("vpc", patched(vhd, tmp_path / "bat.vhd", bat, struct.pack(">I", 0x7FFFFFF0))): "past the end|file's size",
         ("vpc", vhd_header_resummed(patched(vhd, tmp_path / "entries.vhd", vhd_header + 28,
                                             struct.pack(">I", 0xFFFFFFF)), vhd_header)): "the BAT's end",
-        ("vpc", patched(vhd, tmp_path / "sum.vhd", -512 + 40, b"\x01")): "checksum",
+        # Both footers (the end and its copy at the start, which qemu reads too) with a wrong checksum.
+        ("vpc", patched(patched(vhd, tmp_path / "sum.vhd", -512 + 40, b"\x01"), tmp_path / "sum.vhd", 40, b"\x01")):
+            "checksum",
         ("vdi", patched(vdi, tmp_path / "map.vdi", 72 + 268, struct.pack("<I", 1 << 30))): "block map",
         ("vhdx", patched(patched(vhdx, tmp_path / "head.vhdx", 64 << 10, b"xead"), tmp_path / "head.vhdx",
                          128 << 10, b"xead")): "no valid header",

@@ -1,10 +1,10 @@
 """What the image decoders share (vmdk, vpc/vhd, vhdx, vdi, and ova's disks): a read-only disk
 decoded from the layer below, its holes in reads and block status, and its parent chain.
 
-A subclass implements `load(file, namespace)`, which parses the image in `file`, and, when its
-data lies in other files too (a VMDK's extents), `data_files`.  Parsed images are shared by all
-connections (one per file: their tables and decoded grains are cached there, bounded by
-NAME-cache-size=); each connection opens its own files and parents.
+A subclass implements `load(file)`, which parses the image in `file`, and, when its data lies in
+other files too (a VMDK's extents), `data_files`.  Parsed images are shared by all connections
+(one per file: their tables and decoded grains are cached there, bounded by NAME-cache-size=);
+each connection opens its own files and parents, found as filters/_parents.py says.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from ..api.zeroes import fill_zero
 from ..formats.blockmap import Image, LayeredDisk
 from ..formats.errors import FormatError
 from ._format_errors import nbd_error
-from ._parents import (MAX_CHAIN, ExportNamespace, Namespace, OpenedFile, ParentError, layer_file, local_file,
-                       open_parent)
+from ._parents import MAX_CHAIN, Location, OpenedFile, ParentError, Siblings, layer_file, open_parent
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,8 @@ DEFAULT_CACHE = 64 << 20
 def parent_param(component: str) -> Any:
     return Param(String(), key=f"{component}-parent", default="auto",
                  help="auto: the parent the image names, next to it (another member of the archive, another file "
-                      "of the directory); none: read what the parent holds as zeroes; PATH: this local file")
+                      "of the directory); none: read what the parent holds as zeroes; PATH or URI (http(s)://, "
+                      "nbd://): the top image's parent")
 
 
 def cache_param(component: str) -> Any:
@@ -66,20 +66,20 @@ class ImageFilter(Filter):
 
     parent: str
     cache_size: int
-    format_name = ""  # "VMDK", for messages
 
-    def load(self, file: OpenedFile, namespace: Namespace) -> Image:
-        """Parse the image in `file` (a FormatError if it is not valid)."""
+    def load(self, file: OpenedFile, where: Location, next_open: OpenNext) -> Image:
+        """Parse the image in `file`, found at `where` (a FormatError if it is not valid)."""
         raise NotImplementedError
 
-    def data_files(self, image: Image, file: OpenedFile, namespace: Namespace, chain: Chain) -> list[OpenedFile]:
+    def data_files(self, image: Image, file: OpenedFile, where: Location, next_open: OpenNext,
+                   chain: Chain) -> list[OpenedFile]:
         """The files the image's runs read, in its numbering (opened for this connection into `chain`)."""
         return [file]
 
     def config_complete(self) -> None:
-        self._images: dict[tuple[str, str, int], Image] = {}
+        self._images: dict[tuple[str, bool, int], Image] = {}
         self._lock = threading.Lock()
-        self.exports = ExportNamespace(self.open_below, self.name)
+        self.siblings = Siblings(self.name, self.open_below)
 
     def get_ready(self) -> None:
         # Open the default export now, so a bad image is a start-up error.  Its parents are
@@ -90,35 +90,40 @@ class ImageFilter(Filter):
             if below is None:
                 return
             try:
-                self.open_disk(below, "").close()
+                self.open_disk(below, "", self.open_below).close()
             except NBDError as e:
-                if e.errno != errno.ENOENT or not self.exports.names_select_exports():
+                if e.errno != errno.ENOENT or self.siblings.location_of(below, "").plugin is not None or \
+                        not self.siblings.names_select_exports():
                     raise ConfigError(str(e)) from None
                 log.warning("%s (checked again when a client connects)", e)
 
-    def image(self, file: OpenedFile, namespace: Namespace) -> Image:
+    def cleanup(self) -> None:
+        self.siblings.cleanup()
+
+    def image(self, file: OpenedFile, where: Location, next_open: OpenNext) -> Image:
         """The parsed image of `file`, parsed once and shared."""
-        key = (namespace.key, file.name, file.size)
+        key = (where.name, where.plugin is None, file.size)
         with self._lock:
             cached = self._images.get(key)
         if cached is not None:
             return cached
-        image = self.load(file, namespace)
+        image = self.load(file, where, next_open)
         with self._lock:
             return self._images.setdefault(key, image)
 
     def open(self, next_open: OpenNext, readonly: bool, export_name: str) -> FilterHandle:
         below = next_open(True, export_name)  # decoded images are read-only: write through --filter=cow
         try:
-            return self.open_disk(below, export_name)
+            return self.open_disk(below, export_name, next_open)
         except BaseException:
             below.close()
             raise
 
-    def open_disk(self, below: Layer, export_name: str) -> "DiskHandle":
+    def open_disk(self, below: Layer, export_name: str, next_open: OpenNext) -> "DiskHandle":
         chain = Chain()
         try:
-            disk = self.disk(layer_file(export_name, below), self.exports, chain)
+            where = self.siblings.location_of(below, export_name)
+            disk = self.disk(layer_file(where.name, below), where, next_open, chain)
         except ParentError as e:
             chain.close()
             raise NBDError(errno.ENOENT, f"{self.name}: {e}") from None
@@ -130,43 +135,43 @@ class ImageFilter(Filter):
             raise
         return DiskHandle(self, below, disk, chain)
 
-    def disk(self, file: OpenedFile, namespace: Namespace, chain: Chain) -> LayeredDisk:
+    def disk(self, file: OpenedFile, where: Location, next_open: OpenNext, chain: Chain) -> LayeredDisk:
         """The disk in `file` over its parents: `auto`, `none` or a path, as NAME-parent= says."""
-        image = self.image(file, namespace)
-        top = disk = self.layered(image, file, namespace, chain)
-        seen = {(namespace.key, file.name)}
-        choice = self.parent
+        image = self.image(file, where, next_open)
+        top = disk = self.layered(image, file, where, next_open, chain)
+        seen = {where.name}
         for depth in range(MAX_CHAIN + 1):
             link = getattr(image, "parent", None)
             if link is None:
-                if choice not in ("auto", "none") and depth == 0:
-                    raise ParentError(f"{self.name}-parent={choice}: the image has no parent")
+                if self.parent not in ("auto", "none") and depth == 0:
+                    raise ParentError(f"{self.name}-parent={self.parent}: the image has no parent")
                 return top
-            if choice == "none":
+            if self.parent == "none":
                 return top
             if depth == MAX_CHAIN:
                 raise ParentError(f"the chain of parents is longer than {MAX_CHAIN}")
-            if choice == "auto" or depth > 0:
-                parent_file = chain.add(open_parent(link, file.name, namespace, self.name))
+            if self.parent == "auto" or depth > 0:
+                parent_file, where = open_parent(self.siblings, link, where, next_open)
             else:
-                parent_file, namespace = local_file(choice, f"{self.name}-parent")
-                chain.add(parent_file)
-            if (namespace.key, parent_file.name) in seen:
-                raise ParentError(f"the chain of parents loops: {parent_file.name!r} is its own ancestor")
-            seen.add((namespace.key, parent_file.name))
-            image = self.image(parent_file, namespace)
+                parent_file, where = self.siblings.open_explicit(self.parent)
+            chain.add(parent_file)
+            if where.name in seen:
+                raise ParentError(f"the chain of parents loops: {where.name!r} is its own ancestor")
+            seen.add(where.name)
+            image = self.image(parent_file, where, next_open)
             identity = getattr(image, "identity", "")
             if identity not in link.identities:
-                raise ParentError(f"the parent {parent_file.name!r} is {identity}, but the image expects "
+                raise ParentError(f"the parent {where.name!r} is {identity}, but the image expects "
                                   f"{' or '.join(link.identities)} ({link.what}): it is not this image's parent, or "
                                   "it changed after the image was made")
-            parent = self.layered(image, parent_file, namespace, chain)
+            parent = self.layered(image, parent_file, where, next_open, chain)
             disk.parent = parent
-            disk, file = parent, parent_file
+            disk = parent
         raise AssertionError("unreachable")
 
-    def layered(self, image: Image, file: OpenedFile, namespace: Namespace, chain: Chain) -> LayeredDisk:
-        files = self.data_files(image, file, namespace, chain)
+    def layered(self, image: Image, file: OpenedFile, where: Location, next_open: OpenNext,
+                chain: Chain) -> LayeredDisk:
+        files = self.data_files(image, file, where, next_open, chain)
         return LayeredDisk(image, [f.read for f in files], [f.read_into for f in files])
 
 

@@ -30,7 +30,7 @@ from ..formats.ovf import Ovf, OvfDisk, OvfError, parse_manifest, parse_ovf
 from ..formats.tar import TarError, walk
 from ..formats.vmdk.image import VmdkImage, read_descriptor
 from ._members import normalize
-from ._parents import ExportNamespace, OpenedFile, ParentError, layer_file, next_to
+from ._parents import Location, OpenedFile, ParentError, Siblings, layer_file, sibling_export
 from ._vdisk import DEFAULT_CACHE, Chain, DiskHandle
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class OvaFilter(Filter):
     ovf: Ovf
 
     def get_ready(self) -> None:
-        self.exports = ExportNamespace(self.open_below, self.name)
+        self.siblings = Siblings(self.name, self.open_below)
         chain = Chain()
         try:
             self._load(chain)
@@ -86,7 +86,7 @@ class OvaFilter(Filter):
         archive: Layer | None = None
         self.members: dict[str, Member] = {}
         if self.ova_ovf is not None:
-            ovf_file = chain.add(self.exports.open(normalize(self.ova_ovf), "the OVF descriptor"))
+            ovf_file = self._open(sibling_export("", self.ova_ovf, "the OVF descriptor"), chain, None)
         else:
             archive = self.open_below(True, "")
             chain.add(layer_file("", archive, archive.close))
@@ -119,7 +119,8 @@ class OvaFilter(Filter):
         """A file of the OVA: a member of the tar `archive`, read in place, or (an unpacked
         directory) an export of the layer below, opened into `chain`."""
         if archive is None:
-            return chain.add(self.exports.open(name, "the file"))
+            file, _ = self.siblings.open(Location(), name, self.open_below, "the file")
+            return chain.add(file)
         member = self.members.get(name)
         if member is None:
             raise OvfError(f"{name!r} is not in the archive")
@@ -133,7 +134,7 @@ class OvaFilter(Filter):
             raise OvfError(f"{where}: unsupported ovf:compression={disk.compression!r} (gzip is supported)")
         if not disk.format.startswith(VMDK_FORMATS):
             raise OvfError(f"{where}: unsupported disk format {disk.format!r} (VMDK is supported)")
-        name = next_to("", disk.href, f"{where}: the file")
+        name = sibling_export("", disk.href, f"{where}: the file")
         file = self._open(name, chain, archive)
         gzip = None
         if disk.compression == "gzip":
@@ -164,7 +165,7 @@ class OvaFilter(Filter):
         missing = sorted(name for name in listed if name not in entries)
         if missing:
             raise OvfError(f"the manifest has no digest for {', '.join(missing)}")
-        files = [self._open(next_to("", name, "a file the manifest names"), chain, archive) for name in entries]
+        files = [self._open(sibling_export("", name, "a file the manifest names"), chain, archive) for name in entries]
         failed = []
         with progress(sum(file.size for file in files), "ova: verifying the manifest") as bar:
             for file in files:

@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+from ..api.chain import OpenNext
 from ..formats.blockmap import Image
 from ..formats.vdi.image import VdiImage
-from ._parents import Namespace, OpenedFile
+from ._parents import Location, OpenedFile
 from ._vdisk import ImageFilter
 
 
@@ -18,7 +19,7 @@ class VdiFilter(ImageFilter):
     name = "vdi"
     parent = "none"  # a differencing VDI names its parent by UUID only: refused by the format code
 
-    def load(self, file: OpenedFile, namespace: Namespace) -> Image:
+    def load(self, file: OpenedFile, where: Location, next_open: OpenNext) -> Image:
         return VdiImage(file.read, file.size)
 
 

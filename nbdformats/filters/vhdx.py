@@ -9,9 +9,10 @@ refused; a differencing disk's parent is found through its parent locator (vhdx-
 
 from __future__ import annotations
 
+from ..api.chain import OpenNext
 from ..formats.blockmap import Image
 from ..formats.vhdx.image import VhdxImage
-from ._parents import Namespace, OpenedFile
+from ._parents import Location, OpenedFile
 from ._vdisk import ImageFilter, cache_param, parent_param
 
 
@@ -22,7 +23,7 @@ class VhdxFilter(ImageFilter):
     parent = parent_param("vhdx")
     cache_size = cache_param("vhdx")
 
-    def load(self, file: OpenedFile, namespace: Namespace) -> Image:
+    def load(self, file: OpenedFile, where: Location, next_open: OpenNext) -> Image:
         return VhdxImage(file.read, file.size, self.cache_size)
 
 

@@ -10,9 +10,10 @@ through its parent locators, next to it (vpc-parent=auto), as docs/filters/vpc.m
 
 from __future__ import annotations
 
+from ..api.chain import OpenNext
 from ..formats.blockmap import Image
 from ..formats.vhd.image import VhdImage
-from ._parents import Namespace, OpenedFile
+from ._parents import Location, OpenedFile
 from ._vdisk import ImageFilter, cache_param, parent_param
 
 
@@ -23,7 +24,7 @@ class VpcFilter(ImageFilter):
     parent = parent_param("vpc")
     cache_size = cache_param("vpc")
 
-    def load(self, file: OpenedFile, namespace: Namespace) -> Image:
+    def load(self, file: OpenedFile, where: Location, next_open: OpenNext) -> Image:
         return VhdImage(file.read, file.size, self.cache_size)
 
 
