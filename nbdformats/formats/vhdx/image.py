@@ -94,7 +94,7 @@ def regions(read: Reader, file_size: int) -> dict[uuid.UUID, tuple[int, int]]:
             signature, _checksum, count, _reserved = REGION_TABLE_HEADER.unpack_from(table)
             if signature != REGION_TABLE_SIGNATURE:
                 raise VhdxError(f"the region table at {table_offset} has signature {signature!r}, not 'regi'")
-            check_size(count, f"the region table's EntryCount", MAX_ENTRIES, VhdxError)
+            check_size(count, "the region table's EntryCount", MAX_ENTRIES, VhdxError)
         except VhdxError as e:
             problems.append(str(e))
             continue
