@@ -25,7 +25,7 @@ ReadInto = Callable[[memoryview, int], None]  # fill the buffer from this offset
 Holes = list[tuple[int, int]]  # (start, length) ranges of a buffer that read as zeroes
 Allocation = list[tuple[int, int, bool]]  # (offset, length, reads_as_zero), ascending and contiguous
 
-MAX_MAP_BYTES = 1 << 34  # an allocation map answers at most this much at once (the client asks again)
+MAX_MAP_BYTES = 1 << 30  # an allocation map answers at most this much at once (the client asks again)
 
 
 class Kind(IntEnum):
