@@ -60,12 +60,18 @@ class Chain:
         self.files.clear()
 
 
-class ImageFilter(Filter):
-    """Base of the image decoders.  Subclasses set `name`, `parent` (parent_param(name)),
-    `cache_size` (cache_param(name)) and implement `load`."""
+class DiskImageFilter(Filter):
+    """Base of the image decoders.  Subclasses set `name`, declare NAME_parent = parent_param(NAME)
+    and NAME_cache_size = cache_param(NAME) (attributes of their own: the image filter takes every
+    decoder's parameters at once), and implement `load`."""
 
-    parent: str
-    cache_size: int
+    @property
+    def parent(self) -> str:
+        return str(getattr(self, f"{self.name}_parent", "none"))
+
+    @property
+    def cache_size(self) -> int:
+        return int(getattr(self, f"{self.name}_cache_size", DEFAULT_CACHE))
 
     def load(self, file: OpenedFile, where: Location, next_open: OpenNext) -> Image:
         """Parse the image in `file`, found at `where` (a FormatError if it is not valid)."""
@@ -76,12 +82,17 @@ class ImageFilter(Filter):
         """The files the image's runs read, in its numbering (opened for this connection into `chain`)."""
         return [file]
 
-    def config_complete(self) -> None:
+    def get_ready(self) -> None:
+        self.prepare()
+        self.check_default_export()
+
+    def prepare(self) -> None:
+        """What get_ready does except checking the default export (the image filter calls it)."""
         self._images: dict[tuple[str, bool, int], Image] = {}
         self._lock = threading.Lock()
         self.siblings = Siblings(self.name, self.open_below)
 
-    def get_ready(self) -> None:
+    def check_default_export(self) -> None:
         # Open the default export now, so a bad image is a start-up error.  Its parents are
         # checked too, but where the layer below has other exports a failure there waits for a
         # connection: only then is the image's real name known (a member of an archive may lie in

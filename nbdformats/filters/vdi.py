@@ -10,14 +10,13 @@ from ..api.chain import OpenNext
 from ..formats.blockmap import Image
 from ..formats.vdi.image import VdiImage
 from ._parents import Location, OpenedFile
-from ._vdisk import ImageFilter
+from ._vdisk import DiskImageFilter
 
 
-class VdiFilter(ImageFilter):
+class VdiFilter(DiskImageFilter):
     """Serve the disk inside a VirtualBox VDI image (static or dynamic), read-only."""
 
     name = "vdi"
-    parent = "none"  # a differencing VDI names its parent by UUID only: refused by the format code
 
     def load(self, file: OpenedFile, where: Location, next_open: OpenNext) -> Image:
         return VdiImage(file.read, file.size)

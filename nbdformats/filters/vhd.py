@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from .vpc import VpcFilter
+from ._vdisk import cache_param, parent_param
+from .vpc import VhdDecoder
 
 
-class VhdFilter(VpcFilter):
+class VhdFilter(VhdDecoder):
     """Serve the disk inside a VHD image (the vpc filter under another name)."""
 
     name = "vhd"
+    vhd_parent = parent_param("vhd")
+    vhd_cache_size = cache_param("vhd")
 
 
 FILTER = VhdFilter

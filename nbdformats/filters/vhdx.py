@@ -13,15 +13,15 @@ from ..api.chain import OpenNext
 from ..formats.blockmap import Image
 from ..formats.vhdx.image import VhdxImage
 from ._parents import Location, OpenedFile
-from ._vdisk import ImageFilter, cache_param, parent_param
+from ._vdisk import DiskImageFilter, cache_param, parent_param
 
 
-class VhdxFilter(ImageFilter):
+class VhdxFilter(DiskImageFilter):
     """Serve the disk inside a VHDX image (fixed, dynamic, differencing), read-only."""
 
     name = "vhdx"
-    parent = parent_param("vhdx")
-    cache_size = cache_param("vhdx")
+    vhdx_parent = parent_param("vhdx")
+    vhdx_cache_size = cache_param("vhdx")
 
     def load(self, file: OpenedFile, where: Location, next_open: OpenNext) -> Image:
         return VhdxImage(file.read, file.size, self.cache_size)

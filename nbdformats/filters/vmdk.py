@@ -17,15 +17,15 @@ from ..formats.blockmap import Image
 from ..formats.vmdk.descriptor import ExtentLine
 from ..formats.vmdk.image import VmdkImage, read_descriptor
 from ._parents import Location, OpenedFile
-from ._vdisk import Chain, ImageFilter, cache_param, parent_param
+from ._vdisk import Chain, DiskImageFilter, cache_param, parent_param
 
 
-class VmdkFilter(ImageFilter):
+class VmdkFilter(DiskImageFilter):
     """Serve the disk of a VMDK (sparse, streamOptimized, flat, split, delta), read-only."""
 
     name = "vmdk"
-    parent = parent_param("vmdk")
-    cache_size = cache_param("vmdk")
+    vmdk_parent = parent_param("vmdk")
+    vmdk_cache_size = cache_param("vmdk")
 
     def load(self, file: OpenedFile, where: Location, next_open: OpenNext) -> Image:
         name = file.name or "the image"

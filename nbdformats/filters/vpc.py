@@ -14,18 +14,22 @@ from ..api.chain import OpenNext
 from ..formats.blockmap import Image
 from ..formats.vhd.image import VhdImage
 from ._parents import Location, OpenedFile
-from ._vdisk import ImageFilter, cache_param, parent_param
+from ._vdisk import DiskImageFilter, cache_param, parent_param
 
 
-class VpcFilter(ImageFilter):
-    """Serve the disk inside a VHD image (fixed, dynamic, differencing), read-only."""
-
-    name = "vpc"
-    parent = parent_param("vpc")
-    cache_size = cache_param("vpc")
+class VhdDecoder(DiskImageFilter):
+    """The VHD decoder without parameters: vpc and vhd each declare theirs under their own name."""
 
     def load(self, file: OpenedFile, where: Location, next_open: OpenNext) -> Image:
         return VhdImage(file.read, file.size, self.cache_size)
+
+
+class VpcFilter(VhdDecoder):
+    """Serve the disk inside a VHD image (fixed, dynamic, differencing), read-only."""
+
+    name = "vpc"
+    vpc_parent = parent_param("vpc")
+    vpc_cache_size = cache_param("vpc")
 
 
 FILTER = VpcFilter
