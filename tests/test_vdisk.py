@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NBDFORMATS, run, serve, start
+from conftest import NBDFORMATS, nbdinfo_json, run, serve, start
 from fixtures.vdisks import (MiB, Write, libvhdi_read, make_raw, merge_runs, qemu_convert, qemu_map, qemu_raw,
                              vhd_differencing, vhd_unique_id, vhdx_differencing)
 
@@ -137,6 +137,43 @@ def test_inside_archives_and_compressed_files(work, raw, container):
         assert copy_out(srv.uri, work / "out.raw") == expected
 
 
+
+# -- The image filter ------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", list(IMAGES))
+def test_image_filter_decodes_each_format(work, raw, key):
+    """--filter=image recognises every subformat (a fixed VHD by its footer at the end) and serves
+    what qemu decodes: from a directory, from a zip whose members are the image's files and, for
+    an image of one file, from a multi-block xz."""
+    _, fmt, _ = IMAGES[key]
+    directory, image = image_dir(work, raw, key)
+    expected = qemu_raw(directory / image, fmt, work / f"{key}.ref")
+    files = [image, *sorted(p.name for p in directory.iterdir() if p.name != image)]  # the first: the default
+    packed = work / f"{key}-image.zip"
+    packed.unlink(missing_ok=True)
+    run(["zip", "-q", "-j", packed, *[directory / f for f in files]])
+    ways: list[tuple[list, str]] = [(["file", f"dir={directory}"], image), (["--filter=zip", "file", packed], image)]
+    if files == [image]:
+        xz = work / f"{key}.xz"
+        xz.write_bytes(run(["xz", "-c", "-T1", "--block-size=4MiB", directory / image]).stdout)
+        ways.append((["--filter=xz", "file", xz], ""))
+    for args, export in ways:
+        with serve("--filter=image", *args, export=export) as srv:
+            assert copy_out(srv.uri, work / "out.raw") == expected, args
+            assert nbdinfo_json(srv.uri)["exports"][0]["is_read_only"]  # decoded: read-only
+
+
+def test_image_filter_serves_a_raw_disk_as_it_is(work, tmp_path):
+    """No probe matches a format's magic anywhere but at its place: such a disk stays raw and writable."""
+    disk = bytearray(make_raw(tmp_path / "disk.raw", size=4 * MiB).read_bytes())
+    for at, magic in ((512, b"KDMV"), (1024, b"conectix"), (4096, b"vhdxfile"), (len(disk) - 1024, b"conectix"),
+                      (8192 + 64, b"\x7f\x10\xda\xbe")):
+        disk[at:at + len(magic)] = magic
+    (tmp_path / "disk.raw").write_bytes(disk)
+    with serve("--filter=image", "file", tmp_path / "disk.raw") as srv:
+        assert copy_out(srv.uri, tmp_path / "out.raw") == disk
+        assert not nbdinfo_json(srv.uri)["exports"][0]["is_read_only"]
+
+
 # -- Parents ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vmdk_chain(work, raw) -> Path:
@@ -163,14 +200,15 @@ def test_vmdk_delta_chain_in_a_directory_and_a_tar(work, vmdk_chain):
         assert copy_out(srv.uri, work / "out.raw") == expected
 
 
-def test_vmdk_parent_none_reads_only_the_delta(work, vmdk_chain):
+@pytest.mark.parametrize("decoder", ["vmdk", "image"])
+def test_vmdk_parent_none_reads_only_the_delta(work, vmdk_chain, decoder):
     top = qemu_raw(vmdk_chain / "top.vmdk", "vmdk", work / "top.ref")
     own = [(e["start"], e["start"] + e["length"]) for e in json.loads(run(
         ["qemu-img", "map", "--output=json", vmdk_chain / "top.vmdk"]).stdout) if e["depth"] == 0]
     expected = bytearray(len(top))
     for begin, end in own:
         expected[begin:end] = top[begin:end]
-    with serve("--filter=vmdk", "file", f"dir={vmdk_chain}", "vmdk-parent=none", export="top.vmdk") as srv:
+    with serve(f"--filter={decoder}", "file", f"dir={vmdk_chain}", "vmdk-parent=none", export="top.vmdk") as srv:
         assert copy_out(srv.uri, work / "out.raw") == expected
 
 
@@ -222,8 +260,9 @@ def test_differencing_disks_read_as_libvhdi_reads_them(work, differencing, fmt):
     with zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as z:
         z.write(child, child.name)
         z.write(child.with_name(f"parent.{fmt}"), f"parent.{fmt}")
-    with serve(f"--filter={fmt}", "--filter=zip", "file", packed) as srv:
-        assert copy_out(srv.uri, work / "out.raw") == expected
+    for decoder in (fmt, "image"):
+        with serve(f"--filter={decoder}", "--filter=zip", "file", packed) as srv:
+            assert copy_out(srv.uri, work / "out.raw") == expected, decoder
 
 
 def refused(*args: str, export: str = "") -> str:
