@@ -1,7 +1,7 @@
 """Files next to an image: its parent (a backing file, a delta disk's parent) and a VMDK's extents.
 
-The rules of issue 23, shared by the image decoders (the mechanism is the qcow2 filter's, from
-branch qcow2, moved here so that every decoder resolves names alike):
+The rules of issue 23, shared by the image decoders (qcow2's backing files, vmdk, vpc/vhd, vhdx
+and ova), so that every decoder resolves names alike:
 
 - `auto`: the name the image records is taken next to the image.  Over the file plugin (file=PATH)
   or the curl plugin (url=URL) directly, that is a file in the same directory (a URL under the same
@@ -50,13 +50,15 @@ class RefusedError(ParentError):
 
 @dataclass
 class OpenedFile:
-    """One file of a disk: its name where it was found, its size and how to read it."""
+    """One file of a disk: its name where it was found, its size and how to read it (and the
+    layer it reads, where it is a whole layer: qcow2 serves a raw backing file's holes)."""
 
     name: str
     size: int
     read: Reader
     read_into: ReadInto
     close: Callable[[], None] = field(default=lambda: None)
+    layer: Layer | None = None
 
 
 def layer_file(name: str, layer: Layer, close: Callable[[], None] = lambda: None) -> OpenedFile:
@@ -69,7 +71,7 @@ def layer_file(name: str, layer: Layer, close: Callable[[], None] = lambda: None
         for start in range(0, len(buf), READ_CHUNK):
             layer.pread(buf[start:start + READ_CHUNK], offset + start, 0)
 
-    return OpenedFile(name, size, read, read_into, close)
+    return OpenedFile(name, size, read, read_into, close, layer)
 
 
 def sibling_export(export: str, name: str, what: str) -> str:
@@ -126,13 +128,18 @@ class Location:
     def name(self) -> str:
         return self.value if self.plugin is not None else self.export
 
+    def describe(self) -> str:
+        return self.value if self.plugin is not None else f"export {self.export!r}"
+
 
 class Siblings:
     """One filter's way to the files next to its images; the plugins it made for them are kept
-    (made once per location) and cleaned up with the filter."""
+    (made once per location) and cleaned up with the filter.  `param` is the filter's parameter
+    that names a parent explicitly (NAME-parent=, qcow2's backing=), for the hints of errors."""
 
-    def __init__(self, component: str, open_below: Callable[[bool, str], Layer]) -> None:
+    def __init__(self, component: str, open_below: Callable[[bool, str], Layer], param: str = "") -> None:
         self.component, self.open_below = component, open_below
+        self.param = param or f"{component}-parent"
         self._plugins: dict[tuple[str, str], Plugin] = {}
         self._lock = threading.Lock()
         self._names_select_exports: bool | None = None
@@ -153,7 +160,7 @@ class Siblings:
                 value = sibling_url(where.value, name, what)
             else:
                 raise ParentError(f"{what} {name!r}: the {where.plugin.name} plugin serves no directory to find it "
-                                  f"in (give {self.component}-parent=PATH-or-URI)")
+                                  f"in (give {self.param}=PATH-or-URI)")
             plugin = self._plugin(where.plugin, where.key, value)
             layer = Layer(plugin.open(True, ""), True)
             return layer_file(value, layer, layer.close), Location(plugin=plugin, key=where.key, value=value)
@@ -162,7 +169,8 @@ class Siblings:
             raise RefusedError(f"{what} {export!r} is a file next to the image, but the layer below serves one file "
                               "whatever the export name: serve the archive with every member an export (without "
                               "tar-entry=/zip-entry=) or the directory (file dir=DIR), and name the image as the "
-                              "export" + (f", or give {self.component}-parent=PATH" if "parent" in what else ""))
+                              "export" + (f", or give {self.param}=PATH" if "parent" in what or "backing" in what
+                                          else ""))
         try:
             layer = next_open(True, export)
         except NBDError as e:
@@ -228,7 +236,7 @@ def open_parent(siblings: Siblings, link: ParentLink, where: Location, next_open
     if not link.relative:
         shown = ", ".join(repr(path) for path in link.absolute) or "nothing"
         raise ParentError(f"the image names its parent only by the absolute path {shown} ({link.what}), which is not "
-                          f"opened: give {siblings.component}-parent=PATH (or {siblings.component}-parent=none)")
+                          f"opened: give {siblings.param}=PATH (or {siblings.param}=none)")
     missing = []
     for relative in link.relative:
         try:

@@ -19,7 +19,7 @@ from ..api.chain import (EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, NO
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Param, Size, String
 from ..api.zeroes import fill_zero
-from ..formats.blockmap import Image, LayeredDisk
+from ..formats.blockmap import Disk, Image, LayeredDisk
 from ..formats.errors import FormatError
 from ._format_errors import nbd_error
 from ._parents import MAX_CHAIN, Location, OpenedFile, ParentError, Siblings, layer_file, open_parent
@@ -189,7 +189,7 @@ class DiskImageFilter(Filter):
 class DiskHandle(FilterHandle):
     """A read-only decoded disk: reads with holes, block status, and the files it opened."""
 
-    def __init__(self, filter: Filter, next: Layer, disk: LayeredDisk, chain: Chain,
+    def __init__(self, filter: Filter, next: Layer, disk: Disk, chain: Chain,
                  description: str | None = None) -> None:
         self.filter, self.next = filter, next
         self.disk, self.chain, self.description = disk, chain, description
