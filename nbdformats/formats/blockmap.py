@@ -110,6 +110,16 @@ def read_exact(read: Reader, offset: int, length: int, what: str, error: type[Fo
     return data
 
 
+def block_spans(start: int, end: int, block_size: int) -> Iterator[tuple[int, int, int, int]]:
+    """Guest [start, end) cut at block boundaries: (block, offset within it, span start, span end)."""
+    position = start
+    while position < end:
+        block, within = divmod(position, block_size)
+        span_end = min(end, (block + 1) * block_size)
+        yield block, within, position, span_end
+        position = span_end
+
+
 def bitmap_runs(bitmap: bytes, bitorder: Literal["big", "little"], first_sector: int, sector_size: int, start: int, end: int,
                 present: Run) -> Iterator[Run]:
     """Split the DATA run `present` of guest [start, end) by a sector bitmap: set sectors read

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..blockmap import Kind, Run, read_exact
+from ..blockmap import Kind, Run, block_spans, read_exact
 from ..errors import FormatError, check_size
 from ..readers import Reader
 from .structs import (BLOCK_ENTRY, BLOCK_FREE, BLOCK_ZERO, HEADER, HEADER_1_0_SIZE, PREHEADER, SIGNATURE,
@@ -66,10 +66,7 @@ class VdiImage:
 
     def runs(self, offset: int, length: int, files: Sequence[Reader]) -> Iterator[Run]:
         end = min(offset + length, self.size)
-        position = offset
-        while position < end:
-            block, within = divmod(position, self.block_size)
-            run_end = min(end, (block + 1) * self.block_size)
+        for block, within, position, run_end in block_spans(offset, end, self.block_size):
             index = int(self.blocks[block])
             if index == BLOCK_FREE:
                 yield Run(position, run_end - position, Kind.PARENT)
@@ -80,7 +77,6 @@ class VdiImage:
                 check_size(start + self.block_size, f"the end of block {block} (block map entry {index})",
                            self.file_size, VdiError, f"the file's size, {self.file_size}")
                 yield Run(position, run_end - position, Kind.DATA, start + within)
-            position = run_end
 
     def decompress(self, run: Run, files: Sequence[Reader]) -> bytes:
         raise VdiError("VDI has no compressed blocks")

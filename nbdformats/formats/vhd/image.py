@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..blockmap import Kind, Run, TableCache, bitmap_runs, read_exact
+from ..blockmap import Kind, Run, TableCache, bitmap_runs, block_spans, read_exact
 from ..errors import FormatError, check_size
 from ..parents import ParentLink, split_path
 from ..readers import Reader
@@ -182,10 +182,7 @@ class VhdImage:
                 yield Run(offset, end - offset, Kind.DATA, offset)
             return
         differencing = self.footer.disk_type == DIFFERENCING
-        position = offset
-        while position < end:
-            block, within = divmod(position, self.block_size)
-            run_end = min(end, (block + 1) * self.block_size)
+        for block, within, position, run_end in block_spans(offset, end, self.block_size):
             sector = int(self.bat[block])
             if sector == UNUSED:
                 yield Run(position, run_end - position, Kind.PARENT)
@@ -202,7 +199,6 @@ class VhdImage:
                                            run_end, present)
                 else:
                     yield present
-            position = run_end
 
     def decompress(self, run: Run, files: Sequence[Reader]) -> bytes:
         raise VhdError("VHD has no compressed blocks")

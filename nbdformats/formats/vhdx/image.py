@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..blockmap import Kind, Run, TableCache, bitmap_runs, read_exact
+from ..blockmap import Kind, Run, TableCache, bitmap_runs, block_spans, read_exact
 from ..crc32c import crc32c
 from ..errors import FormatError, check_size
 from ..parents import ParentLink, split_path
@@ -231,10 +231,7 @@ class VhdxImage:
 
     def runs(self, offset: int, length: int, files: Sequence[Reader]) -> Iterator[Run]:
         end = min(offset + length, self.size)
-        position = offset
-        while position < end:
-            block, within = divmod(position, self.block_size)
-            run_end = min(end, (block + 1) * self.block_size)
+        for block, within, position, run_end in block_spans(offset, end, self.block_size):
             entry = int(self.bat[block + block // self.chunk_ratio])
             state = entry & STATE_MASK
             if state == PAYLOAD_FULLY_PRESENT:
@@ -256,7 +253,6 @@ class VhdxImage:
             else:
                 raise VhdxError(f"payload block {block} has BAT state {state}, invalid in a "
                                 f"{'differencing' if self.differencing else 'fixed or dynamic'} disk")
-            position = run_end
 
     def _sector_bitmap(self, chunk: int, read: Reader) -> bytes:
         entry = int(self.bat[chunk * (self.chunk_ratio + 1) + self.chunk_ratio])
