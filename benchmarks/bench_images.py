@@ -1,11 +1,12 @@
-"""qcow2 images: nbdformats' qcow2 filter vs qemu-nbd on the same files, same run; and qcow2
-inside a multi-block .xz and a .tar.gz (with a saved gzip index), which qemu-nbd cannot open.
+"""Disk images: nbdformats' qcow2, vmdk and vhdx filters vs qemu-nbd on the same files, same run;
+and qcow2 inside a multi-block .xz and a .tar.gz (with a saved gzip index), which qemu-nbd cannot open.
 
     .venv/bin/python benchmarks/bench_images.py [--size-mib 1024] [--keep DIR]
 
 A disk-like image (a third random, a third zeroes, a third text) is converted by qemu-img to
-qcow2 (64 KiB clusters) and compressed qcow2 (zlib), the qcow2 is compressed with
-`xz --block-size=16MiB` and put in a .tar.gz.  Each server variant is started fresh and timed:
+qcow2 (64 KiB clusters), compressed qcow2 (zlib), a streamOptimized VMDK (every grain compressed,
+as in OVAs) and a dynamic VHDX; the qcow2 is compressed with `xz --block-size=16MiB` and put in a
+.tar.gz.  Each server variant is started fresh and timed:
   first 4K   server start to the first 4 KiB read at a random offset answered;
   full read  nbdcopy of the whole disk on the same running server;
 and the bytes are checked against the source (sha256 of a full copy).  The raw results go to
@@ -41,7 +42,8 @@ def qemu_img(*args: object) -> None:
 def make_files(work: Path, size: int) -> dict[str, Path]:
     """The raw image and its qcow2 forms (made once per size in `work`)."""
     files = {"raw": work / "disk.raw", "qcow2": work / "disk.qcow2", "compressed": work / "compressed.qcow2",
-             "xz": work / "disk.qcow2.xz", "tar.gz": work / "disk.tar.gz"}
+             "xz": work / "disk.qcow2.xz", "tar.gz": work / "disk.tar.gz", "vmdk": work / "disk.vmdk",
+             "vhdx": work / "disk.vhdx"}
     if not files["raw"].exists() or files["raw"].stat().st_size != size:
         print(f"making a {size // MiB} MiB image and its qcow2 forms (once)...", flush=True)
         make_image(files["raw"], size, seed=17)
@@ -52,6 +54,10 @@ def make_files(work: Path, size: int) -> dict[str, Path]:
         qemu_img("convert", "-f", "raw", "-O", "qcow2", files["raw"], files["qcow2"])
     if not files["compressed"].exists():
         qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", files["raw"], files["compressed"])
+    if not files["vmdk"].exists():
+        qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", files["raw"], files["vmdk"])
+    if not files["vhdx"].exists():
+        qemu_img("convert", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic", files["raw"], files["vhdx"])
     if not files["xz"].exists():
         compress(["xz", "-1", "-T2", "--block-size=16MiB", "-c", files["qcow2"]], files["xz"])
     if not files["tar.gz"].exists():
@@ -84,6 +90,10 @@ def main() -> None:
         ("ours qcow2", [*ours, "file", files["qcow2"]]),
         ("qemu-nbd qcow2 compressed", [*qemu_nbd, files["compressed"]]),
         ("ours qcow2 compressed", [*ours, "file", files["compressed"]]),
+        ("qemu-nbd vmdk streamOptimized", ["qemu-nbd", "-f", "vmdk", "-r", "-t", "-k", sock, files["vmdk"]]),
+        ("ours vmdk streamOptimized", [*NBDFORMATS, "-f", "-U", sock, "--filter=vmdk", "file", files["vmdk"]]),
+        ("qemu-nbd vhdx dynamic", ["qemu-nbd", "-f", "vhdx", "-r", "-t", "-k", sock, files["vhdx"]]),
+        ("ours vhdx dynamic", [*NBDFORMATS, "-f", "-U", sock, "--filter=vhdx", "file", files["vhdx"]]),
         ("ours qcow2 in xz (16 MiB blocks)", [*ours, "--filter=xz", "file", files["xz"]]),
         ("ours qcow2 in tar.gz, saving gzip-index", [*ours, "--filter=tar", "--filter=gzip", "file", files["tar.gz"],
                                                     "tar-entry=disk.qcow2", f"gzip-index={index}"]),

@@ -1,10 +1,11 @@
 """Format fuzzing for CI, through the server with a differential oracle (tests/fuzz/format_fuzz.py):
-10,000 cases a run over every format filter, one process per format (a crash or hang in a C
+10,000 cases a run over the archive, compression and LUKS filters and 1,700 over the image formats,
+bzip2 and lzip (qemu-img, libbz2 and lzip -dc the references), one process per format (a crash or hang in a C
 library fails the test too), seeds and case counts printed; the cases that found bugs,
 replayed from their seeds; hostile directories for the floppy and linuxdisk plugins.
 
 A long run (10^6 cases: about 75 minutes on 2 cores, see docs/security.md):
-    for f in gzip xz zstd tar zip luks1 luks2 xva; do
+    for f in gzip xz zstd tar zip luks1 luks2 xva vmdk vhd vhdx vdi bzip2 lzip; do
         .venv/bin/python tests/fuzz/format_fuzz.py --format $f --cases 125000 --seed 1; done
 """
 
@@ -23,7 +24,9 @@ FUZZER = Path(__file__).parent / "fuzz" / "format_fuzz.py"
 SEED = int(os.environ.get("NBDFORMATS_FUZZ_SEED", "20"))
 # Cases per format, 10,000 in all; LUKS cases cost more (a 2 MiB image, a key to derive).
 CASES = {"gzip": 1500, "xz": 1500, "zstd": 1500, "tar": 1500, "zip": 1500, "luks1": 500, "luks2": 1000, "xva": 1000,
-         "qcow2": 500}  # qcow2: qemu-img, the reference, runs once a case
+         "qcow2": 500,  # qcow2: qemu-img, the reference, runs once a case
+         # Disk images and bzip2/lzip: each case also runs the reference tool (qemu-img, lzip -dc).
+         "vmdk": 300, "vhd": 300, "vhdx": 200, "vdi": 300, "bzip2": 300, "lzip": 300}
 SCALE = float(os.environ.get("NBDFORMATS_FORMAT_CASES_SCALE", "1"))
 # Cases that found bugs: (format, seed, case), replayed exactly from the seed.
 REGRESSIONS = [

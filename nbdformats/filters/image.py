@@ -28,6 +28,15 @@ def starts_with(magic: bytes, offset: int = 0) -> Match:
     return lambda read, size: size >= offset + len(magic) and read(offset, len(magic)) == magic
 
 
+def ends_with(magic: bytes, from_end: int) -> Match:
+    """`magic` `from_end` bytes before the end (a fixed VHD's footer)."""
+    return lambda read, size: size >= from_end and read(size - from_end, len(magic)) == magic
+
+
+def either(*matches: Match) -> Match:
+    return lambda read, size: any(match(read, size) for match in matches)
+
+
 @dataclass(frozen=True)
 class Decoder:
     filter: str  # the decoding filter's name
@@ -37,11 +46,15 @@ class Decoder:
 # One line per format, tried in order; the first that matches decodes the export.
 DECODERS = [
     Decoder("qcow2", starts_with(b"QFI\xfb")),
+    Decoder("vmdk", either(starts_with(b"KDMV"), starts_with(b"# Disk DescriptorFile"))),
+    Decoder("vhdx", starts_with(b"vhdxfile")),
+    Decoder("vdi", starts_with(b"\x7f\x10\xda\xbe", 64)),  # VDIPREHEADER's u32Signature 0xBEDA107F
+    Decoder("vpc", either(starts_with(b"conectix"), ends_with(b"conectix", 512))),  # a dynamic disk's copy, the footer
 ]
 
 
 class ImageFilter(Filter):
-    """Probe the disk image format below (qcow2; raw when nothing matches) and decode it."""
+    """Probe the disk image format below (qcow2, VMDK, VHDX, VDI, VHD; raw when nothing matches) and decode it."""
 
     name = "image"
 

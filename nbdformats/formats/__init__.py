@@ -1,5 +1,6 @@
 """Every on-disk format nbdformats reads or writes, pure: tar, zip, gzip (and random access
-into deflate streams), xz, zstd, LUKS, XVA, MBR and GPT partition tables, FAT.
+into deflate streams), xz, zstd, lzip, LUKS, XVA, VMDK, VHD, VHDX, VDI, OVF, MBR and GPT
+partition tables, FAT.
 
 Rules that keep the package shareable between filters, plugins and tests:
 

@@ -26,6 +26,7 @@ server) runs in-process instead, through the filter chain.
 from __future__ import annotations
 
 import argparse
+import bz2
 import gzip
 import hashlib
 import io
@@ -58,7 +59,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fixtures.luks import reference_crypt  # noqa: E402
 from fixtures.luks_spec import luks1_image, luks2_image  # noqa: E402
 
-FORMATS = ["gzip", "xz", "zstd", "tar", "zip", "luks1", "luks2", "xva", "qcow2"]
+FORMATS = ["gzip", "xz", "zstd", "tar", "zip", "luks1", "luks2", "xva", "qcow2", "vmdk", "vhd", "vhdx", "vdi", "bzip2",
+           "lzip"]
+# Disk images made by qemu-img (1 MiB disks) and read back by it as the reference (qcow2 too: its seed
+# is made in make_seed).
+QEMU_FORMATS = {"qcow2": "qcow2", "vmdk": "vmdk", "vhd": "vpc", "vhdx": "vhdx", "vdi": "vdi"}
+QEMU_IMAGES = {"vmdk": ("vmdk", ["subformat=streamOptimized"]), "vhd": ("vpc", ["subformat=dynamic"]),
+               "vhdx": ("vhdx", ["subformat=dynamic", "block_size=1M"]), "vdi": ("vdi", [])}
+QEMU_MAX_SIZE = 16 << 20  # a mutated header may claim a huge disk: qemu's decode is not compared beyond this
 PASSPHRASE = b"fuzz passphrase"
 DISK_SIZE = 64 << 10
 READ = 16 << 10  # bytes per read request
@@ -126,6 +134,25 @@ def make_seed(fmt: str, rng: random.Random, work: Path) -> Seed:
         from fixtures.xva import XvaDisk, xva_members, write_tar
         return Seed(write_tar(work / "seed.xva", xva_members([XvaDisk(disk * 20)], "xxhash", "vm")).read_bytes(),
                     disk * 20, ["--filter=xva"])
+    if fmt in QEMU_IMAGES:  # a sparse 1 MiB disk: holes between the 64 KiB pieces
+        qemu_format, options = QEMU_IMAGES[fmt]
+        sparse = bytearray(16 * DISK_SIZE)
+        for piece in range(0, 16, 3):
+            sparse[piece * DISK_SIZE:(piece + 1) * DISK_SIZE] = disk
+        raw = work / "disk.img"
+        raw.write_bytes(sparse)
+        image = work / f"seed.{fmt}"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", qemu_format, *[a for o in options for a in ("-o", o)],
+                        raw, image], check=True, capture_output=True, timeout=60, env=ENV)
+        return Seed(image.read_bytes(), bytes(sparse), [f"--filter={fmt}"])
+    if fmt == "bzip2":  # two streams, 100 kB blocks: several blocks
+        return Seed(bz2.compress(disk * 8, 1) + bz2.compress(disk, 9), disk * 9, ["--filter=bzip2", "bzip2-threads=1"])
+    if fmt == "lzip":  # several members
+        raw = work / "disk.img"
+        raw.write_bytes(disk * 8)
+        blob = subprocess.run(["lzip", "-c", "-b", "128KiB", raw], check=True, capture_output=True, timeout=60,
+                              env=ENV).stdout
+        return Seed(blob, disk * 8, ["--filter=lzip"])
     raise SystemExit(f"unknown format {fmt}")
 
 
@@ -163,7 +190,17 @@ def hot_range(fmt: str, seed: Seed) -> tuple[int, int]:
     size = len(seed.data)
     return {"gzip": (0, 64), "xz": (size - 256, size), "zstd": (0, size), "tar": (0, 2048),
             "zip": (size - 300, size), "luks1": (0, 1024), "luks2": (0, 32768), "xva": (0, 4096),
-            "qcow2": (0, min(size, 32768))}[fmt]
+            "qcow2": (0, min(size, 32768)), "vhdx": (0, 4 << 20), "vdi": (0, 2048), "bzip2": (0, size),
+            "lzip": (0, size)}[fmt]
+
+
+def image_hot_range(rng: random.Random, fmt: str, size: int) -> tuple[int, int]:
+    """VMDK: the header, grain directory and tables, or the footer's copy of the header;
+    VHD: the footer copy, the dynamic header and the BAT, or the footer."""
+    start = rng.random() < 0.5
+    if fmt == "vmdk":
+        return (0, 4096) if start else (size - 2048, size)
+    return (0, 3072) if start else (size - 512, size)
 
 
 def mutate_luks2_json(rng: random.Random, image: bytes) -> bytes:
@@ -238,6 +275,8 @@ def mutate(fmt: str, rng: random.Random, seed: Seed) -> bytes:
         return mutate_luks2_json(rng, seed.data)
     if fmt == "xva" and rng.random() < 0.7:
         return mutate_xva(rng, seed.data)
+    if fmt in ("vmdk", "vhd"):
+        return mutate_bytes(rng, seed.data, image_hot_range(rng, fmt, len(seed.data)))
     return mutate_bytes(rng, seed.data, hot_range(fmt, seed))
 
 
@@ -305,14 +344,36 @@ def luks_reference(fmt: str, data: bytes, key: bytes) -> bytes:
     return reference_crypt(cipher, key, payload[:len(payload) // 512 * 512], 512, encrypt=False)
 
 
-def qcow2_reference(data: bytes) -> bytes:
-    """qemu-img's decoding (a backing file name it finds is no backing file: none exists)."""
-    with tempfile.TemporaryDirectory(prefix="nbdf-qcow2-ref-") as directory:
-        image, out = Path(directory) / "case.qcow2", Path(directory) / "out.raw"
+def qemu_reference(fmt: str, data: bytes) -> bytes:
+    """qemu-img convert's decode of an image (refused past QEMU_MAX_SIZE, as too slow to compare; a
+    backing file name it finds is no backing file: none exists)."""
+    qemu_format = QEMU_FORMATS[fmt]
+    with tempfile.TemporaryDirectory(prefix="nbdf-fuzz-qemu-") as work:
+        image, out = Path(work) / "image", Path(work) / "out"
         image.write_bytes(data)
-        subprocess.run(["qemu-img", "convert", "-f", "qcow2", image, "-O", "raw", out], check=True,
-                       capture_output=True, timeout=30, env=ENV)
+        info = subprocess.run(["qemu-img", "info", "-f", qemu_format, "--output=json", image], capture_output=True,
+                              check=True, timeout=30, env=ENV)
+        if json.loads(info.stdout)["virtual-size"] > QEMU_MAX_SIZE:
+            raise ValueError("a disk too large to compare")
+        subprocess.run(["qemu-img", "convert", "-f", qemu_format, "-O", "raw", image, out], capture_output=True,
+                       check=True, timeout=30, env=ENV)
         return out.read_bytes()
+
+
+def bzip2_reference(data: bytes) -> bytes:
+    """Python's bz2 (libbz2), stream after stream as bzip2 -d reads them; a stream cut short is an error."""
+    out = []
+    while data:
+        stream = bz2.BZ2Decompressor()
+        out.append(stream.decompress(data))
+        if not stream.eof:
+            raise OSError("a stream cut short")
+        data = stream.unused_data
+    return b"".join(out)
+
+
+def lzip_reference(data: bytes) -> bytes:
+    return subprocess.run(["lzip", "-dc"], input=data, capture_output=True, check=True, timeout=30, env=ENV).stdout
 
 
 def reference(fmt: str, data: bytes, seed: Seed) -> bytes | None:
@@ -322,7 +383,9 @@ def reference(fmt: str, data: bytes, seed: Seed) -> bytes | None:
         "gzip": gzip_reference, "xz": lambda d: lzma.decompress(d, lzma.FORMAT_XZ), "zstd": zstd_reference,
         "tar": tar_reference, "zip": zip_reference,
         "luks1": lambda d: luks_reference("luks1", d, seed.master_key),
-        "luks2": lambda d: luks_reference("luks2", d, seed.master_key), "qcow2": qcow2_reference}
+        "luks2": lambda d: luks_reference("luks2", d, seed.master_key),
+        "bzip2": bzip2_reference, "lzip": lzip_reference,
+        **{image: lambda d, image=image: qemu_reference(image, d) for image in QEMU_FORMATS}}
     try:
         return decoders[fmt](data)
     except Exception:  # noqa: BLE001 - any refusal of the reference counts the same
@@ -343,7 +406,7 @@ def corrupt(fmt: str, data: bytes, seed: Seed) -> bool:
     return False
 
 
-CHECKSUMMED = {"gzip", "xz", "zstd", "zip"}  # all of the data served as good while the reference refuses: a finding
+CHECKSUMMED = {"gzip", "xz", "zstd", "zip", "bzip2", "lzip"}  # all of the data served as good while the reference refuses: a finding
 
 
 # -- Running cases through the server ------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""VHDX (Microsoft's [MS-VHDX] Virtual Hard Disk v2 File Format)."""
