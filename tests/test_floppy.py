@@ -391,6 +391,9 @@ def test_names_fat_cannot_hold(tmp: Path) -> None:
     assert sorted(os.listdir(out)) == sorted(["a\uf03ab\uf03fc.txt", "ends with dot\uf02e",
                                               "café latin1.txt", "Clash.txt"])
     assert (out / "Clash.txt").read_text() == "4"
+    # Host names that are not ASCII are kept apart from the others: each file is still its own.
+    assert [(out / name).read_text() for name in ("a\uf03ab\uf03fc.txt", "ends with dot\uf02e",
+                                                  "café latin1.txt")] == ["1", "2", "3"]
     assert "FAT names ignore case" in log and "clash.TXT" in log
 
 
@@ -505,6 +508,11 @@ def test_thousands_of_files(tmp: Path) -> None:
     listed = mdir_paths(image, PARTITION_OFFSET)
     assert len(listed) == 3 + 4500
     assert "dir 2/some long file name 01499.txt" in listed
+    out = tmp / "out"  # every file's data is its own (host names are kept in one buffer)
+    extract_all(image, out, PARTITION_OFFSET)
+    for d in range(3):
+        for i in range(1500):
+            assert (out / f"dir {d}" / f"some long file name {i:05d}.txt").read_bytes() == b"%d\n" % i
 
 
 def test_directory_entry_limit(tmp: Path) -> None:

@@ -71,6 +71,15 @@ def short_entry(short_name: bytes, attributes: int, cluster: int, size: int, tim
                        cluster >> 16, modified_time, modified_date, cluster & 0xFFFF, size)
 
 
+def file_entry(short_name: bytes, attributes: int, size: int, ctime: float, atime: float, mtime: float) -> bytes:
+    """A short entry with no cluster yet (filled in once allocated), from POSIX times:
+    `short_entry` without building a `Times` (this runs once per file of a tree)."""
+    created_date, created_time, tenths = fat_timestamp(ctime)
+    modified_date, modified_time, _ = fat_timestamp(mtime)
+    return _ENTRY.pack(short_name, attributes, 0, tenths, created_time, created_date, fat_timestamp(atime)[0],
+                       0, modified_time, modified_date, 0, size)
+
+
 def dot_entries(own_cluster: int, parent_cluster: int, times: Times) -> bytes:
     """"." and ".." at the start of every directory but the root.
 
