@@ -36,6 +36,9 @@ JOURNAL_ALLOWANCE = 32 << 20  # nbdkit adds this for ext3/ext4 to its estimate
 INODE_SIZE = 256  # mke2fs.conf's default inode_size: room each inode takes in the inode tables
 RESERVED_INODES = 11  # EXT2_GOOD_OLD_FIRST_INO: inodes 1-10 are reserved, 11 is lost+found
 DEFAULT_TMPDIR = "/var/tmp"  # large files do not belong in /tmp (often RAM), as nbdkit
+# mke2fs -d adds each entry by looking its name up in the directory and then finding room for it,
+# both by reading the whole directory: a directory of n entries costs time in n squared.
+LARGE_DIRECTORY = 10_000
 
 
 class Uuid(ParamType):
@@ -126,6 +129,11 @@ class LinuxDiskPlugin(Plugin):
             else:
                 staging = source = tempfile.mkdtemp(prefix="linuxdisk-merge-", dir=tmpdir)
                 stats = tree.stage(self.dirs, staging)
+            if stats.largest_directory >= LARGE_DIRECTORY:
+                log.warning("linuxdisk: %s holds %d entries: mke2fs -d reads the whole directory to add each "
+                            "entry, so the build takes time growing with the square of that count (minutes for "
+                            "100,000 entries); spread them over subdirectories if you can",
+                            stats.largest_directory_path, stats.largest_directory)
             self.fd: int | None = self._build_filesystem(program, source, stats, tmpdir)
         finally:
             if staging is not None:

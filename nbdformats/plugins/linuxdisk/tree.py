@@ -35,6 +35,8 @@ class TreeStats:
     copied: int = 0  # staging: entries recreated because the link was refused
     copied_bytes: int = 0
     metadata_lost: list[str] = field(default_factory=list)  # staging: owner/xattr not reproduced
+    largest_directory: int = 0  # entries in the most crowded directory (of the merged tree)
+    largest_directory_path: str = ""  # its source (the last one merged)
 
 
 class _Walker:
@@ -60,7 +62,10 @@ class _Walker:
             stack.append((relative, dirs, True))
             if self.staging is not None and relative:
                 os.mkdir(os.path.join(self.staging, relative), 0o700)
-            for name, kind in sorted(self._merged_listing(relative, dirs).items()):
+            listing = self._merged_listing(relative, dirs)
+            if len(listing) > self.stats.largest_directory:
+                self.stats.largest_directory, self.stats.largest_directory_path = len(listing), dirs[-1]
+            for name, kind in sorted(listing.items()):
                 child = os.path.join(relative, name)
                 if kind[0] == "dir":
                     stack.append((child, kind[1], False))
