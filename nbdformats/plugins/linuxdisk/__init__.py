@@ -18,7 +18,9 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import uuid
+from functools import partial
 
 from ...api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents, Plugin, PluginHandle
 from ...api.errors import ConfigError, NBDError
@@ -140,11 +142,26 @@ class LinuxDiskPlugin(Plugin):
             self.fd: int | None = self._build_filesystem(program, source, stats, tmpdir)
         finally:
             if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
+                if getattr(self, "fd", None) is not None:
+                    # Built: the staging tree (a hard link per entry) goes away while we serve;
+                    # cleanup() waits for it.  A thread does not survive the fork of a server
+                    # that detaches, so the child takes over what is left.
+                    self._remove_staging(staging)
+                    os.register_at_fork(after_in_child=partial(self._remove_staging, staging, after_fork=True))
+                else:
+                    shutil.rmtree(staging, ignore_errors=True)
         self._lay_out()
         if self.writable:
             log.warning("linuxdisk: writable=true: writes go to a temporary image and are LOST when the "
                         "server exits")
+
+    def _remove_staging(self, staging: str, after_fork: bool = False) -> None:
+        if after_fork and (self._staging_removal is None or not os.path.exists(staging)):
+            return
+        self._staging_removal: threading.Thread | None = threading.Thread(
+            target=shutil.rmtree, args=(staging,), kwargs={"ignore_errors": True}, name="linuxdisk-staging-removal",
+            daemon=True)
+        self._staging_removal.start()
 
     def _build_filesystem(self, program: str, source: str, stats: TreeStats, tmpdir: str) -> int:
         estimate = estimate_size(stats, self.fs_type)
@@ -215,6 +232,10 @@ class LinuxDiskPlugin(Plugin):
         self.disk_size = self.fs_end + len(self.tail)
 
     def cleanup(self) -> None:
+        removal = getattr(self, "_staging_removal", None)
+        if removal is not None:
+            removal.join()
+            self._staging_removal = None
         fd = getattr(self, "fd", None)
         if fd is not None:
             os.close(fd)
