@@ -74,9 +74,19 @@ def short_entry(short_name: bytes, attributes: int, cluster: int, size: int, tim
 def file_entry(short_name: bytes, attributes: int, size: int, ctime: float, atime: float, mtime: float) -> bytes:
     """A short entry with no cluster yet (filled in once allocated), from POSIX times:
     `short_entry` without building a `Times` (this runs once per file of a tree)."""
-    created_date, created_time, tenths = fat_timestamp(ctime)
-    modified_date, modified_time, _ = fat_timestamp(mtime)
-    return _ENTRY.pack(short_name, attributes, 0, tenths, created_time, created_date, fat_timestamp(atime)[0],
+    try:
+        whole = int(ctime // 1)
+        created_date, created_time, tenths, in_range = _fat_date_time(whole)
+        modified_date, modified_time, _, _ = _fat_date_time(int(mtime // 1))
+        accessed = _fat_date_time(int(atime // 1))[0]
+    except (OverflowError, ValueError):  # infinite or NaN: fat_timestamp clamps
+        created_date, created_time, tenths = fat_timestamp(ctime)
+        modified_date, modified_time, _ = fat_timestamp(mtime)
+        accessed = fat_timestamp(atime)[0]
+    else:
+        if in_range:
+            tenths += int((ctime - whole) * 100)
+    return _ENTRY.pack(short_name, attributes, 0, tenths, created_time, created_date, accessed,
                        0, modified_time, modified_date, 0, size)
 
 
