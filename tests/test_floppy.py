@@ -26,7 +26,7 @@ from nbdformats.api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Chain
 from nbdformats.api.errors import ConfigError
 from nbdformats.formats.fat import layout, names
 from nbdformats.plugins.floppy import syslinux
-from nbdformats.formats.fat.dirents import fat_timestamp
+from nbdformats.formats.fat.dirents import Times, fat_timestamp, file_entry, short_entry
 from nbdformats.formats.fat.layout import FatTable, Needs, plan
 from nbdformats.registry import load_plugin
 
@@ -134,6 +134,10 @@ def test_fat_timestamps() -> None:
     assert tenths == 125  # the odd second and 25 hundredths
     assert fat_timestamp(0)[:2] == (1 << 5 | 1, 0)  # before 1980: clamped
     assert fat_timestamp(2 ** 40)[0] == 127 << 9 | 12 << 5 | 31
+    # A file's entry (file_entry, the fast path) holds the same times as short_entry's.
+    for moment in (t, 0.0, -5.5, 315532801.25, 2.0 ** 40, float("inf"), float("-inf"), float("nan")):
+        assert file_entry(b"NAME    TXT", 0x20, 7, moment, t, moment) == \
+            short_entry(b"NAME    TXT", 0x20, 0, 7, Times(moment, t, moment))
 
 
 # -- layout (sans-IO) ---------------------------------------------------------------------
