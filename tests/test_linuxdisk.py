@@ -362,6 +362,17 @@ def test_flat_directory(tmp: Path, fs_type: str) -> None:
     assert "square" not in log
 
 
+def test_large_directory_needs_dir_index(tmp: Path) -> None:
+    root = tmp / "flat"
+    root.mkdir()
+    for i in range(4000):
+        (root / f"f{i}").touch()
+    config = tmp / "mke2fs.conf"
+    config.write_text(Path("/etc/mke2fs.conf").read_text().replace("dir_index,", ""))
+    message = fails("linuxdisk", str(root), env={"MKE2FS_CONFIG": str(config)})
+    assert "leaves out the dir_index feature" in message
+
+
 def test_large_directories_in_shards_merged(tmp: Path, monkeypatch: pytest.MonkeyPatch,
                                            caplog: pytest.LogCaptureFixture) -> None:
     """Shards at every depth and in merged trees (with a low threshold, in process): a directory

@@ -353,6 +353,10 @@ def _unshard(image: str, fd: int, sharded: list[tree.ShardedDirectory]) -> None:
         return subprocess.run(argv, input=script, capture_output=True, pass_fds=(fd,),
                               env=dict(os.environ, LC_ALL="C"), timeout=SUBPROCESS_TIMEOUT)
 
+    features = run([debugfs, "-R", "features", image]).stdout.decode(errors="replace")
+    if "dir_index" not in features.split():
+        raise ConfigError("linuxdisk: directories of thousands of entries are built with a hashed index, but "
+                          "the mke2fs configuration leaves out the dir_index feature (see MKE2FS_CONFIG)")
     indexed = run([e2fsck, "-fyD", image])
     if indexed.returncode not in (0, 1):  # 1: directories were optimized
         raise ConfigError(f"linuxdisk: e2fsck -fD failed while indexing directories: "
