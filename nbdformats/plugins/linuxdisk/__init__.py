@@ -132,9 +132,10 @@ class LinuxDiskPlugin(Plugin):
             stats = tree.scan(self.dirs[0], LARGE_DIRECTORY) if len(self.dirs) == 1 else None
             if stats is not None:
                 source = self.dirs[0]
-            else:  # a merge, or a large directory to stage in shards
+            else:  # a merge, or a large directory to stage in shards (they need dir_index)
+                shards = _has_dir_index(program, self.fs_type, tmpdir)
                 staging = source = tempfile.mkdtemp(prefix="linuxdisk-merge-", dir=tmpdir)
-                stats = tree.stage(self.dirs, staging, shard_over=LARGE_DIRECTORY)
+                stats = tree.stage(self.dirs, staging, LARGE_DIRECTORY, shards)
             for path, count in stats.slow_directories:
                 log.warning("linuxdisk: %s holds %d entries: mke2fs -d reads the whole directory to add each "
                             "entry, so the build takes time growing with the square of that count (minutes for "
@@ -353,10 +354,6 @@ def _unshard(image: str, fd: int, sharded: list[tree.ShardedDirectory]) -> None:
         return subprocess.run(argv, input=script, capture_output=True, pass_fds=(fd,),
                               env=dict(os.environ, LC_ALL="C"), timeout=SUBPROCESS_TIMEOUT)
 
-    features = run([debugfs, "-R", "features", image]).stdout.decode(errors="replace")
-    if "dir_index" not in features.split():
-        raise ConfigError("linuxdisk: directories of thousands of entries are built with a hashed index, but "
-                          "the mke2fs configuration leaves out the dir_index feature (see MKE2FS_CONFIG)")
     indexed = run([e2fsck, "-fyD", image])
     if indexed.returncode not in (0, 1):  # 1: directories were optimized
         raise ConfigError(f"linuxdisk: e2fsck -fD failed while indexing directories: "
@@ -383,6 +380,24 @@ def _unshard(image: str, fd: int, sharded: list[tree.ShardedDirectory]) -> None:
     if checked.returncode != 0:
         raise ConfigError(f"linuxdisk: the filesystem is not clean after moving entries out of the shards "
                           f"of a large directory (please report): {_last_lines(checked.stdout)}")
+
+
+def _has_dir_index(program: str, fs_type: str, tmpdir: str) -> bool:
+    """Whether mke2fs gives this type the dir_index feature (a hashed index for directories):
+    asked of a small filesystem made and thrown away (mke2fs.conf and MKE2FS_CONFIG decide)."""
+    fd, path = _anonymous_file(tmpdir)
+    try:
+        os.ftruncate(fd, 64 << 20)
+        env = dict(os.environ, LC_ALL="C")
+        made = subprocess.run([program, "-q", "-F", "-t", fs_type, path], capture_output=True, pass_fds=(fd,),
+                              env=env, timeout=SUBPROCESS_TIMEOUT)
+        features = subprocess.run([find_program("debugfs"), "-R", "features", path], capture_output=True,
+                                  pass_fds=(fd,), env=env, timeout=SUBPROCESS_TIMEOUT)
+        return made.returncode == 0 and "dir_index" in features.stdout.decode(errors="replace").split()
+    finally:
+        os.close(fd)
+        if not path.startswith("/proc/"):
+            os.unlink(path)
 
 
 def _last_lines(output: bytes) -> str:

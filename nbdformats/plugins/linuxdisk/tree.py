@@ -59,10 +59,12 @@ class TreeStats:
 class _Walker:
     """Walks one or several source trees in step; stages the merged tree when `staging` is set."""
 
-    def __init__(self, sources: list[str], staging: str | None, shard_over: int | None = None) -> None:
+    def __init__(self, sources: list[str], staging: str | None, large: int | None = None,
+                 shards: bool = False) -> None:
         self.sources = sources
         self.staging = staging
-        self.shard_over = shard_over  # stage directories of this many entries or more in shards (scan: stop)
+        self.large = large  # directories of this many entries or more: staged in shards (scan: stop)
+        self.shards = shards  # whether they can be (else they are only reported as slow)
         self.stats = TreeStats()
         self.seen_inodes: set[tuple[int, int]] = set()  # only inodes with several links
         self.copied_inodes: dict[tuple[int, int], str] = {}  # source inode -> its staged copy
@@ -82,10 +84,13 @@ class _Walker:
                 os.mkdir(os.path.join(self.staging, relative), 0o700)
             listing = self._merged_listing(relative, dirs)
             shard_of: dict[str, str] = {}
-            if self.shard_over is not None and len(listing) >= self.shard_over:
+            if self.large is not None and len(listing) >= self.large:
                 if self.staging is None:
                     raise _LargeDirectory  # scan() stops: the tree is to be staged in shards
-                shard_of = self._shard(relative, listing, dirs[-1])
+                if self.shards:
+                    shard_of = self._shard(relative, listing, dirs[-1])
+                else:
+                    self.stats.slow_directories.append((dirs[-1], len(listing)))
             for name, kind in sorted(listing.items()):
                 child = os.path.join(relative, name)
                 if kind[0] == "dir":
@@ -98,13 +103,13 @@ class _Walker:
     def _shard(self, relative: str, listing: dict[str, tuple], source: str) -> dict[str, str]:
         """Stage the non-directories of a large directory in shards; name -> its shard.  Names
         debugfs cannot take in a command stay in the directory itself (mke2fs adds them)."""
-        assert self.staging is not None and self.shard_over is not None  # only called when staging
+        assert self.staging is not None and self.large is not None  # only called when staging
         movable = sorted(name for name, kind in listing.items() if kind[0] != "dir" and scriptable(name))
         subdirectories = sum(1 for kind in listing.values() if kind[0] == "dir")
         if not relative and not (listing.get("lost+found", ("",))[0] == "dir"):
             subdirectories += 1  # mke2fs makes /lost+found
         count = max(MIN_SHARDS, -(-len(movable) // SHARD_SIZE))
-        if not scriptable(relative) or len(movable) < self.shard_over or 2 + subdirectories + count >= LINK_MAX:
+        if not scriptable(relative) or len(movable) < self.large or 2 + subdirectories + count >= LINK_MAX:
             self.stats.slow_directories.append((source, len(listing)))
             return {}
         shards = []
@@ -269,10 +274,11 @@ def scan(directory: str, large: int | None = None) -> TreeStats | None:
         return None
 
 
-def stage(sources: list[str], staging: str, shard_over: int | None = None) -> TreeStats:
-    """Build the merged tree of `sources` (later wins) in the empty directory `staging`; with
-    `shard_over`, directories of that many entries or more are staged in shards."""
-    stats = _Walker(sources, staging, shard_over).walk()
+def stage(sources: list[str], staging: str, large: int | None = None, shards: bool = False) -> TreeStats:
+    """Build the merged tree of `sources` (later wins) in the empty directory `staging`.
+    Directories of `large` entries or more are staged in shards if `shards`, and listed in
+    `slow_directories` if they are not."""
+    stats = _Walker(sources, staging, large, shards).walk()
     if stats.copied:
         log.warning("linuxdisk: %d entries (%d bytes of data) were copied, not hard-linked, into the staging "
                     "directory %s: put TMPDIR on the same filesystem as the dir= sources to avoid copies",
