@@ -107,9 +107,11 @@ class _Files:
         return f"{self.directories[self.directory_of[index]]}/{name}"
 
 
-def _encode_directory(directory: _Directory, label: bytes | None, files: _Files) -> list[_Directory]:
-    """Encode `directory`'s entries; returns its subdirectories (to encode next).  The
-    node's children are released: the encoded entries and `files` are all that is kept."""
+def _encode_directory(directory: _Directory, label: bytes | None, files: _Files,
+                      known: dict[int, _Directory] | None = None) -> list[_Directory]:
+    """Encode `directory`'s entries; returns its subdirectories (to encode next), reusing the
+    ones in `known` (by id of their node).  The node's children are released: the encoded
+    entries and `files` are all that is kept."""
     node = directory.node
     data = directory.data
     allocator = ShortNameAllocator()
@@ -135,7 +137,9 @@ def _encode_directory(directory: _Directory, label: bytes | None, files: _Files)
             data += long_name_entries(child.name, short_name_checksum(short))
         offset = len(data)
         if isinstance(child, DirNode):
-            sub = _Directory(child, directory)
+            sub = known.pop(id(child), None) if known else None
+            if sub is None:
+                sub = _Directory(child, directory)
             directory.subdirs.append((offset, sub))
             subdirs.append(sub)
             data += file_entry(short, ATTR_DIRECTORY, 0, child.ctime, child.atime, child.mtime)
@@ -160,6 +164,42 @@ def _set_cluster(data: bytearray, offset: int, cluster: int) -> None:
     _CLUSTER_HIGH.pack_into(data, offset + 26, cluster & 0xFFFF)
 
 
+class TreeEncoder:
+    """Encodes directories while the tree is being scanned (`complete` is tree.scan's
+    `on_complete`), so that the whole tree of nodes never exists at once: a directory's nodes
+    are released as soon as it is encoded.  The root is encoded last, by `finish`, so that
+    files can still be added to it (FatImage takes the encoder instead of encoding the tree)."""
+
+    def __init__(self, label: bytes | None) -> None:
+        self.label = label
+        self.files = _Files()
+        self.directories: list[_Directory] = []  # encoded, the root's first once finished
+        self._waiting: dict[int, _Directory] = {}  # id(DirNode) -> its _Directory, until encoded
+        self._root: _Directory | None = None
+        self._root_children: dict[int, _Directory] = {}
+
+    def complete(self, node: DirNode) -> None:
+        directory = self._waiting.pop(id(node), None)
+        if directory is None:  # the root: parents complete before their children
+            self._root = _Directory(node, None)
+            self._root_children = {id(child): _Directory(child, self._root) for child in node.children
+                                   if isinstance(child, DirNode)}
+            self._waiting.update(self._root_children)
+            return
+        for sub in _encode_directory(directory, self.label, self.files):
+            self._waiting[id(sub.node)] = sub
+        self.directories.append(directory)
+
+    def finish(self, root: DirNode) -> list[_Directory]:
+        """Every directory, encoded, the root first."""
+        if self._root is None or self._root.node is not root or self._waiting:
+            raise ValueError("the tree was not scanned through this encoder")
+        _encode_directory(self._root, self.label, self.files, self._root_children)
+        if self._root_children:  # a subdirectory of the root was replaced after the scan
+            raise ValueError("the root's subdirectories changed after the scan")
+        return [self._root, *self.directories]
+
+
 # Region kinds of the disk map.
 _BYTES, _FAT, _DATA = range(3)
 
@@ -168,12 +208,19 @@ class FatImage:
     """The disk: partition table (optional), FAT file system, and where each byte comes from."""
 
     def __init__(self, root: DirNode, *, fat: str = "32", partition: str | None = None,
-                 size: int | None = None, label: bytes | None = b"NBDKITFLOPY", serial: int = 0) -> None:
+                 size: int | None = None, label: bytes | None = b"NBDKITFLOPY", serial: int = 0,
+                 encoder: TreeEncoder | None = None) -> None:
         """Lay out the tree of `root`, which is consumed (its directories are emptied as
-        they are encoded, so the tree and its encoding are not both held whole)."""
+        they are encoded, so the tree and its encoding are not both held whole).  With
+        `encoder` (given to tree.scan, with the same label), the directories were encoded
+        during the scan."""
         self.serial = serial
-        self._files = files = _Files()
-        directories = self._encode_tree(root, label, files)
+        if encoder is None:
+            self._files = files = _Files()
+            directories = self._encode_tree(root, label, files)
+        else:
+            self._files = files = encoder.files
+            directories = encoder.finish(root)
         root_dir = directories[0]
         needs = Needs([len(d.data) for d in directories[1:]], files.sizes, len(root_dir.data))
         try:

@@ -86,8 +86,13 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def scan(directories: list[str], warn: Warn) -> DirNode:
-    """Merge `directories` (later ones win) into one tree of metadata."""
+def scan(directories: list[str], warn: Warn, on_complete: Callable[[DirNode], None] | None = None) -> DirNode:
+    """Merge `directories` (later ones win) into one tree of metadata.
+
+    `on_complete(node)` is called for each directory as soon as every host directory merged
+    into it has been read (so its children are final), parents before their children: a
+    caller can encode and release directories while the rest of the tree is scanned.
+    """
     roots = [os.path.realpath(d) for d in directories]
     last = os.stat(roots[-1])
     root = DirNode("", directories[-1], last.st_ctime, last.st_atime, last.st_mtime)
@@ -96,10 +101,21 @@ def scan(directories: list[str], warn: Warn) -> DirNode:
     pending: deque[tuple[DirNode, str, str, tuple[str, ...], bool]] = deque(
         (root, real, shown, (real,), False) for real, shown in zip(roots, directories))
     through_links = 0
+    remaining = {id(root): len(roots)}  # host directories still to merge into each node
     with progress(None, "floppy: scanning", unit="entries") as bar:  # big trees take a while
         while pending:
             node, real_dir, shown_dir, chain, via_link = pending.popleft()
+            queued = len(pending)
             count = _merge(node, real_dir, shown_dir, chain, via_link, roots, warn, pending)
+            for i in range(queued, len(pending)):
+                child = id(pending[i][0])
+                remaining[child] = remaining.get(child, 0) + 1
+            remaining[id(node)] -= 1
+            if not remaining[id(node)]:
+                # Breadth first, every merge into a node is queued before the first of them runs.
+                del remaining[id(node)]
+                if on_complete is not None:
+                    on_complete(node)
             bar.update(count)
             if via_link:
                 through_links += count
