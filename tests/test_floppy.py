@@ -372,6 +372,21 @@ def test_merged_directories(tmp: Path) -> None:
                                 "common/from-b": b"2\n", "README.txt": b"b readme\n"}, 0)
 
 
+def test_scan_completes_each_directory_once_with_its_children_final(tmp: Path) -> None:
+    """What encoding during the scan relies on: on_complete sees the root first, every directory
+    once, parents before children, and only after every directory merged into it was read."""
+    from nbdformats.plugins.floppy import tree
+    a, b = tmp / "a", tmp / "b"
+    for path in (a / "x/deep/1", a / "x/2", b / "x/3", b / "x/deep/4", b / "y/5", a / "6"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    seen: list[tuple[str, list[str]]] = []
+    root = tree.scan([str(a), str(b)], print,
+                     lambda node: seen.append((node.name, sorted(child.name for child in node.children))))
+    assert seen == [("", ["6", "x", "y"]), ("x", ["2", "3", "deep"]), ("y", ["5"]), ("deep", ["1", "4"])]
+    assert root.name == ""
+
+
 def test_merge_file_against_directory_is_an_error(tmp: Path) -> None:
     (tmp / "a").mkdir()
     (tmp / "a" / "thing").write_text("file")
