@@ -10,7 +10,8 @@ read once first (page cache warm for both).  For each server and round: the time
 until the socket is there and a client's handshake succeeds, the peak RSS (VmHWM) after
 start-up, the time of `nbdcopy` of the whole disk to null: (nbdformats reports the sparse
 file's holes, so nbdcopy skips them; nbdkit 1.32 reports none) and the peak RSS after it.
-The servers take turns round by round, in alternating order; the table shows medians.
+The servers take turns round by round, in alternating order; the table shows medians, and the raw
+results go to benchmarks/results/ (benchmarks/_results.py; docs/plugins/floppy.md's table comes from them).
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ import argparse
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import NBDFORMATS, Server, sh, timed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import NBDFORMATS, Server, sh, timed  # noqa: E402
+from _results import Run  # noqa: E402
 
 SERVERS = {"nbdformats": NBDFORMATS, "nbdkit": ["nbdkit"]}
 
@@ -77,6 +82,8 @@ def main() -> None:
     parser.add_argument("--big-gib", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    run = Run("floppy", {"files": args.files, "per_dir": args.per_dir, "big_gib": args.big_gib,
+                         "rounds": args.rounds})
     workdir = Path(args.workdir)
     tree = workdir / "tree"
     started = time.perf_counter()
@@ -91,8 +98,10 @@ def main() -> None:
             results[name].append(measure(name, tree, Path(tempfile.mkdtemp(dir=workdir))))
     keys = ["startup_s", "rss_ready_mib", "copy_s", "rss_after_copy_mib"]
     print(f"{'server':<12}" + "".join(f"{k:>20}" for k in keys))
-    for name, rounds in results.items():
-        print(f"{name:<12}" + "".join(f"{statistics.median(r[k] for r in rounds):>20.2f}" for k in keys))
+    medians = {name: {k: statistics.median(r[k] for r in rounds) for k in keys} for name, rounds in results.items()}
+    for name in results:
+        print(f"{name:<12}" + "".join(f"{medians[name][k]:>20.2f}" for k in keys))
+    run.save({"medians": medians, "rounds": results})
 
 
 if __name__ == "__main__":

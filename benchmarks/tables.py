@@ -171,6 +171,38 @@ def luks_cipher_table(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + source_line(record)
 
 
+def floppy_table(record: dict[str, Any]) -> str:
+    """Start-up time, peak RSS and a whole-disk copy: nbdkit floppy against ours, on one tree."""
+    medians, arguments = record["results"]["medians"], record["arguments"]
+    theirs, ours = medians["nbdkit"], medians["nbdformats"]
+    rows = (("ready: spawn to a client's handshake (s)", "startup_s", ".2f"),
+            ("peak RSS when ready (MiB)", "rss_ready_mib", ".0f"),
+            ("nbdcopy of the whole disk to null: (s)", "copy_s", ".2f"),
+            ("peak RSS after the copy (MiB)", "rss_after_copy_mib", ".0f"))
+    lines = [f"{arguments['files']} files in directories of {arguments['per_dir']} and a sparse "
+             f"{arguments['big_gib']} GiB file:", "",
+             "| measure | nbdkit | nbdformats | nbdformats/nbdkit |", "|---|---|---|---|"]
+    for label, key, spec in rows:
+        lines.append(f"| {label} | {theirs[key]:{spec}} | {ours[key]:{spec}} | {ours[key] / theirs[key]:.2f}x |")
+    return "\n".join(lines) + "\n\n" + source_line(record)
+
+
+def linuxdisk_table(record: dict[str, Any]) -> str:
+    """Start-up (the whole filesystem build) on one flat directory of N empty files, nbdkit's and ours."""
+    medians, arguments = record["results"]["medians"], record["arguments"]
+
+    def cell(result: dict[str, Any]) -> str:
+        if "failed" in result:
+            return f"fails: {result['failed']}"
+        return f"{result['startup_s']:.2f} s, {result['rss_ready_mib']:.0f} MiB"
+
+    lines = [f"{arguments['type']}, one directory of N empty files; ready (spawn to a client's handshake) "
+             "and peak RSS:", "", "| N | nbdkit linuxdisk | nbdformats linuxdisk |", "|---|---|---|"]
+    for files, per_server in medians.items():
+        lines.append(f"| {int(files):,} | {cell(per_server['nbdkit'])} | {cell(per_server['nbdformats'])} |")
+    return "\n".join(lines) + "\n\n" + source_line(record)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "compress-gzip": ("compress", compress_table("gzip")),
     "compress-xz": ("compress", compress_table("xz")),
@@ -180,6 +212,8 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "ceph-rbd": ("ceph-rbd", two_server_table("rbd bench (librbd)", "nbdformats rbd")),
     "ceph-s3": ("ceph-s3", two_server_table("nbdkit S3", "nbdformats S3")),
     "curl": ("curl", curl_table),
+    "floppy": ("floppy", floppy_table),
+    "linuxdisk": ("linuxdisk", linuxdisk_table),
     "python-plugin": ("python-plugin", python_plugin_table),
     "core-memory": ("core", core_table("memory")),
     "core-file": ("core", core_table("file")),

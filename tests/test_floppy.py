@@ -26,7 +26,7 @@ from nbdformats.api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Chain
 from nbdformats.api.errors import ConfigError
 from nbdformats.formats.fat import layout, names
 from nbdformats.plugins.floppy import syslinux
-from nbdformats.formats.fat.dirents import fat_timestamp
+from nbdformats.formats.fat.dirents import Times, fat_timestamp, file_entry, short_entry
 from nbdformats.formats.fat.layout import FatTable, Needs, plan
 from nbdformats.registry import load_plugin
 
@@ -134,6 +134,10 @@ def test_fat_timestamps() -> None:
     assert tenths == 125  # the odd second and 25 hundredths
     assert fat_timestamp(0)[:2] == (1 << 5 | 1, 0)  # before 1980: clamped
     assert fat_timestamp(2 ** 40)[0] == 127 << 9 | 12 << 5 | 31
+    # A file's entry (file_entry, the fast path) holds the same times as short_entry's.
+    for moment in (t, 0.0, -5.5, 315532801.25, 2.0 ** 40, float("inf"), float("-inf"), float("nan")):
+        assert file_entry(b"NAME    TXT", 0x20, 7, moment, t, moment) == \
+            short_entry(b"NAME    TXT", 0x20, 0, 7, Times(moment, t, moment))
 
 
 # -- layout (sans-IO) ---------------------------------------------------------------------
@@ -368,6 +372,21 @@ def test_merged_directories(tmp: Path) -> None:
                                 "common/from-b": b"2\n", "README.txt": b"b readme\n"}, 0)
 
 
+def test_scan_completes_each_directory_once_with_its_children_final(tmp: Path) -> None:
+    """What encoding during the scan relies on: on_complete sees the root first, every directory
+    once, parents before children, and only after every directory merged into it was read."""
+    from nbdformats.plugins.floppy import tree
+    a, b = tmp / "a", tmp / "b"
+    for path in (a / "x/deep/1", a / "x/2", b / "x/3", b / "x/deep/4", b / "y/5", a / "6"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    seen: list[tuple[str, list[str]]] = []
+    root = tree.scan([str(a), str(b)], print,
+                     lambda node: seen.append((node.name, sorted(child.name for child in node.children))))
+    assert seen == [("", ["6", "x", "y"]), ("x", ["2", "3", "deep"]), ("y", ["5"]), ("deep", ["1", "4"])]
+    assert root.name == ""
+
+
 def test_merge_file_against_directory_is_an_error(tmp: Path) -> None:
     (tmp / "a").mkdir()
     (tmp / "a" / "thing").write_text("file")
@@ -391,6 +410,9 @@ def test_names_fat_cannot_hold(tmp: Path) -> None:
     assert sorted(os.listdir(out)) == sorted(["a\uf03ab\uf03fc.txt", "ends with dot\uf02e",
                                               "café latin1.txt", "Clash.txt"])
     assert (out / "Clash.txt").read_text() == "4"
+    # Host names that are not ASCII are kept apart from the others: each file is still its own.
+    assert [(out / name).read_text() for name in ("a\uf03ab\uf03fc.txt", "ends with dot\uf02e",
+                                                  "café latin1.txt")] == ["1", "2", "3"]
     assert "FAT names ignore case" in log and "clash.TXT" in log
 
 
@@ -505,6 +527,11 @@ def test_thousands_of_files(tmp: Path) -> None:
     listed = mdir_paths(image, PARTITION_OFFSET)
     assert len(listed) == 3 + 4500
     assert "dir 2/some long file name 01499.txt" in listed
+    out = tmp / "out"  # every file's data is its own (host names are kept in one buffer)
+    extract_all(image, out, PARTITION_OFFSET)
+    for d in range(3):
+        for i in range(1500):
+            assert (out / f"dir {d}" / f"some long file name {i:05d}.txt").read_bytes() == b"%d\n" % i
 
 
 def test_directory_entry_limit(tmp: Path) -> None:

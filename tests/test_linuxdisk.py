@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -306,6 +307,109 @@ def test_many_empty_files_get_enough_inodes(tmp: Path) -> None:
     run(["e2fsck", "-fn", image])
     names = listing(str(image))
     assert len([p for p in names if "/file" in p]) == 3000
+
+
+def dumped(image: Path, tmp: Path) -> dict[str, bytes | str]:
+    """Every file (its bytes), symlink (-> target) and directory ("dir") of the image, from debugfs rdump."""
+    dump = tmp / "dump"
+    shutil.rmtree(dump, ignore_errors=True)
+    dump.mkdir()
+    run(["debugfs", "-R", f"rdump / {dump}", image])
+    found: dict[str, bytes | str] = {}
+    for directory, dirs, files in os.walk(dump):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            key = os.path.relpath(path, dump)
+            found[key] = "-> " + os.readlink(path) if os.path.islink(path) else \
+                "dir" if os.path.isdir(path) else Path(path).read_bytes()
+    found.pop("lost+found", None)
+    return found
+
+
+def host_tree(root: Path) -> dict[str, bytes | str]:
+    found: dict[str, bytes | str] = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            found[os.path.relpath(path, root)] = "-> " + os.readlink(path) if os.path.islink(path) else \
+                "dir" if os.path.isdir(path) else Path(path).read_bytes()
+    return found
+
+
+@pytest.mark.parametrize("fs_type", ["ext2", "ext4"])
+def test_flat_directory(tmp: Path, fs_type: str) -> None:
+    """One directory of thousands of entries (mke2fs -d alone is quadratic in it: such a directory is
+    staged in shards and moved back by debugfs) comes out whole and e2fsck-clean: every file with its
+    contents, names debugfs cannot quote, subdirectories, symlinks and hard links."""
+    root = tmp / "flat"
+    root.mkdir()
+    contents = {f"file {i:05d} \u00e9t\u00e9": (b"%d\n" % i if i % 7 == 0 else b"") for i in range(4500)}
+    contents.update({'a "quoted" name': b"q", "back\\slash": b"b", os.fsdecode(b"latin1 \xe9"): b"l"})
+    for name, data in contents.items():
+        (root / name).write_bytes(data)
+    (root / "sub").mkdir()
+    (root / "sub" / "inner").write_bytes(b"inner")
+    (root / "link").symlink_to("file 00007 \u00e9t\u00e9")
+    os.link(root / "file 00014 \u00e9t\u00e9", root / "hard")
+    image, _, log = copy_out(tmp, "linuxdisk", str(root), "partition=none", f"type={fs_type}")
+    run(["e2fsck", "-fn", image])
+    assert dumped(image, tmp) == host_tree(root)
+    hard, original = (debugfs(str(image), f"stat {quote(path)}") for path in ("/hard", "/file 00014 \u00e9t\u00e9"))
+    assert hard.split(b"Type")[0] == original.split(b"Type")[0] and b"Links: 2" in hard  # still one inode
+    # The shards are gone: what is left of their entries is free space (inode 0).
+    shards = re.findall(rb"(\d+)\s+\(\d+\)\s+\.linuxdisk-shard", debugfs(str(image), "ls /"))
+    assert shards and set(shards) == {b"0"}
+    assert "square" not in log
+
+
+def test_large_directory_without_dir_index(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a hashed index debugfs could not add the entries back: mke2fs builds it alone."""
+    root = tmp / "flat"
+    root.mkdir()
+    for i in range(4000):
+        (root / f"f{i}").touch()
+    config = tmp / "mke2fs.conf"
+    config.write_text(Path("/etc/mke2fs.conf").read_text().replace("dir_index,", ""))
+    monkeypatch.setenv("MKE2FS_CONFIG", str(config))
+    with serve("linuxdisk", str(root), "partition=none") as srv:
+        nbdcopy_to_file(srv.uri, tmp / "fs.img")
+        log = srv.stderr()
+    run(["e2fsck", "-fn", tmp / "fs.img"])
+    assert f"{root} holds 4000 entries" in log and "square" in log  # built by mke2fs alone
+    assert len([p for p in listing(str(tmp / "fs.img")) if p.startswith("/f")]) == 4000
+
+
+def test_large_directories_in_shards_merged(tmp: Path, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Shards at every depth and in merged trees (with a low threshold, in process): a directory
+    whose own path debugfs cannot quote is built by mke2fs alone, with a warning."""
+    monkeypatch.setattr(linuxdisk, "LARGE_DIRECTORY", 40)
+    base, site = tmp / "base", tmp / "site"
+    for top, count in ((base, 30), (site, 30)):  # 60 entries once merged
+        (top / "a" / "b" / "deeper").mkdir(parents=True)
+        for i in range(count):
+            (top / "a" / "b" / f"{top.name}{i}").write_bytes(top.name.encode() * i)
+        (top / 'a' / 'q"d').mkdir()
+        for i in range(count):
+            (top / "a" / 'q"d' / f"{top.name}{i}").write_bytes(b"x")
+    (site / "a" / "b" / "base3").write_bytes(b"site wins")
+    image = tmp / "fs.img"
+    plugin = linuxdisk.LinuxDiskPlugin()
+    plugin.dirs, plugin.fs_type, plugin.label, plugin.uuid, plugin.size = [str(base), str(site)], "ext4", None, None, None
+    plugin.partition, plugin.writable, plugin.mke2fs = "none", False, "mke2fs"
+    with caplog.at_level("WARNING"):
+        plugin.get_ready()
+    try:
+        assert plugin.fd is not None
+        image.write_bytes(os.pread(plugin.fd, plugin.fs_size, 0))
+    finally:
+        plugin.cleanup()
+    run(["e2fsck", "-fn", image])
+    expected = host_tree(base)
+    expected.update(host_tree(site))
+    assert dumped(image, tmp) == expected and expected["a/b/base3"] == b"site wins"
+    assert f"{site}/a/q\"d holds 60 entries" in caplog.text and "square" in caplog.text
+    assert "a/b" not in caplog.text
 
 
 def test_size_too_small_names_the_size_needed(source: tuple[Path, Expected]) -> None:

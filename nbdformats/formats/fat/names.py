@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import struct
+from functools import lru_cache
 
 from . import FatError
 
@@ -108,11 +109,16 @@ def basis_name(name: str) -> tuple[str, str, bool]:
     return primary, ext, lossy
 
 
+_ROTATE_RIGHT = bytes(((total & 1) << 7) | (total >> 1) for total in range(256))
+
+
+@lru_cache(maxsize=1 << 16)  # directories of a tree tend to repeat short names (README~1TXT ...)
 def short_name_checksum(short_name: bytes) -> int:
     """ChkSum() of the spec: the rotate-right-and-add of the 11 short-name bytes."""
     total = 0
+    rotate = _ROTATE_RIGHT
     for byte in short_name:
-        total = (((total & 1) << 7) + (total >> 1) + byte) & 0xFF
+        total = (rotate[total] + byte) & 0xFF
     return total
 
 
@@ -172,10 +178,10 @@ def long_name_entries(long_name: str, checksum: int) -> bytes:
         encoded += b"\0\0"
     padded = encoded.ljust(count * 26, b"\xff")
     pack = _LONG_ENTRY.pack
-    return b"".join(
-        pack(sequence | (LAST_LONG_ENTRY if sequence == count else 0), padded[(sequence - 1) * 26:],
-             ATTR_LONG_NAME, checksum, padded[(sequence - 1) * 26 + 10:], padded[(sequence - 1) * 26 + 22:])
-        for sequence in range(count, 0, -1))
+    return b"".join([
+        pack(sequence | (LAST_LONG_ENTRY if sequence == count else 0), padded[start:start + 10],
+             ATTR_LONG_NAME, checksum, padded[start + 10:start + 22], padded[start + 22:start + 26])
+        for sequence, start in zip(range(count, 0, -1), range((count - 1) * 26, -1, -26))])
 
 _LABEL_CHARACTERS = "A-Z, 0-9, space and " + "".join(sorted(_SHORT_NAME_SPECIALS))
 

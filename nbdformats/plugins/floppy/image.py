@@ -7,14 +7,17 @@ with (path, file offset, buffer to fill) only when a request touches a file's cl
 
 from __future__ import annotations
 
+import os
+import struct
 from array import array
 from bisect import bisect_right
 from collections import deque
+from itertools import accumulate
 from typing import Callable
 
 from ...api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO
 from ...api.zeroes import fill_zero
-from ...formats.fat.dirents import ATTR_DIRECTORY, ENTRY_SIZE, Times, dot_entries, short_entry, volume_label_entry
+from ...formats.fat.dirents import ATTR_DIRECTORY, ENTRY_SIZE, Times, dot_entries, file_entry, volume_label_entry
 from ...formats.fat.layout import (BACKUP_BOOT_SECTOR, FSINFO_SECTOR, SECTOR, FatTable, LayoutError, Needs, boot_sector,
                      fsinfo_sector, mbr_sector, plan, with_boot_code)
 from ...formats.fat.names import ShortNameAllocator, exact_short_name, fold, long_name_entries, short_name_checksum
@@ -28,55 +31,173 @@ SPARSE_CHECK_MIN = 1 << 20  # host files at least this big are asked for their h
 
 
 class _Directory:
-    """A directory's entries, encoded before clusters are known; `entry_offsets` holds the
-    offset of each child's short entry so its first cluster can be filled in later."""
+    """A directory's entries, encoded before clusters are known.
 
-    __slots__ = ("node", "parent", "data", "children", "entry_offsets", "cluster")
+    `subdirs` holds (offset of the short entry, _Directory) of each subdirectory and
+    `file_offsets`/`file_indices` the offset of each non-empty file's short entry and the
+    file's index, so first clusters can be filled in once they are allocated.
+    """
+
+    __slots__ = ("node", "parent", "data", "subdirs", "file_offsets", "file_indices", "cluster")
 
     def __init__(self, node: DirNode, parent: "_Directory | None") -> None:
         self.node = node
         self.parent = parent
         self.data = bytearray()
-        self.children: list[FileNode | DirNode] = []
-        self.entry_offsets = array("I")
+        self.subdirs: list[tuple[int, _Directory]] = []
+        self.file_offsets = array("I")
+        self.file_indices = array("I")
         self.cluster = 0
 
 
-def _encode_directory(directory: _Directory, label: bytes | None) -> None:
+class _Files:
+    """The non-empty files, in allocation order, held compactly (a tree of 100,000 files
+    keeps no object per file): sizes, host names in one buffer, their host directories."""
+
+    def __init__(self) -> None:
+        self.sizes = array("Q")
+        self.names = bytearray()  # os.fsencode()d host names, back to back
+        self.name_ends = array("Q", [0])
+        self.directory_of = array("I")  # index into `directories`
+        self.directories: list[str] = []
+        self._directory_index: dict[str, int] = {}
+        self.generated: dict[int, bytes] = {}  # file index -> contents, for in-memory files
+        self.generated_ids: dict[int, int] = {}  # id(FileNode) -> file index
+
+    def add(self, nodes: list[FileNode]) -> int:
+        """Add non-empty files (one directory's); returns the index of the first."""
+        first = len(self.sizes)
+        self.sizes.extend(node.size for node in nodes)
+        host = [node for node in nodes if node.directory is not None]
+        if len(host) < len(nodes):
+            for index, node in enumerate(nodes, first):
+                if node.directory is None:
+                    self.generated[index] = node.source  # type: ignore[assignment]
+                    self.generated_ids[id(node)] = index
+        names = [node.source if node.directory is not None else "" for node in nodes]
+        joined = "".join(names)  # type: ignore[arg-type]
+        if joined.isascii():  # one encoding for the whole directory, lengths from the names
+            self.names += joined.encode("ascii")
+            ends = accumulate(map(len, names), initial=self.name_ends[-1])  # type: ignore[arg-type]
+            next(ends)
+            self.name_ends.extend(ends)
+        else:
+            for name in names:
+                self.names += os.fsencode(name)  # type: ignore[arg-type]
+                self.name_ends.append(len(self.names))
+        directory_of = self.directory_of
+        last: str | None = None
+        d = 0
+        for node in nodes:
+            if node.directory is not last:
+                last = node.directory
+                if last is None:
+                    d = 0
+                else:
+                    found = self._directory_index.get(last)
+                    if found is None:
+                        found = self._directory_index[last] = len(self.directories)
+                        self.directories.append(last)
+                    d = found
+            directory_of.append(d)
+        return first
+
+    def path(self, index: int) -> str:
+        name = os.fsdecode(bytes(self.names[self.name_ends[index]:self.name_ends[index + 1]]))
+        return f"{self.directories[self.directory_of[index]]}/{name}"
+
+
+def _encode_directory(directory: _Directory, label: bytes | None, files: _Files,
+                      known: dict[int, _Directory] | None = None) -> list[_Directory]:
+    """Encode `directory`'s entries; returns its subdirectories (to encode next), reusing the
+    ones in `known` (by id of their node).  The node's children are released: the encoded
+    entries and `files` are all that is kept."""
     node = directory.node
-    times = Times(node.ctime, node.atime, node.mtime)
     data = directory.data
     allocator = ShortNameAllocator()
     if directory.parent is None:
         if label is not None:
-            data += volume_label_entry(label, times)
+            data += volume_label_entry(label, Times(node.ctime, node.atime, node.mtime))
             allocator.reserve(label)
     else:
-        data += dot_entries(0, 0, times)  # clusters filled in later
+        data += dot_entries(0, 0, Times(node.ctime, node.atime, node.mtime))  # clusters filled in later
     children = sorted(node.children, key=lambda child: fold(child.name))
+    node.children = []
     exact = [exact_short_name(child.name) for child in children]
     for short in exact:
         if short is not None:
             allocator.reserve(short)
+    allocate = allocator.allocate
+    subdirs: list[_Directory] = []
+    file_offsets = directory.file_offsets
+    nonempty: list[FileNode] = []
     for child, short in zip(children, exact):
         if short is None:
-            short = allocator.allocate(child.name)
+            short = allocate(child.name)
             data += long_name_entries(child.name, short_name_checksum(short))
-        directory.entry_offsets.append(len(data))
+        offset = len(data)
         if isinstance(child, DirNode):
-            attributes, size = ATTR_DIRECTORY, 0
+            sub = known.pop(id(child), None) if known else None
+            if sub is None:
+                sub = _Directory(child, directory)
+            directory.subdirs.append((offset, sub))
+            subdirs.append(sub)
+            data += file_entry(short, ATTR_DIRECTORY, 0, child.ctime, child.atime, child.mtime)
         else:
-            attributes, size = child.attributes, child.size
-        data += short_entry(short, attributes, 0, size, Times(child.ctime, child.atime, child.mtime))
-    directory.children = children
+            if child.size:
+                file_offsets.append(offset)
+                nonempty.append(child)
+            data += file_entry(short, child.attributes, child.size, child.ctime, child.atime, child.mtime)
+    first = files.add(nonempty)
+    directory.file_indices = array("I", range(first, first + len(nonempty)))
     if len(data) // ENTRY_SIZE > MAX_DIRECTORY_ENTRIES:
         raise LayoutError(f"{node.origin} needs {len(data) // ENTRY_SIZE} directory entries; a FAT "
                          f"directory holds at most {MAX_DIRECTORY_ENTRIES} (long names take several)")
+    return subdirs
+
+
+_CLUSTER_HIGH = struct.Struct("<H")
 
 
 def _set_cluster(data: bytearray, offset: int, cluster: int) -> None:
-    data[offset + 20:offset + 22] = (cluster >> 16).to_bytes(2, "little")
-    data[offset + 26:offset + 28] = (cluster & 0xFFFF).to_bytes(2, "little")
+    _CLUSTER_HIGH.pack_into(data, offset + 20, cluster >> 16)
+    _CLUSTER_HIGH.pack_into(data, offset + 26, cluster & 0xFFFF)
+
+
+class TreeEncoder:
+    """Encodes directories while the tree is being scanned (`complete` is tree.scan's
+    `on_complete`), so that the whole tree of nodes never exists at once: a directory's nodes
+    are released as soon as it is encoded.  The root is encoded last, by `finish`, so that
+    files can still be added to it (FatImage takes the encoder instead of encoding the tree)."""
+
+    def __init__(self, label: bytes | None) -> None:
+        self.label = label
+        self.files = _Files()
+        self.directories: list[_Directory] = []  # encoded, the root's first once finished
+        self._waiting: dict[int, _Directory] = {}  # id(DirNode) -> its _Directory, until encoded
+        self._root: _Directory | None = None
+        self._root_children: dict[int, _Directory] = {}
+
+    def complete(self, node: DirNode) -> None:
+        directory = self._waiting.pop(id(node), None)
+        if directory is None:  # the root: parents complete before their children
+            self._root = _Directory(node, None)
+            self._root_children = {id(child): _Directory(child, self._root) for child in node.children
+                                   if isinstance(child, DirNode)}
+            self._waiting.update(self._root_children)
+            return
+        for sub in _encode_directory(directory, self.label, self.files):
+            self._waiting[id(sub.node)] = sub
+        self.directories.append(directory)
+
+    def finish(self, root: DirNode) -> list[_Directory]:
+        """Every directory, encoded, the root first."""
+        if self._root is None or self._root.node is not root or self._waiting:
+            raise ValueError("the tree was not scanned through this encoder")
+        _encode_directory(self._root, self.label, self.files, self._root_children)
+        if self._root_children:  # a subdirectory of the root was replaced after the scan
+            raise ValueError("the root's subdirectories changed after the scan")
+        return [self._root, *self.directories]
 
 
 # Region kinds of the disk map.
@@ -87,13 +208,21 @@ class FatImage:
     """The disk: partition table (optional), FAT file system, and where each byte comes from."""
 
     def __init__(self, root: DirNode, *, fat: str = "32", partition: str | None = None,
-                 size: int | None = None, label: bytes | None = b"NBDKITFLOPY", serial: int = 0) -> None:
+                 size: int | None = None, label: bytes | None = b"NBDKITFLOPY", serial: int = 0,
+                 encoder: TreeEncoder | None = None) -> None:
+        """Lay out the tree of `root`, which is consumed (its directories are emptied as
+        they are encoded, so the tree and its encoding are not both held whole).  With
+        `encoder` (given to tree.scan, with the same label), the directories were encoded
+        during the scan."""
         self.serial = serial
-        directories = self._encode_tree(root, label)
+        if encoder is None:
+            self._files = files = _Files()
+            directories = self._encode_tree(root, label, files)
+        else:
+            self._files = files = encoder.files
+            directories = encoder.finish(root)
         root_dir = directories[0]
-        files = [child for d in directories for child in d.children
-                 if isinstance(child, FileNode) and child.size > 0]
-        needs = Needs([len(d.data) for d in directories[1:]], [f.size for f in files], len(root_dir.data))
+        needs = Needs([len(d.data) for d in directories[1:]], files.sizes, len(root_dir.data))
         try:
             self.geometry = g = plan(fat, partition, size, needs)
         except LayoutError as e:
@@ -108,7 +237,7 @@ class FatImage:
         self.size = g.disk_size
 
         # Clusters, in order: directories (the root first on FAT32), then file data.
-        self._allocate([*(directories if g.fat_bits == 32 else directories[1:]), *files])
+        self._allocate(directories if g.fat_bits == 32 else directories[1:])
         self._fill_clusters(directories)
         self.fat = FatTable(g, self._chain_ends, self._allocated_end)
         self._vbr = boot_sector(g, label or b"NO NAME    ", serial)
@@ -120,68 +249,64 @@ class FatImage:
 
     # -- Building ----------------------------------------------------------------------
 
-    def _allocate(self, objects: list[_Directory | FileNode]) -> None:
-        """Consecutive clusters from cluster 2 for each object, in order."""
+    def _allocate(self, directories: list[_Directory]) -> None:
+        """Consecutive clusters from cluster 2 for each directory, then for each file."""
         g = self.geometry
         cluster_size = g.cluster_size
-        self._starts = array("I")
-        self._sizes = array("Q")
-        # What each object holds: bytes, or a host file (its name in `_directories[i]`).
-        self._payloads: list[bytes | bytearray | str] = []
-        self._directories: list[str | None] = []
-        self._generated: dict[int, int] = {}  # id(FileNode) -> object index, for in-memory files
-        self._chain_ends = array("I")
+        files = self._files
+        # Objects are the directories in `_directory_data`, then the files: object
+        # `len(_directory_data) + i` is file i.
+        self._directory_data: list[bytearray] = [d.data for d in directories]
+        sizes = array("Q", (len(data) for data in self._directory_data))
+        sizes.extend(files.sizes)
+        self._sizes = sizes
+        clusters = array("Q", (max(1, -(-length // cluster_size)) for length in sizes))
+        starts = array("I", [2])
         next_cluster = 2
-        for obj in objects:
-            obj.cluster = next_cluster
-            if isinstance(obj, _Directory):
-                length = len(obj.data)
-                self._payloads.append(obj.data)
-                self._directories.append(None)
-            else:
-                length = obj.size
-                if obj.directory is None:
-                    self._generated[id(obj)] = len(self._payloads)
-                self._payloads.append(obj.source)
-                self._directories.append(obj.directory)
-            self._starts.append(next_cluster)
-            self._sizes.append(length)
-            next_cluster += max(1, -(-length // cluster_size))
-            self._chain_ends.append(next_cluster - 1)
+        for count in clusters:
+            next_cluster += count
+            starts.append(next_cluster)
         self._allocated_end = next_cluster
+        self._chain_ends = array("I", (start - 1 for start in starts[1:]))
+        del starts[-1]
+        self._starts = starts
+        for directory, start in zip(directories, starts):
+            directory.cluster = start
         self._data_start = (g.hidden_sectors + g.data_start) * SECTOR
-        large = [i for i, size in enumerate(self._sizes)
-                 if size >= SPARSE_CHECK_MIN and self._directories[i] is not None]
+        first_file = len(directories)
+        large = [first_file + i for i, size in enumerate(files.sizes)
+                 if size >= SPARSE_CHECK_MIN and i not in files.generated]
         self._sparse_objects = array("I", large)
-        self._sparse_starts = array("Q", ((self._starts[i] - 2) * cluster_size for i in large))
-        self._sparse_ends = array("Q", ((self._starts[i] - 2) * cluster_size + self._sizes[i] for i in large))
+        self._sparse_starts = array("Q", ((starts[i] - 2) * cluster_size for i in large))
+        self._sparse_ends = array("Q", ((starts[i] - 2) * cluster_size + sizes[i] for i in large))
 
     @staticmethod
-    def _encode_tree(root: DirNode, label: bytes | None) -> list[_Directory]:
+    def _encode_tree(root: DirNode, label: bytes | None, files: _Files) -> list[_Directory]:
         """Every directory encoded (clusters still 0), breadth first from the root."""
         directories: list[_Directory] = []
         queue: deque[_Directory] = deque([_Directory(root, None)])
         while queue:
             directory = queue.popleft()
-            _encode_directory(directory, label)
+            queue.extend(_encode_directory(directory, label, files))
             directories.append(directory)
-            queue.extend(_Directory(child, directory) for child in directory.children
-                         if isinstance(child, DirNode))
         return directories
 
-    @staticmethod
-    def _fill_clusters(directories: list[_Directory]) -> None:
-        by_node = {id(d.node): d for d in directories}
+    def _fill_clusters(self, directories: list[_Directory]) -> None:
+        starts = self._starts
+        first_file = len(self._directory_data)
         for directory in directories:
+            data = directory.data
             if directory.parent is not None:
                 # ".." of a first-level directory is 0, even on FAT32.
                 parent = directory.parent.cluster if directory.parent.parent is not None else 0
-                _set_cluster(directory.data, 0, directory.cluster)
-                _set_cluster(directory.data, ENTRY_SIZE, parent)
-            for child, offset in zip(directory.children, directory.entry_offsets):
-                cluster = by_node[id(child)].cluster if isinstance(child, DirNode) else child.cluster
-                _set_cluster(directory.data, offset, cluster)
-            directory.children = []  # the tree is not needed once encoded
+                _set_cluster(data, 0, directory.cluster)
+                _set_cluster(data, ENTRY_SIZE, parent)
+            for offset, sub in directory.subdirs:
+                _set_cluster(data, offset, sub.cluster)
+            for offset, index in zip(directory.file_offsets, directory.file_indices):
+                _set_cluster(data, offset, starts[first_file + index])
+            directory.subdirs = []
+            directory.node = None  # type: ignore[assignment]  # the tree is not needed once encoded
 
     def _build_map(self) -> None:
         """The disk as consecutive regions (start, end, kind, payload); gaps read as zeros."""
@@ -219,17 +344,17 @@ class FatImage:
 
     def fs_sectors_of(self, node: FileNode) -> list[int]:
         """Sectors (from the start of the file system) holding a generated file, in order."""
-        index = self._generated[id(node)]
+        index = len(self._directory_data) + self._files.generated_ids[id(node)]
         g = self.geometry
         first = g.cluster_sector(self._starts[index])
         return list(range(first, first + -(-self._sizes[index] // SECTOR)))
 
     def replace_contents(self, node: FileNode, data: bytes) -> None:
         """New contents of the same size for a generated file (a patched ldlinux.sys)."""
-        index = self._generated[id(node)]
-        if len(data) != self._sizes[index]:
+        index = self._files.generated_ids[id(node)]
+        if len(data) != self._files.sizes[index]:
             raise ValueError("replacement contents must keep the size")
-        self._payloads[index] = data
+        self._files.generated[index] = data
 
     def set_boot_code(self, code: bytes, keep: tuple[int, int], mbr_code: bytes | None) -> None:
         """Boot code for the volume boot record (our BPB, bytes keep[0]:keep[1], stays) and,
@@ -270,7 +395,7 @@ class FatImage:
     def _read_data(self, view: memoryview, offset: int, read_host: ReadHost) -> None:
         """Allocated clusters from byte `offset` of the data region."""
         cluster_size = self.geometry.cluster_size
-        starts, sizes, payloads, directories = self._starts, self._sizes, self._payloads, self._directories
+        starts, sizes, directory_data, files = self._starts, self._sizes, self._directory_data, self._files
         while len(view):
             index = bisect_right(starts, offset // cluster_size + 2) - 1
             object_offset = offset - (starts[index] - 2) * cluster_size
@@ -279,12 +404,14 @@ class FatImage:
             part = view[:span]
             filled = max(0, min(len(part), sizes[index] - object_offset))
             if filled:
-                payload = payloads[index]
-                directory = directories[index]
-                if isinstance(payload, str):  # a host file's name, read at request time
-                    read_host(f"{directory}/{payload}", object_offset, part[:filled])
+                if index < len(directory_data):
+                    part[:filled] = directory_data[index][object_offset:object_offset + filled]
                 else:
-                    part[:filled] = payload[object_offset:object_offset + filled]
+                    generated = files.generated.get(index - len(directory_data))
+                    if generated is None:  # a host file, read at request time
+                        read_host(files.path(index - len(directory_data)), object_offset, part[:filled])
+                    else:
+                        part[:filled] = generated[object_offset:object_offset + filled]
             if filled < len(part):
                 fill_zero(part[filled:])
             view = view[len(part):]
@@ -342,10 +469,7 @@ class FatImage:
                 out.append((base + position, starts[k] - position, EXTENT_DATA))
                 position = starts[k]
             stop = min(ends[k], end)
-            index = objects[k]
-            name = self._payloads[index]
-            assert isinstance(name, str)  # only host files have ranges to look up
-            path = f"{self._directories[index]}/{name}"
+            path = self._files.path(objects[k] - len(self._directory_data))
             for start, length, is_data in host_ranges(path, position - starts[k], stop - position):
                 out.append((base + starts[k] + start, length, EXTENT_DATA if is_data else EXTENT_HOLE | EXTENT_ZERO))
             position = stop

@@ -16,7 +16,7 @@ from ...formats.fat.layout import SECTOR, LayoutError, bpb_end
 from ...formats.fat.names import volume_label
 from .._sparse import data_and_holes
 from . import syslinux
-from .image import FatImage
+from .image import FatImage, TreeEncoder
 from .tree import DirNode, FileNode, TreeError, add_file, scan
 
 log = logging.getLogger("nbdformats.floppy")
@@ -98,16 +98,20 @@ class FloppyPlugin(Plugin):
             raise ConfigError("floppy: boot= and boot-sector= cannot be used together")
 
     def get_ready(self) -> None:
+        label = volume_label(self.label)
+        # Directories are encoded as the scan completes them, so a big tree is never held
+        # whole; not with boot=syslinux, which adds files to the tree after the scan.
+        encoder = TreeEncoder(label) if self.boot != "syslinux" else None
         try:
-            root = scan(self.dir, log.warning)
-        except TreeError as e:
+            root = scan(self.dir, log.warning, encoder.complete if encoder is not None else None)
+        except (TreeError, LayoutError) as e:
             raise ConfigError(f"floppy: {e}") from None
         boot_files = self._add_syslinux(root) if self.boot == "syslinux" else None
         boot_code = self._read_boot_sector() if self.boot_sector is not None else None
         serial = zlib.crc32("\0".join(self.dir).encode(errors="surrogateescape") + self.label.encode())
         try:
             image = FatImage(root, fat=self.fat, partition=self.partition, size=self.size,
-                             label=volume_label(self.label), serial=serial)
+                             label=label, serial=serial, encoder=encoder)
         except LayoutError as e:
             raise ConfigError(f"floppy: {e}") from None
         try:

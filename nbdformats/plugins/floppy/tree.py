@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import stat
+from stat import S_IRUSR, S_ISDIR, S_ISREG
 from collections import deque
+from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,7 +40,6 @@ class FileNode:
     mtime: float
     attributes: int = ATTR_ARCHIVE
     directory: str | None = None  # the real host directory (shared by its files), None if generated
-    cluster: int = 0  # the first cluster, once laid out (0: none, as for empty files)
 
     @property
     def origin(self) -> str:
@@ -85,8 +86,13 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def scan(directories: list[str], warn: Warn) -> DirNode:
-    """Merge `directories` (later ones win) into one tree of metadata."""
+def scan(directories: list[str], warn: Warn, on_complete: Callable[[DirNode], None] | None = None) -> DirNode:
+    """Merge `directories` (later ones win) into one tree of metadata.
+
+    `on_complete(node)` is called for each directory as soon as every host directory merged
+    into it has been read (so its children are final), parents before their children: a
+    caller can encode and release directories while the rest of the tree is scanned.
+    """
     roots = [os.path.realpath(d) for d in directories]
     last = os.stat(roots[-1])
     root = DirNode("", directories[-1], last.st_ctime, last.st_atime, last.st_mtime)
@@ -95,10 +101,21 @@ def scan(directories: list[str], warn: Warn) -> DirNode:
     pending: deque[tuple[DirNode, str, str, tuple[str, ...], bool]] = deque(
         (root, real, shown, (real,), False) for real, shown in zip(roots, directories))
     through_links = 0
+    remaining = {id(root): len(roots)}  # host directories still to merge into each node
     with progress(None, "floppy: scanning", unit="entries") as bar:  # big trees take a while
         while pending:
             node, real_dir, shown_dir, chain, via_link = pending.popleft()
+            queued = len(pending)
             count = _merge(node, real_dir, shown_dir, chain, via_link, roots, warn, pending)
+            for i in range(queued, len(pending)):
+                child = id(pending[i][0])
+                remaining[child] = remaining.get(child, 0) + 1
+            remaining[id(node)] -= 1
+            if not remaining[id(node)]:
+                # Breadth first, every merge into a node is queued before the first of them runs.
+                del remaining[id(node)]
+                if on_complete is not None:
+                    on_complete(node)
             bar.update(count)
             if via_link:
                 through_links += count
@@ -109,12 +126,31 @@ def scan(directories: list[str], warn: Warn) -> DirNode:
     return root
 
 
+def _shown(entry: os.DirEntry, real_dir: str, shown_dir: str) -> str:
+    """How to name a file of the directory being merged in a message."""
+    return entry.path if real_dir == shown_dir else os.path.join(shown_dir, entry.name)
+
+
 def _merge(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...], via_link: bool,
            roots: list[str], warn: Warn, pending: deque) -> int:
     """Merge one host directory into `node`; returns how many entries it had."""
     try:
+        # lstat() relative to the directory: no walk of the whole path per entry.
+        dir_fd = os.open(real_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        warn(f"skipping directory {shown_dir}: {e.strerror}")
+        return 0
+    try:
+        return _merge_entries(node, real_dir, shown_dir, chain, via_link, roots, warn, pending, dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _merge_entries(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...], via_link: bool,
+                   roots: list[str], warn: Warn, pending: deque, dir_fd: int) -> int:
+    try:
         with os.scandir(real_dir) as it:
-            entries = sorted(it, key=lambda e: e.name)
+            entries = sorted(it, key=attrgetter("name"))
     except OSError as e:
         warn(f"skipping directory {shown_dir}: {e.strerror}")
         return 0
@@ -122,6 +158,8 @@ def _merge(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...],
     # Entries already there come from an earlier directory merged into this one.
     earlier = {fold(child.name): i for i, child in enumerate(children)}
     seen_here: set[str] = set()
+    uid = os.getuid()  # access() checks the real user, as here
+    append = children.append
     for entry in entries:
         name = windows_name(decode_host_name(entry.name))
         try:
@@ -135,7 +173,7 @@ def _merge(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...],
                 st = os.stat(target)
                 real_parent, real_name = os.path.split(target)
             else:
-                st = entry.stat(follow_symlinks=False)
+                st = os.lstat(entry.name, dir_fd=dir_fd)
                 real_parent, real_name = real_dir, entry.name
         except OSError as e:
             warn(f"skipping {os.path.join(shown_dir, entry.name)}: {e.strerror}")
@@ -147,7 +185,7 @@ def _merge(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...],
             continue
         position = earlier.get(key)
         existing = children[position] if position is not None else None
-        if stat.S_ISDIR(st.st_mode):
+        if S_ISDIR(st.st_mode):
             shown = os.path.join(shown_dir, entry.name)
             real = os.path.join(real_parent, real_name)
             if any(c == real or c.startswith(real.rstrip("/") + "/") for c in chain):
@@ -168,22 +206,23 @@ def _merge(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...],
                 child.name, child.origin = name, shown
                 child.ctime, child.atime, child.mtime = st.st_ctime, st.st_atime, st.st_mtime
             pending.append((child, real, shown, chain + (real,), via_link or is_link))
-        elif stat.S_ISREG(st.st_mode):
-            shown_file = entry.path if real_dir == shown_dir else os.path.join(shown_dir, entry.name)
+        elif S_ISREG(st.st_mode):
             if isinstance(existing, DirNode):
-                raise TreeError(f"{existing.origin} is a directory but {shown_file} is a file: "
-                                f"they cannot be merged")
+                raise TreeError(f"{existing.origin} is a directory but {_shown(entry, real_dir, shown_dir)} "
+                                f"is a file: they cannot be merged")
             if st.st_size > MAX_FILE_SIZE:
-                raise TreeError(f"{shown_file} is {st.st_size} bytes: FAT cannot hold files of 4 GiB "
-                                f"or more (at most {MAX_FILE_SIZE} bytes)")
-            if not os.access(entry.path, os.R_OK):
-                warn(f"skipping {shown_file}: permission denied")
+                raise TreeError(f"{_shown(entry, real_dir, shown_dir)} is {st.st_size} bytes: FAT cannot hold "
+                                f"files of 4 GiB or more (at most {MAX_FILE_SIZE} bytes)")
+            # Our own file with its owner's read bit is readable (a POSIX ACL cannot take
+            # that from its owner): no access() call for the usual tree of one's own files.
+            if not (st.st_uid == uid and st.st_mode & S_IRUSR) and not os.access(entry.path, os.R_OK):
+                warn(f"skipping {_shown(entry, real_dir, shown_dir)}: permission denied")
                 continue
             seen_here.add(key)
             file = FileNode(name, real_name, st.st_size, st.st_ctime, st.st_atime, st.st_mtime,
                             directory=real_parent)
             if existing is None:
-                children.append(file)
+                append(file)
             else:
                 children[position] = file  # type: ignore[index]
         else:

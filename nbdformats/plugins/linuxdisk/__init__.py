@@ -5,7 +5,8 @@ file (O_TMPFILE: nothing is left behind, even on a crash).  The disk is served a
 regions: the protective MBR and primary GPT padded to 1 MiB and the backup GPT are small
 in-memory buffers, the partition in between is read straight from the temp file with
 preadv into the client's buffer.  Several `dir=` are merged through a staging tree of
-hard links (see tree.py).
+hard links (see tree.py).  A directory of LARGE_DIRECTORY entries or more is staged too, in
+shards that mke2fs fills quickly, and moved back into place by e2fsck -D and debugfs (_unshard).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import uuid
+from functools import partial
 
 from ...api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents, Plugin, PluginHandle
 from ...api.errors import ConfigError, NBDError
@@ -36,6 +39,12 @@ JOURNAL_ALLOWANCE = 32 << 20  # nbdkit adds this for ext3/ext4 to its estimate
 INODE_SIZE = 256  # mke2fs.conf's default inode_size: room each inode takes in the inode tables
 RESERVED_INODES = 11  # EXT2_GOOD_OLD_FIRST_INO: inodes 1-10 are reserved, 11 is lost+found
 DEFAULT_TMPDIR = "/var/tmp"  # large files do not belong in /tmp (often RAM), as nbdkit
+# mke2fs -d adds each entry by looking its name up in the directory and then finding room for it,
+# both by reading the whole directory: a directory of n entries costs time in n squared.  Directories
+# this large are staged in shards that mke2fs fills quickly, and moved back into place by debugfs
+# (see _unshard).
+LARGE_DIRECTORY = 4000
+SUBPROCESS_TIMEOUT = 3600
 
 
 class Uuid(ParamType):
@@ -120,20 +129,40 @@ class LinuxDiskPlugin(Plugin):
             raise ConfigError(f"linuxdisk: the temporary directory {tmpdir} does not exist (set TMPDIR)")
         staging = None
         try:
-            if len(self.dirs) == 1:
+            stats = tree.scan(self.dirs[0], LARGE_DIRECTORY) if len(self.dirs) == 1 else None
+            if stats is not None:
                 source = self.dirs[0]
-                stats = tree.scan(source)
-            else:
+            else:  # a merge, or a large directory to stage in shards (they need dir_index)
+                shards = _has_dir_index(program, self.fs_type, tmpdir)
                 staging = source = tempfile.mkdtemp(prefix="linuxdisk-merge-", dir=tmpdir)
-                stats = tree.stage(self.dirs, staging)
+                stats = tree.stage(self.dirs, staging, LARGE_DIRECTORY, shards)
+            for path, count in stats.slow_directories:
+                log.warning("linuxdisk: %s holds %d entries: mke2fs -d reads the whole directory to add each "
+                            "entry, so the build takes time growing with the square of that count (minutes for "
+                            "100,000 entries); spread them over subdirectories if you can", path, count)
             self.fd: int | None = self._build_filesystem(program, source, stats, tmpdir)
         finally:
             if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
+                if getattr(self, "fd", None) is not None:
+                    # Built: the staging tree (a hard link per entry) goes away while we serve;
+                    # cleanup() waits for it.  A thread does not survive the fork of a server
+                    # that detaches, so the child takes over what is left.
+                    self._remove_staging(staging)
+                    os.register_at_fork(after_in_child=partial(self._remove_staging, staging, after_fork=True))
+                else:
+                    shutil.rmtree(staging, ignore_errors=True)
         self._lay_out()
         if self.writable:
             log.warning("linuxdisk: writable=true: writes go to a temporary image and are LOST when the "
                         "server exits")
+
+    def _remove_staging(self, staging: str, after_fork: bool = False) -> None:
+        if after_fork and (self._staging_removal is None or not os.path.exists(staging)):
+            return
+        self._staging_removal: threading.Thread | None = threading.Thread(
+            target=shutil.rmtree, args=(staging,), kwargs={"ignore_errors": True}, name="linuxdisk-staging-removal",
+            daemon=True)
+        self._staging_removal.start()
 
     def _build_filesystem(self, program: str, source: str, stats: TreeStats, tmpdir: str) -> int:
         estimate = estimate_size(stats, self.fs_type)
@@ -157,6 +186,8 @@ class LinuxDiskPlugin(Plugin):
             log.debug("linuxdisk: %s", " ".join(command))
             returncode, errors = _run_with_progress(command, fd, stats.allocated,
                                                     f"linuxdisk: building {self.fs_type}")
+            if returncode == 0 and stats.sharded:
+                _unshard(path, fd, stats.sharded)
             if returncode != 0:
                 dirs = ", ".join(self.dirs)
                 if exact and fs_size < estimate:
@@ -202,6 +233,10 @@ class LinuxDiskPlugin(Plugin):
         self.disk_size = self.fs_end + len(self.tail)
 
     def cleanup(self) -> None:
+        removal = getattr(self, "_staging_removal", None)
+        if removal is not None:
+            removal.join()
+            self._staging_removal = None
         fd = getattr(self, "fd", None)
         if fd is not None:
             os.close(fd)
@@ -303,6 +338,70 @@ def _anonymous_file(directory: str) -> tuple[int, str]:
                               "(set TMPDIR)") from None
     fd, path = tempfile.mkstemp(prefix="linuxdisk", dir=directory)
     return fd, path
+
+
+def _unshard(image: str, fd: int, sharded: list[tree.ShardedDirectory]) -> None:
+    """Move the entries of directories staged in shards back into them, and remove the shards.
+
+    `e2fsck -fD` first gives each such directory a hashed index (htree), so that debugfs `ln`
+    adds an entry in time logarithmic in the directory's size; each shard is then dropped whole
+    (link count 0, `kill_file` frees its inode and blocks, `unlink` its entry), which leaves
+    every moved entry's inode with the link count mke2fs gave it.  `e2fsck -fn` checks the
+    result: the build fails rather than serve a filesystem this step got wrong.
+    """
+    e2fsck, debugfs = find_program("e2fsck"), find_program("debugfs")
+    def run(argv: list[str], script: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(argv, input=script, capture_output=True, pass_fds=(fd,),
+                              env=dict(os.environ, LC_ALL="C"), timeout=SUBPROCESS_TIMEOUT)
+
+    indexed = run([e2fsck, "-fyD", image])
+    if indexed.returncode not in (0, 1):  # 1: directories were optimized
+        raise ConfigError(f"linuxdisk: e2fsck -fD failed while indexing directories: "
+                          f"{_last_lines(indexed.stdout + indexed.stderr)}")
+    script = bytearray()
+    for directory in sharded:
+        top = os.fsencode("/" + directory.relative)
+        for shard, names in directory.shards:
+            script += b'cd "%s/%s"\n' % (top.rstrip(b"/"), os.fsencode(shard))
+            for name in names:
+                script += b'ln "%s" "%s"\n' % (os.fsencode(name), top)
+        script += b"cd /\n"
+        for shard, _ in directory.shards:
+            path = b"%s/%s" % (top.rstrip(b"/"), os.fsencode(shard))
+            script += b'sif "%s" links_count 0\nkill_file "%s"\nunlink "%s"\n' % (path, path, path)
+        script += b'sif "%s" links_count %d\n' % (top, directory.links)
+    moved = run([debugfs, "-w", "-f", "/dev/stdin", image], bytes(script))
+    errors = [line for line in moved.stderr.decode(errors="replace").splitlines()
+              if line.strip() and not line.startswith("debugfs ")]
+    if moved.returncode != 0 or errors:
+        raise ConfigError(f"linuxdisk: debugfs failed moving entries out of the shards of a large "
+                          f"directory: {' / '.join(errors[:3]) or _last_lines(moved.stdout)}")
+    checked = run([e2fsck, "-fn", image])
+    if checked.returncode != 0:
+        raise ConfigError(f"linuxdisk: the filesystem is not clean after moving entries out of the shards "
+                          f"of a large directory (please report): {_last_lines(checked.stdout)}")
+
+
+def _has_dir_index(program: str, fs_type: str, tmpdir: str) -> bool:
+    """Whether mke2fs gives this type the dir_index feature (a hashed index for directories):
+    asked of a small filesystem made and thrown away (mke2fs.conf and MKE2FS_CONFIG decide)."""
+    fd, path = _anonymous_file(tmpdir)
+    try:
+        os.ftruncate(fd, 64 << 20)
+        env = dict(os.environ, LC_ALL="C")
+        made = subprocess.run([program, "-q", "-F", "-t", fs_type, path], capture_output=True, pass_fds=(fd,),
+                              env=env, timeout=SUBPROCESS_TIMEOUT)
+        features = subprocess.run([find_program("debugfs"), "-R", "features", path], capture_output=True,
+                                  pass_fds=(fd,), env=env, timeout=SUBPROCESS_TIMEOUT)
+        return made.returncode == 0 and "dir_index" in features.stdout.decode(errors="replace").split()
+    finally:
+        os.close(fd)
+        if not path.startswith("/proc/"):
+            os.unlink(path)
+
+
+def _last_lines(output: bytes) -> str:
+    return " / ".join(output.decode(errors="replace").strip().splitlines()[-3:])
 
 
 def _default_inodes(program: str, fs_type: str, path: str, fd: int) -> int | None:

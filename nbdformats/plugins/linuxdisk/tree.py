@@ -6,7 +6,9 @@ directory meeting a non-directory at the same path is an error naming both.  Eve
 non-directory is hard-linked into the staging tree (no data copied, owners, modes, times,
 xattrs and hard links carried by the inode itself); only when the kernel refuses the link
 (another filesystem, or protected_hardlinks for a file we do not own) is it copied,
-sparse-aware, with its metadata.  Staged directories get their source's metadata.
+sparse-aware, with its metadata.  Staged directories get their source's metadata.  A large
+directory's non-directories are staged in shards (ShardedDirectory), which the plugin undoes in
+the built filesystem.
 """
 
 from __future__ import annotations
@@ -27,6 +29,21 @@ FICLONE = 0x40049409  # <linux/fs.h> _IOW(0x94, 9, int): share the extents (btrf
 LINK_FALLBACK_ERRNOS = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES)
 
 
+SHARD_SIZE = 200  # entries per shard: mke2fs -d fills a directory this small quickly
+MIN_SHARDS = 16  # their 255-byte names take two blocks or more, so that e2fsck -D indexes the directory
+LINK_MAX = 65000  # EXT4_LINK_MAX: a directory's link count (2 + subdirectories) must stay under it
+
+
+@dataclass
+class ShardedDirectory:
+    """A large directory staged as shards (subdirectories of SHARD_SIZE entries), because mke2fs -d
+    adds entries to a directory in time quadratic in its size; the plugin moves them back."""
+
+    relative: str  # its path in the tree ("" for the top)
+    shards: list[tuple[str, list[str]]]  # (shard name, the names staged in it)
+    links: int  # its link count once the shards are gone: 2 + its subdirectories
+
+
 @dataclass
 class TreeStats:
     allocated: int = 0  # bytes allocated to every inode once (what `du -s` counts)
@@ -35,14 +52,19 @@ class TreeStats:
     copied: int = 0  # staging: entries recreated because the link was refused
     copied_bytes: int = 0
     metadata_lost: list[str] = field(default_factory=list)  # staging: owner/xattr not reproduced
+    sharded: list[ShardedDirectory] = field(default_factory=list)  # staging: directories staged in shards
+    slow_directories: list[tuple[str, int]] = field(default_factory=list)  # large ones that could not be
 
 
 class _Walker:
     """Walks one or several source trees in step; stages the merged tree when `staging` is set."""
 
-    def __init__(self, sources: list[str], staging: str | None) -> None:
+    def __init__(self, sources: list[str], staging: str | None, large: int | None = None,
+                 shards: bool = False) -> None:
         self.sources = sources
         self.staging = staging
+        self.large = large  # directories of this many entries or more: staged in shards (scan: stop)
+        self.shards = shards  # whether they can be (else they are only reported as slow)
         self.stats = TreeStats()
         self.seen_inodes: set[tuple[int, int]] = set()  # only inodes with several links
         self.copied_inodes: dict[tuple[int, int], str] = {}  # source inode -> its staged copy
@@ -60,13 +82,47 @@ class _Walker:
             stack.append((relative, dirs, True))
             if self.staging is not None and relative:
                 os.mkdir(os.path.join(self.staging, relative), 0o700)
-            for name, kind in sorted(self._merged_listing(relative, dirs).items()):
+            listing = self._merged_listing(relative, dirs)
+            shard_of: dict[str, str] = {}
+            if self.large is not None and len(listing) >= self.large:
+                if self.staging is None:
+                    raise _LargeDirectory  # scan() stops: the tree is to be staged in shards
+                if self.shards:
+                    shard_of = self._shard(relative, listing, dirs[-1])
+                else:
+                    self.stats.slow_directories.append((dirs[-1], len(listing)))
+            for name, kind in sorted(listing.items()):
                 child = os.path.join(relative, name)
                 if kind[0] == "dir":
                     stack.append((child, kind[1], False))
                 else:
-                    self._entry(child, kind[1], kind[2])
+                    self._entry(os.path.join(relative, shard_of[name], name) if name in shard_of else child,
+                                kind[1], kind[2])
         return self.stats
+
+    def _shard(self, relative: str, listing: dict[str, tuple], source: str) -> dict[str, str]:
+        """Stage the non-directories of a large directory in shards; name -> its shard.  Names
+        debugfs cannot take in a command stay in the directory itself (mke2fs adds them)."""
+        assert self.staging is not None and self.large is not None  # only called when staging
+        movable = sorted(name for name, kind in listing.items() if kind[0] != "dir" and scriptable(name))
+        subdirectories = sum(1 for kind in listing.values() if kind[0] == "dir")
+        if not relative and not (listing.get("lost+found", ("",))[0] == "dir"):
+            subdirectories += 1  # mke2fs makes /lost+found
+        count = max(MIN_SHARDS, -(-len(movable) // SHARD_SIZE))
+        if not scriptable(relative) or len(movable) < self.large or 2 + subdirectories + count >= LINK_MAX:
+            self.stats.slow_directories.append((source, len(listing)))
+            return {}
+        shards = []
+        for k in range(count):
+            n = 0  # a name of the directory's own is never taken
+            while (shard := f".linuxdisk-shard-{k:05d}-{n}-".ljust(255, "x")) in listing:
+                n += 1
+            os.mkdir(os.path.join(self.staging, relative, shard), 0o700)
+            shards.append((shard, movable[k::count]))
+        self.stats.sharded.append(ShardedDirectory(relative, shards, 2 + subdirectories))
+        self.stats.inodes += count
+        self.stats.allocated += count * 8192  # a shard's blocks, until the build frees them
+        return {name: shard for shard, names in shards for name in names}
 
     def _merged_listing(self, relative: str, dirs: list[str]) -> dict[str, tuple]:
         """name -> ("dir", [source dirs, in order]) or ("other", path, stat) of the winner."""
@@ -200,14 +256,29 @@ def _kind(path: str) -> str:
     return "a device node"
 
 
-def scan(directory: str) -> TreeStats:
-    """Statistics of one tree mke2fs will copy as it is; fails on what it could not read."""
-    return _Walker([directory], None).walk()
+def scriptable(path: str) -> bool:
+    """Whether debugfs takes `path` in a double-quoted command argument."""
+    return not any(c in path for c in '"\\\n\r')
 
 
-def stage(sources: list[str], staging: str) -> TreeStats:
-    """Build the merged tree of `sources` (later wins) in the empty directory `staging`."""
-    stats = _Walker(sources, staging).walk()
+class _LargeDirectory(Exception):
+    pass
+
+
+def scan(directory: str, large: int | None = None) -> TreeStats | None:
+    """Statistics of one tree mke2fs will copy as it is; fails on what it could not read.  None
+    as soon as a directory of `large` entries or more is found (stage the tree in shards)."""
+    try:
+        return _Walker([directory], None, large).walk()
+    except _LargeDirectory:
+        return None
+
+
+def stage(sources: list[str], staging: str, large: int | None = None, shards: bool = False) -> TreeStats:
+    """Build the merged tree of `sources` (later wins) in the empty directory `staging`.
+    Directories of `large` entries or more are staged in shards if `shards`, and listed in
+    `slow_directories` if they are not."""
+    stats = _Walker(sources, staging, large, shards).walk()
     if stats.copied:
         log.warning("linuxdisk: %d entries (%d bytes of data) were copied, not hard-linked, into the staging "
                     "directory %s: put TMPDIR on the same filesystem as the dir= sources to avoid copies",
