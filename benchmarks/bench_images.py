@@ -1,7 +1,7 @@
 """Disk images: nbdformats' qcow2, vmdk and vhdx filters vs qemu-nbd on the same files, same run;
 and qcow2 inside a multi-block .xz and a .tar.gz (with a saved gzip index), which qemu-nbd cannot open.
 
-    .venv/bin/python benchmarks/bench_images.py [--size-mib 1024] [--keep DIR]
+    .venv/bin/python benchmarks/bench_images.py [--size-mib 1024] [--rounds 3] [--keep DIR]
 
 A disk-like image (a third random, a third zeroes, a third text) is converted by qemu-img to
 qcow2 (64 KiB clusters), compressed qcow2 (zlib), a streamOptimized VMDK (every grain compressed,
@@ -9,8 +9,9 @@ as in OVAs) and a dynamic VHDX; the qcow2 is compressed with `xz --block-size=16
 .tar.gz.  Each server variant is started fresh and timed:
   first 4K   server start to the first 4 KiB read at a random offset answered;
   full read  nbdcopy of the whole disk on the same running server;
-and the bytes are checked against the source (sha256 of a full copy).  The raw results go to
-benchmarks/results/ (benchmarks/_results.py).
+and the bytes are checked against the source (sha256 of a full copy).  Variants run one after the
+other, round by round (interleaved), and the table shows medians.  The raw results go to
+benchmarks/results/ (benchmarks/_results.py); the docs' table (docs/filters/image.md) comes from them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import hashlib
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,9 +71,10 @@ def make_files(work: Path, size: int) -> dict[str, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", type=Path, help="Keep (and reuse) the images in this directory")
     args = parser.parse_args()
-    run = Run("images", {"size_mib": args.size_mib})
+    run = Run("images", {"size_mib": args.size_mib, "rounds": args.rounds})
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-images-"))
     work.mkdir(parents=True, exist_ok=True)
     size = args.size_mib * MiB
@@ -104,18 +107,29 @@ def main() -> None:
           f"{files['compressed'].stat().st_size // MiB} MiB, xz {files['xz'].stat().st_size // MiB} MiB; "
           f"first read at offset {offset}")
     print(f"{'variant':42} {'first 4K':>9} {'full read':>10} {'MiB/s':>7}  bytes")
+    rounds: dict[str, list[dict[str, float | bool]]] = {label: [] for label, _ in variants}
+    for round_number in range(args.rounds):
+        for label, argv in variants:
+            server, first, data = first_read(argv, sock, offset, work / "server.log")
+            with server:
+                started = time.monotonic()
+                full_digest = nbdcopy_sha256(server.uri)
+                full = time.monotonic() - started
+            same = data == source[offset:offset + 4096] and full_digest == digest
+            rounds[label].append({"first_4k_s": round(first, 4), "full_read_s": round(full, 4), "same_bytes": same})
+            print(f"round {round_number + 1}: {label:42} {first:8.2f}s {full:9.2f}s {args.size_mib / full:7.0f}  "
+                  f"{'same' if same else 'DIFFERENT'}", flush=True)
     results = []
-    for label, argv in variants:
-        server, first, data = first_read(argv, sock, offset, work / "server.log")
-        with server:
-            started = time.monotonic()
-            full_digest = nbdcopy_sha256(server.uri)
-            full = time.monotonic() - started
-        same = data == source[offset:offset + 4096] and full_digest == digest
-        results.append({"variant": label, "first_4k_s": round(first, 4), "full_read_s": round(full, 4),
-                        "mib_per_s": round(args.size_mib / full, 1), "same_bytes": same})
-        print(f"{label:42} {first:8.2f}s {full:9.2f}s {args.size_mib / full:7.0f}  {'same' if same else 'DIFFERENT'}",
-              flush=True)
+    for label, measured in rounds.items():
+        first = statistics.median(float(m["first_4k_s"]) for m in measured)
+        full = statistics.median(float(m["full_read_s"]) for m in measured)
+        results.append({"variant": label, "first_4k_s": first, "full_read_s": full,
+                        "mib_per_s": round(args.size_mib / full, 1), "same_bytes": all(m["same_bytes"] for m in measured),
+                        "rounds": measured})
+    print(f"\nmedians of {args.rounds} rounds")
+    for r in results:
+        print(f"{r['variant']:42} {r['first_4k_s']:8.2f}s {r['full_read_s']:9.2f}s {r['mib_per_s']:7.0f}  "
+              f"{'same' if r['same_bytes'] else 'DIFFERENT'}")
     run.save(results)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -203,6 +203,19 @@ def linuxdisk_table(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + source_line(record)
 
 
+def images_table(record: dict[str, Any]) -> str:
+    """bench_images.py: each image variant's first 4 KiB and full read, ours against qemu-nbd's on the same file."""
+    rows = {r["variant"]: r for r in record["results"]}
+    size = record["arguments"]["size_mib"]
+    lines = [f"| {size} MiB disk | first 4 KiB from start (s) | full read (MiB/s) | vs qemu-nbd |", "|---|---|---|---|"]
+    for label, r in rows.items():
+        theirs = rows.get(label.replace("ours ", "qemu-nbd ", 1)) if label.startswith("ours ") else None
+        ratio = f"{r['mib_per_s'] / theirs['mib_per_s']:.2f}x" if theirs else ""
+        wrong = "" if r["same_bytes"] else " (bytes differ!)"
+        lines.append(f"| {label}{wrong} | {r['first_4k_s']:.2f} | {r['mib_per_s']:.0f} | {ratio} |")
+    return "\n".join(lines) + "\n\n" + source_line(record)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "compress-gzip": ("compress", compress_table("gzip")),
     "compress-xz": ("compress", compress_table("xz")),
@@ -220,6 +233,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "core-nbd": ("core-nbd", core_table("nbd")),
     "mirror-resync": ("bench_mirror", mirror_table),
     "stripe": ("stripe", stripe_table),
+    "images": ("images", images_table),
 }
 MARKER = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
