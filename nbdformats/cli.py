@@ -350,7 +350,7 @@ def dump_config() -> None:
         print(f"{key}={value}")
 
 
-def dump_plugin(plugin_name: str, args: list[str]) -> None:
+def dump_plugin(plugin_name: str, filter_names: list[str], args: list[str]) -> None:
     """nbdkit's --dump-plugin: the core's lines, then the plugin's own (its dump_plugin()).
 
     As nbdkit, the arguments are parsed (nbdkit calls .config) but config_complete does not
@@ -360,12 +360,15 @@ def dump_plugin(plugin_name: str, args: list[str]) -> None:
     import io
 
     from .api.params import apply_params, params_of
-    from .registry import component_version, load_plugin
+    from .registry import component_version, load_filter, load_plugin
 
     cls = load_plugin(plugin_name)
     plugin = cls()
+    filters = [load_filter(name)() for name in filter_names]
     if args:
-        apply_params(plugin, assign_args(plugin_name, [], [cls], args).get(0, []), cls.name)
+        pairs = assign_args(plugin_name, filter_names, [*(type(f) for f in filters), cls], args)
+        for index, component in enumerate([*filters, plugin]):
+            apply_params(component, pairs.get(index, []), component.name)
     # The plugin's lines come last but may change what the first ones say (a script's thread model).
     own_lines = io.StringIO()
     with contextlib.redirect_stdout(own_lines):
@@ -375,7 +378,12 @@ def dump_plugin(plugin_name: str, args: list[str]) -> None:
     print(f"name={cls.name}")
     print(f"version={component_version(cls)}")
     print("api_version=2")
-    print(f"thread_model={plugin.thread_model.name.lower()}")
+    print("max_thread_model=parallel")  # the server's
+    # The chain's: the strictest of the plugin's and its filters' (nbdkit's top->thread_model).
+    model = min([plugin.thread_model, *(f.configured_thread_model() for f in filters)])
+    print(f"thread_model={model.name.lower()}")
+    if cls.has_thread_model:
+        print("has_thread_model=1")
     for p in params_of(cls):
         magic = " (magic)" if p.magic else ""
         print(f"param={p.key}:{p.type.metavar}{magic}")
@@ -620,7 +628,7 @@ def _main(argv: list[str]) -> int:
     if opts.flag("dump-plugin"):
         if any(opts.get(name) not in (None, False) for name in ("port", "run", "single", "unix", "vsock", "fd")):
             raise ConfigError("--dump-plugin cannot be used with -p, --run, -s, -U, --vsock or --fd")
-        dump_plugin(plugin_name, plugin_args)
+        dump_plugin(plugin_name, filters, plugin_args)
         return 0
     absolute_paths(opts)
     return serve(opts, plugin_name, filters, plugin_args)

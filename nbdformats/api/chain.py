@@ -126,6 +126,9 @@ class Component:
     name: ClassVar[str] = ""
     # Set per instance by a component that learns it from its configuration (python, noparallel).
     thread_model: ThreadModel = ThreadModel.PARALLEL
+    # The thread model comes from the component's own code (a script's thread_model method):
+    # --dump-plugin says has_thread_model=1, as nbdkit does for a plugin with a .thread_model callback.
+    has_thread_model: ClassVar[bool] = False
     # The thread model of the whole chain (the strictest of its components), set by
     # Chain.get_ready() before get_ready() runs, as nbdkit passes it to .get_ready.
     final_thread_model: ThreadModel = ThreadModel.PARALLEL
@@ -160,6 +163,10 @@ class Component:
 
     def config_complete(self) -> None:
         """Check parameters together; raise ConfigError."""
+
+    def configured_thread_model(self) -> ThreadModel:
+        """The thread model as the parameters alone say (--dump-plugin asks before config_complete)."""
+        return self.thread_model
 
     def get_ready(self) -> None:
         """Called once before the server listens (expensive set-up goes here)."""

@@ -24,8 +24,11 @@ class NoparallelFilter(Filter):
                       help="requests: one request at a time per connection; all-requests: one at a time "
                            "in the server; connections: one client at a time")
 
+    def configured_thread_model(self) -> ThreadModel:
+        return MODELS[self.serialize]
+
     def config_complete(self) -> None:
-        self.thread_model = MODELS[self.serialize]  # the chain, and so the server, takes the strictest model
+        self.thread_model = self.configured_thread_model()  # the chain, and so the server, takes the strictest
 
     class Handle(FilterHandle):
         filter: "NoparallelFilter"

@@ -129,6 +129,8 @@ def chomp(text: str) -> str:
 class ScriptedPlugin(Plugin):
     """What the sh and eval plugins share: calling methods, and the handle."""
 
+    has_thread_model = True
+
     _tmpdir: str | None = None
 
     @property

@@ -110,6 +110,7 @@ class PythonPlugin(Plugin):
     accepts_any_key = True
     # nbdkit's default for scripts; a script's thread_model() may change it.
     thread_model = ThreadModel.SERIALIZE_ALL_REQUESTS
+    has_thread_model = True
 
     script = Param(Path("file"), required=True, magic=True,
                    help="The nbdkit Python plugin script (API_VERSION 1 or 2); every other "
