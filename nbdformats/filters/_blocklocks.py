@@ -41,3 +41,43 @@ class BlockLocks:
         """Hold every lock: no request is between its blocks' state and I/O (resize)."""
         with self.locked(0, LOCK_STRIPES - 1):
             yield
+
+
+class SharedLock:
+    """Held by many at once on its shared side, or by one alone on its exclusive side; a waiting
+    exclusive holder goes before new shared ones (it cannot starve)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._changed:
+            while self._exclusive or self._waiting_exclusive:
+                self._changed.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._shared -= 1
+                if not self._shared:
+                    self._changed.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._changed:
+            self._waiting_exclusive += 1
+            while self._exclusive or self._shared:
+                self._changed.wait()
+            self._waiting_exclusive -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._exclusive = False
+                self._changed.notify_all()

@@ -9,19 +9,20 @@ multiple of minblock (use the truncate filter to round up instead).  When the la
 emulates FUA by flushing, a split FUA request becomes its pieces without FUA and one flush, as
 nbdkit's filter does, instead of a flush per piece.
 
-Read-modify-write cycles and the writes they could race with take one lock, so a concurrent
-aligned write is never undone by a cycle's stale copy; reads stay parallel.
+As in nbdkit's filter, a read-modify-write cycle holds a lock exclusively while aligned writes,
+zeroes and trims hold it shared: a concurrent aligned write is never undone by a cycle's stale
+copy, and aligned writes (and all reads) still run in parallel.
 """
 
 from __future__ import annotations
 
 import errno
-import threading
 
 from ..api.chain import (EMULATE, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, MAX_REQUEST_SIZE, Extents, Filter,
                          FilterHandle, Layer)
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Param, Size
+from ._blocklocks import SharedLock
 
 MAX_MINBLOCK = 64 * 1024
 MAX_LENGTH = 0xFFFFFFFF  # the 32-bit length of an NBD request
@@ -65,7 +66,7 @@ class BlocksizeFilter(Filter):
                                              f"({self.minblock})")
             self.preferred = max(self.minblock, preferred or 4096)
             self.size = next.get_size() - next.get_size() % self.minblock
-            self.lock = threading.Lock()
+            self.lock = SharedLock()  # exclusive: a read-modify-write cycle; shared: aligned writes
 
         def get_size(self) -> int:
             return self.size
@@ -99,9 +100,10 @@ class BlocksizeFilter(Filter):
         def _rmw(self, offset: int, piece: memoryview | None, count: int, flags: int) -> None:
             """Write `piece` (None: zeroes) at [offset, offset+count) inside one block."""
             start = offset - offset % self.minblock
-            block = self._read_block(start)
-            block[offset - start:offset - start + count] = piece if piece is not None else bytes(count)
-            self.next.pwrite(memoryview(block), start, flags & ~(FLAG_MAY_TRIM | FLAG_FAST_ZERO))
+            with self.lock.exclusive():
+                block = self._read_block(start)
+                block[offset - start:offset - start + count] = piece if piece is not None else bytes(count)
+                self.next.pwrite(memoryview(block), start, flags & ~(FLAG_MAY_TRIM | FLAG_FAST_ZERO))
 
         # -- data ----------------------------------------------------------------------------
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
@@ -134,8 +136,7 @@ class BlocksizeFilter(Filter):
             if data is None and flags & FLAG_FAST_ZERO and (one_block or offset < lo or hi < end):
                 raise NBDError(errno.ENOTSUP, "blocksize: an unaligned fast zero would need read-modify-write")
             flags, flush = self._flush_instead_of_fua(flags)
-            with self.lock:
-                self._write_pieces(offset, end, lo, hi, one_block, data, flags)
+            self._write_pieces(offset, end, lo, hi, one_block, data, flags)
             if flush:
                 self.next.flush(0)
 
@@ -149,20 +150,21 @@ class BlocksizeFilter(Filter):
                 self._rmw(offset, data[:lo - offset] if data is not None else None, lo - offset, flags)
             position = lo
             limit = self.maxdata if data is not None else self.maxlen
-            while position < hi:
-                n = min(limit, hi - position)
-                if data is None:
-                    self.next.zero(n, position, flags)
-                else:
-                    self.next.pwrite(data[position - offset:position - offset + n], position, flags)
-                position += n
+            with self.lock.shared():
+                while position < hi:
+                    n = min(limit, hi - position)
+                    if data is None:
+                        self.next.zero(n, position, flags)
+                    else:
+                        self.next.pwrite(data[position - offset:position - offset + n], position, flags)
+                    position += n
             if hi < end:
                 self._rmw(hi, data[hi - offset:] if data is not None else None, end - hi, flags)
 
         def trim(self, count: int, offset: int, flags: int) -> None:
             lo, hi = self._split(offset, offset + count)
             flags, flush = self._flush_instead_of_fua(flags)
-            with self.lock:
+            with self.lock.shared():
                 while lo < hi:
                     n = min(self.maxlen, hi - lo)
                     self.next.trim(n, lo, flags)

@@ -56,10 +56,13 @@ def export_info(name: str, layer: Layer, structured: bool, description: str = ""
                 multi_conn: bool = True) -> ExportInfo:
     """What the handshake tells a client.  `multi_conn` False: the server serves one connection at
     a time (serialize_connections), so it never advertises multi-conn, as nbdkit."""
+    # The chain's constraints are advertised as they are, as nbdkit does (a filter that splits
+    # requests, blocksize, says 4G-1); reads and writes over MAX_PAYLOAD are refused whatever the
+    # maximum says.  Without constraints we still advertise MAX_PAYLOAD, the largest we take.
     constraints = layer.block_size()
     minimum, preferred, maximum = constraints if constraints else (1, 4096, MAX_PAYLOAD)
     return ExportInfo(name=name, size=layer.get_size(), flags=transmission_flags(layer, structured, multi_conn),
-                      minimum=minimum, preferred=max(preferred, minimum), maximum=min(maximum, MAX_PAYLOAD),
+                      minimum=minimum, preferred=max(preferred, minimum), maximum=maximum,
                       description=description)
 
 
@@ -103,9 +106,9 @@ class Transmission:
             return errno.EINVAL, f"invalid flags {flags:#x} for {P.COMMAND_NAMES[type]}"
         tf = self.flags
         if type == P.CMD_READ:
-            if req.length > self.info.maximum:
+            if req.length > min(self.info.maximum, MAX_PAYLOAD):
                 return errno.EOVERFLOW if flags & P.CMD_FLAG_DF else errno.EINVAL, \
-                    f"read of {req.length} bytes exceeds the maximum {self.info.maximum}"
+                    f"read of {req.length} bytes exceeds the maximum {min(self.info.maximum, MAX_PAYLOAD)}"
             if flags & P.CMD_FLAG_DF and not self.structured:
                 return errno.EINVAL, "DF needs structured replies"
         elif type in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES):
