@@ -322,20 +322,24 @@ def zip_reference(data: bytes) -> bytes:
         return z.read("disk.img")
 
 
-def luks_layout(fmt: str, data: bytes) -> tuple[int, int | None, str, int, int]:
+def luks_layout(fmt: str, data: bytes, header: int = 0) -> tuple[int, int | None, str, int, int]:
     """(payload offset, size or None for "to the end", cipher, sector size, iv tweak) as the
-    header says, read by the specification."""
+    header (LUKS2: the one at `header`) says, read by the specification."""
     if fmt == "luks1":
         name, mode = (part.split(b"\0", 1)[0].decode() for part in struct.unpack_from(">32s32s", data, 8))
         return struct.unpack_from(">I", data, 104)[0] * 512, None, f"{name}-{mode}", 512, 0
-    header_size = struct.unpack_from(">Q", data, 8)[0]
-    segment = json.loads(data[4096:header_size].split(b"\0", 1)[0])["segments"]["0"]
+    header_size = struct.unpack_from(">Q", data, header + 8)[0]
+    segment = json.loads(data[header + 4096:header + header_size].split(b"\0", 1)[0])["segments"]["0"]
     size = None if segment["size"] == "dynamic" else int(segment["size"])
     return int(segment["offset"]), size, segment["encryption"], int(segment["sector_size"]), int(segment["iv_tweak"])
 
 
 def luks_reference(fmt: str, data: bytes, key: bytes) -> bytes:
     offset, size, cipher, sector, tweak = luks_layout(fmt, data)
+    if fmt == "luks2" and offset % 512:
+        # cryptsetup refuses a header whose segment is not sector-aligned and reads the
+        # secondary one (at the primary's header size), as we do.
+        offset, size, cipher, sector, tweak = luks_layout(fmt, data, struct.unpack_from(">Q", data, 8)[0])
     if cipher != "aes-xts-plain64" or tweak or sector != 512 or not 0 < offset < len(data):
         raise ValueError("a layout the reference does not decrypt")
     payload = data[offset:] if size is None else data[offset:offset + size]
