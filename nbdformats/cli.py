@@ -698,8 +698,10 @@ def serve(opts: Options, plugin_name: str, filters: list[str], plugin_args: list
             except OSError as e:  # ssl.SSLError is an OSError
                 raise ConfigError(f"cannot load TLS certificates from {cert_dir}: {e}") from None
 
+    from .api.chain import set_stdio_in_use
     from .server.debugflags import parse_debug_flag
     debug_flags = [parse_debug_flag(text) for text in opts.items("debug")]
+    set_stdio_in_use(config.single)  # before the components read their parameters (sh -, passphrase=-)
     chain = build_chain(plugin_name, filters, plugin_args, debug_flags)
     try:
         chain.get_ready()

@@ -5,6 +5,7 @@ does not have (a script's output and its time)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import stat
 from pathlib import Path
 
@@ -235,3 +236,19 @@ def test_export_description_reaches_the_client_like_nbdkit():
     with serve_nbdkit(*args) as ref, serve(*args) as ours:
         infos = [nbdinfo_json(s.uri_for("xyz"), "--no-content")["exports"][0] for s in (ours, ref)]
         assert infos[0]["description"] == infos[1]["description"] == "the export xyz"
+
+
+def test_inline_script_and_passphrase_prompt_refused_under_single(tmp_path):
+    """Under -s standard input is the client's connection (nbdkit_stdio_safe()): `sh -` and a
+    passphrase prompt are refused at start-up, and the script given on stdin never runs."""
+    witness = tmp_path / "ran"
+    script = f"echo ran >> {witness}\n"
+    refused = subprocess.run([*NBDFORMATS, "-s", "sh", "-"], input=script, capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode != 0 and "-s" in refused.stderr and "Traceback" not in refused.stderr
+    assert not witness.exists()
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    prompt = subprocess.run([*NBDFORMATS, "-s", "--filter=luks", "file", str(image), "passphrase=-"],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert prompt.returncode != 0 and "NBD connection (-s)" in prompt.stderr, prompt.stderr

@@ -213,6 +213,21 @@ def set_shutdown_hook(hook: Callable[[], None] | None) -> None:
     _shutdown_hook = hook
 
 
+# Whether the server's standard input and output carry the NBD connection (-s).
+_stdio_in_use = False
+
+
+def stdio_safe() -> bool:
+    """Whether a component may read standard input or write standard output (nbdkit_stdio_safe()):
+    false under -s, where they are the client's connection."""
+    return not _stdio_in_use
+
+
+def set_stdio_in_use(in_use: bool) -> None:
+    global _stdio_in_use
+    _stdio_in_use = in_use
+
+
 # What sleep() watches: a pipe that becomes readable when the server stops, and the descriptor of
 # the client whose request this thread runs (the engine sets it around each request).
 _stopping_read, _stopping_write = os.pipe()

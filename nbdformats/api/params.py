@@ -203,6 +203,9 @@ def read_secret(text: str) -> SecretValue:
             raise ValueError(f"cannot read secret file {text[1:]}: {e.strerror}") from None
         return SecretValue(data.rstrip(b"\n") if data.endswith(b"\n") else data)
     if text == "-":
+        from .chain import stdio_safe
+        if not stdio_safe():
+            raise ValueError("'-' would prompt for the secret on standard input, which is the NBD connection (-s)")
         if not sys.stdin.isatty():
             raise ValueError("'-' prompts for the secret, but standard input is not a terminal")
         return SecretValue(getpass.getpass("password: ").encode())

@@ -13,6 +13,7 @@ import stat
 import sys
 from typing import Iterable
 
+from ..api.chain import stdio_safe
 from ..api.errors import ConfigError
 from ..api.params import Param, String, apply_params
 from ._scripted import ScriptedPlugin, Status, as_text, chomp
@@ -52,7 +53,7 @@ class ShPlugin(ScriptedPlugin):
 
     def inline_script(self) -> str:
         """Standard input copied into $tmpdir, executable."""
-        if stat.S_ISSOCK(os.fstat(0).st_mode):
+        if not stdio_safe() or stat.S_ISSOCK(os.fstat(0).st_mode):
             raise ConfigError("sh: an inline script (-) cannot be read from standard input when it is the "
                               "NBD connection (-s)")
         path = os.path.join(self.tmpdir, "inline-script.sh")
