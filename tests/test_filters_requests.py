@@ -154,7 +154,7 @@ def test_blocksize_plugin_sees_only_aligned_bounded_requests(tmp):
 def test_blocksize_unaligned_fast_zero_is_refused():
     _, top = open_chain([("blocksize", [("minblock", "512")])], plugin="memory", plugin_params=[("size", "1M")])
     from nbdformats.api.chain import FLAG_FAST_ZERO
-    from nbdformats.protocol import wire as P
+    from nbdformats.api.errors import NBDError
     with pytest.raises(NBDError, match="read-modify-write"):
         top.zero(1000, 10, FLAG_FAST_ZERO)
     top.zero(1024, 512, FLAG_FAST_ZERO)

@@ -113,7 +113,8 @@ def test_stripe_keeps_holes_and_forwards_zero_and_trim(tmp_path):
         # stripe 2 was trimmed; everything after 3 MiB was never written.
         assert data == [(0, MIB), (2 * MIB + 512 * 1024, 512 * 1024)], extents
         with NBDClient.connect(unix_uri(servers[1])) as nbd:
-            assert nbd.block_status(MIB, 0) == [(MIB, 3)]
+            (length, state), = nbd.block_status(MIB, 0)  # one hole, which may run past the request (spec)
+            assert state == 3 and length >= MIB
 
 
 # -- mirror ------------------------------------------------------------------------------------

@@ -195,6 +195,39 @@ class Component:
         """
 
 
+def extents_aligned(below: Layer, count: int, offset: int, flags: int, align: int, extents: Extents) -> None:
+    """The extents of the layer below in whole `align`-byte blocks from `offset` (aligned), as
+    nbdkit_extents_aligned: a block of mixed extents gets the types they all share (data unless
+    all are holes or zeroes).  For filters that serve whole blocks (swab, blocksize)."""
+    found = Extents(offset, offset + count)
+    below.extents(count, offset, flags, found)
+    runs = list(found)
+    for index, (start, length, kind) in enumerate(runs):
+        end = start + length
+        if end % align == 0:
+            extents.add(start, length, kind)
+            continue
+        if end > offset + align:  # unaligned past the first block: keep the aligned part, stop
+            extents.add(start, end - end % align - start, kind)
+            return
+        # A first extent shorter than a block: merge what follows until the block is covered.
+        for _, more, more_kind in runs[index + 1:]:
+            kind &= more_kind
+            end += more
+            if end >= offset + align:
+                break
+        while end < offset + align:
+            more_found = Extents(end, offset + align)
+            below.extents(offset + align - end, end, 0, more_found)
+            if not len(more_found):
+                raise NBDError(errno.EIO, "the layer below reported no extents")
+            for _, more, more_kind in more_found:
+                kind &= more_kind
+                end += more
+        extents.add(offset, align, kind)
+        return
+
+
 # The server installs a function here that stops it gracefully (like nbdkit_shutdown()).
 _shutdown_hook: Callable[[], None] | None = None
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 
 from ..api.chain import (EMULATE, FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, MAX_REQUEST_SIZE, Extents, Filter,
-                         FilterHandle, Layer)
+                         FilterHandle, Layer, extents_aligned)
 from ..api.errors import ConfigError, NBDError
 from ..api.params import Param, Size
 from ._blocklocks import SharedLock
@@ -185,10 +185,9 @@ class BlocksizeFilter(Filter):
             m = self.minblock
             start = offset - offset % m
             end = min(offset + count + (-(offset + count) % m), self.size, start + self.maxlen)
-            inner = Extents(start, end)
-            self.next.extents(end - start, start, flags, inner)
-            for piece_start, length, kind in inner:
-                extents.add(piece_start, length, kind)
+            # Whole blocks, as nbdkit's filter: a block of mixed extents is data unless all of it is
+            # a hole or zeroes (a client must never be told part of a block it cannot write alone).
+            extents_aligned(self.next, end - start, start, flags, m, extents)
 
 
 FILTER = BlocksizeFilter

@@ -11,43 +11,11 @@ import errno
 
 import numpy as np
 
-from ..api.chain import Extents, Filter, FilterHandle, Holes, Layer
+from ..api.chain import Extents, Filter, FilterHandle, Holes, Layer, extents_aligned
 from ..api.errors import NBDError
 from ..api.params import Enum, Param
 
 WORD_TYPES = {16: np.uint16, 32: np.uint32, 64: np.uint64}
-
-
-def aligned_extents(below: Layer, count: int, offset: int, flags: int, align: int, extents: Extents) -> None:
-    """The extents of the layer below in whole `align`-byte blocks, as nbdkit_extents_aligned: a
-    block of mixed extents gets the types they all share (data unless all are holes or zeroes)."""
-    found = Extents(offset, offset + count)
-    below.extents(count, offset, flags, found)
-    runs = list(found)
-    for index, (start, length, kind) in enumerate(runs):
-        end = start + length
-        if end % align == 0:
-            extents.add(start, length, kind)
-            continue
-        if end > offset + align:  # unaligned past the first block: keep the aligned part, stop
-            extents.add(start, end - end % align - start, kind)
-            return
-        # A first extent shorter than a block: merge what follows until the block is covered.
-        for _, more, more_kind in runs[index + 1:]:
-            kind &= more_kind
-            end += more
-            if end >= offset + align:
-                break
-        while end < offset + align:
-            more_found = Extents(end, offset + align)
-            below.extents(offset + align - end, end, 0, more_found)
-            if not len(more_found):
-                raise NBDError(errno.EIO, "swab: the layer below reported no extents")
-            for _, more, more_kind in more_found:
-                kind &= more_kind
-                end += more
-        extents.add(offset, align, kind)
-        return
 
 
 class SwabFilter(Filter):
@@ -114,7 +82,7 @@ class SwabFilter(Filter):
 
         def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
             self._check(count, offset)
-            aligned_extents(self.next, count, offset, flags, self.width, extents)
+            extents_aligned(self.next, count, offset, flags, self.width, extents)
 
         def cache(self, count: int, offset: int, flags: int) -> None:
             self._check(count, offset)

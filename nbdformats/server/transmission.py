@@ -257,13 +257,24 @@ class Transmission:
         tail_error = valid < req.length
         if not self.replies.extended:
             valid = min(valid, 0xFFFFFFFF)
-        extents = Extents(offset, offset + valid)
+        # As nbdkit: the chain may report past the request (a filter of whole blocks reports the
+        # block), and the last descriptor may run past it: "the length of the final extent MAY
+        # result in a sum larger than the original requested length" (NBD spec).  With REQ_ONE the
+        # one descriptor stops at the request's end.
+        extents = Extents(offset, self.size)
         flags = FLAG_REQ_ONE if req.flags & P.CMD_FLAG_REQ_ONE else 0
         self.layer.extents(valid, offset, flags, extents)
         if not len(extents):
             raise NBDError(errno.EIO, "the backend reported no extents")
-        limit = 1 if flags else MAX_DESCRIPTORS
-        descriptors = [(length, type & (EXTENT_HOLE | EXTENT_ZERO)) for _, length, type in extents][:limit]
+        longest = 0xFFFFFFFF if not self.replies.extended else (1 << 63) - 1
+        descriptors: list[tuple[int, int]] = []
+        for start, length, type in extents:
+            if flags:
+                descriptors.append((min(length, valid), type & (EXTENT_HOLE | EXTENT_ZERO)))
+                break
+            descriptors.append((min(length, longest), type & (EXTENT_HOLE | EXTENT_ZERO)))
+            if start + length >= offset + valid or len(descriptors) == MAX_DESCRIPTORS:
+                break
         buffers: list[bytes | bytearray | memoryview] = [
             self.replies.block_status(cookie, offset, self.meta_context_id or 0, descriptors, done=not tail_error)]
         if tail_error:
