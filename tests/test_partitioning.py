@@ -134,9 +134,28 @@ def test_empty_files_and_too_many_gpt_partitions_are_refused(tmp):
     result = run([*NBDFORMATS, "-U", "-", "partitioning", str(empty), "--run", "true"], check=False)
     assert result.returncode == 1 and b"zero length partitions are not allowed" in result.stderr
     files = []
-    for i in range(129):
+    for i in range(8193):
         path = tmp / f"f{i}"
         path.write_bytes(b"x")
         files.append(str(path))
     result = run([*NBDFORMATS, "-U", "-", "partitioning", *files, "--run", "true"], check=False)
-    assert result.returncode == 1 and b"at most 128 partitions" in result.stderr
+    assert result.returncode == 1 and b"at most 8192 partitions with GPT" in result.stderr
+
+
+def test_gpt_of_more_than_128_partitions_is_nbdkits(tmp):
+    """130 files: the entry array grows to the next multiple of 128 entries (256), as nbdkit's."""
+    files = []
+    for i in range(130):
+        path = tmp / f"part{i:03}"
+        path.write_bytes(f"partition {i}".encode())
+        files.append(str(path))
+    args = ("partitioning", *files, "alignment=4096")
+    with serve_nbdkit(*args) as ref, serve(*args) as ours:
+        run(["nbdcopy", ours.uri, tmp / "ours.img"])
+        run(["nbdcopy", ref.uri, tmp / "ref.img"])
+    ours_table = [line.replace("ours.img", "X") for line in sfdisk(tmp / "ours.img")]
+    assert ours_table == [line.replace("ref.img", "X") for line in sfdisk(tmp / "ref.img")]
+    assert len(ours_table) == 1 + 130
+    with serve("--filter=partition", *args, "partition=130") as srv:
+        run(["nbdcopy", srv.uri, tmp / "partition.img"])
+    assert (tmp / "partition.img").read_bytes().rstrip(b"\0") == b"partition 129"

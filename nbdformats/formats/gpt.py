@@ -5,7 +5,8 @@ Quotes are from the UEFI Specification 2.10, section 5 ("GUID Partition Table (G
 Layout").  Partitions are numbered by their slot in the partition entry array, unused
 slots (all-zero type GUID) skipped.  When writing, sectors are 512 bytes and the partition
 entry array has the minimum size the spec allows, 128 entries of 128 bytes (16 KiB, 32
-sectors), so the primary structures fill LBA 0..33 and the backup ones the last 33 sectors.
+sectors), so the primary structures fill LBA 0..33 and the backup ones the last 33 sectors; a
+disk of more partitions gets the next multiple of 128 entries, as nbdkit's partitioning plugin.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ TABLE_SECTORS = ENTRY_COUNT * ENTRY_SIZE // SECTOR  # 32
 PRIMARY_SECTORS = 2 + TABLE_SECTORS  # protective MBR, header, entries
 BACKUP_SECTORS = TABLE_SECTORS + 1  # entries, header
 FIRST_USABLE_LBA = PRIMARY_SECTORS  # 34
+MAX_ENTRIES_BYTES = 1 << 20  # a sanity limit, read or written (the standard array is 128 * 128 bytes)
 
 # "Linux filesystem data" (util-linux, systemd's Discoverable Partitions Specification).
 # nbdkit 1.32 writes the ASCII text "0FC63DAF-8483-47" instead of these 16 bytes.
@@ -46,7 +48,6 @@ HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")
 # EndingLBA (inclusive), Attributes, PartitionName (36 UTF-16LE code units).
 ENTRY = struct.Struct("<16s16sQQQ72s")
 HEADER_CRC = (16, 20)  # HeaderCRC32, zeroed while the CRC is computed
-MAX_ENTRIES_BYTES = 1 << 20  # when reading: a sanity limit (the standard array is 128 * 128 bytes)
 
 assert HEADER.size == HEADER_SIZE and ENTRY.size == ENTRY_SIZE
 
@@ -61,13 +62,35 @@ class Partition:
     attributes: int = 0
 
 
+def entry_count_for(partitions: int) -> int:
+    """Entries of the array for this many partitions: 128, or the next multiple of 128."""
+    count = max(ENTRY_COUNT, -(-partitions // ENTRY_COUNT) * ENTRY_COUNT)
+    if count * ENTRY_SIZE > MAX_ENTRIES_BYTES:
+        raise PartitionError(f"at most {MAX_ENTRIES_BYTES // ENTRY_SIZE} partitions")
+    return count
+
+
+def table_sectors(entry_count: int = ENTRY_COUNT) -> int:
+    return entry_count * ENTRY_SIZE // SECTOR
+
+
+def primary_sectors(entry_count: int = ENTRY_COUNT) -> int:
+    """Protective MBR, header, entries."""
+    return 2 + table_sectors(entry_count)
+
+
+def backup_sectors(entry_count: int = ENTRY_COUNT) -> int:
+    """Entries, header."""
+    return table_sectors(entry_count) + 1
+
+
 def disk_sectors(partition_start_lba: int, partition_sectors: int) -> int:
     """Size in sectors of a disk holding one partition and the backup GPT right after it."""
     return partition_start_lba + partition_sectors + BACKUP_SECTORS
 
 
-def last_usable_lba(total_sectors: int) -> int:
-    return total_sectors - BACKUP_SECTORS - 1
+def last_usable_lba(total_sectors: int, entry_count: int = ENTRY_COUNT) -> int:
+    return total_sectors - backup_sectors(entry_count) - 1
 
 
 def protective_mbr(total_sectors: int) -> bytes:
@@ -80,11 +103,12 @@ def protective_mbr(total_sectors: int) -> bytes:
                                            last_chs=b"\xff\xff\xff")])
 
 
-def partition_array(partitions: list[Partition]) -> bytes:
-    """The 16 KiB partition entry array; unused entries are zero ("Unused Entry" type GUID)."""
-    if len(partitions) > ENTRY_COUNT:
-        raise PartitionError(f"at most {ENTRY_COUNT} partitions")
-    array = bytearray(ENTRY_COUNT * ENTRY_SIZE)
+def partition_array(partitions: list[Partition], entry_count: int = ENTRY_COUNT) -> bytes:
+    """The partition entry array (16 KiB for 128 entries); unused entries are zero ("Unused Entry"
+    type GUID)."""
+    if len(partitions) > entry_count:
+        raise PartitionError(f"at most {entry_count} partitions")
+    array = bytearray(entry_count * ENTRY_SIZE)
     for index, p in enumerate(partitions):
         name = p.name.encode("utf-16-le")
         if len(name) > 72:
@@ -94,7 +118,8 @@ def partition_array(partitions: list[Partition]) -> bytes:
     return bytes(array)
 
 
-def header(total_sectors: int, disk_guid: uuid.UUID, array_crc: int, primary: bool) -> bytes:
+def header(total_sectors: int, disk_guid: uuid.UUID, array_crc: int, primary: bool,
+           entry_count: int = ENTRY_COUNT) -> bytes:
     """LBA 1 (primary) or the last LBA (backup), padded to a sector.
 
     "The HeaderCRC32 field is computed over HeaderSize bytes with HeaderCRC32 zeroed"; the
@@ -102,26 +127,30 @@ def header(total_sectors: int, disk_guid: uuid.UUID, array_crc: int, primary: bo
     PartitionEntryLBA at the backup array just before it."""
     last = total_sectors - 1
     my_lba, alternate_lba = (1, last) if primary else (last, 1)
-    entries_lba = 2 if primary else last - TABLE_SECTORS
-    fields = [SIGNATURE, REVISION, HEADER_SIZE, 0, 0, my_lba, alternate_lba, FIRST_USABLE_LBA,
-              last_usable_lba(total_sectors), disk_guid.bytes_le, entries_lba, ENTRY_COUNT, ENTRY_SIZE,
+    entries_lba = 2 if primary else last - table_sectors(entry_count)
+    fields = [SIGNATURE, REVISION, HEADER_SIZE, 0, 0, my_lba, alternate_lba, primary_sectors(entry_count),
+              last_usable_lba(total_sectors, entry_count), disk_guid.bytes_le, entries_lba, entry_count, ENTRY_SIZE,
               array_crc]
     fields[3] = zlib.crc32(HEADER.pack(*fields))
     return HEADER.pack(*fields).ljust(SECTOR, b"\0")
 
 
-def build(total_sectors: int, disk_guid: uuid.UUID, partitions: list[Partition]) -> tuple[bytes, bytes]:
-    """(primary, backup): the first PRIMARY_SECTORS and the last BACKUP_SECTORS sectors of the disk."""
-    if total_sectors < PRIMARY_SECTORS + BACKUP_SECTORS + 1:
-        raise PartitionError(f"a GPT disk needs more than {PRIMARY_SECTORS + BACKUP_SECTORS} sectors")
+def build(total_sectors: int, disk_guid: uuid.UUID, partitions: list[Partition],
+          entry_count: int = ENTRY_COUNT) -> tuple[bytes, bytes]:
+    """(primary, backup): the first primary_sectors(entry_count) and the last
+    backup_sectors(entry_count) sectors of the disk."""
+    first_usable, reserved = primary_sectors(entry_count), primary_sectors(entry_count) + backup_sectors(entry_count)
+    if total_sectors < reserved + 1:
+        raise PartitionError(f"a GPT disk needs more than {reserved} sectors")
+    last_usable = last_usable_lba(total_sectors, entry_count)
     for p in partitions:
-        if not FIRST_USABLE_LBA <= p.first_lba <= p.last_lba <= last_usable_lba(total_sectors):
+        if not first_usable <= p.first_lba <= p.last_lba <= last_usable:
             raise PartitionError(f"partition LBA {p.first_lba}..{p.last_lba} is outside the usable area "
-                             f"{FIRST_USABLE_LBA}..{last_usable_lba(total_sectors)}")
-    array = partition_array(partitions)
+                                 f"{first_usable}..{last_usable}")
+    array = partition_array(partitions, entry_count)
     array_crc = zlib.crc32(array)
-    primary = protective_mbr(total_sectors) + header(total_sectors, disk_guid, array_crc, True) + array
-    backup = array + header(total_sectors, disk_guid, array_crc, False)
+    primary = protective_mbr(total_sectors) + header(total_sectors, disk_guid, array_crc, True, entry_count) + array
+    backup = array + header(total_sectors, disk_guid, array_crc, False, entry_count)
     return primary, backup
 
 

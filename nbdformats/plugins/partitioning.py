@@ -182,18 +182,20 @@ def gpt_name(given: str) -> str:
 
 
 def build_gpt(files: list[PartitionFile]) -> Layout:
-    if len(files) > gpt.ENTRY_COUNT:
-        raise ConfigError(f"partitioning: at most {gpt.ENTRY_COUNT} partitions with GPT (got {len(files)})")
+    try:
+        entry_count = gpt.entry_count_for(len(files))  # 128, or the next multiple of 128, as nbdkit
+    except PartitionError as e:
+        raise ConfigError(f"partitioning: {e} with GPT (got {len(files)})") from None
     layout = Layout()
-    primary = layout.append(gpt.PRIMARY_SECTORS * SECTOR)
+    primary = layout.append(gpt.primary_sectors(entry_count) * SECTOR)
     for f in files:
         f.start = layout.append(f.size, file=f, alignment=f.alignment).start
-    backup = layout.append(gpt.BACKUP_SECTORS * SECTOR)
+    backup = layout.append(gpt.backup_sectors(entry_count) * SECTOR)
     partitions = [gpt.Partition(f.start // SECTOR, (f.start + f.size - 1) // SECTOR, f.type_guid, uuid.uuid4(),
                                 gpt_name(f.given_name), gpt.ATTR_LEGACY_BIOS_BOOTABLE if index == 0 else 0)
                   for index, f in enumerate(files)]
     try:
-        primary.data, backup.data = gpt.build(layout.size // SECTOR, uuid.uuid4(), partitions)
+        primary.data, backup.data = gpt.build(layout.size // SECTOR, uuid.uuid4(), partitions, entry_count)
     except PartitionError as e:
         raise ConfigError(f"partitioning: {e}") from None
     return layout
