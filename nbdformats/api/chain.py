@@ -49,7 +49,12 @@ EXTENT_ZERO = 2
 Holes = Sequence[tuple[int, int]]
 
 MAX_REQUEST_SIZE = 64 * 1024 * 1024
-EMULATION_CHUNK = 1024 * 1024
+
+# An emulated CACHE reads its range as nbdkit does, in pieces of up to MAX_REQUEST_SIZE into one
+# buffer for the whole server (made on first use, used by one CACHE at a time: what is read is
+# thrown away).  A plugin sees the same reads as under nbdkit (offsets and 64 MiB lengths).
+_cache_scratch: list[memoryview] = []
+_cache_scratch_lock = threading.Lock()
 
 
 class ThreadModel(IntEnum):
@@ -698,12 +703,15 @@ class Layer:
 
     def cache(self, count: int, offset: int, flags: int) -> None:
         if self._can_cache == EMULATE:
-            buf = bytearray(min(count, EMULATION_CHUNK))
-            while count > 0:
-                n = min(count, len(buf))
-                self.handle.pread(memoryview(buf)[:n], offset, 0)
-                offset += n
-                count -= n
+            with _cache_scratch_lock:
+                if not _cache_scratch:
+                    _cache_scratch.append(memoryview(bytearray(MAX_REQUEST_SIZE)))
+                buf = _cache_scratch[0]
+                while count > 0:
+                    n = min(count, len(buf))
+                    self.handle.pread(buf[:n], offset, 0)
+                    offset += n
+                    count -= n
 
     def close(self) -> None:
         try:
