@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -100,8 +101,14 @@ def derive_interruptibly(job: Derivation) -> bytes:
     estimate = max(1, round(job.estimate))
     with progress(estimate, f"luks: key derivation of {job.what}", unit="s") as bar:  # seconds, estimated
         while helper.is_alive():
-            helper.join(0.1)
-            bar.set(min(estimate - 1, int(time.monotonic() - started)))
+            helper.join(0.1)  # where Ctrl-C is taken
+            # Not inside the bar's code: a KeyboardInterrupt there could leave its lock taken, and
+            # closing the bar would then wait for ever.  A signal that comes meanwhile waits here.
+            masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:
+                bar.set(min(estimate - 1, int(time.monotonic() - started)))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, masked)
     result = outcome[0]
     if isinstance(result, BaseException):
         raise result
