@@ -15,6 +15,7 @@ files) are made absolute first, as the server changes to / when it detaches.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import logging.handlers
@@ -546,10 +547,16 @@ def daemonize() -> None:
 
 def write_pidfile(path: str) -> None:
     """As nbdkit: written once the server is ready to serve, and left in place when it exits."""
+    # Written whole under another name, then renamed: whoever waits for the file never reads it
+    # empty or half written.
+    partial = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(path, "w") as f:
+        with open(partial, "w") as f:
             f.write(f"{os.getpid()}\n")
+        os.replace(partial, path)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
         raise ConfigError(f"-P {path}: {e.strerror}") from None
 
 
@@ -592,6 +599,11 @@ def check_listen_options(opts: Options, socket_activated: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # As nbdkit, Ctrl-C (SIGINT) stops the server even when it was started with SIGINT ignored:
+    # a background job of a non-interactive shell inherits it so, and Python then installs no
+    # handler (a long key derivation could not be interrupted).
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return _main(argv)
     except ConfigError as e:
