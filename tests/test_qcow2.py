@@ -320,6 +320,36 @@ def test_l2_table_past_the_end_fails_reads_not_the_server(images, tmp_path):
     top.close()
 
 
+def test_misaligned_data_cluster_fails_its_reads_only(images, expected, tmp_path):
+    """An L2 entry pointing between clusters: EIO for that cluster, while the clusters around it,
+    in the same L2 table, still read as qemu reads the unpatched image."""
+    _, l2 = first_l2_entry(images["v3-4k"])
+    bad = patched(images["v3-4k"], tmp_path / "bad.qcow2", l2 + 8, struct.pack(">Q", (1 << 63) | 0x10200))
+    good = qemu_raw(images["v3-4k"], tmp_path / "good.raw").read_bytes()
+    top = filter_over_file("qcow2", bad).open(readonly=True, export_name="")
+    with pytest.raises(NBDError, match="guest offset 4096 points to host offset 0x10200, which is not cluster-aligned"):
+        read_range(top, 0, 65536)
+    assert read_range(top, 0, 4096) == good[:4096]
+    assert read_range(top, 8192, 65536) == good[8192:8192 + 65536]
+    top.close()
+
+
+def test_invalid_extended_l2_subcluster_fails_its_reads_only(images, tmp_path):
+    """Spec: a subcluster may not be both allocated and "reads as zeros": EIO for it alone."""
+    _, l2 = first_l2_entry(images["extl2"])
+    data = images["extl2"].read_bytes()
+    bitmap = struct.unpack_from(">Q", data, l2 + 8)[0]
+    assert bitmap & (1 << 2), "cluster 0's subcluster 2 is allocated in the fixture (qemu-io's write at 4096)"
+    bad = patched(images["extl2"], tmp_path / "bad.qcow2", l2 + 8, struct.pack(">Q", bitmap | (1 << 34)))
+    good = qemu_raw(images["extl2"], tmp_path / "good.raw").read_bytes()
+    top = filter_over_file("qcow2", bad).open(readonly=True, export_name="")
+    with pytest.raises(NBDError, match="extended L2 entry of guest offset 0 is invalid for subcluster 2"):
+        read_range(top, 4096, 4096)
+    assert read_range(top, 0, 4096) == good[:4096]  # subclusters 0 and 1 (2 KiB each)
+    assert read_range(top, 6144, 1 << 20) == good[6144:6144 + (1 << 20)]
+    top.close()
+
+
 def test_compressed_cluster_size_that_lies(images, tmp_path):
     """A compressed descriptor claiming one sector when the data needs more: EIO, not zeroes."""
     _, l2 = first_l2_entry(images["zlib"])

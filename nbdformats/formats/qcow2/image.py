@@ -10,16 +10,19 @@ holes) and allocation maps.
 From docs/interop/qcow2.txt: "Given an offset into the virtual disk, the offset into the
 image file can be obtained as follows: l2_index = (offset / cluster_size) % l2_entries;
 l1_index = (offset / cluster_size) / l2_entries; l2_table = load_cluster(l1_table[l1_index]);
-cluster_offset = l2_table[l2_index]".  A request maps whole runs of clusters at once (numpy
-over the L2 table), so a 2 MiB read of 4 KiB clusters costs a few array operations, not 512
-Python steps.
+cluster_offset = l2_table[l2_index]".  Each L2 table is classified once, when it is loaded
+(numpy over its entries), into runs of clusters of one kind that lie contiguously in the file;
+a request then finds its runs by bisection, so a 2 MiB read of 4 KiB clusters costs a few
+lookups, not 512 Python steps, and a sequential reader pays no per-request array work.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
 import zlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import IntEnum
@@ -52,6 +55,11 @@ class Kind(IntEnum):
     COMPRESSED = 3
 
 
+_KINDS = tuple(Kind)  # by value
+INVALID = len(_KINDS)  # a unit whose L2 entry breaks the spec: reading it is an error
+
+
+
 @dataclass(frozen=True)
 class Run:
     """`length` guest bytes at `offset` of one kind; `host` is where DATA starts in the image
@@ -63,7 +71,25 @@ class Run:
     host: int = 0
 
 
+@dataclass(frozen=True)
+class TableRuns:
+    """An L2 table classified into runs: run i starts at unit `starts[i]` of the table (units are
+    clusters, or subclusters with extended L2), is of kind `kinds[i]` (a Kind or INVALID) and
+    begins at host offset or descriptor `hosts[i]`; `span` is the guest bytes the table maps."""
+
+    table: np.ndarray  # the entries, to explain an INVALID one
+    starts: array[int]
+    kinds: bytes
+    hosts: array[int]
+    span: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.table.nbytes + len(self.starts) * 17
+
+
 CacheKey = tuple[int, str, int]  # (image serial, "l2" or "cluster", host offset or descriptor)
+Cached = bytes | TableRuns
 
 
 class ByteCache:
@@ -72,26 +98,26 @@ class ByteCache:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._items: OrderedDict[CacheKey, bytes | np.ndarray] = OrderedDict()
+        self._items: OrderedDict[CacheKey, Cached] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: CacheKey) -> bytes | np.ndarray | None:
+    def get(self, key: CacheKey) -> Cached | None:
         with self._lock:
             value = self._items.get(key)
             if value is not None:
                 self._items.move_to_end(key)
             return value
 
-    def put(self, key: CacheKey, value: bytes | np.ndarray) -> None:
+    def put(self, key: CacheKey, value: Cached) -> None:
         with self._lock:
             if key in self._items:
                 return
             self._items[key] = value
-            self._bytes += value.nbytes if isinstance(value, np.ndarray) else len(value)
+            self._bytes += value.nbytes if isinstance(value, TableRuns) else len(value)
             while self._bytes > self.limit and len(self._items) > 1:
                 _, dropped = self._items.popitem(last=False)
-                self._bytes -= dropped.nbytes if isinstance(dropped, np.ndarray) else len(dropped)
+                self._bytes -= dropped.nbytes if isinstance(dropped, TableRuns) else len(dropped)
 
 
 class Qcow2Image:
@@ -134,81 +160,99 @@ class Qcow2Image:
             if max_tables is not None and tables >= max_tables:
                 return
             tables += 1
-            yield from self._table_runs(self._l2_table(l2_offset, index, read), position, table_end)
+            yield from self._table_runs(l2_offset, index, read, position, table_end)
             position = table_end
 
-    def _l2_table(self, l2_offset: int, l1_index: int, read: Reader) -> np.ndarray:
-        table = self.cache.get((self.serial, "l2", l2_offset))
-        if table is None:
+    def _table_runs(self, l2_offset: int, l1_index: int, read: Reader, start: int, end: int) -> Iterator[Run]:
+        """The runs of guest [start, end), which lie within the L2 table of L1 entry `l1_index`:
+        found by bisection in the table's runs, classified once when the table is loaded (a
+        sequential reader costs a few list lookups per request, not a numpy pass)."""
+        runs = self._runs_of_table(l2_offset, l1_index, read)
+        base = l1_index << self.table_bits
+        unit_bits = self.unit_bits
+        index = bisect.bisect_right(runs.starts, (start - base) >> unit_bits) - 1
+        while True:
+            run_start = base + (runs.starts[index] << unit_bits)
+            run_end = base + (runs.starts[index + 1] << unit_bits) if index + 1 < len(runs.starts) else base + runs.span
+            lo, hi = max(start, run_start), min(end, run_end)
+            kind = runs.kinds[index]
+            if kind == INVALID:
+                raise self._invalid_entry(runs.table, base, lo)
+            host = runs.hosts[index]
+            if kind == Kind.DATA:
+                host += lo - run_start
+            yield Run(lo, hi - lo, _KINDS[kind], host)
+            if hi >= end:
+                return
+            index += 1
+
+    def _runs_of_table(self, l2_offset: int, l1_index: int, read: Reader) -> TableRuns:
+        runs = self.cache.get((self.serial, "l2", l2_offset))
+        if runs is None:
             if l2_offset % self.cluster_size:
                 raise Qcow2Error(f"L1 entry {l1_index}: the L2 table offset {l2_offset:#x} is not cluster-aligned")
             check_table(l2_offset, self.cluster_size, 1, f"the L2 table of L1 entry {l1_index}", self.cluster_size,
                         self.file_size)
             words = np.frombuffer(read(l2_offset, self.cluster_size), dtype=">u8").astype(np.uint64)
-            table = words.reshape(-1, 2) if self.extended else words
-            self.cache.put((self.serial, "l2", l2_offset), table)
-        assert isinstance(table, np.ndarray)
-        return table
+            runs = self._classify_table(words.reshape(-1, 2) if self.extended else words)
+            self.cache.put((self.serial, "l2", l2_offset), runs)
+        assert isinstance(runs, TableRuns)
+        return runs
 
-    def _table_runs(self, table: np.ndarray, start: int, end: int) -> Iterator[Run]:
-        """The runs of guest [start, end), which lie within one L2 table."""
-        table_base = (start >> self.table_bits) << self.table_bits
-        first = (start - table_base) >> self.cluster_bits
-        last = (end - 1 - table_base) >> self.cluster_bits
-        entries = table[first:last + 1]
-        kinds, hosts = self._classify(entries, table_base + (first << self.cluster_bits))
+    def _classify_table(self, table: np.ndarray) -> TableRuns:
+        """The runs of a whole L2 table.  A run breaks where the kind changes, where data stops
+        being contiguous in the file, and at each compressed cluster (each decompresses on its own)."""
+        kinds, hosts = self._classify(table)
         unit = 1 << self.unit_bits
         units_per_cluster = 1 << (self.cluster_bits - self.unit_bits)
-        # A run breaks where the kind changes, where data stops being contiguous in the file,
-        # and at each compressed cluster (each decompresses on its own).
         breaks = np.ones(len(kinds), dtype=bool)
         compressed = kinds[1:] == Kind.COMPRESSED
         breaks[1:] = ((kinds[1:] != kinds[:-1])
                       | ((kinds[1:] == Kind.DATA) & (hosts[1:] != hosts[:-1] + np.uint64(unit)))
                       | (compressed & (np.arange(1, len(kinds)) % units_per_cluster == 0)))
         starts = np.flatnonzero(breaks)
-        base = table_base + (first << self.cluster_bits)
-        for number, run_start in enumerate(starts.tolist()):
-            run_end = int(starts[number + 1]) if number + 1 < len(starts) else len(kinds)
-            lo = max(start, base + (run_start << self.unit_bits))
-            hi = min(end, base + (run_end << self.unit_bits))
-            kind = Kind(int(kinds[run_start]))
-            host = int(hosts[run_start])
-            if kind == Kind.DATA:
-                host += lo - (base + (run_start << self.unit_bits))
-            yield Run(lo, hi - lo, kind, host)
+        return TableRuns(table, array("q", starts.astype(np.int64).tobytes()),
+                         kinds[starts].astype(np.int8).tobytes(),
+                         array("Q", hosts[starts].astype(np.uint64).tobytes()), len(kinds) << self.unit_bits)
 
-    def _classify(self, entries: np.ndarray, guest: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per unit (cluster or subcluster) of L2 `entries`: its Kind and its host offset (DATA)
-        or descriptor (COMPRESSED).  `guest` is the guest offset of the first entry (for messages)."""
+    def _classify(self, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per unit (cluster or subcluster) of L2 `entries`: its Kind (INVALID for entries that
+        break the spec, explained by `_invalid_entry` when read) and its host offset (DATA) or
+        descriptor (COMPRESSED)."""
         words = entries[:, 0] if self.extended else entries
         compressed = (words & np.uint64(L2_COMPRESSED)) != 0
         hosts = np.where(compressed, words, words & np.uint64(L2_OFFSET_MASK))
         misaligned = ~compressed & ((hosts & np.uint64(self.cluster_size - 1)) != 0)
-        if misaligned.any():
-            index = int(np.flatnonzero(misaligned)[0])
-            raise Qcow2Error(f"the L2 entry of guest offset {guest + (index << self.cluster_bits)} points to host "
-                             f"offset {int(hosts[index]):#x}, which is not cluster-aligned")
         if not self.extended:
             zero = ~compressed & ((words & np.uint64(L2_ZERO)) != 0)
             kinds = np.where(compressed, Kind.COMPRESSED,
                              np.where(zero, Kind.ZERO, np.where(hosts != 0, Kind.DATA, Kind.UNALLOCATED)))
-            return kinds, hosts
+            return np.where(misaligned, INVALID, kinds), hosts
         # "Subcluster Allocation Bitmap: bits 0-31 allocation status, 32-63 reads as zeros".
         bitmaps = entries[:, 1][:, None]
         allocated = ((bitmaps >> _UNITS) & np.uint64(1)) != 0
         zero = ((bitmaps >> (_UNITS + np.uint64(32))) & np.uint64(1)) != 0
         compressed = np.repeat(compressed[:, None], SUBCLUSTERS, axis=1)
         has_host = np.repeat((hosts != 0)[:, None], SUBCLUSTERS, axis=1)
-        invalid = ~compressed & allocated & (zero | ~has_host)
-        if invalid.any():
-            cluster, subcluster = map(int, np.argwhere(invalid)[0])
-            raise Qcow2Error(f"the extended L2 entry of guest offset {guest + (cluster << self.cluster_bits)} is "
-                             f"invalid for subcluster {subcluster} (allocated, but zero or without a host cluster)")
-        kinds = np.where(compressed, Kind.COMPRESSED,
-                         np.where(zero, Kind.ZERO, np.where(allocated, Kind.DATA, Kind.UNALLOCATED)))
+        invalid = (~compressed & allocated & (zero | ~has_host)) | misaligned[:, None]
+        kinds = np.where(invalid, INVALID, np.where(compressed, Kind.COMPRESSED,
+                         np.where(zero, Kind.ZERO, np.where(allocated, Kind.DATA, Kind.UNALLOCATED))))
         unit_hosts = np.where(compressed, hosts[:, None], hosts[:, None] + (_UNITS << np.uint64(self.unit_bits)))
         return kinds.reshape(-1), unit_hosts.reshape(-1)
+
+    def _invalid_entry(self, table: np.ndarray, base: int, guest: int) -> Qcow2Error:
+        """Why the L2 entry of guest offset `guest` (in the table of guest offset `base`) is invalid."""
+        cluster = (guest - base) >> self.cluster_bits
+        entry = table[cluster]
+        word = int(entry[0] if self.extended else entry)
+        cluster_guest = base + (cluster << self.cluster_bits)
+        host = word & L2_OFFSET_MASK
+        if not word & L2_COMPRESSED and host % self.cluster_size:
+            return Qcow2Error(f"the L2 entry of guest offset {cluster_guest} points to host offset {host:#x}, "
+                              "which is not cluster-aligned")
+        subcluster = (guest - cluster_guest) >> self.unit_bits
+        return Qcow2Error(f"the extended L2 entry of guest offset {cluster_guest} is invalid for subcluster "
+                          f"{subcluster} (allocated, but zero or without a host cluster)")
 
     # Compressed clusters ---------------------------------------------------------------------
     def compressed_cluster(self, descriptor: int, read: Reader) -> bytes:
