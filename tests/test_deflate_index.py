@@ -14,7 +14,7 @@ import zlib
 import pytest
 
 from nbdformats.filters._format_errors import nbd_error
-from nbdformats.formats import deflate_index
+from nbdformats.formats import inflate
 from nbdformats.formats.deflate_index import DeflateError, DeflateIndex
 from nbdformats.formats.errors import OutputLimitError
 
@@ -25,10 +25,10 @@ SPAN = 128 * 1024
 def inflater(request, monkeypatch) -> str:
     """Every test twice: reads behind the frontier decoded by ISA-L's inflate (python-isal, when
     installed) and by zlib alone (its fallback)."""
-    if request.param == "isal" and deflate_index._isal_zlib is None:
+    if request.param == "isal" and not inflate.ISAL:
         pytest.skip("python-isal is not installed")
     if request.param == "zlib":
-        monkeypatch.setattr(deflate_index, "_isal_zlib", None)
+        monkeypatch.setattr(inflate, "ISAL", False)
     return request.param
 
 

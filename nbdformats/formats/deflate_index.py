@@ -47,6 +47,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import inflate
 from .errors import FormatError, OutputLimitError
 from .readers import Reader
 
@@ -99,12 +100,6 @@ def _load_libz() -> ctypes.CDLL:
 _libz = _load_libz()
 _ZLIB_VERSION = _libz.zlibVersion()
 
-try:  # ISA-L's inflate (python-isal): reads behind the frontier, several times zlib's speed
-    from isal import isal_zlib as _isal_zlib
-    _IsalError: type[Exception] = getattr(_isal_zlib, "error")  # (its stub calls it an instance)
-except ImportError:  # not installed: zlib does all the work
-    _isal_zlib = None  # type: ignore[assignment]
-    _IsalError = zlib.error
 
 
 @dataclass(frozen=True)
@@ -299,13 +294,12 @@ class _IsalStream:
             self._start(point)
 
     def _start(self, point: Checkpoint) -> None:
-        assert _isal_zlib is not None
+        assert inflate.ISAL
         self.in_pos = point.in_  # the next compressed byte to read
         self.header = point.header  # started at a member header: isal consumes its trailer
         self.tail = b""  # input given to isal and not consumed yet
         wbits = GZIP_BITS if point.header else RAW_BITS
-        self.decoder = _isal_zlib.decompressobj(wbits, zdict=point.window) if point.window \
-            else _isal_zlib.decompressobj(wbits)
+        self.decoder = inflate.decompressobj(wbits, point.window)
 
     def close(self) -> None:
         if self.zlib is not None:
@@ -345,7 +339,7 @@ class _IsalStream:
                 self.in_pos += len(data)
             try:
                 chunk = self.decoder.decompress(data, min(RING, end - self.out))
-            except _IsalError as e:
+            except inflate.InflateError as e:
                 raise DeflateError(f"corrupt compressed data near offset {self.in_pos - len(data)} "
                                    f"(output offset {self.out}): {e}") from None
             self.tail = self.decoder.unconsumed_tail
@@ -413,7 +407,7 @@ class DeflateIndex:
         self._frontier: _Stream | None = None
         self._frontier_done = False
         self._parked: list[_Stream | _IsalStream] = []
-        self.use_isal = _isal_zlib is not None  # reads behind the frontier (tests turn it off)
+        self.use_isal = inflate.ISAL  # reads behind the frontier (tests turn it off)
 
     # --- reading ---------------------------------------------------------------------------
 

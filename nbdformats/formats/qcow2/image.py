@@ -21,7 +21,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import threading
-import zlib
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 import zstandard
 
+from .. import inflate
 from ..readers import Reader
 from .errors import Qcow2Error
 from .header import Header, check_table, read_header
@@ -46,6 +46,7 @@ MAX_L2_TABLES_PER_MAP = 256  # allocation maps stop after this many L2 tables (t
 ENCRYPTION_SECTOR = 512
 _UNITS = np.arange(SUBCLUSTERS, dtype=np.uint64)
 _serials = itertools.count()
+_DECOMPRESS_ERRORS: tuple[type[Exception], ...] = (*inflate.InflateError, zstandard.ZstdError)
 
 
 class Kind(IntEnum):
@@ -289,8 +290,8 @@ class Qcow2Image:
                     got += len(piece)
                 cluster = b"".join(pieces)
             else:
-                cluster = zlib.decompressobj(-15).decompress(data, size)  # raw deflate, as qemu writes
-        except (zlib.error, zstandard.ZstdError) as e:
+                cluster = inflate.decompressobj(-15).decompress(data, size)  # raw deflate, as qemu writes
+        except _DECOMPRESS_ERRORS as e:
             raise Qcow2Error(f"the compressed cluster at host offset {offset:#x} is corrupt: {e}") from None
         if len(cluster) != size:
             raise Qcow2Error(f"the compressed cluster at host offset {offset:#x} decodes to {len(cluster)} bytes, "

@@ -9,12 +9,12 @@ marker holding its LBA and compressed size.  Flat extents hold the data as is.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from .. import inflate
 from ..blockmap import Kind, Run, TableCache, read_exact
 from ..errors import check_size
 from ..readers import Reader
@@ -256,11 +256,11 @@ class VmdkImage:
         check_size(offset + size, f"{where}: the end of its data", sparse.file_size, VmdkError,
                    f"the file's size, {sparse.file_size}")
         needed = min(sparse.grain_bytes, extent.size - grain_index * sparse.grain_bytes)
-        inflater = zlib.decompressobj()
+        inflater = inflate.decompressobj()
         try:
             # One byte more than a grain, so a lying stream cannot make us allocate more.
             data = inflater.decompress(read_exact(read, offset, size, where, VmdkError), sparse.grain_bytes + 1)
-        except zlib.error as e:
+        except inflate.InflateError as e:
             raise VmdkError(f"{where}: corrupt compressed data: {e}") from None
         if len(data) > sparse.grain_bytes:
             raise VmdkError(f"{where}: decodes to more than the grain's {sparse.grain_bytes} bytes")
