@@ -39,6 +39,29 @@ REGRESSIONS = [
 ]
 
 
+# Seed 1001 (issue 20): inputs the server refuses while the reference accepts them, each now an
+# outcome "justified: <reason>" (the reference lax, an independent tool refusing too, or a
+# feature refused by name), and a zip the server refused that it now reads as unzip does.
+EXPLAINED = [
+    ("zstd", 2, "justified: zstd seek table: a checksum mismatch catches damaged data"),
+    ("zstd", 195, "justified: zstd seek table: a checksum damaged (the data intact)"),
+    ("zstd", 130, "justified: zstd seek table: its sizes do not match the frames"),
+    ("zstd", 489, "justified: zstd seek table: its footer does not match its frame"),
+    ("luks2", 2, "justified: luks2: cryptsetup refuses it too (Device IMAGE is not a valid LUKS device.)"),
+    ("luks2", 11, "justified: luks2: cryptsetup refuses it too (No key available with this passphrase.)"),
+    ("luks2", 306, "justified: luks2: a digest cryptsetup cannot check"),  # its hash "x"
+    ("luks2", 1402, "justified: luks2: a digest cryptsetup cannot check"),  # no digest value
+    ("luks2", 1797, "justified: luks2: a segment type other than 'crypt'"),
+    ("luks2", 2584, "justified: luks2: a number past 2^64-1"),
+    ("zip", 179, "justified: zip: a central directory record runs past the central directory"),
+    ("zip", 33, "justified: zip: the end record names another disk"),
+    ("zip", 2, "justified: zip: the central directory and a local header disagree"),
+    ("zip", 1144, "justified: zip: a central directory field is 0xFFFFFFFF without a zip64 extra field"),
+    ("zip", 4148, "justified: zip: the central directory does not fit before its end record"),
+    ("zip", 148, "match"),  # the end record's comment cut short: was refused, read now
+    ("tar", 93998, "justified: tar: a header checksum field that is not octal"),
+]
+
 def fuzz(fmt: str, seed: int, *args: str) -> dict:
     proc = run([sys.executable, FUZZER, "--format", fmt, "--seed", str(seed), "--case-timeout", "10", *args],
                check=False, timeout=600)
@@ -96,3 +119,12 @@ def test_hostile_directories_do_not_hang_or_crash(tmp_path, plugin):
     else:
         assert (tmp_path / "out.img").stat().st_size > 0
 
+
+@pytest.mark.parametrize("fmt, case, outcome", EXPLAINED, ids=[f"{f}-1001-{c}" for f, c, _ in EXPLAINED])
+def test_refusals_explained(fmt, case, outcome):
+    if fmt == "luks2" and not any(os.access(Path(d) / "cryptsetup", os.X_OK) for d in ("/usr/sbin", "/sbin")):
+        pytest.skip("cryptsetup, the judge of LUKS2 headers, is not installed")
+    result = fuzz(fmt, 1001, "--cases", str(case + 1), "--only", str(case))
+    assert result["cases"] == 1 and not result["findings"], result
+    (got,) = result["outcomes"]
+    assert got.startswith(outcome), result

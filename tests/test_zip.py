@@ -109,6 +109,26 @@ def test_comment_after_end_record():
         find_end_record(b"no record here" * 10, 0)
 
 
+def test_end_record_comment_cut_short(tree, tmp_path):
+    """An end record whose comment length runs past the end of the file (the comment cut
+    short, fuzz seed 1001): zipfile, bsdtar and unzip (with a warning) read the archive, and so
+    do we; the central directory it points to is checked as always."""
+    root, files = tree
+    data = bytearray(py_zip(tmp_path / "good.zip", {"disk.img": files["disk.img"]}).read_bytes())
+    data[-2:] = (1000).to_bytes(2, "little")  # no comment follows
+    (tmp_path / "cut-comment.zip").write_bytes(data)
+    assert zipfile.ZipFile(tmp_path / "cut-comment.zip").read("disk.img") == files["disk.img"]
+    assert read_export(chain_for(tmp_path / "cut-comment.zip", ("zip-entry", "disk.img"))) == files["disk.img"]
+    offset, fields = find_end_record(b"junk" + bytes(data[-22:]), 1000)
+    assert offset == 1004 and fields[7] == 1000
+    # A whole record preferred to one cut short; a cut record still points to a checked directory.
+    assert find_end_record(b"PK\x05\x06" + bytes(18) + b"PK\x05\x06" + bytes(16) + b"\xff\xff", 0)[0] == 0
+    data[-6:-2] = (len(data) - 10).to_bytes(4, "little")  # the directory's offset now wrong
+    (tmp_path / "cut-bad.zip").write_bytes(data)
+    with pytest.raises(ConfigError, match="central directory"):
+        chain_for(tmp_path / "cut-bad.zip", ("zip-entry", "disk.img"))
+
+
 def test_stored_writes_need_zip_write(tree, tmp_path):
     root, files = tree
     archive = py_zip(tmp_path / "rw.zip", {"a.txt": b"a" * 1000, "disk.img": files["disk.img"]}, zipfile.ZIP_STORED)

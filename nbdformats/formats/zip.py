@@ -81,13 +81,21 @@ class CentralDirectory:
 
 
 def find_end_record(tail: bytes, tail_offset: int) -> tuple[int, tuple]:
-    """The end of central directory record in the last bytes of the file: (its offset, fields)."""
-    position = len(tail)
+    """The end of central directory record in the last bytes of the file: (its offset, fields).
+
+    The last record whose comment fits in the file; failing that, the last whole record, its
+    comment cut short (unzip warns "zipfile comment truncated" and reads on, as do bsdtar and
+    zipfile): the central directory it points to is checked all the same."""
+    position, cut_short = len(tail), None
     while (position := tail.rfind(EOCD_SIGNATURE, 0, position)) >= 0:
         if position + EOCD.size <= len(tail):
             fields = EOCD.unpack_from(tail, position)
             if position + EOCD.size + fields[7] <= len(tail):
                 return tail_offset + position, fields
+            if cut_short is None:
+                cut_short = tail_offset + position, fields
+    if cut_short is not None:
+        return cut_short
     raise ZipError("not a zip archive (no end of central directory record)")
 
 

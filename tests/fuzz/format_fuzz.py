@@ -12,7 +12,11 @@ The oracle is a reference decoder that is not ours: Python's gzip rules (zlib, m
 zero padding and trailing garbage as gzip(1)), lzma, zstandard, tarfile, zipfile, for
 LUKS the specification's own layout decrypted with the volume key the seed was made with
 (tests/fixtures/luks_spec.py), and qemu-img for qcow2.  When the reference accepts the input, every byte served must
-equal its output (the server may still refuse, more strictly: counted as "stricter").  When
+equal its output (the server may still refuse, more strictly: counted as "stricter", or as
+"justified: <reason>" when justified() names why: the reference skips a check the format
+requires, which an independent tool makes (the seekable format's checksums, cryptsetup's
+reading of a LUKS header, bsdtar's and unzip's of a zip's directory), or the input uses
+something refused by name, as unsupported).  When
 it refuses, the server may serve what it can, but a format that carries its own checksums
 (gzip, xz, zstd's seek table, zip's CRC-32) must not serve all of the data as good.  A
 Python traceback or an unexpected exception in the server's log, a server that dies, wrong
@@ -26,6 +30,7 @@ server) runs in-process instead, through the filter chain.
 from __future__ import annotations
 
 import argparse
+import base64
 import bz2
 import gzip
 import hashlib
@@ -35,6 +40,7 @@ import logging
 import lzma
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -50,6 +56,7 @@ from pathlib import Path
 from typing import Callable
 
 import nbd
+import xxhash
 import zstandard
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -414,6 +421,178 @@ def corrupt(fmt: str, data: bytes, seed: Seed) -> bool:
     return False
 
 
+# -- Refusals explained: the server stricter than a lax reference, for a named reason ------------
+SEEKABLE_MAGIC, SEEK_TABLE_MAGIC = 0x8F92EAB1, 0x184D2A5E
+
+
+def zstd_justified(data: bytes, seed: Seed) -> str | None:
+    """The seek table of the seekable format as zstd's contrib/seekable_format reads it
+    (zstdseek_decompress.c: the footer, the skippable frame around the table, then per frame
+    the XXH64 of its output against the entry's checksum, else corruption_detected).  zstandard
+    and `zstd -t` skip the table, and the seed's frames carry no checksum of their own: a
+    damaged byte of a raw or literal block decodes to other bytes without an error."""
+    if len(data) < 17 or struct.unpack_from("<I", data, len(data) - 4)[0] != SEEKABLE_MAGIC:
+        return None
+    count, descriptor = struct.unpack_from("<IB", data, len(data) - 9)
+    if descriptor & 0x7C:
+        return "zstd seek table: reserved bits set"
+    table = 8 + count * (12 if descriptor & 0x80 else 8) + 9
+    start = len(data) - table
+    if start < 0 or struct.unpack_from("<II", data, start) != (SEEK_TABLE_MAGIC, table - 8):
+        return "zstd seek table: its footer does not match its frame (the table is damaged)"
+    frames, rest = [], data[:start]
+    while rest:  # the frames before the table, as zstandard finds them
+        decoder = zstandard.ZstdDecompressor().decompressobj()
+        try:
+            out = decoder.decompress(rest)
+        except zstandard.ZstdError:
+            return "zstd seek table: its sizes do not match the frames (the table is damaged)"
+        frames.append((len(rest) - len(decoder.unused_data), out))
+        rest = decoder.unused_data
+    step = 12 if descriptor & 0x80 else 8
+    entries = [struct.unpack_from("<II", data, start + 8 + n * step) for n in range(count)]
+    if entries != [(length, len(out)) for length, out in frames]:
+        return "zstd seek table: its sizes do not match the frames (the table is damaged)"
+    if descriptor & 0x80:
+        for n, (_, out) in enumerate(frames):
+            if xxhash.xxh64_intdigest(out) & 0xFFFFFFFF != struct.unpack_from("<I", data, start + 16 + n * 12)[0]:
+                if b"".join(out for _, out in frames) == seed.disk:
+                    return "zstd seek table: a checksum damaged (the data intact)"
+                return "zstd seek table: a checksum mismatch catches damaged data (no checksum in the frames)"
+    return None
+
+
+def zip_justified(data: bytes) -> str | None:
+    """What unzip -t or bsdtar refuse and zipfile lets through (zipfile reads one member by the
+    central directory and checks its CRC-32, but neither the central directory's bounds nor
+    that the local header agrees with it), and the multi-disk archives we refuse as unsupported.
+    Read by APPNOTE 4.3.12-4.3.16: the last end record, the records of the central directory,
+    the local headers."""
+    position = data.rfind(b"PK\x05\x06")
+    if position < 0 or position + 22 > len(data):
+        return None
+    _, disk, cd_disk, _, _, cd_size, cd_offset, _ = struct.unpack_from("<4sHHHHIIH", data, position)
+    if disk or cd_disk:
+        return "zip: the end record names another disk (split archives: unsupported, refused by name)"
+    prefix = position - cd_size - cd_offset  # bytes before the archive (self-extracting stubs)
+    if prefix < 0:
+        return "zip: the central directory does not fit before its end record (unzip -t refuses it)"
+    central, at = data[cd_offset + prefix:position], 0
+    while at + 46 <= len(central) and central[at:at + 4] == b"PK\x01\x02":
+        (flags, crc, compressed, size, name_length, extra_length, comment_length,
+         offset) = struct.unpack_from("<8xH6xIIIHHH8xI", central, at)
+        end = at + 46 + name_length + extra_length + comment_length
+        if end > len(central):
+            return "zip: a central directory record runs past the central directory (unzip -t and bsdtar refuse it)"
+        extra, tags, field_at = central[at + 46 + name_length:at + 46 + name_length + extra_length], set(), 0
+        while field_at + 4 <= len(extra):
+            tag, length = struct.unpack_from("<HH", extra, field_at)
+            tags.add(tag)
+            field_at += 4 + length
+        if 0xFFFFFFFF in (compressed, size, offset) and 1 not in tags:
+            return "zip: a central directory field is 0xFFFFFFFF without a zip64 extra field"
+        local = offset + prefix
+        if (offset != 0xFFFFFFFF and not flags & 8 and data[local:local + 4] == b"PK\x03\x04"
+                and struct.unpack_from("<III", data, local + 14) != (crc, compressed, size)):
+            return "zip: the central directory and a local header disagree on CRC-32 or sizes (bsdtar refuses)"
+        at = end
+    return None
+
+
+def tar_justified(data: bytes) -> str | None:
+    """A header checksum field that GNU tar and bsdtar do not read as octal: tarfile strips the
+    field with str.strip(), which takes \\x1c-\\x1f (and other bytes) for spaces."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            headers = {offset for m in tar.getmembers() for offset in (m.offset, m.offset_data - 512)}
+    except Exception:  # noqa: BLE001
+        return None
+    for offset in sorted(headers):
+        if not re.fullmatch(rb" *[0-7]+[ \0]*", data[offset + 148:offset + 156]):
+            return ("tar: a header checksum field that is not octal (tarfile strips it as spaces; "
+                    "GNU tar and bsdtar refuse it)")
+    return None
+
+
+def luks2_accepted_by_cryptsetup(data: bytes) -> str | None:
+    """Why a LUKS2 header that `cryptsetup open --test-passphrase` (2.6) accepts is refused all
+    the same: a digest it cannot check, which its PBKDF2_digest_verify passes (each early exit
+    after the salt is decoded returns 0, "verified": such a header opens with any passphrase);
+    a number past 2^64-1 (json-c clamps it and cryptsetup reads on); a segment that is not
+    'crypt' (not read by --test-passphrase; refused by name, as unsupported)."""
+    header_size = struct.unpack_from(">Q", data, 8)[0]
+    reasons = []
+    for offset in (0, header_size):
+        try:
+            metadata = json.loads(data[offset + 4096:offset + header_size].split(b"\0", 1)[0])
+        except Exception:  # noqa: BLE001 - this copy damaged: cryptsetup read the other one
+            continue
+
+        def numbers(node):
+            if isinstance(node, dict):
+                return [n for v in node.values() for n in numbers(v)]
+            if isinstance(node, list):
+                return [n for v in node for n in numbers(v)]
+            return [node] if isinstance(node, int) and not isinstance(node, bool) else []
+
+        if any(n > 2 ** 64 - 1 for n in numbers(metadata)):
+            reasons.append("luks2: a number past 2^64-1 in the metadata (cryptsetup clamps it and reads on)")
+        for digest in metadata.get("digests", {}).values() if isinstance(metadata, dict) else ():
+            try:
+                salt = base64.b64decode(digest["salt"], validate=True)
+                value = base64.b64decode(digest["digest"], validate=True)
+                size = hashlib.new(digest["hash"]).digest_size
+                usable = (len(salt) == 32 and 20 <= len(value) <= 64 and len(value) in (20, size)
+                          and isinstance(digest["iterations"], int) and digest["iterations"] > 0)
+            except Exception:  # noqa: BLE001 - missing, mistyped, not base64, an unknown hash
+                usable = False
+            if not usable:
+                reasons.append("luks2: a digest cryptsetup cannot check, which it passes (any passphrase opens it)")
+        segments = metadata.get("segments", {}) if isinstance(metadata, dict) else {}
+        if any(isinstance(seg, dict) and seg.get("type") != "crypt" for seg in segments.values()):
+            reasons.append("luks2: a segment type other than 'crypt' (unsupported, refused by name)")
+    return reasons[0] if reasons else None
+
+
+def luks_justified(fmt: str, data: bytes, work: Path) -> str | None:
+    """The reference decrypts with the volume key the seed was made with: it reads neither the
+    header checksums nor the keyslots and digests.  cryptsetup, given the passphrase, is the
+    judge of those (`open --test-passphrase`: the header, the keyslot and the digest, no mapping)."""
+    if shutil.which("cryptsetup", path=ENV["PATH"]) is None:
+        return None
+    image, key = work / "luks-judge.img", work / "luks-judge.key"
+    image.write_bytes(data)
+    key.write_bytes(PASSPHRASE)
+    try:
+        run = subprocess.run(["cryptsetup", "open", "--test-passphrase", "--disable-locks", "--key-file", key,
+                              "--type", fmt, image], check=False, capture_output=True, timeout=5, env=ENV,
+                             text=True, errors="replace")
+    except subprocess.TimeoutExpired:
+        return f"{fmt}: cryptsetup still deriving the key after 5 s (the server's luks-kdf-max-seconds=2 refuses it)"
+    if run.returncode == 0:
+        return luks2_accepted_by_cryptsetup(data) if fmt == "luks2" else None
+    lines = [line for line in run.stderr.splitlines() if line.strip()] or [f"exit status {run.returncode}"]
+    return f"{fmt}: cryptsetup refuses it too ({lines[-1].replace(str(image), 'IMAGE')})"
+
+
+def justified(fmt: str, data: bytes, seed: Seed, work: Path) -> str | None:
+    """Why the server may refuse an input the reference accepts, when the reference is lax
+    (the format requires a check it does not make, as an independent tool shows) or the
+    input uses something refused as unsupported; None leaves the case "stricter"."""
+    try:
+        if fmt == "zstd":
+            return zstd_justified(data, seed)
+        if fmt == "zip":
+            return zip_justified(data)
+        if fmt == "tar":
+            return tar_justified(data)
+        if fmt in ("luks1", "luks2"):
+            return luks_justified(fmt, data, work)
+    except Exception:  # noqa: BLE001 - a damaged input the explanation cannot parse: unexplained
+        return None
+    return None
+
+
 CHECKSUMMED = {"gzip", "xz", "zstd", "zip", "bzip2", "lzip"}  # all of the data served as good while the reference refuses: a finding
 
 
@@ -538,6 +717,8 @@ def run_case(fmt: str, index: int, server: Server, case: Path, expected: bytes |
         outcome = ("match" if not failed else "stricter") if expected is not None else \
             ("served" if not failed else "read with EIO")
         h.shutdown()
+    if outcome == "stricter" and (reason := justified(fmt, case.read_bytes(), seed, case.parent.parent)):
+        outcome = f"justified: {reason}"
     del h  # closes the handle (and its socket)
     messages = server.new_messages()
     # A refused open must give the filter's own message: another one is an exception it did not expect.
