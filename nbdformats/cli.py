@@ -520,17 +520,19 @@ def lock_memory_for_swap() -> None:
 
 def make_uri(unix_path: str | None, port: str | None, address: str | None, export: str, tls: bool,
              vsock: bool = False) -> str:
+    """$uri as nbdkit 1.32 writes it: the export name only when there is one
+    (`nbd+unix://?socket=PATH`), the port always (`nbd://localhost:10809`), and `nbds` only when
+    TLS is required (`tls`): with --tls=on a client may connect without it."""
     scheme = "nbds" if tls else "nbd"
-    path = quote(export, safe="")
+    path = f"/{quote(export, safe='')}" if export else ""
     if unix_path:
-        return f"{scheme}+unix:///{path}?socket={quote(unix_path, safe='/')}"
+        return f"{scheme}+unix://{path}?socket={quote(unix_path, safe='/')}"
     if vsock:
-        return f"{scheme}+vsock://1:{port or '10809'}/{path}"  # CID 1: this machine (VMADDR_CID_LOCAL)
+        return f"{scheme}+vsock://1:{port or '10809'}{path}"  # CID 1: this machine (VMADDR_CID_LOCAL)
     host = address or "localhost"
     if ":" in host:
         host = f"[{host}]"
-    port_part = "" if (port or "10809") == "10809" else f":{port}"
-    return f"{scheme}://{host}{port_part}/{path}"
+    return f"{scheme}://{host}:{port or '10809'}{path}"
 
 
 def daemonize() -> None:
@@ -760,15 +762,16 @@ def _listen_and_serve(opts: Options, settings, config, identity, run_cmd: str | 
             raise ConfigError(e.strerror or str(e)) from None
     export = str(opts.get("exportname", ""))
     first_address = config.addresses[0] if config.addresses else None
-    uri = make_uri(config.unix_path, config.port, first_address, export, settings.tls != "off", config.vsock)
+    uri = make_uri(config.unix_path, config.port, first_address, export, settings.tls == "require", config.vsock)
     if opts.flag("print-uri"):
         print(uri, flush=True)
     # As nbdkit: the --run command starts before privileges are dropped, so it runs as the caller.
     captive = None
     if run_cmd is not None:
         env = dict(os.environ, uri=uri, nbd=uri, exportname=export, unixsocket=config.unix_path or "",
-                   port=config.port or ("" if config.unix_path else "10809"),
-                   tls="1" if settings.tls != "off" else "0")
+                   port=config.port or ("" if config.unix_path else "10809"))
+        if settings.tls != "off":  # as nbdkit: $tls is 1 (on) or 2 (require), and left alone without TLS
+            env["tls"] = "2" if settings.tls == "require" else "1"
         captive = subprocess.Popen(["/bin/sh", "-c", run_cmd], env=env)
     if identity is not None:
         if private_dir:  # so that the server can still remove it when it exits

@@ -128,7 +128,7 @@ def test_demo_prints_its_uri_once_it_listens_and_leaves_nothing(tmp_path):
         for line in demo.stdout:
             if line.startswith("nbd://"):
                 break
-        assert line.strip() == f"nbd://localhost:{port}/"
+        assert line.strip() == f"nbd://localhost:{port}"
         # At once, no retry: the server listens when the URI appears.
         assert run(["nbdinfo", "--size", line.strip()]).stdout.strip() == str(8192 * 1024).encode()
         assert [p.name for p in tmp_path.iterdir()][0].startswith("nbdformats-demo.")

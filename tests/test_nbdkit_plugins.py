@@ -74,6 +74,18 @@ assert h.pread(4096, 8192) == bytes(4096)
         assert disk_map(srv.uri) == [{"offset": 0, "length": 1 << 30, "type": 3, "description": "hole,zero"}]
 
 
+def test_example1_is_a_read_only_100m_disk_with_one_linux_partition(tmp_path):
+    """sfdisk, not our MBR code, reads the partition table back."""
+    with serve("example1") as srv:
+        facts = export_facts(srv.uri)
+        assert facts["export-size"] == 100 << 20 and facts["is_read_only"] is True
+        run(["nbdcopy", srv.uri, tmp_path / "disk.img"])
+    table = json.loads(run(["sfdisk", "--json", tmp_path / "disk.img"]).stdout)["partitiontable"]
+    assert table["label"] == "dos"
+    assert [(p["start"], p["size"], p["type"]) for p in table["partitions"]] == [(128, 204800 - 128, "83")]
+    assert (tmp_path / "disk.img").read_bytes()[512:] == bytes((100 << 20) - 512)
+
+
 def test_full_fails_writes_with_enospc_like_nbdkit():
     script = """
 for name, call in [("pwrite", lambda: h.pwrite(b"x" * 512, 0)), ("zero", lambda: h.zero(512, 0)),

@@ -405,7 +405,7 @@ def test_print_uri_and_list_exports_of_a_directory(tmp_path):
         assert run(["nbdinfo", "--size", srv.uri_for("b.img")]).stdout.strip() == b"8192"
         assert run(["nbdinfo", "--size", srv.uri_for("missing")], check=False).returncode != 0
     out = run([*NBDFORMATS, "--print-uri", "-U", "-", "memory", "1M", "--run", "true"]).stdout.decode()
-    assert out.startswith("nbd+unix:///?socket=")
+    assert out.startswith("nbd+unix://?socket=")
 
 
 # -- TLS ---------------------------------------------------------------------------------------
