@@ -25,6 +25,7 @@ from enum import IntEnum
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
+from ..protocol.wire import MAX_STRING
 from .errors import ConfigError, NBDError
 from .params import apply_params
 from .zeroes import write_zeroes
@@ -782,7 +783,13 @@ class Chain:
         return exports
 
     def list_exports(self, readonly: bool, is_tls: bool, defaults: dict[int, str] | None = None) -> list[Export]:
-        return self._list(0, readonly, is_tls, defaults)
+        exports = self._list(0, readonly, is_tls, defaults)
+        for export in exports:  # as nbdkit_add_export: the protocol's strings are at most 4096 bytes
+            for what, text in (("name", export.name), ("description", export.description or "")):
+                length = len(text.encode("utf-8", "surrogateescape"))
+                if length > MAX_STRING:
+                    raise NBDError(errno.EINVAL, f"export {what} too long ({length} bytes, more than {MAX_STRING})")
+        return exports
 
     def _default(self, index: int, readonly: bool, is_tls: bool, defaults: dict[int, str] | None = None) -> str:
         """The default export name of the layer at `index`; with a connection's `defaults`, each
