@@ -152,7 +152,7 @@ def test_plugin_receives_what_nbdkit_plugin_receives(tmp, mode):
         nbdsh(ref.uri, CLIENT)
     with serve("--filter=fua", RECORDER, "size=1M", f"log={ours}", f"fuamode={mode}") as srv:
         nbdsh(srv.uri, CLIENT)
-        # Read now: stopping the server flushes connections it has not seen close yet.
+        # Read now: stopping the server flushes the connections of clients still connected.
         calls = [c for c in recorder_calls(ours) if c[0] != "pread"]
     expected = [c for c in nbdkit_calls(reference) if c[0] != "pread"]
     assert expected  # the client's writes were seen

@@ -139,7 +139,7 @@ def test_flags_and_plugin_calls_match_nbdkit(tmp, mode):
     with serve("--filter=nozero", RECORDER, "size=1M", f"log={ours}", *mode) as srv:
         info = nbdinfo_json(srv.uri)["exports"][0]
         out = nbdsh(srv.uri, CLIENT).stdout
-        # Read now: stopping the server flushes connections it has not seen close yet.
+        # Read now: stopping the server flushes the connections of clients still connected.
         calls = recorder_calls(ours)
     assert (info["can_zero"], info["can_fast_zero"]) == (ref_info["can_zero"], ref_info["can_fast_zero"])
     ref_calls = nbdkit_calls(reference)

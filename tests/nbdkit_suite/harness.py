@@ -354,7 +354,12 @@ def read_list(path: Path) -> dict[str, str]:
 
 
 def nbdformats_command() -> list[str]:
-    return [sys.executable, "-m", "nbdformats"]
+    """`python -m nbdformats`, importing nbdformats from this checkout: the venv's editable install
+    may point at another one (a worktree sharing the venv), and the tests' environment has no
+    PYTHONPATH of ours (test-S3.sh sets its own)."""
+    code = (f"import runpy, sys; sys.path.insert(0, {str(PROJECT)!r}); "
+            "runpy.run_module('nbdformats', run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", code]
 
 
 def main(argv: list[str] | None = None) -> int:
