@@ -36,6 +36,7 @@ REGRESSIONS = [
     ("zstd", 30, 1181),  # a frame's last block flag cleared: served as if the frame were whole
     ("zip", 5, 1056),  # a compressed size running into the central directory (zipfile: "overlapped entries")
     ("luks1", 5, 890),  # keyslot iterations raised: 23 s of PBKDF2 before luks-kdf-max-seconds=
+    ("vdi", 1001, 119),  # cbBlockExtra 8: read past it (VirtualBox's rule), qemu reads from the block's start
 ]
 
 
@@ -58,6 +59,11 @@ EXPLAINED = [
     ("zip", 2, "justified: zip: the central directory and a local header disagree"),
     ("zip", 1144, "justified: zip: a central directory field is 0xFFFFFFFF without a zip64 extra field"),
     ("zip", 4148, "justified: zip: the central directory does not fit before its end record"),
+    ("qcow2", 1, "justified: qcow2: a table or data cluster lies past the end of the file"),
+    ("vdi", 1, "justified: vdi: qemu reads past the end of the file as zeroes"),
+    ("vdi", 59, "justified: vdi: a block extra size (cbBlockExtra) other than 0, refused by name"),
+    ("vhd", 15, "justified: vhd: the dynamic disk header's checksum is wrong"),
+    ("vhdx", 17, "justified: vhdx: qemu reads past the end of the file as zeroes"),
     ("zip", 148, "match"),  # the end record's comment cut short: was refused, read now
     ("tar", 93998, "justified: tar: a header checksum field that is not octal"),
 ]

@@ -195,7 +195,9 @@ class Transmission:
     def failure(self, e: BaseException, req: Request) -> tuple[int, str]:
         name = P.COMMAND_NAMES.get(req.type, str(req.type))
         if isinstance(e, NBDError):
-            log.debug("%s [%d, +%d): %s", name, req.offset, req.length, e)
+            # EIO is the data or the backend failing (a corrupt block, a lost server): the operator
+            # must see it, as nbdkit_error shows it; other errors answer the request's own fault.
+            (log.warning if e.errno == errno.EIO else log.debug)("%s [%d, +%d): %s", name, req.offset, req.length, e)
             return e.errno, str(e)
         if isinstance(e, OSError) and e.errno:
             log.warning("%s [%d, +%d): %s", name, req.offset, req.length, e)

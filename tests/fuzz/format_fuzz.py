@@ -575,6 +575,78 @@ def luks_justified(fmt: str, data: bytes, work: Path) -> str | None:
     return f"{fmt}: cryptsetup refuses it too ({lines[-1].replace(str(image), 'IMAGE')})"
 
 
+PAST_EOF_PADDING = 16 << 20  # bytes of 0xA5 put where the file ends, to see whether qemu reads there
+TRAILER = {"vhd": 512, "vmdk": 1024}  # a footer at the end of the file (VHD's; streamOptimized's footer and EOS)
+
+
+def vhd_checksum_wrong(data: bytes) -> str | None:
+    """The VHD spec's checksum ("the one's complement of the sum of all the bytes in the footer
+    without the checksum field") of the footer and of the dynamic disk header; qemu only warns."""
+    def wrong(block: bytes, field: int) -> bool:
+        stored = struct.unpack_from(">I", block, field)[0]
+        return stored != ~sum(block[:field] + bytes(4) + block[field + 4:]) & 0xFFFFFFFF
+    footer = data[-512:]
+    if len(footer) == 512 and wrong(footer, 64):
+        return "vhd: the footer's checksum is wrong (qemu only warns)"
+    header_offset = struct.unpack_from(">Q", footer, 16)[0] if len(footer) == 512 else 0
+    header = data[header_offset:header_offset + 1024] if header_offset < len(data) else b""
+    if len(header) == 1024 and header[:8] == b"cxsparse" and wrong(header, 36):
+        return "vhd: the dynamic disk header's checksum is wrong (qemu only warns)"
+    return None
+
+
+def qcow2_points_past_the_end(data: bytes) -> bool:
+    """Whether the active L1 table, an L2 table it names or a standard data cluster lies past the
+    end of the file (docs/interop/qcow2.txt's layout, read here independently of the filter)."""
+    cluster_bits, size, l1_size, l1_offset = struct.unpack_from(">I Q I Q", data, 20)
+    incompatible = struct.unpack_from(">Q", data, 72)[0] if struct.unpack_from(">I", data, 4)[0] >= 3 else 0
+    cluster = 1 << cluster_bits
+    l2_entry = 16 if incompatible & (1 << 4) else 8  # extended L2: 128-bit entries
+    if l1_offset + 8 * l1_size > len(data):
+        return True
+    for (l1_entry,) in struct.iter_unpack(">Q", data[l1_offset:l1_offset + 8 * l1_size]):
+        l2_offset = l1_entry & 0x00FF_FFFF_FFFF_FE00
+        if not l2_offset:
+            continue
+        if l2_offset + cluster > len(data):
+            return True
+        for index in range(0, cluster, l2_entry):
+            entry = struct.unpack_from(">Q", data, l2_offset + index)[0]
+            host = entry & 0x00FF_FFFF_FFFF_FE00
+            if not entry & (1 << 62) and host and host + cluster > len(data):
+                return True
+    return False
+
+
+def image_justified(fmt: str, data: bytes) -> str | None:
+    """qemu reads the bytes past the end of an image file as zeroes (a table, a data block); the
+    server fails such reads with EIO, as short data is never served as zeroes.  Shown by qemu
+    itself: its decode changes when bytes are put where the file ends (before the trailing
+    footer, for formats that keep one there)."""
+    if fmt == "vhd" and (reason := vhd_checksum_wrong(data)):
+        return reason
+    if fmt == "vdi" and len(data) >= 0x180 and struct.unpack_from("<I", data, 0x17C)[0]:
+        return "vdi: a block extra size (cbBlockExtra) other than 0, refused by name (qemu and VirtualBox disagree)"
+    if fmt == "vdi" and len(data) >= 0x50 and struct.unpack_from("<I", data, 0x4C)[0] not in (1, 2):
+        return "vdi: an image type other than dynamic (1) or fixed (2), refused by name"
+    if fmt == "qcow2" and qcow2_points_past_the_end(data):  # also beyond what the padding reaches
+        return "qcow2: a table or data cluster lies past the end of the file (qemu reads zeroes there)"
+    try:
+        before = qemu_reference(fmt, data)
+    except Exception:  # noqa: BLE001 - the reference accepted it once; not again: unexplained
+        return None
+    keep = TRAILER.get(fmt, 0)
+    cut = len(data) - keep if keep and len(data) >= keep else len(data)
+    padded = data[:cut] + b"\xa5" * PAST_EOF_PADDING + data[cut:]
+    try:
+        after = qemu_reference(fmt, padded)
+    except Exception:  # noqa: BLE001 - what lies past the end decides whether qemu can read it at all
+        after = None
+    if after != before:
+        return f"{fmt}: qemu reads past the end of the file as zeroes (the server fails those reads with EIO)"
+    return None
+
+
 def justified(fmt: str, data: bytes, seed: Seed, work: Path) -> str | None:
     """Why the server may refuse an input the reference accepts, when the reference is lax
     (the format requires a check it does not make, as an independent tool shows) or the
@@ -588,6 +660,8 @@ def justified(fmt: str, data: bytes, seed: Seed, work: Path) -> str | None:
             return tar_justified(data)
         if fmt in ("luks1", "luks2"):
             return luks_justified(fmt, data, work)
+        if fmt in QEMU_FORMATS:
+            return image_justified(fmt, data)
     except Exception:  # noqa: BLE001 - a damaged input the explanation cannot parse: unexplained
         return None
     return None

@@ -192,8 +192,8 @@ class Qcow2Image:
         if runs is None:
             if l2_offset % self.cluster_size:
                 raise Qcow2Error(f"L1 entry {l1_index}: the L2 table offset {l2_offset:#x} is not cluster-aligned")
-            check_table(l2_offset, self.cluster_size, 1, f"the L2 table of L1 entry {l1_index}", self.cluster_size,
-                        self.file_size)
+            check_table(l2_offset, self.cluster_size // ENTRY, ENTRY, f"the L2 table of L1 entry {l1_index}",
+                        self.cluster_size, self.file_size)
             words = np.frombuffer(read(l2_offset, self.cluster_size), dtype=">u8").astype(np.uint64)
             runs = self._classify_table(words.reshape(-1, 2) if self.extended else words)
             self.cache.put((self.serial, "l2", l2_offset), runs)

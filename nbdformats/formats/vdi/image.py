@@ -2,7 +2,9 @@
 
 After the pre-header and header, the block map gives each block of the disk its index among the
 image's blocks, stored from offData on: block i's data is at "offData + index * (cbBlockExtra +
-cbBlock) + cbBlockExtra" (VirtualBox's VDI.cpp).  Free and zero blocks read as zeroes (a
+cbBlock) + cbBlockExtra" (VirtualBox's VDI.cpp); qemu ignores cbBlockExtra, so an image where it
+is not 0 (VirtualBox writes 0) is refused rather than read one way or the other.  Free and zero
+blocks read as zeroes (a
 dynamic image has no parent: a differencing image's parent is named only by UUID, in
 VirtualBox's own configuration).
 """
@@ -21,7 +23,6 @@ from .structs import (BLOCK_ENTRY, BLOCK_FREE, BLOCK_ZERO, HEADER, HEADER_1_0_SI
                       TYPE_DIFF, TYPE_FIXED, TYPE_NORMAL, VERSION_1_1)
 
 MAX_BLOCK_SIZE = 256 << 20  # VirtualBox and qemu write 1 MiB blocks; refuse absurd ones
-MAX_EXTRA = 1 << 20  # cbBlockExtra: 0 in every image VirtualBox writes
 
 
 class VdiError(FormatError):
@@ -50,7 +51,9 @@ class VdiImage:
             raise VdiError(f"unsupported image type u32Type={image_type} (1 dynamic and 2 fixed are supported)")
         if block_size < 512 or block_size & (block_size - 1) or block_size > MAX_BLOCK_SIZE:
             raise VdiError(f"the block size cbBlock is {block_size}, not a power of two from 512 to {MAX_BLOCK_SIZE}")
-        check_size(block_extra, "the block extra size cbBlockExtra", MAX_EXTRA, VdiError)
+        if block_extra:  # VirtualBox skips it before each block's data, qemu does not: they disagree
+            raise VdiError(f"the block extra size cbBlockExtra is {block_extra}, not 0: unsupported (VirtualBox "
+                           "writes 0; readers disagree on where the data of such blocks starts)")
         check_size(disk_size, "the disk size cbDisk", blocks * block_size, VdiError,
                    f"what its {blocks} blocks of {block_size} bytes hold")
         check_size(blocks_offset + blocks * BLOCK_ENTRY, f"the end of the block map (offBlocks {blocks_offset}, "
@@ -59,7 +62,7 @@ class VdiImage:
         self.size = disk_size
         self.identity = str(uuid.UUID(bytes_le=create))
         self.parent = None
-        self.block_size, self.stride, self.extra = block_size, block_extra + block_size, block_extra
+        self.block_size = block_size
         self.data_offset, self.file_size = data_offset, file_size
         self.blocks = np.frombuffer(read_exact(read, blocks_offset, blocks * BLOCK_ENTRY, "the block map",
                                                VdiError), dtype="<u4")
@@ -73,7 +76,7 @@ class VdiImage:
             elif index == BLOCK_ZERO:
                 yield Run(position, run_end - position, Kind.ZERO)
             else:
-                start = self.data_offset + index * self.stride + self.extra
+                start = self.data_offset + index * self.block_size
                 check_size(start + self.block_size, f"the end of block {block} (block map entry {index})",
                            self.file_size, VdiError, f"the file's size, {self.file_size}")
                 yield Run(position, run_end - position, Kind.DATA, start + within)
