@@ -36,3 +36,55 @@ def test_nofilter_passes_writes_through():
     with serve("--filter=nofilter", "--filter=nofilter", "memory", "1M") as srv:
         nbdsh(srv.uri, "h.pwrite(b'hello', 1000); h.zero(512, 0); h.trim(4096, 8192); h.flush()")
         assert nbdsh(srv.uri, "print(h.pread(5, 1000))").stdout == b"bytearray(b'hello')\n"
+
+
+# -- cacheextents ------------------------------------------------------------------------------
+
+COUNTING_PLUGIN = r"""#!/bin/bash
+# Extents of 1 MiB blocks of alternating types; every extents call is counted in $LOG.
+case "$1" in
+  get_size) echo 4M ;;
+  can_extents|can_write|can_trim|can_zero) ;;
+  extents)
+    echo x >> "$LOG"
+    for i in $(seq $(($4 / 1048576)) 3); do echo $((i * 1048576)) 1048576 $((i % 2 * 3)); done ;;
+  pread) head -c "$3" /dev/zero ;;
+  pwrite) cat > /dev/null ;;
+  trim|zero) ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+def test_cacheextents_answers_from_the_last_answer_until_a_write(tmp, monkeypatch):
+    script = tmp / "plugin.sh"
+    script.write_text(COUNTING_PLUGIN)
+    script.chmod(0o755)
+    log = tmp / "calls"
+    calls = lambda: len(log.read_text().split()) if log.exists() else 0  # noqa: E731
+    monkeypatch.setenv("LOG", str(log))
+    with serve("--filter=cacheextents", "sh", str(script)) as srv, serve("sh", str(script)) as plain:
+        expected = disk_map(plain.uri)
+        log.unlink()
+        assert disk_map(srv.uri) == expected
+        assert calls() == 1
+        # One extent at a time (REQ_ONE), from another connection: still from the cache.
+        script_one = ("for off in range(0, 4 << 20, 1 << 20):\n"
+                      "    h.block_status(1 << 20, off, lambda *a: 0, nbd.CMD_FLAG_REQ_ONE)\n")
+        nbdsh(srv.uri, script_one)
+        assert calls() == 1
+        nbdsh(srv.uri, "h.pread(512, 0)")  # reads keep it
+        nbdsh(srv.uri, script_one)
+        assert calls() == 1
+        for change in ("h.pwrite(b'x', 0)", "h.trim(512, 0)", "h.zero(512, 0)"):
+            log.unlink()
+            nbdsh(srv.uri, change + "\n" + script_one)
+            assert calls() == 1, change
+        assert disk_map(srv.uri) == expected
+
+
+def test_cacheextents_map_matches_nbdkit(tmp):
+    args = ("--filter=cacheextents", "data", "@5 1 2 3 @0x100000 4 5 6 7 @0x300000 ( 9 8 )*4096", "size=4M")
+    with serve(*args) as ours, serve_nbdkit(*args) as ref:
+        for _ in range(2):
+            assert disk_map(ours.uri) == disk_map(ref.uri)
