@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import nbdinfo_json, nbdsh, run, serve, serve_nbdkit, served_sha
+from conftest import NBDFORMATS, nbdinfo_json, nbdsh, run, serve, serve_nbdkit, served_sha
 
 
 def disk_map(uri: str) -> list:
@@ -88,3 +88,52 @@ def test_cacheextents_map_matches_nbdkit(tmp):
     with serve(*args) as ours, serve_nbdkit(*args) as ref:
         for _ in range(2):
             assert disk_map(ours.uri) == disk_map(ref.uri)
+
+
+# -- extentlist --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", ["0", "1M", "3M", "7M", "10000000"])
+def test_extentlist_map_matches_nbdkit(tmp, size):
+    (tmp / "list").write_text("2M 1M 3\n0 1M\n4M 512K hole\n4608K 512K 2\n1536K 1K zero,hole\n6M 0\n"
+                              "6M 4096 1\n")
+    args = ("-r", "--filter=extentlist", "null", f"size={size}", f"extentlist={tmp / 'list'}")
+    with serve(*args) as ours, serve_nbdkit(*args) as ref:
+        assert disk_map(ours.uri) == disk_map(ref.uri)
+        script = """
+entries = []
+for offset in (0, 1 << 20, 1536 * 1024 + 512, 4 << 20, 6 << 20):
+    if offset < h.get_size():
+        h.block_status(min(1 << 20, h.get_size() - offset), offset,
+                       lambda ctx, off, e, err: entries.append((off, list(e))), nbd.CMD_FLAG_REQ_ONE)
+print(entries)
+"""
+        assert nbdsh(ours.uri, script).stdout == nbdsh(ref.uri, script).stdout
+
+
+def test_extentlist_passes_data_through(tmp):
+    (tmp / "list").write_text("0 4096\n")
+    with serve("--filter=extentlist", "memory", "1M", f"extentlist={tmp / 'list'}") as srv:
+        nbdsh(srv.uri, "h.pwrite(b'abc', 8192)")
+        assert nbdsh(srv.uri, "print(h.pread(3, 8192))").stdout == b"bytearray(b'abc')\n"
+        assert disk_map(srv.uri)[1]["type"] == 3  # the list is static: the write does not change it
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0 1M\n512K 1M\n", "list:2: extents in the extent list are overlapping"),
+    ("0\n", "list:1: cannot parse"),
+    ("x 1M\n", "list:1: could not parse size"),
+    ("0 1M 3x\n", "list:1: cannot parse type"),
+    ("0 1M 4294967296\n", "does not fit in 32 bits"),
+    ("0 8E\n", "list:1: size '8E' is too large"),
+    ("4E 4E\n", "ends beyond 2^63-1"),
+])
+def test_extentlist_bad_lists_are_clear_errors(tmp, text, message):
+    (tmp / "list").write_text(text)
+    proc = run([*NBDFORMATS, "--filter=extentlist", "null", "1M", f"extentlist={tmp / 'list'}", "--run", "true"],
+               check=False, timeout=60)
+    assert proc.returncode == 1 and message in proc.stderr.decode(), proc.stderr
+
+
+def test_extentlist_is_required():
+    proc = run([*NBDFORMATS, "--filter=extentlist", "null", "1M", "--run", "true"], check=False, timeout=60)
+    assert proc.returncode == 1 and "extentlist" in proc.stderr.decode()
