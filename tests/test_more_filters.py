@@ -211,3 +211,80 @@ def test_ddrescue_bad_mapfiles_are_clear_errors(tmp, text, message):
     proc = run([*NBDFORMATS, "--filter=ddrescue", "null", "1M", f"ddrescue-mapfile={tmp / 'map'}", "--run", "true"],
                check=False, timeout=60)
     assert proc.returncode == 1 and message in proc.stderr.decode(), proc.stderr
+
+
+# -- tls-fallback ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def psk(tmp_path_factory):
+    path = tmp_path_factory.mktemp("psk") / "keys.psk"
+    run(["psktool", "-u", "qemu", "-p", path], timeout=60)
+    return path
+
+
+def probe(srv, export: str, psk_file=None) -> dict:
+    """What a client sees: the export list, the size, flags and first bytes of `export`."""
+    tls = "" if psk_file is None else (f"h.set_tls(nbd.TLS_REQUIRE)\nh.set_tls_psk_file({str(psk_file)!r})\n"
+                                       "h.set_tls_username('qemu')\n")
+    script = f"""
+import json
+h = nbd.NBD()
+h.set_opt_mode(True)
+h.set_full_info(True)
+{tls}h.connect_unix({srv.socket!r})
+names = []
+h.opt_list(lambda name, description: names.append((name, description)))
+h.set_export_name({export!r})
+try:
+    h.opt_info()
+    description = h.get_export_description()
+except nbd.Error:
+    description = None
+h.opt_go()
+print(json.dumps(dict(names=names, description=description, size=h.get_size(), ro=h.is_read_only(),
+                      trim=h.can_trim(), flush=h.can_flush(), multi=h.can_multi_conn(), cache=h.can_cache(),
+                      data=h.pread(min(512, h.get_size()), 0).hex())))
+"""
+    return json.loads(run(["/usr/bin/python3", "-c", "import nbd\n" + script]).stdout)
+
+
+def test_tls_fallback_matches_nbdkit(psk):
+    args = ("--filter=tls-fallback", "--filter=exportname", "memory", "1M", "exportname=disk",
+            "exportname=other", "exportdesc=fixed:the real one", "tlsreadme=go away\n")
+    options = ("--tls=on", f"--tls-psk={psk}")
+    with serve(*args, options=options) as ours, serve_nbdkit(*args, options=options) as ref:
+        for export in ("", "disk"):
+            plain = probe(ours, export)
+            assert plain == probe(ref, export)
+            assert plain["names"] == [["", ""]] and plain["size"] == 512 and plain["ro"]
+            assert bytes.fromhex(plain["data"]) == b"go away\n" + bytes(504)
+            secure = probe(ours, export, psk)
+            assert secure == probe(ref, export, psk)
+            assert secure["size"] == 1 << 20 and not secure["ro"] and secure["description"] == "the real one"
+
+
+def test_tls_fallback_never_opens_the_plugin_for_plaintext_clients(tmp, psk, monkeypatch):
+    script = tmp / "plugin.sh"
+    script.write_text('#!/bin/bash\necho "$1" >> "$LOG"\ncase "$1" in\n  get_size) echo 1M ;;\n'
+                      '  pread) head -c "$3" /dev/zero ;;\n  *) exit 2 ;;\nesac\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("LOG", str(tmp / "calls"))
+    with serve("--filter=tls-fallback", "sh", str(script), options=("--tls=on", f"--tls-psk={psk}")) as srv:
+        plain = probe(srv, "anything")
+        assert bytes.fromhex(plain["data"]).startswith(b"This NBD server requires TLS authentication")
+        calls = (tmp / "calls").read_text().split()
+        assert "open" not in calls and "get_size" not in calls and "list_exports" not in calls
+        assert probe(srv, "", psk)["size"] == 1 << 20
+        assert "open" in (tmp / "calls").read_text().split()
+
+
+def test_tls_fallback_message_is_cut_to_512_bytes(psk):
+    with serve("--filter=tls-fallback", "memory", "1M", "tlsreadme=" + "x" * 600,
+               options=("--tls=on", f"--tls-psk={psk}")) as srv:
+        assert bytes.fromhex(probe(srv, "")["data"]) == b"x" * 512
+
+
+def test_tls_fallback_refuses_serialized_connections():
+    proc = run([*NBDFORMATS, "--filter=tls-fallback", "--filter=noparallel", "memory", "1M",
+                "serialize=connections", "--run", "true"], check=False, timeout=60)
+    assert proc.returncode == 1 and "requires parallel connection support" in proc.stderr.decode(), proc.stderr
