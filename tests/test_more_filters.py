@@ -61,7 +61,10 @@ def test_cacheextents_answers_from_the_last_answer_until_a_write(tmp, monkeypatc
     script.write_text(COUNTING_PLUGIN)
     script.chmod(0o755)
     log = tmp / "calls"
-    calls = lambda: len(log.read_text().split()) if log.exists() else 0  # noqa: E731
+
+    def calls() -> int:
+        return len(log.read_text().split()) if log.exists() else 0
+
     monkeypatch.setenv("LOG", str(log))
     with serve("--filter=cacheextents", "sh", str(script)) as srv, serve("sh", str(script)) as plain:
         expected = disk_map(plain.uri)

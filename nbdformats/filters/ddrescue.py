@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import itertools
 import logging
 import re
 
@@ -78,7 +79,7 @@ def parse_mapfile(path: str) -> list[tuple[int, int, str]]:
         if length:
             blocks.append((offset, offset + length, fields[2], number))
     blocks.sort()
-    for (_, end, _, _), (start, _, _, number) in zip(blocks, blocks[1:]):
+    for (_, end, _, _), (start, _, _, number) in itertools.pairwise(blocks):
         if start < end:
             raise ConfigError(f"ddrescue: {path}:{number}: the block at {start:#x} overlaps the one before it "
                               f"(which ends at {end:#x})")

@@ -26,11 +26,14 @@ class TlsFallbackFilter(Filter):
     """Plaintext clients get a read-only 512-byte notice (tlsreadme=) instead of the plugin."""
 
     name = "tls-fallback"
-    tlsreadme = Param(String(), default=DEFAULT_MESSAGE,
-                      help="The contents of the dummy export plaintext clients see (cut or NUL-padded to 512 bytes)")
+    tlsreadme = Param(String(), default=None,
+                      help="The contents of the dummy export plaintext clients see (cut or NUL-padded to 512 bytes; "
+                           "default: \"This NBD server requires TLS authentication before it will serve useful "
+                           "data.\" and a newline)")
 
     def config_complete(self) -> None:
-        message = os.fsencode(self.tlsreadme)[:SIZE]  # nbdkit's strncpy: the bytes as given
+        text = DEFAULT_MESSAGE if self.tlsreadme is None else self.tlsreadme
+        message = os.fsencode(text)[:SIZE]  # nbdkit's strncpy: the bytes as given
         self.message = message + bytes(SIZE - len(message))
 
     def get_ready(self) -> None:
