@@ -56,6 +56,11 @@ class Leg:
     def signal(self, signum: int) -> None:
         assert self.proc is not None
         os.killpg(self.proc.pid, signum)
+        if signum == signal.SIGSTOP:  # kill() returns before the target stops: wait until it has
+            stat = Path(f"/proc/{self.proc.pid}/stat")
+            deadline = time.monotonic() + 10
+            while stat.read_text().rsplit(")", 1)[1].split()[0] != "T" and time.monotonic() < deadline:
+                time.sleep(0.005)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
