@@ -2,8 +2,9 @@
 expected-pass.txt is one pytest test and must pass.  A test listed with `needs NAME,...` runs once
 this build has those plugins and filters (nbdkit's tests probe for filters with the null plugin).
 
-The tests run two at a time, as nbdkit's `make check -j` runs them: they mostly wait (their
-start_nbdkit polls for the pid file once a second), and each uses files and sockets of its own."""
+The tests run three at a time, as nbdkit's `make check -j` runs them: they mostly wait (their
+start_nbdkit polls for the pid file once a second), and each uses files and sockets of its own.
+The longest start first, so that the last ones to finish are short."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ from nbdformats.registry import names
 LISTS = {name: harness.read_list(harness.HERE / f"{name}.txt")
          for name in ("expected-pass", "known-failures", "out-of-scope")}
 EXPECTED = LISTS["expected-pass"]
+WORKERS = 3
+# The longest tests (dozens of server starts or a timed transfer each), started first.
+LONGEST = ["test-data-format.sh", "test-data-bad.sh", "test-luks-copy.sh", "test-readahead-copy.sh",
+           "test-luks-info.sh", "test-partition1.sh", "test-luks-copy-zero.sh", "test-fua.sh",
+           "test-data-optimum.sh", "test-nozero.sh", "test-nbd-extents.sh", "test-file-dir.sh", "test-eflags.sh"]
 
 
 def missing_components(annotation: str) -> list[str]:
@@ -36,8 +42,9 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, harness.Resul
     tree, logs = work / "tree", work / "logs"
     harness.make_tree(src, data, tree, harness.nbdformats_command())
     logs.mkdir()
-    runnable = [test for test in sorted(EXPECTED) if not missing_components(EXPECTED[test])]
-    with ThreadPoolExecutor(2) as pool:
+    runnable = sorted((test for test in EXPECTED if not missing_components(EXPECTED[test])),
+                      key=lambda test: (LONGEST.index(test) if test in LONGEST else len(LONGEST), test))
+    with ThreadPoolExecutor(WORKERS) as pool:
         done = dict(zip(runnable, pool.map(lambda test: harness.run_test_retrying(tree, test, logs), runnable)))
     SUMMARY[f"nbdkit {harness.VERSION}'s tests against nbdformats"] = [
         f"{test:45} {result.outcome:8} {result.seconds:5.0f} s" for test, result in done.items()]
