@@ -178,12 +178,25 @@ def pytest_configure(config) -> None:
     os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="nbdf-session-", dir="/tmp")
 
 
+FIRST_SEEN: dict[str, str] = {}  # a server's private directory -> the test during which it appeared
+
+
+@pytest.fixture(autouse=True)
+def _note_private_directories(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Which test a leaked `nbdformats-*` directory appeared in (module fixtures' servers keep
+    theirs until the module ends, so a leak is only judged at the end of the session)."""
+    yield
+    for path in Path(os.environ["TMPDIR"]).glob("nbdformats-*"):
+        FIRST_SEEN.setdefault(path.name, request.node.nodeid)
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     session_tmpdir = os.environ["TMPDIR"]
     leaked = sorted(p.name for p in Path(session_tmpdir).glob("nbdformats-*"))
     shutil.rmtree(session_tmpdir, ignore_errors=True)
     if leaked:
-        SUMMARY["temporary files left behind"] = [f"{session_tmpdir}/{name}" for name in leaked]
+        SUMMARY["temporary files left behind"] = [
+            f"{session_tmpdir}/{name} (first seen after {FIRST_SEEN.get(name, 'a session fixture')})" for name in leaked]
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

@@ -86,7 +86,7 @@ def listen_unix(path: str) -> socket.socket:
         sock.close()
         if os.path.exists(temporary):
             os.unlink(temporary)
-        raise OSError(e.errno, f"cannot listen on {path}: {e.strerror}") from None
+        raise OSError(e.errno, f"cannot listen on {path}: {e.strerror or e}") from None  # "AF_UNIX path too long" has no errno
     return sock
 
 
@@ -104,7 +104,7 @@ def listen_vsock(port: str | None) -> socket.socket:
         sock.listen(128)
     except OSError as e:
         sock.close()
-        raise OSError(e.errno, f"cannot listen on vsock port {number}: {e.strerror}") from None
+        raise OSError(e.errno, f"cannot listen on vsock port {number}: {e.strerror or e}") from None
     return sock
 
 
@@ -125,7 +125,7 @@ def listen_tcp(config: ListenConfig) -> list[socket.socket]:
                 sock.close()
                 if host is None and len(infos) > 1 and family == socket.AF_INET6:
                     continue  # no IPv6 on this host: IPv4 is enough
-                raise OSError(e.errno, f"cannot listen on {address[0]} port {port}: {e.strerror}") from None
+                raise OSError(e.errno, f"cannot listen on {address[0]} port {port}: {e.strerror or e}") from None
             sock.listen(128)
             sockets.append(sock)
     return sockets

@@ -279,6 +279,11 @@ def run_test(tree: Path, name: str, logs: Path, timeout: float = DEFAULT_TIMEOUT
                abs_top_builddir=str(tree), top_builddir="..", LIBNBD_DEBUG="1", LANG="C.UTF-8")
     key, _, value = marker.partition("=")
     env[key] = value
+    # A TMPDIR of the test's own, removed after it: some leave the server's files there on purpose
+    # (test-captive kills it with SIGUSR1, whose default action gives it no chance to remove its -U -
+    # directory).  Short, under /tmp: a Unix socket's path holds at most 107 bytes.
+    tmpdir = tempfile.mkdtemp(prefix="nbdks-", dir="/tmp")
+    env["TMPDIR"] = tmpdir
     log = logs / f"{name}.log"
     start = time.monotonic()
     with open(log, "wb") as out:
@@ -292,6 +297,7 @@ def run_test(tree: Path, name: str, logs: Path, timeout: float = DEFAULT_TIMEOUT
         left = sweep(marker)
         if left:
             out.write(f"harness: ended processes the test left behind: {left}\n".encode())
+    shutil.rmtree(tmpdir, ignore_errors=True)
     return Result(name, outcome, time.monotonic() - start, log)
 
 
