@@ -14,6 +14,11 @@ def disk_map(uri: str) -> list:
     return json.loads(run(["nbdinfo", "--map", "--json", uri]).stdout)
 
 
+def start(*args: str):
+    """Run the server with ARGS until it is ready, then stop it (`--run true`): its exit status and messages."""
+    return run([*NBDFORMATS, *args, "--run", "true"], check=False, timeout=60)
+
+
 def errno_of(uri: str, call: str) -> str:
     return nbdsh(uri, f"try:\n    {call}\n    print('ok')\nexcept nbd.Error as e:\n    print(e.errno)").stdout \
         .decode().strip()
@@ -132,13 +137,12 @@ def test_extentlist_passes_data_through(tmp):
 ])
 def test_extentlist_bad_lists_are_clear_errors(tmp, text, message):
     (tmp / "list").write_text(text)
-    proc = run([*NBDFORMATS, "--filter=extentlist", "null", "1M", f"extentlist={tmp / 'list'}", "--run", "true"],
-               check=False, timeout=60)
+    proc = start("--filter=extentlist", "null", "1M", f"extentlist={tmp / 'list'}")
     assert proc.returncode == 1 and message in proc.stderr.decode(), proc.stderr
 
 
 def test_extentlist_is_required():
-    proc = run([*NBDFORMATS, "--filter=extentlist", "null", "1M", "--run", "true"], check=False, timeout=60)
+    proc = start("--filter=extentlist", "null", "1M")
     assert proc.returncode == 1 and "extentlist" in proc.stderr.decode()
 
 
@@ -211,8 +215,7 @@ def test_ddrescue_without_a_mapfile_fails_every_read():
 ])
 def test_ddrescue_bad_mapfiles_are_clear_errors(tmp, text, message):
     (tmp / "map").write_text(text)
-    proc = run([*NBDFORMATS, "--filter=ddrescue", "null", "1M", f"ddrescue-mapfile={tmp / 'map'}", "--run", "true"],
-               check=False, timeout=60)
+    proc = start("--filter=ddrescue", "null", "1M", f"ddrescue-mapfile={tmp / 'map'}")
     assert proc.returncode == 1 and message in proc.stderr.decode(), proc.stderr
 
 
@@ -288,6 +291,5 @@ def test_tls_fallback_message_is_cut_to_512_bytes(psk):
 
 
 def test_tls_fallback_refuses_serialized_connections():
-    proc = run([*NBDFORMATS, "--filter=tls-fallback", "--filter=noparallel", "memory", "1M",
-                "serialize=connections", "--run", "true"], check=False, timeout=60)
+    proc = start("--filter=tls-fallback", "--filter=noparallel", "memory", "1M", "serialize=connections")
     assert proc.returncode == 1 and "requires parallel connection support" in proc.stderr.decode(), proc.stderr
