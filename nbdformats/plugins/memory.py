@@ -54,8 +54,12 @@ class Allocator(ParamType):
 class SparsePages:
     """Pages that exist only once written; the others read as zeroes (allocator=sparse)."""
 
+    packed = False  # ZstdPages: pages are kept compressed (decompress() gives one back)
+
     def __init__(self) -> None:
-        self.pages: dict[int, bytearray] = {}  # ZstdPages keeps each compressed, as bytes
+        # Each page is a memoryview of its bytearray: assigning to a slice of a bytearray copies
+        # the source into a temporary first (CPython), a memoryview slice copies once.
+        self.pages: dict[int, memoryview] = {}  # ZstdPages keeps each compressed, as bytes
         self.region_counts: dict[int, int] = {}
         # Connections run in threads of their own: pages are added and removed under this lock
         # (two writes to one new page must not each allocate it); reads take none (dict lookups
@@ -65,61 +69,68 @@ class SparsePages:
     def read(self, buf: memoryview, offset: int) -> None:
         pages = self.pages
         done, count = 0, len(buf)
+        index, start = divmod(offset, PAGE)
         while done < count:
-            index, start = divmod(offset + done, PAGE)
             n = min(PAGE - start, count - done)
-            page = pages.get(index)
             # memoryview slices: one copy, straight from the page into the reply buffer
-            source = ZERO_PAGE if page is None else memoryview(page)
-            buf[done:done + n] = source[start:start + n]
+            buf[done:done + n] = pages.get(index, ZERO_PAGE)[start:start + n]
             done += n
+            index += 1
+            start = 0
 
     def read_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
         """Copy the pages that exist; return the ranges of buf (start, length) that are holes."""
-        pages, regions = self.pages, self.region_counts
+        pages, regions, packed = self.pages, self.region_counts, self.packed
         holes: list[tuple[int, int]] = []
         done, count = 0, len(buf)
+        index, start = divmod(offset, PAGE)
         while done < count:
-            index, start = divmod(offset + done, PAGE)
+            page = pages.get(index)
+            if page is not None:
+                n = min(PAGE - start, count - done)
+                if packed:
+                    page = memoryview(self.decompress(page))
+                buf[done:done + n] = page[start:start + n]
+                done += n
+                index += 1
+                start = 0
+                continue
             region = index // REGION_PAGES
             if region not in regions:  # the rest of an empty region
                 n = min((region + 1) * REGION_PAGES * PAGE - (offset + done), count - done)
             else:
                 n = min(PAGE - start, count - done)
-                page = pages.get(index)
-                if page is not None:
-                    self.copy_page(page, start, buf[done:done + n])
-                    done += n
-                    continue
             if holes and sum(holes[-1]) == done:
                 holes[-1] = (holes[-1][0], holes[-1][1] + n)
             else:
                 holes.append((done, n))
             done += n
+            index, start = divmod(offset + done, PAGE)
         return holes
 
-    @staticmethod
-    def copy_page(page: bytearray, start: int, destination: memoryview) -> None:
-        destination[:] = memoryview(page)[start:start + len(destination)]
+    def decompress(self, packed: bytes | bytearray | memoryview) -> bytes:
+        raise NotImplementedError  # only ZstdPages keeps pages packed
 
     def write(self, buf: memoryview, offset: int) -> None:
         pages = self.pages
         done, count = 0, len(buf)
+        index, start = divmod(offset, PAGE)
         while done < count:
-            index, start = divmod(offset + done, PAGE)
             n = min(PAGE - start, count - done)
             page = pages.get(index)
             if page is None:
                 page = self.allocate(index)
             page[start:start + n] = buf[done:done + n]
             done += n
+            index += 1
+            start = 0
 
-    def allocate(self, index: int) -> bytearray:
+    def allocate(self, index: int) -> memoryview:
         """Page `index`, allocated (zeroed) unless another thread just did."""
         with self.lock:
             page = self.pages.get(index)
             if page is None:
-                page = self.pages[index] = bytearray(PAGE)
+                page = self.pages[index] = memoryview(bytearray(PAGE))
                 region = index // REGION_PAGES
                 self.region_counts[region] = self.region_counts.get(region, 0) + 1
             return page
@@ -127,7 +138,7 @@ class SparsePages:
     def page_is_zero(self, index: int, start: int = 0) -> bool:
         """Whether page `index` holds only zeroes from byte `start` of it on (a freed one does)."""
         page = self.pages.get(index)
-        return page is None or memoryview(page)[start:] == ZERO_PAGE[start:]
+        return page is None or page[start:] == ZERO_PAGE[start:]
 
     def free(self, index: int) -> None:
         with self.lock:
@@ -186,6 +197,8 @@ class ZstdPages(SparsePages):
     """Sparse pages kept zstd-compressed (allocator=zstd): about twice the data in the same RAM,
     for the cost of (de)compressing a page on each access."""
 
+    packed = True
+
     def __init__(self) -> None:
         super().__init__()
         # zstandard's (de)compressors must not be used by two threads at once: one per thread.
@@ -198,7 +211,7 @@ class ZstdPages(SparsePages):
             codecs.pair = (zstandard.ZstdCompressor(level=1), zstandard.ZstdDecompressor())
         return codecs.pair
 
-    def decompress(self, packed: bytes | bytearray) -> bytes:
+    def decompress(self, packed: bytes | bytearray | memoryview) -> bytes:
         return self._thread_codecs()[1].decompress(packed)
 
     def compress(self, page: bytearray) -> bytes:
@@ -218,9 +231,6 @@ class ZstdPages(SparsePages):
             buf[done:done + n] = source[start:start + n]
             done += n
 
-    def copy_page(self, page: bytearray, start: int, destination: memoryview) -> None:  # type: ignore[override]
-        destination[:] = memoryview(self.decompress(page))[start:start + len(destination)]
-
     def write(self, buf: memoryview, offset: int) -> None:
         done, count = 0, len(buf)
         with self.write_lock:  # each page is read, changed and stored whole: one writer at a time
@@ -229,7 +239,7 @@ class ZstdPages(SparsePages):
                 n = min(PAGE - start, count - done)
                 packed = self.pages.get(index)
                 page = bytearray(PAGE) if packed is None else bytearray(self.decompress(packed))
-                page[start:start + n] = buf[done:done + n]
+                memoryview(page)[start:start + n] = buf[done:done + n]
                 self._store(index, self.compress(page))
                 done += n
 

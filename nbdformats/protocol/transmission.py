@@ -9,6 +9,7 @@ socket or the backend chain: the server (server/) and the tests drive it.
 from __future__ import annotations
 
 import errno
+import struct
 from dataclasses import dataclass
 
 from . import wire as P
@@ -179,23 +180,32 @@ class ReplyEncoder:
         Returns (whole buffer to send, the data part to fill).
         """
         if self.structured:
-            head = self.chunk_header(P.REPLY_FLAG_DONE if done else 0, P.REPLY_TYPE_OFFSET_DATA, cookie,
-                                     offset, 8 + length) + P.U64.pack(data_offset)
+            header, fields = self._data_header(P.REPLY_FLAG_DONE if done else 0, cookie, offset, length, data_offset)
         else:
-            head = P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, cookie)
+            header, fields = P.SIMPLE_REPLY, (P.SIMPLE_REPLY_MAGIC, 0, cookie)
+        head_size = header.size
         if alignment > 1:
             # Keep the data part aligned for O_DIRECT plugins.
-            pad = -len(head) % alignment
-            whole: bytearray | memoryview = aligned_buffer(pad + len(head) + length, alignment)[pad:]
+            pad = -head_size % alignment
+            whole: bytearray | memoryview = aligned_buffer(pad + head_size + length, alignment)[pad:]
         else:
-            whole = bytearray(len(head) + length)
-        whole[:len(head)] = head
-        return whole, memoryview(whole)[len(head):]
+            whole = bytearray(head_size + length)
+        header.pack_into(whole, 0, *fields)
+        return whole, memoryview(whole)[head_size:]
 
     def data_chunk(self, cookie: int, offset: int, data_offset: int, data: memoryview) -> list[bytes | memoryview]:
         """A structured NBD_REPLY_TYPE_OFFSET_DATA chunk (not the last one) as header and data."""
-        head = self.chunk_header(0, P.REPLY_TYPE_OFFSET_DATA, cookie, offset, 8 + len(data)) + P.U64.pack(data_offset)
-        return [head, data]
+        header, fields = self._data_header(0, cookie, offset, len(data), data_offset)
+        return [header.pack(*fields), data]
+
+    def _data_header(self, flags: int, cookie: int, offset: int, length: int,
+                     data_offset: int) -> tuple[struct.Struct, tuple[int, ...]]:
+        """An NBD_REPLY_TYPE_OFFSET_DATA chunk's header and the offset of its `length` bytes of data."""
+        if self.extended:
+            return P.EXTENDED_DATA_HEADER, (P.EXTENDED_REPLY_MAGIC, flags, P.REPLY_TYPE_OFFSET_DATA, cookie, offset,
+                                            8 + length, data_offset)
+        return P.STRUCTURED_DATA_HEADER, (P.STRUCTURED_REPLY_MAGIC, flags, P.REPLY_TYPE_OFFSET_DATA, cookie,
+                                          8 + length, data_offset)
 
     def hole(self, cookie: int, offset: int, hole_offset: int, length: int) -> bytes:
         payload = P.HOLE_PAYLOAD.pack(hole_offset, length)

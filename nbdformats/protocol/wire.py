@@ -145,6 +145,9 @@ EXTENDED_REQUEST = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offse
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 STRUCTURED_REPLY = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
 EXTENDED_REPLY = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, payload length
+# A chunk of type NBD_REPLY_TYPE_OFFSET_DATA starts with the offset of its data: header and offset in one.
+STRUCTURED_DATA_HEADER = struct.Struct(">IHHQIQ")
+EXTENDED_DATA_HEADER = struct.Struct(">IHHQQQQ")
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")

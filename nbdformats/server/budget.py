@@ -40,21 +40,26 @@ class Budget:
         self.allowance = allowance  # bytes held without charging the parent
         self.used = 0
         self.peak = 0  # the most held since the budget was last empty
-        self._changed = threading.Condition()
+        # Every request takes and gives back room: the lock is taken directly (a C context
+        # manager), and release() notifies only when someone waits.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._waiting = 0
 
     def _fits(self, n: int) -> bool:
         return self.used == 0 or self.used + n <= self.limit
 
     def _charged(self, used: int) -> int:
         """What holding `used` bytes costs the parent."""
-        return max(0, used - self.allowance)
+        return used - self.allowance if used > self.allowance else 0
 
     def try_acquire(self, n: int) -> bool:
         """Take n bytes if there is room here and in the parent, without waiting."""
-        with self._changed:
-            if not self._fits(n):
+        with self._lock:
+            used = self.used
+            if used and used + n > self.limit:
                 return False
-            extra = self._charged(self.used + n) - self._charged(self.used)
+            extra = self._charged(used + n) - self._charged(used)
             if extra and self.parent is not None and not self.parent.try_acquire(extra):
                 return False
             self._take(n)
@@ -62,9 +67,13 @@ class Budget:
 
     def acquire(self, n: int) -> None:
         """Take n bytes, waiting for room here, then in the parent."""
-        with self._changed:
+        with self._lock:
             while not self._fits(n):
-                self._changed.wait()
+                self._waiting += 1
+                try:
+                    self._changed.wait()
+                finally:
+                    self._waiting -= 1
             extra = self._charged(self.used + n) - self._charged(self.used)
             self._take(n)
         if extra and self.parent is not None:
@@ -72,15 +81,18 @@ class Budget:
 
     def _take(self, n: int) -> None:
         self.used += n
-        self.peak = max(self.peak, self.used)
+        if self.used > self.peak:
+            self.peak = self.used
 
     def release(self, n: int) -> None:
         if not n:
             return
-        with self._changed:
-            extra = self._charged(self.used) - self._charged(self.used - n)
-            self.used -= n
-            self._changed.notify_all()
+        with self._lock:
+            used = self.used
+            extra = self._charged(used) - self._charged(used - n)
+            self.used = used - n
+            if self._waiting:
+                self._changed.notify_all()
             emptied_after_much = self.used == 0 and self.peak >= RETURN_MEMORY_AFTER
             if self.used == 0:
                 self.peak = 0

@@ -260,7 +260,7 @@ class Engine:
                     del self._busy_since[me]
                     req.payload = None  # the WRITE buffer is done with
                 held.extend(buffers)
-                held_bytes += sum(len(b) for b in buffers)
+                held_bytes += sum(map(len, buffers))
                 buffers = []  # `held` owns the replies now: their memory goes when their budget does
                 if (self.coalesce and self._pending and held_bytes < COALESCE_BYTES
                         and len(held) < COALESCE_BUFFERS):
