@@ -70,6 +70,33 @@ def test_poll_catches_data_sent_within_the_window():
         assert time.monotonic() - start < 1
 
 
+@needs_two_cpus
+def test_a_miss_counts_its_polling_as_waiting():
+    """A request that comes just after the window (polling missed it, then a short sleep) is a
+    wait longer than the maximum: polling stops, instead of spinning a whole window before every
+    such request (a pipelined stream whose client is the bottleneck)."""
+    from nbdformats.api.chain import ThreadModel
+    from nbdformats.protocol.transmission import RequestDecoder
+    from nbdformats.server.budget import CONNECTION_LIMIT, Budget
+    from nbdformats.server.engine import Engine
+    from nbdformats.server.stream import SocketStream
+    from test_protocol import memory_transmission
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        engine = Engine(SocketStream(ours), memory_transmission(), RequestDecoder(), thread_model=ThreadModel.PARALLEL,
+                        threads=1, latency_bound=False, busy_poll_us=20_000, budget=Budget(CONNECTION_LIMIT),
+                        stats=None, server_connections=["this connection"], peer="test")
+        assert engine.busy_poll is not None
+        engine.busy_poll.window_ns = 10_000_000  # polls 10 ms, the maximum is 20 ms
+        sender = threading.Timer(0.025, theirs.sendall, (b"late",))  # after the window and the maximum
+        sender.start()
+        buf = memoryview(bytearray(16))
+        assert engine._receive(buf) == 4
+        sender.join()
+        assert engine.busy_poll.window_ns == 0
+
+
 def test_only_one_poller_per_spare_cpu():
     assert busypoll._pollers._value == max(1, (os.cpu_count() or 1) - 1)
 

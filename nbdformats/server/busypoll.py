@@ -51,7 +51,7 @@ class BusyPoll:
             _pollers.release()
 
     def waited(self, nanoseconds: int) -> None:
-        """After a normal wait of `nanoseconds` for data: adapt the window."""
+        """After waiting `nanoseconds` for data (polling that found none, then sleeping): adapt the window."""
         if nanoseconds > self.max_ns:
             self.window_ns = 0  # idle: wait the normal way at once next time
         elif nanoseconds > self.window_ns:

@@ -180,10 +180,12 @@ class Engine:
         poller = self.busy_poll
         if poller is None or not poller.max_ns or len(self.server_connections) != 1:
             return self.stream.recv_into(buf)
+        # The wait counts from the first try: a request that comes after the window plus a short
+        # sleep would otherwise keep the window open, and every wait would spin it out for nothing.
+        start = time.perf_counter_ns()
         received = poller.poll(lambda: self.stream.try_recv_into(buf))
         if received is not None:
             return received
-        start = time.perf_counter_ns()
         received = self.stream.recv_into(buf)
         poller.waited(time.perf_counter_ns() - start)
         return received
