@@ -304,6 +304,55 @@ def test_big_file_read_live(tmp: Path) -> None:
         assert proc.stdout.decode().split() == ["error", errno.errorcode[errno.EIO]]
 
 
+def test_directories_are_encoded_at_first_read_from_what_the_scan_saw(tmp: Path) -> None:
+    """Directory entries are encoded when a client first reads their clusters, but from the
+    metadata of start-up: a file deleted, added or touched later changes only the data read
+    (a vanished file's reads fail, as a shrunk file's do)."""
+    from nbdformats.api.errors import NBDError
+    from nbdformats.plugins.floppy.plugin import read_host
+    src = tmp / "src"
+    (src / "sub").mkdir(parents=True)
+    for name in ("kept.txt", "touched.txt", "deleted.txt", "LATER.TXT"):
+        (src / "sub" / name).write_bytes(name.encode())
+    os.utime(src / "sub" / "touched.txt", (1_000_000_000, 1_000_000_000))
+    plugin, top = open_chain(("dir", str(src)))
+    image = plugin.image
+    assert [d.data is None for d in image._directories] == [True, True]  # the root (FAT32) and sub
+    (src / "sub" / "deleted.txt").unlink()
+    (src / "sub" / "added.txt").write_bytes(b"new")
+    (src / "sub" / "LATER.TXT").write_bytes(b"later.txt")  # same size, new data
+    os.utime(src / "sub" / "touched.txt", (1_500_000_000, 1_500_000_000))
+    with pytest.raises(NBDError) as raised:
+        read_range(top, 0, top.get_size())  # reaches deleted.txt's clusters
+    assert raised.value.errno == errno.ENOENT
+    vanished: list[str] = []
+
+    def tolerant(path: str, offset: int, view: memoryview) -> None:
+        if os.path.exists(path):
+            read_host(path, offset, view)
+        else:
+            vanished.append(os.path.basename(path))
+            view[:] = bytes(len(view))
+
+    buf = bytearray(image.size)
+    image.read(memoryview(buf), 0, tolerant)
+    assert vanished == ["deleted.txt"]
+    assert all(d.data is not None for d in image._directories)
+    disk = tmp / "disk.img"
+    disk.write_bytes(buf)
+    fsck(disk, PARTITION_OFFSET)
+    assert mdir_paths(disk, PARTITION_OFFSET) == ["sub", "sub/LATER.TXT", "sub/deleted.txt", "sub/kept.txt",
+                                                  "sub/touched.txt"]
+    out = tmp / "out"
+    extract_all(disk, out, PARTITION_OFFSET)
+    assert (out / "sub" / "LATER.TXT").read_bytes() == b"later.txt"  # data as it is now
+    assert abs(os.stat(out / "sub" / "touched.txt").st_mtime - 1_000_000_000) <= 2  # times of start-up
+    # Encoded once, then kept: a second read gives the same bytes.
+    again = bytearray(image.size)
+    image.read(memoryview(again), 0, tolerant)
+    assert again == buf
+
+
 def test_extents_report_free_space_as_holes(source) -> None:
     root, _ = source
     with serve("floppy", str(root), "size=256M") as srv:
