@@ -126,6 +126,22 @@ def test_windows_name_mapping_and_labels() -> None:
         names.volume_label("DISQUÉ")
 
 
+def test_whole_directory_name_check_agrees_with_the_mapping() -> None:
+    """kept_as_they_are (one check of a directory's names joined by "/") is true only when
+    every name is kept as it is by decode_host_name and windows_name."""
+    tricky = ["plain.txt", "a b", "a.", "a ", ".a", " a", "a:b", "a\\b", "a|b", 'a"b', "a*b", "a?b", "a<b",
+              "a>b", "a\x01b", "a\nb", "a\x7fb", "café", os.fsdecode(b"\xff"), "a..b", "x" * 255, "dot. x"]
+    for first in tricky:
+        for second in tricky:
+            group = [first, second]
+            if names.kept_as_they_are("/".join(group)):
+                assert all(names.windows_name(names.decode_host_name(n)) == n for n in group), group
+            elif all(n.isascii() and n.isprintable() for n in group):
+                assert any(names.windows_name(n) != n for n in group), group
+    assert names.kept_as_they_are("a file with a long name 000001.txt/README")
+    assert names.kept_as_they_are("")
+
+
 def test_fat_timestamps() -> None:
     t = time.mktime((2021, 6, 15, 13, 45, 31, 0, 0, -1)) + 0.25
     date, clock, tenths = fat_timestamp(t)

@@ -203,27 +203,16 @@ def _prepare_directory(directory: _Directory, label: bytes | None, files: _Files
                           f"directory holds at most {MAX_DIRECTORY_ENTRIES} (long names take several)")
     directory.names = names
     directory.length = entries * ENTRY_SIZE
+    # Columns (DirNode's size is 0, its attributes ATTR_DIRECTORY, which no file has).
+    directory.attributes = bytearray([child.attributes for child in children])
+    directory.sizes = array("I", [child.size for child in children])
+    directory.child_times = array("d", [t for child in children for t in (child.ctime, child.atime, child.mtime)])
     subdirs: list[_Directory] = []
-    nonempty: list[FileNode] = []
-    attributes = directory.attributes
-    sizes = directory.sizes
-    child_times = directory.child_times
     for child in children:
-        if isinstance(child, DirNode):
+        if type(child) is DirNode:
             sub = known.pop(id(child), None) if known else None
-            if sub is None:
-                sub = _Directory(child, directory)
-            subdirs.append(sub)
-            attributes.append(ATTR_DIRECTORY)
-            sizes.append(0)
-        else:
-            if child.size:
-                nonempty.append(child)
-            attributes.append(child.attributes)
-            sizes.append(child.size)
-        child_times.append(child.ctime)
-        child_times.append(child.atime)
-        child_times.append(child.mtime)
+            subdirs.append(sub if sub is not None else _Directory(child, directory))
+    nonempty = [child for child in children if child.size and type(child) is FileNode]
     directory.subdirs = subdirs
     directory.first_file = files.add(nonempty)
     directory.node = None  # the tree is not needed once prepared

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import os
 import stat
-from stat import S_IRUSR, S_ISDIR, S_ISREG
+from stat import S_IRUSR, S_ISDIR, S_ISLNK, S_ISREG
 from collections import deque
-from operator import attrgetter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 from ...api.progress import progress
-from ...formats.fat.dirents import ATTR_ARCHIVE
-from ...formats.fat.names import decode_host_name, fold, windows_name
+from ...formats.fat.dirents import ATTR_ARCHIVE, ATTR_DIRECTORY
+from ...formats.fat.names import decode_host_name, fold, kept_as_they_are, windows_name
 
 MAX_FILE_SIZE = 0xFFFFFFFF  # DIR_FileSize is 32 bits
 # Links to directories can multiply a tree without any loop (two links to one directory in
@@ -56,6 +55,9 @@ class DirNode:
     atime: float
     mtime: float
     children: list["FileNode | DirNode"] = field(default_factory=list)
+    # As FileNode's, for the columns of directory entries.
+    size: ClassVar[int] = 0
+    attributes: ClassVar[int] = ATTR_DIRECTORY
 
 
 Warn = Callable[[str], None]
@@ -126,9 +128,9 @@ def scan(directories: list[str], warn: Warn, on_complete: Callable[[DirNode], No
     return root
 
 
-def _shown(entry: os.DirEntry, real_dir: str, shown_dir: str) -> str:
+def _shown(host_name: str, real_dir: str, shown_dir: str) -> str:
     """How to name a file of the directory being merged in a message."""
-    return entry.path if real_dir == shown_dir else os.path.join(shown_dir, entry.name)
+    return os.path.join(real_dir if real_dir == shown_dir else shown_dir, host_name)
 
 
 def _merge(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...], via_link: bool,
@@ -149,44 +151,76 @@ def _merge(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...],
 def _merge_entries(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[str, ...], via_link: bool,
                    roots: list[str], warn: Warn, pending: deque, dir_fd: int) -> int:
     try:
-        with os.scandir(real_dir) as it:
-            entries = sorted(it, key=attrgetter("name"))
+        names = os.listdir(dir_fd)
     except OSError as e:
         warn(f"skipping directory {shown_dir}: {e.strerror}")
         return 0
+    names.sort()
+    # The FAT long names and the keys they are compared by, for the whole directory at once
+    # when its names need no mapping (plain ASCII: the usual tree).
+    joined = "/".join(names)
+    if kept_as_they_are(joined):
+        fat_names = names
+        keys = joined.upper().split("/") if names else []
+    else:
+        fat_names = [windows_name(decode_host_name(name)) for name in names]
+        keys = [fold(name) for name in fat_names]
     children = node.children
     # Entries already there come from an earlier directory merged into this one.
     earlier = {fold(child.name): i for i, child in enumerate(children)}
     seen_here: set[str] = set()
     uid = os.getuid()  # access() checks the real user, as here
     append = children.append
-    for entry in entries:
-        name = windows_name(decode_host_name(entry.name))
+    lstat = os.lstat
+    for host_name, name, key in zip(names, fat_names, keys):
         try:
-            is_link = entry.is_symlink()
+            st = lstat(host_name, dir_fd=dir_fd)  # relative to the directory: no walk of the whole path
+            mode = st.st_mode
+            is_link = S_ISLNK(mode)
             if is_link:
-                target = os.path.realpath(entry.path)
+                target = os.path.realpath(os.path.join(real_dir, host_name))
                 if not _inside(target, roots):
-                    warn(f"skipping symbolic link {os.path.join(shown_dir, entry.name)}: it points "
+                    warn(f"skipping symbolic link {os.path.join(shown_dir, host_name)}: it points "
                          f"outside the served directories")
                     continue
                 st = os.stat(target)
+                mode = st.st_mode
                 real_parent, real_name = os.path.split(target)
             else:
-                st = os.lstat(entry.name, dir_fd=dir_fd)
-                real_parent, real_name = real_dir, entry.name
+                real_parent, real_name = real_dir, host_name
         except OSError as e:
-            warn(f"skipping {os.path.join(shown_dir, entry.name)}: {e.strerror}")
+            warn(f"skipping {os.path.join(shown_dir, host_name)}: {e.strerror}")
             continue
-        key = fold(name)
         if key in seen_here:
-            warn(f"skipping {os.path.join(shown_dir, entry.name)}: FAT names ignore case and another "
+            warn(f"skipping {os.path.join(shown_dir, host_name)}: FAT names ignore case and another "
                  f"name in {shown_dir} already gives {name!r}")
             continue
-        position = earlier.get(key)
-        existing = children[position] if position is not None else None
-        if S_ISDIR(st.st_mode):
-            shown = os.path.join(shown_dir, entry.name)
+        position = earlier.get(key) if earlier else None
+        if S_ISREG(mode):
+            existing = children[position] if position is not None else None
+            if isinstance(existing, DirNode):
+                raise TreeError(f"{existing.origin} is a directory but {_shown(host_name, real_dir, shown_dir)} "
+                                f"is a file: they cannot be merged")
+            size = st.st_size
+            if size > MAX_FILE_SIZE:
+                raise TreeError(f"{_shown(host_name, real_dir, shown_dir)} is {size} bytes: FAT cannot hold "
+                                f"files of 4 GiB or more (at most {MAX_FILE_SIZE} bytes)")
+            # Our own file with its owner's read bit is readable (a POSIX ACL cannot take
+            # that from its owner): no access() call for the usual tree of one's own files.
+            if not (st.st_uid == uid and mode & S_IRUSR) and \
+                    not os.access(os.path.join(real_dir, host_name), os.R_OK):
+                warn(f"skipping {_shown(host_name, real_dir, shown_dir)}: permission denied")
+                continue
+            seen_here.add(key)
+            file = FileNode(name, real_name, size, st.st_ctime, st.st_atime, st.st_mtime, ATTR_ARCHIVE,
+                            real_parent)
+            if existing is None:
+                append(file)
+            else:
+                children[position] = file  # type: ignore[index]
+        elif S_ISDIR(mode):
+            existing = children[position] if position is not None else None
+            shown = os.path.join(shown_dir, host_name)
             real = os.path.join(real_parent, real_name)
             if any(c == real or c.startswith(real.rstrip("/") + "/") for c in chain):
                 warn(f"skipping symbolic link {shown}: it loops back to {real}")
@@ -206,26 +240,7 @@ def _merge_entries(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[st
                 child.name, child.origin = name, shown
                 child.ctime, child.atime, child.mtime = st.st_ctime, st.st_atime, st.st_mtime
             pending.append((child, real, shown, chain + (real,), via_link or is_link))
-        elif S_ISREG(st.st_mode):
-            if isinstance(existing, DirNode):
-                raise TreeError(f"{existing.origin} is a directory but {_shown(entry, real_dir, shown_dir)} "
-                                f"is a file: they cannot be merged")
-            if st.st_size > MAX_FILE_SIZE:
-                raise TreeError(f"{_shown(entry, real_dir, shown_dir)} is {st.st_size} bytes: FAT cannot hold "
-                                f"files of 4 GiB or more (at most {MAX_FILE_SIZE} bytes)")
-            # Our own file with its owner's read bit is readable (a POSIX ACL cannot take
-            # that from its owner): no access() call for the usual tree of one's own files.
-            if not (st.st_uid == uid and st.st_mode & S_IRUSR) and not os.access(entry.path, os.R_OK):
-                warn(f"skipping {_shown(entry, real_dir, shown_dir)}: permission denied")
-                continue
-            seen_here.add(key)
-            file = FileNode(name, real_name, st.st_size, st.st_ctime, st.st_atime, st.st_mtime,
-                            directory=real_parent)
-            if existing is None:
-                append(file)
-            else:
-                children[position] = file  # type: ignore[index]
         else:
-            warn(f"skipping {os.path.join(shown_dir, entry.name)}: {_kind(st.st_mode)} cannot be "
+            warn(f"skipping {os.path.join(shown_dir, host_name)}: {_kind(mode)} cannot be "
                  f"stored in FAT")
-    return len(entries)
+    return len(names)
