@@ -452,6 +452,29 @@ def test_scan_completes_each_directory_once_with_its_children_final(tmp: Path) -
     assert root.name == ""
 
 
+def test_scan_takes_plain_directories_in_bulk_as_entry_by_entry(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory of one's own readable regular files is taken in one go; what it gives is
+    what the entry-by-entry scan gives (forced here by a uid that owns nothing)."""
+    from nbdformats.plugins.floppy import tree
+    src = tmp / "src"
+    (src / "sub").mkdir(parents=True)
+    for i, name in enumerate(["plain.txt", "UPPER.TXT", "a b c", "x" * 200, "a:b", "café", "trailing."]):
+        (src / "sub" / name).write_bytes(b"x" * i)
+    (src / "leaf").mkdir()
+    for i in range(50):
+        (src / "leaf" / f"file {i}").write_bytes(b"y" * i)
+
+    def scanned() -> list[tuple]:
+        root = tree.scan([str(src)], print)
+        return sorted((d.name, c.name, c.source, c.size, c.ctime, c.atime, c.mtime, c.attributes, c.directory)
+                      for d in root.children for c in d.children)  # type: ignore[union-attr]
+
+    bulk = scanned()
+    monkeypatch.setattr(tree.os, "getuid", lambda: -1)
+    assert scanned() == bulk
+    assert len(bulk) == 57 and ("sub", "a\uf03ab", "a:b", 4) == bulk[[c[1] for c in bulk].index("a\uf03ab")][:4]
+
+
 def test_merge_file_against_directory_is_an_error(tmp: Path) -> None:
     (tmp / "a").mkdir()
     (tmp / "a" / "thing").write_text("file")

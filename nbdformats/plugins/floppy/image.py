@@ -15,7 +15,8 @@ import threading
 from array import array
 from bisect import bisect_right
 from collections import deque
-from itertools import accumulate
+from itertools import accumulate, repeat
+from operator import floordiv
 from typing import Callable
 
 from ...api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO
@@ -45,7 +46,7 @@ class _Directory:
     in order, and the index (in _Files) of the first non-empty file (the others follow).
     """
 
-    __slots__ = ("node", "parent", "cluster", "times", "names", "attributes", "sizes", "child_times",
+    __slots__ = ("node", "parent", "cluster", "times", "names", "attributes", "sizes", "ctimes", "atimes", "mtimes",
                  "subdirs", "first_file", "length", "data")
 
     def __init__(self, node: DirNode, parent: "_Directory | None") -> None:
@@ -56,7 +57,9 @@ class _Directory:
         self.names: list[str] = []
         self.attributes = bytearray()
         self.sizes = array("I")
-        self.child_times = array("d")  # ctime, atime, mtime of each child
+        self.ctimes = array("d")  # of each child
+        self.atimes = array("d")
+        self.mtimes = array("d")
         self.subdirs: list[_Directory] = []
         self.first_file = 0
         self.length = 0  # bytes of entries
@@ -81,7 +84,7 @@ class _Directory:
             if short is not None:
                 allocator.reserve(short)
         allocate = allocator.allocate
-        attributes, sizes, child_times = self.attributes, self.sizes, self.child_times
+        attributes, sizes, ctimes, atimes, mtimes = self.attributes, self.sizes, self.ctimes, self.atimes, self.mtimes
         subdirs = iter(self.subdirs)
         file_index = self.first_file
         for i, (name, short) in enumerate(zip(names, exact)):
@@ -98,8 +101,7 @@ class _Directory:
                 if size:
                     cluster = file_cluster(file_index)
                     file_index += 1
-            data += file_entry(short, attribute, size, child_times[3 * i], child_times[3 * i + 1],
-                               child_times[3 * i + 2])
+            data += file_entry(short, attribute, size, ctimes[i], atimes[i], mtimes[i])
             if cluster:
                 _set_cluster(data, offset, cluster)
         assert len(data) == self.length, (len(data), self.length)
@@ -132,7 +134,7 @@ class _Files:
     def add(self, nodes: list[FileNode]) -> int:
         """Add non-empty files (one directory's); returns the index of the first."""
         first = len(self.sizes)
-        self.sizes.extend(node.size for node in nodes)
+        self.sizes.extend([node.size for node in nodes])
         host = [node for node in nodes if node.directory is not None]
         if len(host) < len(nodes):
             for index, node in enumerate(nodes, first):
@@ -151,21 +153,25 @@ class _Files:
                 self.names += os.fsencode(name)  # type: ignore[arg-type]
                 self.name_ends.append(len(self.names))
         directory_of = self.directory_of
-        last: str | None = None
-        d = 0
-        for node in nodes:
-            if node.directory is not last:
-                last = node.directory
-                if last is None:
-                    d = 0
-                else:
-                    found = self._directory_index.get(last)
-                    if found is None:
-                        found = self._directory_index[last] = len(self.directories)
-                        self.directories.append(last)
-                    d = found
-            directory_of.append(d)
+        directories = [node.directory for node in nodes]
+        if directories and directories[0] is not None and directories.count(directories[0]) == len(directories):
+            directory_of.extend(repeat(self._index_of(directories[0]), len(directories)))  # the usual case
+        else:
+            last: str | None = None
+            d = 0
+            for directory in directories:
+                if directory is not last:
+                    last = directory
+                    d = 0 if last is None else self._index_of(last)
+                directory_of.append(d)
         return first
+
+    def _index_of(self, directory: str) -> int:
+        found = self._directory_index.get(directory)
+        if found is None:
+            found = self._directory_index[directory] = len(self.directories)
+            self.directories.append(directory)
+        return found
 
     def path(self, index: int) -> str:
         name = os.fsdecode(bytes(self.names[self.name_ends[index]:self.name_ends[index + 1]]))
@@ -195,9 +201,15 @@ def _prepare_directory(directory: _Directory, label: bytes | None, files: _Files
     entries = len(names) + (1 if directory.parent is None and label is not None else 0)
     if directory.parent is not None:
         entries += 2  # "." and ".."
-    for name in names:
-        if len(name) > 12 or exact_short_name(name) is None:
-            entries += _long_name_slots(name)
+    lengths = list(map(len, names))
+    if joined.isascii() and max(lengths, default=0) <= MAX_LONG_NAME:  # then a character is a UTF-16 unit
+        entries += sum([(length + LONG_NAME_UNITS_PER_SLOT - 1) // LONG_NAME_UNITS_PER_SLOT
+                        for length in lengths if length > 12])  # never an exact 8.3 name
+        entries += sum([1 for name, length in zip(names, lengths) if length <= 12 and exact_short_name(name) is None])
+    else:
+        for name in names:
+            if len(name) > 12 or exact_short_name(name) is None:
+                entries += _long_name_slots(name)
     if entries > MAX_DIRECTORY_ENTRIES:
         raise LayoutError(f"{node.origin} needs {entries} directory entries; a FAT "
                           f"directory holds at most {MAX_DIRECTORY_ENTRIES} (long names take several)")
@@ -206,7 +218,9 @@ def _prepare_directory(directory: _Directory, label: bytes | None, files: _Files
     # Columns (DirNode's size is 0, its attributes ATTR_DIRECTORY, which no file has).
     directory.attributes = bytearray([child.attributes for child in children])
     directory.sizes = array("I", [child.size for child in children])
-    directory.child_times = array("d", [t for child in children for t in (child.ctime, child.atime, child.mtime)])
+    directory.ctimes = array("d", [child.ctime for child in children])
+    directory.atimes = array("d", [child.atime for child in children])
+    directory.mtimes = array("d", [child.mtime for child in children])
     subdirs: list[_Directory] = []
     for child in children:
         if type(child) is DirNode:
@@ -326,14 +340,12 @@ class FatImage:
         sizes = array("Q", (directory.length for directory in directories))
         sizes.extend(files.sizes)
         self._sizes = sizes
-        clusters = array("Q", (max(1, -(-length // cluster_size)) for length in sizes))
-        starts = array("I", [2])
-        next_cluster = 2
-        for count in clusters:
-            next_cluster += count
-            starts.append(next_cluster)
-        self._allocated_end = next_cluster
-        self._chain_ends = array("I", (start - 1 for start in starts[1:]))
+        # Clusters per object: at least one per directory; files are not empty.
+        clusters = [max(1, -(-directory.length // cluster_size)) for directory in directories]
+        clusters += map(floordiv, map((cluster_size - 1).__add__, files.sizes), repeat(cluster_size))
+        starts = array("I", accumulate(clusters, initial=2))
+        self._allocated_end = starts[-1]
+        self._chain_ends = array("I", map((-1).__add__, starts[1:]))  # the cluster before the next start
         del starts[-1]
         self._starts = starts
         for directory, start in zip(directories, starts):
@@ -370,7 +382,7 @@ class FatImage:
                 directory.names = []
                 directory.attributes = bytearray()
                 directory.sizes = array("I")
-                directory.child_times = array("d")
+                directory.ctimes = directory.atimes = directory.mtimes = array("d")
             return directory.data
 
     def _build_map(self) -> None:

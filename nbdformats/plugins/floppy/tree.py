@@ -12,6 +12,7 @@ import os
 import stat
 from stat import S_IRUSR, S_ISDIR, S_ISLNK, S_ISREG
 from collections import deque
+from itertools import repeat
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -166,15 +167,32 @@ def _merge_entries(node: DirNode, real_dir: str, shown_dir: str, chain: tuple[st
         fat_names = [windows_name(decode_host_name(name)) for name in names]
         keys = [fold(name) for name in fat_names]
     children = node.children
+    uid = os.getuid()  # access() checks the real user, as here
+    lstat = os.lstat
+    stats: list[os.stat_result] | None = None
+    if not children and len(set(keys)) == len(keys):
+        # Nothing merged here before and no clash of names: a directory of our own readable
+        # regular files (the usual leaf directory) is taken in bulk, as the loop below would.
+        try:
+            stats = [lstat(name, dir_fd=dir_fd) for name in names]  # relative: no walk of the whole path
+        except OSError:
+            stats = None  # the loop below says which
+        else:
+            modes = [st.st_mode for st in stats]
+            sizes = [st.st_size for st in stats]
+            if all(map(S_ISREG, modes)) and all(map(S_IRUSR.__and__, modes)) and \
+                    [st.st_uid for st in stats].count(uid) == len(stats) and max(sizes, default=0) <= MAX_FILE_SIZE:
+                children.extend(map(FileNode, fat_names, names, sizes, [st.st_ctime for st in stats],
+                                    [st.st_atime for st in stats], [st.st_mtime for st in stats],
+                                    repeat(ATTR_ARCHIVE), repeat(real_dir)))
+                return len(names)
     # Entries already there come from an earlier directory merged into this one.
     earlier = {fold(child.name): i for i, child in enumerate(children)}
     seen_here: set[str] = set()
-    uid = os.getuid()  # access() checks the real user, as here
     append = children.append
-    lstat = os.lstat
-    for host_name, name, key in zip(names, fat_names, keys):
+    for index, (host_name, name, key) in enumerate(zip(names, fat_names, keys)):
         try:
-            st = lstat(host_name, dir_fd=dir_fd)  # relative to the directory: no walk of the whole path
+            st = stats[index] if stats is not None else lstat(host_name, dir_fd=dir_fd)
             mode = st.st_mode
             is_link = S_ISLNK(mode)
             if is_link:
