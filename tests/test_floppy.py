@@ -454,11 +454,14 @@ def test_scan_completes_each_directory_once_with_its_children_final(tmp: Path) -
 
 def test_scan_takes_plain_directories_in_bulk_as_entry_by_entry(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A directory of one's own readable regular files is taken in one go; what it gives is
-    what the entry-by-entry scan gives (forced here by a uid that owns nothing)."""
+    what the entry-by-entry scan gives (forced here by a uid that owns nothing), with the
+    directories read by the C extension ahead of the scan or by os.listdir and os.lstat."""
     from nbdformats.plugins.floppy import tree
     src = tmp / "src"
     (src / "sub").mkdir(parents=True)
-    for i, name in enumerate(["plain.txt", "UPPER.TXT", "a b c", "x" * 200, "a:b", "café", "trailing."]):
+    # Not UTF-8: b"\xc0x" sorts before "\xe9x" as bytes, after it as Python strings.
+    for i, name in enumerate(["plain.txt", "UPPER.TXT", "a b c", "x" * 200, "a:b", "café", "trailing.",
+                              os.fsdecode(b"\xc0x"), "\xe9x"]):
         (src / "sub" / name).write_bytes(b"x" * i)
     (src / "leaf").mkdir()
     for i in range(50):
@@ -466,13 +469,45 @@ def test_scan_takes_plain_directories_in_bulk_as_entry_by_entry(tmp: Path, monke
 
     def scanned() -> list[tuple]:
         root = tree.scan([str(src)], print)
-        return sorted((d.name, c.name, c.source, c.size, c.ctime, c.atime, c.mtime, c.attributes, c.directory)
-                      for d in root.children for c in d.children)  # type: ignore[union-attr]
+        return [(d.name, c.name, c.source, c.size, c.ctime, c.atime, c.mtime,  # type: ignore[union-attr]
+                 c.attributes, c.directory) for d in root.children for c in d.children]  # type: ignore[union-attr]
 
-    bulk = scanned()
+    results = [scanned()]
+    monkeypatch.setattr(tree, "_list_and_stat", None)
+    results.append(scanned())
     monkeypatch.setattr(tree.os, "getuid", lambda: -1)
-    assert scanned() == bulk
-    assert len(bulk) == 57 and ("sub", "a\uf03ab", "a:b", 4) == bulk[[c[1] for c in bulk].index("a\uf03ab")][:4]
+    results.append(scanned())
+    assert results[0] == results[1] == results[2]
+    bulk = results[0]
+    assert len(bulk) == 59 and ("sub", "a\uf03ab", "a:b", 4) == bulk[[c[1] for c in bulk].index("a\uf03ab")][:4]
+
+
+def test_c_extension_lists_and_stats_as_os_does(source) -> None:
+    """_scandir.list_and_stat: os.listdir's names (sorted) and os.lstat's fields, times to the bit."""
+    scandir = pytest.importorskip("nbdformats.plugins.floppy._scandir")
+    root, expected = source
+    for directory in [root, *(root / path for path, data in expected.items() if data is None)]:
+        names, *columns = scandir.list_and_stat(str(directory))
+        assert sorted(names) == sorted(os.listdir(directory))
+        for i, name in enumerate(names):
+            st = os.lstat(directory / name)
+            assert [column[i] for column in columns] == [st.st_mode, st.st_uid, st.st_size, st.st_ctime,
+                                                         st.st_atime, st.st_mtime, 0], name
+    with pytest.raises(FileNotFoundError):
+        scandir.list_and_stat(str(root / "no such directory"))
+
+
+def test_scan_reports_entries_that_cannot_be_stat_ed(tmp: Path) -> None:
+    """An entry whose lstat failed (it went between listing and lstat) is skipped with a warning."""
+    from nbdformats.plugins.floppy import tree
+    node = tree.DirNode("", str(tmp), 0, 0, 0)
+    warnings: list[str] = []
+    listing = (["gone.txt", "here.txt"], [0, 0o100644], [0, os.getuid()], [0, 5], [0.0, 1.5], [0.0, 2.5],
+               [0.0, 3.5], [errno.ENOENT, 0])
+    count = tree._merge_entries(node, str(tmp), "/shown", (str(tmp),), False, [str(tmp)], warnings.append,
+                                tree.deque(), listing)  # type: ignore[arg-type]
+    assert count == 2 and [c.name for c in node.children] == ["here.txt"]
+    assert warnings == [f"skipping /shown/gone.txt: {os.strerror(errno.ENOENT)}"]
 
 
 def test_merge_file_against_directory_is_an_error(tmp: Path) -> None:
