@@ -154,6 +154,8 @@ def test_fat_timestamps() -> None:
     for moment in (t, 0.0, -5.5, 315532801.25, 2.0 ** 40, float("inf"), float("-inf"), float("nan")):
         assert file_entry(b"NAME    TXT", 0x20, 7, moment, t, moment) == \
             short_entry(b"NAME    TXT", 0x20, 0, 7, Times(moment, t, moment))
+    assert file_entry(b"NAME    TXT", 0x20, 7, t, t, t, 0x12345678) == \
+        short_entry(b"NAME    TXT", 0x20, 0x12345678, 7, Times(t, t, t))
 
 
 # -- layout (sans-IO) ---------------------------------------------------------------------

@@ -10,7 +10,6 @@ offset, buffer to fill) only when a request touches a file's clusters.
 from __future__ import annotations
 
 import os
-import struct
 import threading
 from array import array
 from bisect import bisect_right
@@ -41,7 +40,8 @@ class _Directory:
 
     At start-up only what the layout needs is worked out (the entries' total size); the
     entries themselves (short names, long-name slots, times, first clusters) are encoded
-    by `encode` from the columns kept here: the children's long names in FAT order, their
+    by `encode` from the columns kept here: the children's long names in FAT order (joined by
+    "/", which no FAT long name holds: one string rather than one object per name), their
     attributes (ATTR_DIRECTORY for a subdirectory), sizes and times, the subdirectories
     in order, and the index (in _Files) of the first non-empty file (the others follow).
     """
@@ -54,7 +54,7 @@ class _Directory:
         self.parent = parent
         self.cluster = 0
         self.times = (node.ctime, node.atime, node.mtime)
-        self.names: list[str] = []
+        self.names = ""  # joined by "/"
         self.attributes = bytearray()
         self.sizes = array("I")
         self.ctimes = array("d")  # of each child
@@ -78,7 +78,8 @@ class _Directory:
             # ".." of a first-level directory is 0, even on FAT32.
             parent = self.parent.cluster if self.parent.parent is not None else 0
             data += dot_entries(self.cluster, parent, times)
-        names = self.names
+        names = self.names.split("/") if self.attributes else []
+        assert len(names) == len(self.attributes)
         exact = [exact_short_name(name) for name in names]
         for short in exact:
             if short is not None:
@@ -91,7 +92,6 @@ class _Directory:
             if short is None:
                 short = allocate(name)
                 data += long_name_entries(name, short_name_checksum(short))
-            offset = len(data)
             attribute = attributes[i]
             if attribute == ATTR_DIRECTORY:
                 size, cluster = 0, next(subdirs).cluster
@@ -101,9 +101,7 @@ class _Directory:
                 if size:
                     cluster = file_cluster(file_index)
                     file_index += 1
-            data += file_entry(short, attribute, size, ctimes[i], atimes[i], mtimes[i])
-            if cluster:
-                _set_cluster(data, offset, cluster)
+            data += file_entry(short, attribute, size, ctimes[i], atimes[i], mtimes[i], cluster)
         assert len(data) == self.length, (len(data), self.length)
         return data
 
@@ -198,6 +196,7 @@ def _prepare_directory(directory: _Directory, label: bytes | None, files: _Files
         order = sorted(range(len(children)), key=keys.__getitem__)
         children = [children[i] for i in order]
         names = [names[i] for i in order]
+        joined = "/".join(names)
     entries = len(names) + (1 if directory.parent is None and label is not None else 0)
     if directory.parent is not None:
         entries += 2  # "." and ".."
@@ -213,7 +212,7 @@ def _prepare_directory(directory: _Directory, label: bytes | None, files: _Files
     if entries > MAX_DIRECTORY_ENTRIES:
         raise LayoutError(f"{node.origin} needs {entries} directory entries; a FAT "
                           f"directory holds at most {MAX_DIRECTORY_ENTRIES} (long names take several)")
-    directory.names = names
+    directory.names = joined
     directory.length = entries * ENTRY_SIZE
     # Columns (DirNode's size is 0, its attributes ATTR_DIRECTORY, which no file has).
     directory.attributes = bytearray([child.attributes for child in children])
@@ -231,14 +230,6 @@ def _prepare_directory(directory: _Directory, label: bytes | None, files: _Files
     directory.first_file = files.add(nonempty)
     directory.node = None  # the tree is not needed once prepared
     return subdirs
-
-
-_CLUSTER_HIGH = struct.Struct("<H")
-
-
-def _set_cluster(data: bytearray, offset: int, cluster: int) -> None:
-    _CLUSTER_HIGH.pack_into(data, offset + 20, cluster >> 16)
-    _CLUSTER_HIGH.pack_into(data, offset + 26, cluster & 0xFFFF)
 
 
 class TreeEncoder:
@@ -379,7 +370,7 @@ class FatImage:
             if directory.data is None:
                 starts, first_file = self._starts, len(self._directories)
                 directory.data = directory.encode(self._label, lambda index: starts[first_file + index])
-                directory.names = []
+                directory.names = ""
                 directory.attributes = bytearray()
                 directory.sizes = array("I")
                 directory.ctimes = directory.atimes = directory.mtimes = array("d")
