@@ -80,7 +80,7 @@ class _Directory:
             data += dot_entries(self.cluster, parent, times)
         names = self.names.split("/") if self.attributes else []
         assert len(names) == len(self.attributes)
-        exact = [exact_short_name(name) for name in names]
+        exact = [exact_short_name(name) if len(name) <= 12 else None for name in names]  # 8.3: 12 at most
         for short in exact:
             if short is not None:
                 allocator.reserve(short)
