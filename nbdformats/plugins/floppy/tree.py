@@ -29,6 +29,7 @@ MAX_FILE_SIZE = 0xFFFFFFFF  # DIR_FileSize is 32 bits
 MAX_ENTRIES_THROUGH_LINKS = 1_000_000
 # Directories listed and lstat'ed ahead of the scan, on a thread, by the C extension.
 LOOKAHEAD = 4
+READERS = 1  # threads reading them
 
 try:
     from ._scandir import list_and_stat as _list_and_stat  # the GIL released: see _scandir.c
@@ -127,7 +128,7 @@ def scan(directories: list[str], warn: Warn, on_complete: Callable[[DirNode], No
     remaining = {id(root): len(roots)}  # host directories still to merge into each node
     # With the C extension, the next LOOKAHEAD directories of the queue are read on a thread
     # (system calls without the GIL) while this one merges the current one.
-    reader = ThreadPoolExecutor(1, thread_name_prefix="floppy-scan") if _list_and_stat is not None else None
+    reader = ThreadPoolExecutor(READERS, thread_name_prefix="floppy-scan") if _list_and_stat is not None else None
     ahead: deque[Future[Listing]] = deque()  # listings of pending[0], pending[1] ...
     try:
         with progress(None, "floppy: scanning", unit="entries") as bar:  # big trees take a while
