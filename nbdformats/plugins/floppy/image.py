@@ -85,23 +85,21 @@ class _Directory:
             if short is not None:
                 allocator.reserve(short)
         allocate = allocator.allocate
-        attributes, sizes, ctimes, atimes, mtimes = self.attributes, self.sizes, self.ctimes, self.atimes, self.mtimes
         subdirs = iter(self.subdirs)
         file_index = self.first_file
-        for i, (name, short) in enumerate(zip(names, exact)):
+        for name, short, attribute, size, ctime, atime, mtime in zip(names, exact, self.attributes, self.sizes,
+                                                                     self.ctimes, self.atimes, self.mtimes):
             if short is None:
                 short = allocate(name)
                 data += long_name_entries(name, short_name_checksum(short))
-            attribute = attributes[i]
             if attribute == ATTR_DIRECTORY:
-                size, cluster = 0, next(subdirs).cluster
+                cluster = next(subdirs).cluster
+            elif size:
+                cluster = file_cluster(file_index)
+                file_index += 1
             else:
-                size = sizes[i]
                 cluster = 0
-                if size:
-                    cluster = file_cluster(file_index)
-                    file_index += 1
-            data += file_entry(short, attribute, size, ctimes[i], atimes[i], mtimes[i], cluster)
+            data += file_entry(short, attribute, size, ctime, atime, mtime, cluster)
         assert len(data) == self.length, (len(data), self.length)
         return data
 
