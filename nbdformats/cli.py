@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
-import logging.handlers
 import os
 import re
-import platform
 import shutil
 import signal
 import socket
@@ -340,7 +337,7 @@ def dump_config() -> None:
     version = __version__.split(".")
     config = {
         "binary": binary, "bindir": scripts, "exit_with_parent": "yes",
-        "filterdir": os.path.join(package, "filters"), "host_cpu": platform.machine(),
+        "filterdir": os.path.join(package, "filters"), "host_cpu": os.uname().machine,
         "host_os": "linux-gnu" if sys.platform == "linux" else sys.platform,
         "libdir": os.path.dirname(package), "mandir": os.path.join(sys.prefix, "share", "man"),
         "name": "nbdformats", "plugindir": os.path.join(package, "plugins"), "sbindir": scripts,
@@ -457,7 +454,8 @@ def setup_logging(verbose: bool, destination: str) -> None:
     if destination == "null":
         root.addHandler(logging.NullHandler())
     elif destination == "syslog":
-        handler = logging.handlers.SysLogHandler(address="/dev/log") if os.path.exists("/dev/log") \
+        from logging.handlers import SysLogHandler  # only for --log=syslog: not imported by every start
+        handler = SysLogHandler(address="/dev/log") if os.path.exists("/dev/log") \
             else logging.NullHandler()
         handler.setFormatter(ComponentFormatter("nbdformats", with_pid=True))
         root.addHandler(handler)
@@ -498,6 +496,7 @@ def stderr_is_stdin_socket() -> bool:
 
 
 def exit_with_parent() -> None:
+    import ctypes  # only here and for --swap: not imported by every start
     libc = ctypes.CDLL(None, use_errno=True)
     PR_SET_PDEATHSIG = 1
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
@@ -506,6 +505,7 @@ def exit_with_parent() -> None:
 
 def lock_memory_for_swap() -> None:
     """--swap: do not let the kernel swap us out or OOM-kill us while we serve swap."""
+    import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     MCL_CURRENT, MCL_FUTURE = 1, 2
     if libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:

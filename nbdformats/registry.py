@@ -13,7 +13,6 @@ import importlib.util
 import os
 import pkgutil
 import re
-from importlib import metadata
 from typing import Any
 
 from . import __version__
@@ -63,6 +62,7 @@ def _load(kind: str, name: str, attr: str, base: type) -> Any:
         except ModuleNotFoundError as e:
             if e.name != module_name:  # the component exists but needs something not installed
                 raise ConfigError(f"{kind} {name} cannot load: {e}") from None
+            from importlib import metadata  # only for names that are no built-in: ~10 ms to import
             cls = next((ep.load() for ep in metadata.entry_points(group=f"nbdformats.{kind}s") if ep.name == name),
                        None)
             if cls is None:
@@ -91,6 +91,7 @@ def is_filter_name(name: str) -> bool:
 
 def component_version(cls: type) -> str:
     """The version of the distribution that provides a component (nbdformats' for built-ins)."""
+    from importlib import metadata
     top = cls.__module__.split(".")[0]
     for distribution in metadata.packages_distributions().get(top, []):
         return metadata.version(distribution)
@@ -110,5 +111,6 @@ def names(kind: str) -> list[str]:
                 found.append(module.name.replace("_", "-"))  # user-facing names use dashes (multi-conn)
         except ImportError:
             found.append(module.name.replace("_", "-"))  # listed, so that --list shows why it cannot load
+    from importlib import metadata
     found += [ep.name for ep in metadata.entry_points(group=f"nbdformats.{kind}s")]
     return sorted(set(found))

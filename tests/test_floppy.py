@@ -126,6 +126,22 @@ def test_windows_name_mapping_and_labels() -> None:
         names.volume_label("DISQUÉ")
 
 
+def test_whole_directory_name_check_agrees_with_the_mapping() -> None:
+    """kept_as_they_are (one check of a directory's names joined by "/") is true only when
+    every name is kept as it is by decode_host_name and windows_name."""
+    tricky = ["plain.txt", "a b", "a.", "a ", ".a", " a", "a:b", "a\\b", "a|b", 'a"b', "a*b", "a?b", "a<b",
+              "a>b", "a\x01b", "a\nb", "a\x7fb", "café", os.fsdecode(b"\xff"), "a..b", "x" * 255, "dot. x"]
+    for first in tricky:
+        for second in tricky:
+            group = [first, second]
+            if names.kept_as_they_are("/".join(group)):
+                assert all(names.windows_name(names.decode_host_name(n)) == n for n in group), group
+            elif all(n.isascii() and n.isprintable() for n in group):
+                assert any(names.windows_name(n) != n for n in group), group
+    assert names.kept_as_they_are("a file with a long name 000001.txt/README")
+    assert names.kept_as_they_are("")
+
+
 def test_fat_timestamps() -> None:
     t = time.mktime((2021, 6, 15, 13, 45, 31, 0, 0, -1)) + 0.25
     date, clock, tenths = fat_timestamp(t)
@@ -138,6 +154,8 @@ def test_fat_timestamps() -> None:
     for moment in (t, 0.0, -5.5, 315532801.25, 2.0 ** 40, float("inf"), float("-inf"), float("nan")):
         assert file_entry(b"NAME    TXT", 0x20, 7, moment, t, moment) == \
             short_entry(b"NAME    TXT", 0x20, 0, 7, Times(moment, t, moment))
+    assert file_entry(b"NAME    TXT", 0x20, 7, t, t, t, 0x12345678) == \
+        short_entry(b"NAME    TXT", 0x20, 0x12345678, 7, Times(t, t, t))
 
 
 # -- layout (sans-IO) ---------------------------------------------------------------------
@@ -304,6 +322,55 @@ def test_big_file_read_live(tmp: Path) -> None:
         assert proc.stdout.decode().split() == ["error", errno.errorcode[errno.EIO]]
 
 
+def test_directories_are_encoded_at_first_read_from_what_the_scan_saw(tmp: Path) -> None:
+    """Directory entries are encoded when a client first reads their clusters, but from the
+    metadata of start-up: a file deleted, added or touched later changes only the data read
+    (a vanished file's reads fail, as a shrunk file's do)."""
+    from nbdformats.api.errors import NBDError
+    from nbdformats.plugins.floppy.plugin import read_host
+    src = tmp / "src"
+    (src / "sub").mkdir(parents=True)
+    for name in ("kept.txt", "touched.txt", "deleted.txt", "LATER.TXT"):
+        (src / "sub" / name).write_bytes(name.encode())
+    os.utime(src / "sub" / "touched.txt", (1_000_000_000, 1_000_000_000))
+    plugin, top = open_chain(("dir", str(src)))
+    image = plugin.image
+    assert [d.data is None for d in image._directories] == [True, True]  # the root (FAT32) and sub
+    (src / "sub" / "deleted.txt").unlink()
+    (src / "sub" / "added.txt").write_bytes(b"new")
+    (src / "sub" / "LATER.TXT").write_bytes(b"later.txt")  # same size, new data
+    os.utime(src / "sub" / "touched.txt", (1_500_000_000, 1_500_000_000))
+    with pytest.raises(NBDError) as raised:
+        read_range(top, 0, top.get_size())  # reaches deleted.txt's clusters
+    assert raised.value.errno == errno.ENOENT
+    vanished: list[str] = []
+
+    def tolerant(path: str, offset: int, view: memoryview) -> None:
+        if os.path.exists(path):
+            read_host(path, offset, view)
+        else:
+            vanished.append(os.path.basename(path))
+            view[:] = bytes(len(view))
+
+    buf = bytearray(image.size)
+    image.read(memoryview(buf), 0, tolerant)
+    assert vanished == ["deleted.txt"]
+    assert all(d.data is not None for d in image._directories)
+    disk = tmp / "disk.img"
+    disk.write_bytes(buf)
+    fsck(disk, PARTITION_OFFSET)
+    assert mdir_paths(disk, PARTITION_OFFSET) == ["sub", "sub/LATER.TXT", "sub/deleted.txt", "sub/kept.txt",
+                                                  "sub/touched.txt"]
+    out = tmp / "out"
+    extract_all(disk, out, PARTITION_OFFSET)
+    assert (out / "sub" / "LATER.TXT").read_bytes() == b"later.txt"  # data as it is now
+    assert abs(os.stat(out / "sub" / "touched.txt").st_mtime - 1_000_000_000) <= 2  # times of start-up
+    # Encoded once, then kept: a second read gives the same bytes.
+    again = bytearray(image.size)
+    image.read(memoryview(again), 0, tolerant)
+    assert again == buf
+
+
 def test_extents_report_free_space_as_holes(source) -> None:
     root, _ = source
     with serve("floppy", str(root), "size=256M") as srv:
@@ -385,6 +452,64 @@ def test_scan_completes_each_directory_once_with_its_children_final(tmp: Path) -
                      lambda node: seen.append((node.name, sorted(child.name for child in node.children))))
     assert seen == [("", ["6", "x", "y"]), ("x", ["2", "3", "deep"]), ("y", ["5"]), ("deep", ["1", "4"])]
     assert root.name == ""
+
+
+def test_scan_takes_plain_directories_in_bulk_as_entry_by_entry(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory of one's own readable regular files is taken in one go; what it gives is
+    what the entry-by-entry scan gives (forced here by a uid that owns nothing), with the
+    directories read by the C extension ahead of the scan or by os.listdir and os.lstat."""
+    from nbdformats.plugins.floppy import tree
+    src = tmp / "src"
+    (src / "sub").mkdir(parents=True)
+    # Not UTF-8: b"\xc0x" sorts before "\xe9x" as bytes, after it as Python strings.
+    for i, name in enumerate(["plain.txt", "UPPER.TXT", "a b c", "x" * 200, "a:b", "café", "trailing.",
+                              os.fsdecode(b"\xc0x"), "\xe9x"]):
+        (src / "sub" / name).write_bytes(b"x" * i)
+    (src / "leaf").mkdir()
+    for i in range(50):
+        (src / "leaf" / f"file {i}").write_bytes(b"y" * i)
+
+    def scanned() -> list[tuple]:
+        root = tree.scan([str(src)], print)
+        return [(d.name, c.name, c.source, c.size, c.ctime, c.atime, c.mtime,  # type: ignore[union-attr]
+                 c.attributes, c.directory) for d in root.children for c in d.children]  # type: ignore[union-attr]
+
+    results = [scanned()]
+    monkeypatch.setattr(tree, "_list_and_stat", None)
+    results.append(scanned())
+    monkeypatch.setattr(tree.os, "getuid", lambda: -1)
+    results.append(scanned())
+    assert results[0] == results[1] == results[2]
+    bulk = results[0]
+    assert len(bulk) == 59 and ("sub", "a\uf03ab", "a:b", 4) == bulk[[c[1] for c in bulk].index("a\uf03ab")][:4]
+
+
+def test_c_extension_lists_and_stats_as_os_does(source) -> None:
+    """_scandir.list_and_stat: os.listdir's names (sorted) and os.lstat's fields, times to the bit."""
+    scandir = pytest.importorskip("nbdformats.plugins.floppy._scandir")
+    root, expected = source
+    for directory in [root, *(root / path for path, data in expected.items() if data is None)]:
+        names, *columns = scandir.list_and_stat(str(directory))
+        assert sorted(names) == sorted(os.listdir(directory))
+        for i, name in enumerate(names):
+            st = os.lstat(directory / name)
+            assert [column[i] for column in columns] == [st.st_mode, st.st_uid, st.st_size, st.st_ctime,
+                                                         st.st_atime, st.st_mtime, 0], name
+    with pytest.raises(FileNotFoundError):
+        scandir.list_and_stat(str(root / "no such directory"))
+
+
+def test_scan_reports_entries_that_cannot_be_stat_ed(tmp: Path) -> None:
+    """An entry whose lstat failed (it went between listing and lstat) is skipped with a warning."""
+    from nbdformats.plugins.floppy import tree
+    node = tree.DirNode("", str(tmp), 0, 0, 0)
+    warnings: list[str] = []
+    listing = (["gone.txt", "here.txt"], [0, 0o100644], [0, os.getuid()], [0, 5], [0.0, 1.5], [0.0, 2.5],
+               [0.0, 3.5], [errno.ENOENT, 0])
+    count = tree._merge_entries(node, str(tmp), "/shown", (str(tmp),), False, [str(tmp)], warnings.append,
+                                tree.deque(), listing)  # type: ignore[arg-type]
+    assert count == 2 and [c.name for c in node.children] == ["here.txt"]
+    assert warnings == [f"skipping /shown/gone.txt: {os.strerror(errno.ENOENT)}"]
 
 
 def test_merge_file_against_directory_is_an_error(tmp: Path) -> None:

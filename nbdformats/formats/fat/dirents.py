@@ -71,9 +71,10 @@ def short_entry(short_name: bytes, attributes: int, cluster: int, size: int, tim
                        cluster >> 16, modified_time, modified_date, cluster & 0xFFFF, size)
 
 
-def file_entry(short_name: bytes, attributes: int, size: int, ctime: float, atime: float, mtime: float) -> bytes:
-    """A short entry with no cluster yet (filled in once allocated), from POSIX times:
-    `short_entry` without building a `Times` (this runs once per file of a tree)."""
+def file_entry(short_name: bytes, attributes: int, size: int, ctime: float, atime: float, mtime: float,
+               cluster: int = 0) -> bytes:
+    """A short entry from POSIX times: `short_entry` without building a `Times` (this runs
+    once per file of a tree)."""
     try:
         whole = int(ctime // 1)
         created_date, created_time, tenths, in_range = _fat_date_time(whole)
@@ -87,7 +88,7 @@ def file_entry(short_name: bytes, attributes: int, size: int, ctime: float, atim
         if in_range:
             tenths += int((ctime - whole) * 100)
     return _ENTRY.pack(short_name, attributes, 0, tenths, created_time, created_date, accessed,
-                       0, modified_time, modified_date, 0, size)
+                       cluster >> 16, modified_time, modified_date, cluster & 0xFFFF, size)
 
 
 def dot_entries(own_cluster: int, parent_cluster: int, times: Times) -> bytes:

@@ -12,6 +12,8 @@ import sys
 from array import array
 from bisect import bisect_left
 from dataclasses import dataclass, replace
+from itertools import repeat
+from operator import floordiv
 from typing import Sequence
 
 from .. import mbr
@@ -71,7 +73,7 @@ class Needs:
     root_size: int
 
     def clusters(self, cluster_size: int, root_in_data: bool) -> int:
-        total = sum(-(-size // cluster_size) for size in self.file_sizes)
+        total = sum(map(floordiv, map((cluster_size - 1).__add__, self.file_sizes), repeat(cluster_size)))
         total += sum(max(1, -(-size // cluster_size)) for size in self.directory_sizes)
         if root_in_data:
             total += max(1, -(-self.root_size // cluster_size))

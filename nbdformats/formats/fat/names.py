@@ -66,6 +66,18 @@ def windows_name(name: str) -> str:
     return kept + "".join(chr(_PRIVATE_USE_BASE + ord(c)) for c in mapped[len(kept):])
 
 
+def kept_as_they_are(joined: str) -> bool:
+    """Whether names joined by "/" (which no host name holds) are all plain ASCII that
+    decode_host_name and windows_name keep as they are: a whole directory checked at once
+    (false may be said of names that are kept; they are then looked at one by one)."""
+    if not (joined.isascii() and joined.isprintable()):  # control characters are not printable
+        return False
+    for c in '"*:<>?\\|':  # the printable ASCII characters of _FORBIDDEN_IN_LONG_NAMES but "/"
+        if c in joined:
+            return False
+    return not ("./" in joined or " /" in joined or joined.endswith((".", " ")))
+
+
 def fold(name: str) -> str:
     """The case-insensitive key FAT compares names by (upper case, character by character)."""
     if name.isascii():

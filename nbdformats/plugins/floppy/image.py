@@ -1,26 +1,31 @@
 """The virtual disk, sans-IO: the tree laid out as FAT, and reads mapped onto it.
 
-Metadata (partition table, boot sectors, directories) is built once and kept; the FAT
-is generated per request; file data comes from the host through `read_host`, called
-with (path, file offset, buffer to fill) only when a request touches a file's clusters.
+The layout (every directory's size and place, every file's clusters) is fixed at start-up;
+a directory's entries are encoded when a request first reads its clusters, then kept
+(FAT12/16's fixed root directory is encoded at start-up).  The FAT is generated per
+request; file data comes from the host through `read_host`, called with (path, file
+offset, buffer to fill) only when a request touches a file's clusters.
 """
 
 from __future__ import annotations
 
 import os
-import struct
+import threading
 from array import array
 from bisect import bisect_right
 from collections import deque
-from itertools import accumulate
+from itertools import accumulate, repeat
+from operator import floordiv
 from typing import Callable
 
 from ...api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO
 from ...api.zeroes import fill_zero
+from ...formats.fat import FatError
 from ...formats.fat.dirents import ATTR_DIRECTORY, ENTRY_SIZE, Times, dot_entries, file_entry, volume_label_entry
 from ...formats.fat.layout import (BACKUP_BOOT_SECTOR, FSINFO_SECTOR, SECTOR, FatTable, LayoutError, Needs, boot_sector,
                      fsinfo_sector, mbr_sector, plan, with_boot_code)
-from ...formats.fat.names import ShortNameAllocator, exact_short_name, fold, long_name_entries, short_name_checksum
+from ...formats.fat.names import (LONG_NAME_UNITS_PER_SLOT, MAX_LONG_NAME, ShortNameAllocator, exact_short_name, fold,
+                                  long_name_entries, short_name_checksum)
 from .tree import DirNode, FileNode
 
 MAX_DIRECTORY_ENTRIES = 65536  # spec section 6: a directory may not grow past 2 MiB
@@ -31,23 +36,81 @@ SPARSE_CHECK_MIN = 1 << 20  # host files at least this big are asked for their h
 
 
 class _Directory:
-    """A directory's entries, encoded before clusters are known.
+    """A directory: what its entries are made of until they are encoded, then the entries.
 
-    `subdirs` holds (offset of the short entry, _Directory) of each subdirectory and
-    `file_offsets`/`file_indices` the offset of each non-empty file's short entry and the
-    file's index, so first clusters can be filled in once they are allocated.
+    At start-up only what the layout needs is worked out (the entries' total size); the
+    entries themselves (short names, long-name slots, times, first clusters) are encoded
+    by `encode` from the columns kept here: the children's long names in FAT order (joined by
+    "/", which no FAT long name holds: one string rather than one object per name), their
+    attributes (ATTR_DIRECTORY for a subdirectory), sizes and times, the subdirectories
+    in order, and the index (in _Files) of the first non-empty file (the others follow).
     """
 
-    __slots__ = ("node", "parent", "data", "subdirs", "file_offsets", "file_indices", "cluster")
+    __slots__ = ("node", "parent", "cluster", "times", "names", "attributes", "sizes", "ctimes", "atimes", "mtimes",
+                 "subdirs", "first_file", "length", "data")
 
     def __init__(self, node: DirNode, parent: "_Directory | None") -> None:
-        self.node = node
+        self.node: DirNode | None = node
         self.parent = parent
-        self.data = bytearray()
-        self.subdirs: list[tuple[int, _Directory]] = []
-        self.file_offsets = array("I")
-        self.file_indices = array("I")
         self.cluster = 0
+        self.times = (node.ctime, node.atime, node.mtime)
+        self.names = ""  # joined by "/"
+        self.attributes = bytearray()
+        self.sizes = array("I")
+        self.ctimes = array("d")  # of each child
+        self.atimes = array("d")
+        self.mtimes = array("d")
+        self.subdirs: list[_Directory] = []
+        self.first_file = 0
+        self.length = 0  # bytes of entries
+        self.data: bytearray | None = None  # the entries, once encoded
+
+    def encode(self, label: bytes | None, file_cluster: Callable[[int], int]) -> bytearray:
+        """The entries (clusters are known by now); `file_cluster(i)` is file i's first cluster."""
+        data = bytearray()
+        allocator = ShortNameAllocator()
+        times = Times(*self.times)
+        if self.parent is None:
+            if label is not None:
+                data += volume_label_entry(label, times)
+                allocator.reserve(label)
+        else:
+            # ".." of a first-level directory is 0, even on FAT32.
+            parent = self.parent.cluster if self.parent.parent is not None else 0
+            data += dot_entries(self.cluster, parent, times)
+        names = self.names.split("/") if self.attributes else []
+        assert len(names) == len(self.attributes)
+        exact = [exact_short_name(name) if len(name) <= 12 else None for name in names]  # 8.3: 12 at most
+        for short in exact:
+            if short is not None:
+                allocator.reserve(short)
+        allocate = allocator.allocate
+        subdirs = iter(self.subdirs)
+        file_index = self.first_file
+        for name, short, attribute, size, ctime, atime, mtime in zip(names, exact, self.attributes, self.sizes,
+                                                                     self.ctimes, self.atimes, self.mtimes):
+            if short is None:
+                short = allocate(name)
+                data += long_name_entries(name, short_name_checksum(short))
+            if attribute == ATTR_DIRECTORY:
+                cluster = next(subdirs).cluster
+            elif size:
+                cluster = file_cluster(file_index)
+                file_index += 1
+            else:
+                cluster = 0
+            data += file_entry(short, attribute, size, ctime, atime, mtime, cluster)
+        assert len(data) == self.length, (len(data), self.length)
+        return data
+
+
+def _long_name_slots(name: str) -> int:
+    """How many long-name entries `name` takes when it is not an exact 8.3 name (checked
+    here, at start-up, rather than when its entries are encoded)."""
+    units = len(name) if name.isascii() else len(name.encode("utf-16-le")) // 2
+    if units == 0 or units > MAX_LONG_NAME:
+        raise FatError(f"a long name must have 1 to {MAX_LONG_NAME} UTF-16 units: {name!r}")
+    return -(-units // LONG_NAME_UNITS_PER_SLOT)
 
 
 class _Files:
@@ -67,7 +130,7 @@ class _Files:
     def add(self, nodes: list[FileNode]) -> int:
         """Add non-empty files (one directory's); returns the index of the first."""
         first = len(self.sizes)
-        self.sizes.extend(node.size for node in nodes)
+        self.sizes.extend([node.size for node in nodes])
         host = [node for node in nodes if node.directory is not None]
         if len(host) < len(nodes):
             for index, node in enumerate(nodes, first):
@@ -86,95 +149,99 @@ class _Files:
                 self.names += os.fsencode(name)  # type: ignore[arg-type]
                 self.name_ends.append(len(self.names))
         directory_of = self.directory_of
-        last: str | None = None
-        d = 0
-        for node in nodes:
-            if node.directory is not last:
-                last = node.directory
-                if last is None:
-                    d = 0
-                else:
-                    found = self._directory_index.get(last)
-                    if found is None:
-                        found = self._directory_index[last] = len(self.directories)
-                        self.directories.append(last)
-                    d = found
-            directory_of.append(d)
+        directories = [node.directory for node in nodes]
+        if directories and directories[0] is not None and directories.count(directories[0]) == len(directories):
+            directory_of.extend(repeat(self._index_of(directories[0]), len(directories)))  # the usual case
+        else:
+            last: str | None = None
+            d = 0
+            for directory in directories:
+                if directory is not last:
+                    last = directory
+                    d = 0 if last is None else self._index_of(last)
+                directory_of.append(d)
         return first
+
+    def _index_of(self, directory: str) -> int:
+        found = self._directory_index.get(directory)
+        if found is None:
+            found = self._directory_index[directory] = len(self.directories)
+            self.directories.append(directory)
+        return found
 
     def path(self, index: int) -> str:
         name = os.fsdecode(bytes(self.names[self.name_ends[index]:self.name_ends[index + 1]]))
         return f"{self.directories[self.directory_of[index]]}/{name}"
 
 
-def _encode_directory(directory: _Directory, label: bytes | None, files: _Files,
-                      known: dict[int, _Directory] | None = None) -> list[_Directory]:
-    """Encode `directory`'s entries; returns its subdirectories (to encode next), reusing the
-    ones in `known` (by id of their node).  The node's children are released: the encoded
-    entries and `files` are all that is kept."""
+def _prepare_directory(directory: _Directory, label: bytes | None, files: _Files,
+                       known: dict[int, _Directory] | None = None) -> list[_Directory]:
+    """Work out what the layout needs of `directory` (the size of its entries, its non-empty
+    files, added to `files`) and keep what its entries are made of; returns its subdirectories
+    (to prepare next), reusing the ones in `known` (by id of their node).  The node's children
+    are released: the columns kept in `directory` and `files` are all that remains of them."""
     node = directory.node
-    data = directory.data
-    allocator = ShortNameAllocator()
-    if directory.parent is None:
-        if label is not None:
-            data += volume_label_entry(label, Times(node.ctime, node.atime, node.mtime))
-            allocator.reserve(label)
-    else:
-        data += dot_entries(0, 0, Times(node.ctime, node.atime, node.mtime))  # clusters filled in later
-    children = sorted(node.children, key=lambda child: fold(child.name))
+    assert node is not None
+    children = node.children
     node.children = []
-    exact = [exact_short_name(child.name) for child in children]
-    for short in exact:
-        if short is not None:
-            allocator.reserve(short)
-    allocate = allocator.allocate
+    names = [child.name for child in children]
+    joined = "/".join(names)  # "/" is never in a FAT long name (windows_name maps it)
+    if joined.isascii():
+        keys = joined.upper().split("/") if names else []
+    else:
+        keys = [fold(name) for name in names]
+    if keys != sorted(keys):
+        order = sorted(range(len(children)), key=keys.__getitem__)
+        children = [children[i] for i in order]
+        names = [names[i] for i in order]
+        joined = "/".join(names)
+    entries = len(names) + (1 if directory.parent is None and label is not None else 0)
+    if directory.parent is not None:
+        entries += 2  # "." and ".."
+    lengths = list(map(len, names))
+    if joined.isascii() and max(lengths, default=0) <= MAX_LONG_NAME:  # then a character is a UTF-16 unit
+        entries += sum([(length + LONG_NAME_UNITS_PER_SLOT - 1) // LONG_NAME_UNITS_PER_SLOT
+                        for length in lengths if length > 12])  # never an exact 8.3 name
+        entries += sum([1 for name, length in zip(names, lengths) if length <= 12 and exact_short_name(name) is None])
+    else:
+        for name in names:
+            if len(name) > 12 or exact_short_name(name) is None:
+                entries += _long_name_slots(name)
+    if entries > MAX_DIRECTORY_ENTRIES:
+        raise LayoutError(f"{node.origin} needs {entries} directory entries; a FAT "
+                          f"directory holds at most {MAX_DIRECTORY_ENTRIES} (long names take several)")
+    directory.names = joined
+    directory.length = entries * ENTRY_SIZE
+    # Columns (DirNode's size is 0, its attributes ATTR_DIRECTORY, which no file has).
+    directory.attributes = bytearray([child.attributes for child in children])
+    directory.sizes = array("I", [child.size for child in children])
+    directory.ctimes = array("d", [child.ctime for child in children])
+    directory.atimes = array("d", [child.atime for child in children])
+    directory.mtimes = array("d", [child.mtime for child in children])
     subdirs: list[_Directory] = []
-    file_offsets = directory.file_offsets
-    nonempty: list[FileNode] = []
-    for child, short in zip(children, exact):
-        if short is None:
-            short = allocate(child.name)
-            data += long_name_entries(child.name, short_name_checksum(short))
-        offset = len(data)
-        if isinstance(child, DirNode):
+    for child in children:
+        if type(child) is DirNode:
             sub = known.pop(id(child), None) if known else None
-            if sub is None:
-                sub = _Directory(child, directory)
-            directory.subdirs.append((offset, sub))
-            subdirs.append(sub)
-            data += file_entry(short, ATTR_DIRECTORY, 0, child.ctime, child.atime, child.mtime)
-        else:
-            if child.size:
-                file_offsets.append(offset)
-                nonempty.append(child)
-            data += file_entry(short, child.attributes, child.size, child.ctime, child.atime, child.mtime)
-    first = files.add(nonempty)
-    directory.file_indices = array("I", range(first, first + len(nonempty)))
-    if len(data) // ENTRY_SIZE > MAX_DIRECTORY_ENTRIES:
-        raise LayoutError(f"{node.origin} needs {len(data) // ENTRY_SIZE} directory entries; a FAT "
-                         f"directory holds at most {MAX_DIRECTORY_ENTRIES} (long names take several)")
+            subdirs.append(sub if sub is not None else _Directory(child, directory))
+    nonempty = [child for child in children if child.size and type(child) is FileNode]
+    directory.subdirs = subdirs
+    directory.first_file = files.add(nonempty)
+    directory.node = None  # the tree is not needed once prepared
     return subdirs
 
 
-_CLUSTER_HIGH = struct.Struct("<H")
-
-
-def _set_cluster(data: bytearray, offset: int, cluster: int) -> None:
-    _CLUSTER_HIGH.pack_into(data, offset + 20, cluster >> 16)
-    _CLUSTER_HIGH.pack_into(data, offset + 26, cluster & 0xFFFF)
-
-
 class TreeEncoder:
-    """Encodes directories while the tree is being scanned (`complete` is tree.scan's
-    `on_complete`), so that the whole tree of nodes never exists at once: a directory's nodes
-    are released as soon as it is encoded.  The root is encoded last, by `finish`, so that
-    files can still be added to it (FatImage takes the encoder instead of encoding the tree)."""
+    """Prepares directories (see _prepare_directory) while the tree is being scanned
+    (`complete` is tree.scan's `on_complete`), so that the whole tree of nodes never exists at
+    once: a directory's nodes are released as soon as it is prepared.  The root is prepared
+    last, by `finish`, so that files can still be added to it (FatImage takes the encoder
+    instead of preparing the tree)."""
 
     def __init__(self, label: bytes | None) -> None:
         self.label = label
         self.files = _Files()
-        self.directories: list[_Directory] = []  # encoded, the root's first once finished
-        self._waiting: dict[int, _Directory] = {}  # id(DirNode) -> its _Directory, until encoded
+        self.directories: list[_Directory] = []  # prepared, the root's first once finished
+        self._waiting: dict[int, _Directory] = {}  # id(DirNode) -> its _Directory, until prepared
         self._root: _Directory | None = None
         self._root_children: dict[int, _Directory] = {}
 
@@ -186,15 +253,15 @@ class TreeEncoder:
                                    if isinstance(child, DirNode)}
             self._waiting.update(self._root_children)
             return
-        for sub in _encode_directory(directory, self.label, self.files):
+        for sub in _prepare_directory(directory, self.label, self.files):
             self._waiting[id(sub.node)] = sub
         self.directories.append(directory)
 
     def finish(self, root: DirNode) -> list[_Directory]:
-        """Every directory, encoded, the root first."""
+        """Every directory, prepared, the root first."""
         if self._root is None or self._root.node is not root or self._waiting:
             raise ValueError("the tree was not scanned through this encoder")
-        _encode_directory(self._root, self.label, self.files, self._root_children)
+        _prepare_directory(self._root, self.label, self.files, self._root_children)
         if self._root_children:  # a subdirectory of the root was replaced after the scan
             raise ValueError("the root's subdirectories changed after the scan")
         return [self._root, *self.directories]
@@ -211,18 +278,18 @@ class FatImage:
                  size: int | None = None, label: bytes | None = b"NBDKITFLOPY", serial: int = 0,
                  encoder: TreeEncoder | None = None) -> None:
         """Lay out the tree of `root`, which is consumed (its directories are emptied as
-        they are encoded, so the tree and its encoding are not both held whole).  With
-        `encoder` (given to tree.scan, with the same label), the directories were encoded
-        during the scan."""
+        they are prepared, so the tree and what its entries are made of are not both held
+        whole).  With `encoder` (given to tree.scan, with the same label), the directories
+        were prepared during the scan."""
         self.serial = serial
         if encoder is None:
             self._files = files = _Files()
-            directories = self._encode_tree(root, label, files)
+            directories = self._prepare_tree(root, label, files)
         else:
             self._files = files = encoder.files
             directories = encoder.finish(root)
         root_dir = directories[0]
-        needs = Needs([len(d.data) for d in directories[1:]], files.sizes, len(root_dir.data))
+        needs = Needs([d.length for d in directories[1:]], files.sizes, root_dir.length)
         try:
             self.geometry = g = plan(fat, partition, size, needs)
         except LayoutError as e:
@@ -237,14 +304,16 @@ class FatImage:
         self.size = g.disk_size
 
         # Clusters, in order: directories (the root first on FAT32), then file data.
+        self._label = label
+        self._encoding = threading.Lock()
         self._allocate(directories if g.fat_bits == 32 else directories[1:])
-        self._fill_clusters(directories)
         self.fat = FatTable(g, self._chain_ends, self._allocated_end)
         self._vbr = boot_sector(g, label or b"NO NAME    ", serial)
         self._mbr_code: bytes | None = None
         free = g.clusters - (self._allocated_end - 2)
         self._fsinfo = fsinfo_sector(free, self._allocated_end if free else 0xFFFFFFFF)
-        self._root_region = root_dir.data if g.fat_bits != 32 else b""
+        # FAT12/16's root directory is a fixed region of its own: encoded now.
+        self._root_region = self._encode(root_dir) if g.fat_bits != 32 else b""
         self._build_map()
 
     # -- Building ----------------------------------------------------------------------
@@ -254,20 +323,18 @@ class FatImage:
         g = self.geometry
         cluster_size = g.cluster_size
         files = self._files
-        # Objects are the directories in `_directory_data`, then the files: object
-        # `len(_directory_data) + i` is file i.
-        self._directory_data: list[bytearray] = [d.data for d in directories]
-        sizes = array("Q", (len(data) for data in self._directory_data))
+        # Objects are the directories in `_directories`, then the files: object
+        # `len(_directories) + i` is file i.
+        self._directories = directories
+        sizes = array("Q", (directory.length for directory in directories))
         sizes.extend(files.sizes)
         self._sizes = sizes
-        clusters = array("Q", (max(1, -(-length // cluster_size)) for length in sizes))
-        starts = array("I", [2])
-        next_cluster = 2
-        for count in clusters:
-            next_cluster += count
-            starts.append(next_cluster)
-        self._allocated_end = next_cluster
-        self._chain_ends = array("I", (start - 1 for start in starts[1:]))
+        # Clusters per object: at least one per directory; files are not empty.
+        clusters = [max(1, -(-directory.length // cluster_size)) for directory in directories]
+        clusters += map(floordiv, map((cluster_size - 1).__add__, files.sizes), repeat(cluster_size))
+        starts = array("I", accumulate(clusters, initial=2))
+        self._allocated_end = starts[-1]
+        self._chain_ends = array("I", map((-1).__add__, starts[1:]))  # the cluster before the next start
         del starts[-1]
         self._starts = starts
         for directory, start in zip(directories, starts):
@@ -281,32 +348,31 @@ class FatImage:
         self._sparse_ends = array("Q", ((starts[i] - 2) * cluster_size + sizes[i] for i in large))
 
     @staticmethod
-    def _encode_tree(root: DirNode, label: bytes | None, files: _Files) -> list[_Directory]:
-        """Every directory encoded (clusters still 0), breadth first from the root."""
+    def _prepare_tree(root: DirNode, label: bytes | None, files: _Files) -> list[_Directory]:
+        """Every directory prepared, breadth first from the root."""
         directories: list[_Directory] = []
         queue: deque[_Directory] = deque([_Directory(root, None)])
         while queue:
             directory = queue.popleft()
-            queue.extend(_encode_directory(directory, label, files))
+            queue.extend(_prepare_directory(directory, label, files))
             directories.append(directory)
         return directories
 
-    def _fill_clusters(self, directories: list[_Directory]) -> None:
-        starts = self._starts
-        first_file = len(self._directory_data)
-        for directory in directories:
-            data = directory.data
-            if directory.parent is not None:
-                # ".." of a first-level directory is 0, even on FAT32.
-                parent = directory.parent.cluster if directory.parent.parent is not None else 0
-                _set_cluster(data, 0, directory.cluster)
-                _set_cluster(data, ENTRY_SIZE, parent)
-            for offset, sub in directory.subdirs:
-                _set_cluster(data, offset, sub.cluster)
-            for offset, index in zip(directory.file_offsets, directory.file_indices):
-                _set_cluster(data, offset, starts[first_file + index])
-            directory.subdirs = []
-            directory.node = None  # type: ignore[assignment]  # the tree is not needed once encoded
+    def _encode(self, directory: _Directory) -> bytearray:
+        """A directory's entries, encoded at the first read of its clusters and then kept
+        (the columns they are made of are released)."""
+        data = directory.data
+        if data is not None:
+            return data
+        with self._encoding:  # connections read on threads of their own
+            if directory.data is None:
+                starts, first_file = self._starts, len(self._directories)
+                directory.data = directory.encode(self._label, lambda index: starts[first_file + index])
+                directory.names = ""
+                directory.attributes = bytearray()
+                directory.sizes = array("I")
+                directory.ctimes = directory.atimes = directory.mtimes = array("d")
+            return directory.data
 
     def _build_map(self) -> None:
         """The disk as consecutive regions (start, end, kind, payload); gaps read as zeros."""
@@ -344,7 +410,7 @@ class FatImage:
 
     def fs_sectors_of(self, node: FileNode) -> list[int]:
         """Sectors (from the start of the file system) holding a generated file, in order."""
-        index = len(self._directory_data) + self._files.generated_ids[id(node)]
+        index = len(self._directories) + self._files.generated_ids[id(node)]
         g = self.geometry
         first = g.cluster_sector(self._starts[index])
         return list(range(first, first + -(-self._sizes[index] // SECTOR)))
@@ -395,7 +461,7 @@ class FatImage:
     def _read_data(self, view: memoryview, offset: int, read_host: ReadHost) -> None:
         """Allocated clusters from byte `offset` of the data region."""
         cluster_size = self.geometry.cluster_size
-        starts, sizes, directory_data, files = self._starts, self._sizes, self._directory_data, self._files
+        starts, sizes, directories, files = self._starts, self._sizes, self._directories, self._files
         while len(view):
             index = bisect_right(starts, offset // cluster_size + 2) - 1
             object_offset = offset - (starts[index] - 2) * cluster_size
@@ -404,12 +470,12 @@ class FatImage:
             part = view[:span]
             filled = max(0, min(len(part), sizes[index] - object_offset))
             if filled:
-                if index < len(directory_data):
-                    part[:filled] = directory_data[index][object_offset:object_offset + filled]
+                if index < len(directories):
+                    part[:filled] = self._encode(directories[index])[object_offset:object_offset + filled]
                 else:
-                    generated = files.generated.get(index - len(directory_data))
+                    generated = files.generated.get(index - len(directories))
                     if generated is None:  # a host file, read at request time
-                        read_host(files.path(index - len(directory_data)), object_offset, part[:filled])
+                        read_host(files.path(index - len(directories)), object_offset, part[:filled])
                     else:
                         part[:filled] = generated[object_offset:object_offset + filled]
             if filled < len(part):
@@ -469,7 +535,7 @@ class FatImage:
                 out.append((base + position, starts[k] - position, EXTENT_DATA))
                 position = starts[k]
             stop = min(ends[k], end)
-            path = self._files.path(objects[k] - len(self._directory_data))
+            path = self._files.path(objects[k] - len(self._directories))
             for start, length, is_data in host_ranges(path, position - starts[k], stop - position):
                 out.append((base + starts[k] + start, length, EXTENT_DATA if is_data else EXTENT_HOLE | EXTENT_ZERO))
             position = stop

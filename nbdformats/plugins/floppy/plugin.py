@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import zlib
+from typing import TYPE_CHECKING
 
 from ...api.chain import Extents, Plugin, PluginHandle
 from ...api.errors import ConfigError, NBDError
@@ -15,9 +16,11 @@ from ...formats.fat.dirents import ATTR_ARCHIVE, ATTR_HIDDEN, ATTR_READ_ONLY, AT
 from ...formats.fat.layout import SECTOR, LayoutError, bpb_end
 from ...formats.fat.names import volume_label
 from .._sparse import data_and_holes
-from . import syslinux
 from .image import FatImage, TreeEncoder
 from .tree import DirNode, FileNode, TreeError, add_file, scan
+
+if TYPE_CHECKING:
+    from . import syslinux  # imported when booting is asked for
 
 log = logging.getLogger("nbdformats.floppy")
 
@@ -99,8 +102,9 @@ class FloppyPlugin(Plugin):
 
     def get_ready(self) -> None:
         label = volume_label(self.label)
-        # Directories are encoded as the scan completes them, so a big tree is never held
-        # whole; not with boot=syslinux, which adds files to the tree after the scan.
+        # Directories are prepared (their layout worked out, their entries left to encode at
+        # the first read) as the scan completes them, so a big tree is never held whole; not
+        # with boot=syslinux, which adds files to the tree after the scan.
         encoder = TreeEncoder(label) if self.boot != "syslinux" else None
         try:
             root = scan(self.dir, log.warning, encoder.complete if encoder is not None else None)
@@ -114,6 +118,16 @@ class FloppyPlugin(Plugin):
                              label=label, serial=serial, encoder=encoder)
         except LayoutError as e:
             raise ConfigError(f"floppy: {e}") from None
+        if boot_files is not None or boot_code is not None:
+            self._make_bootable(image, boot_files, boot_code)
+        self.image = image
+        g = image.geometry
+        log.info("floppy: FAT%d, %d clusters of %d bytes, %d bytes%s", g.fat_bits, g.clusters,
+                 g.cluster_size, image.size, " (MBR)" if g.partitioned else "")
+
+    def _make_bootable(self, image: FatImage, boot_files: tuple[FileNode, syslinux.SyslinuxFiles] | None,
+                       boot_code: bytes | None) -> None:
+        from . import syslinux
         try:
             if boot_files is not None:
                 ldlinux, files = boot_files
@@ -131,10 +145,6 @@ class FloppyPlugin(Plugin):
                 image.set_boot_code(boot_code, (3, end), self._mbr_code(image))
         except syslinux.SyslinuxError as e:
             raise ConfigError(f"floppy: {e}") from None
-        self.image = image
-        g = image.geometry
-        log.info("floppy: FAT%d, %d clusters of %d bytes, %d bytes%s", g.fat_bits, g.clusters,
-                 g.cluster_size, image.size, " (MBR)" if g.partitioned else "")
 
     def _read_boot_sector(self) -> bytes:
         try:
@@ -149,11 +159,13 @@ class FloppyPlugin(Plugin):
 
     @staticmethod
     def _mbr_code(image: FatImage) -> bytes | None:
+        from . import syslinux
         return syslinux.mbr_code() if image.geometry.partitioned else None
 
     @staticmethod
     def _add_syslinux(root: DirNode) -> tuple[FileNode, syslinux.SyslinuxFiles]:
         """ldlinux.sys and ldlinux.c32 in the root directory (replacing any from the host)."""
+        from . import syslinux
         blank = FatImage(DirNode("", "", 0, 0, 0), fat="12", size=FLOPPY_1440K, label=None)
         buf = bytearray(blank.size)
         blank.read(memoryview(buf), 0, read_host)
