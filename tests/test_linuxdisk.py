@@ -361,9 +361,9 @@ def test_flat_directory(tmp: Path, fs_type: str) -> None:
     assert dumped(image, tmp) == host_tree(root)
     hard, original = (debugfs(str(image), f"stat {quote(path)}") for path in ("/hard", "/file 00014 \u00e9t\u00e9"))
     assert hard.split(b"Type")[0] == original.split(b"Type")[0] and b"Links: 2" in hard  # still one inode
-    # The shards are gone: what is left of their entries is free space (inode 0).
+    # The shards are gone: what may be left of their entries is free space (inode 0).
     shards = re.findall(rb"(\d+)\s+\(\d+\)\s+\.linuxdisk-shard", debugfs(str(image), "ls /"))
-    assert shards and set(shards) == {b"0"}
+    assert set(shards) <= {b"0"}
     assert "square" not in log
 
 

@@ -344,38 +344,57 @@ def _unshard(image: str, fd: int, sharded: list[tree.ShardedDirectory]) -> None:
     """Move the entries of directories staged in shards back into them, and remove the shards.
 
     `e2fsck -fD` first gives each such directory a hashed index (htree), so that debugfs `ln`
-    adds an entry in time logarithmic in the directory's size; each shard is then dropped whole
-    (link count 0, `kill_file` frees its inode and blocks, `unlink` its entry), which leaves
-    every moved entry's inode with the link count mke2fs gave it.  `e2fsck -fn` checks the
-    result: the build fails rather than serve a filesystem this step got wrong.
+    adds an entry in time logarithmic in the directory's size.  debugfs finds a name in a
+    directory by reading the whole directory, so nothing is looked up in a large directory once it
+    is filling: the shards are unlinked from it first, while it holds little more than them, and
+    are reached by inode number from then on (`debugfs ls -p` tells those before).  Each shard is
+    then dropped whole once its entries are moved (link count 0, `kill_file` frees its inode and
+    blocks), which leaves every moved entry's inode with the link count mke2fs gave it.
+    `e2fsck -fn` checks the result: the build fails rather than serve a filesystem this step got
+    wrong.
     """
     e2fsck, debugfs = find_program("e2fsck"), find_program("debugfs")
     def run(argv: list[str], script: bytes = b"") -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(argv, input=script, capture_output=True, pass_fds=(fd,),
                               env=dict(os.environ, LC_ALL="C"), timeout=SUBPROCESS_TIMEOUT)
+    def failed(result: subprocess.CompletedProcess[bytes]) -> str | None:
+        errors = [line for line in result.stderr.decode(errors="replace").splitlines()
+                  if line.strip() and not line.startswith("debugfs ")]
+        if result.returncode != 0 or errors:
+            return " / ".join(errors[:3]) or _last_lines(result.stdout)
+        return None
 
     indexed = run([e2fsck, "-fyD", image])
     if indexed.returncode not in (0, 1):  # 1: directories were optimized
         raise ConfigError(f"linuxdisk: e2fsck -fD failed while indexing directories: "
                           f"{_last_lines(indexed.stdout + indexed.stderr)}")
+    tops = [os.fsencode("/" + directory.relative) for directory in sharded]
+    listed = run([debugfs, "-f", "/dev/stdin", image], b"".join(b'ls -p "%s"\n' % top for top in tops))
+    if (error := failed(listed)) is not None:
+        raise ConfigError(f"linuxdisk: debugfs failed listing a large directory: {error}")
+    inodes: dict[bytes, int] = {}  # "ls -p" lines: /inode/mode/uid/gid/name/size/
+    for line in listed.stdout.splitlines():
+        match = re.fullmatch(rb"/(\d+)/\d+/\d+/\d+/(\.linuxdisk-shard-[^/]*)/\d*/", line)
+        if match:  # a shard's name is 255 bytes: no other name can hold a line that looks like it
+            inodes[match.group(2)] = int(match.group(1))
     script = bytearray()
-    for directory in sharded:
-        top = os.fsencode("/" + directory.relative)
+    for directory, top in zip(sharded, tops):
+        base = top.rstrip(b"/")
+        for shard, _ in directory.shards:
+            if os.fsencode(shard) not in inodes:
+                raise ConfigError(f"linuxdisk: debugfs does not list the shard {shard} in /{directory.relative}")
+            script += b'unlink "%s/%s"\n' % (base, os.fsencode(shard))
         for shard, names in directory.shards:
-            script += b'cd "%s/%s"\n' % (top.rstrip(b"/"), os.fsencode(shard))
+            number = inodes[os.fsencode(shard)]
+            script += b"cd <%d>\n" % number
             for name in names:
                 script += b'ln "%s" "%s"\n' % (os.fsencode(name), top)
-        script += b"cd /\n"
-        for shard, _ in directory.shards:
-            path = b"%s/%s" % (top.rstrip(b"/"), os.fsencode(shard))
-            script += b'sif "%s" links_count 0\nkill_file "%s"\nunlink "%s"\n' % (path, path, path)
-        script += b'sif "%s" links_count %d\n' % (top, directory.links)
+            script += b"sif <%d> links_count 0\nkill_file <%d>\n" % (number, number)
+        script += b'cd /\nsif "%s" links_count %d\n' % (top, directory.links)
     moved = run([debugfs, "-w", "-f", "/dev/stdin", image], bytes(script))
-    errors = [line for line in moved.stderr.decode(errors="replace").splitlines()
-              if line.strip() and not line.startswith("debugfs ")]
-    if moved.returncode != 0 or errors:
+    if (error := failed(moved)) is not None:
         raise ConfigError(f"linuxdisk: debugfs failed moving entries out of the shards of a large "
-                          f"directory: {' / '.join(errors[:3]) or _last_lines(moved.stdout)}")
+                          f"directory: {error}")
     checked = run([e2fsck, "-fn", image])
     if checked.returncode != 0:
         raise ConfigError(f"linuxdisk: the filesystem is not clean after moving entries out of the shards "

@@ -85,8 +85,6 @@ class _Walker:
             listing = self._merged_listing(relative, dirs)
             shard_of: dict[str, str] = {}
             if self.large is not None and len(listing) >= self.large:
-                if self.staging is None:
-                    raise _LargeDirectory  # scan() stops: the tree is to be staged in shards
                 if self.shards:
                     shard_of = self._shard(relative, listing, dirs[-1])
                 else:
@@ -144,6 +142,8 @@ class _Walker:
                     merged[name] = ("dir", (earlier[1] if earlier else []) + [path])
                 else:
                     merged[name] = ("other", path, None)
+        if self.staging is None and self.large is not None and len(merged) >= self.large:
+            raise _LargeDirectory  # scan() stops (the tree is to be staged in shards) before an lstat per entry
         for name, kind in merged.items():
             if kind[0] == "other":
                 merged[name] = ("other", kind[1], os.lstat(kind[1]))
