@@ -89,13 +89,13 @@ class _Walker:
                     shard_of = self._shard(relative, listing, dirs[-1])
                 else:
                     self.stats.slow_directories.append((dirs[-1], len(listing)))
+            prefix = relative + "/" if relative else ""  # (os.path.join per entry costs 0.3 s in 100,000)
             for name, kind in sorted(listing.items()):
-                child = os.path.join(relative, name)
                 if kind[0] == "dir":
-                    stack.append((child, kind[1], False))
+                    stack.append((prefix + name, kind[1], False))
                 else:
-                    self._entry(os.path.join(relative, shard_of[name], name) if name in shard_of else child,
-                                kind[1], kind[2])
+                    shard = shard_of.get(name)
+                    self._entry(prefix + name if shard is None else f"{prefix}{shard}/{name}", kind[1], kind[2])
         return self.stats
 
     def _shard(self, relative: str, listing: dict[str, tuple], source: str) -> dict[str, str]:
@@ -165,7 +165,7 @@ class _Walker:
         self._count(st)
         if self.staging is None:
             return
-        target = os.path.join(self.staging, relative)
+        target = self.staging + "/" + relative
         try:
             os.link(path, target, follow_symlinks=False)
             self.stats.linked += 1
