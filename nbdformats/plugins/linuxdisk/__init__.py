@@ -6,7 +6,8 @@ regions: the protective MBR and primary GPT padded to 1 MiB and the backup GPT a
 in-memory buffers, the partition in between is read straight from the temp file with
 preadv into the client's buffer.  Several `dir=` are merged through a staging tree of
 hard links (see tree.py).  A directory of LARGE_DIRECTORY entries or more is staged too, in
-shards that mke2fs fills quickly, and moved back into place by e2fsck -D and debugfs (_unshard).
+shards that mke2fs fills quickly; then its blocks are written anew holding the shards' entries,
+the shards dropped by debugfs, and e2fsck -D indexes it (_unshard).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ RESERVED_INODES = 11  # EXT2_GOOD_OLD_FIRST_INO: inodes 1-10 are reserved, 11 is
 DEFAULT_TMPDIR = "/var/tmp"  # large files do not belong in /tmp (often RAM), as nbdkit
 # mke2fs -d adds each entry by looking its name up in the directory and then finding room for it,
 # both by reading the whole directory: a directory of n entries costs time in n squared.  Directories
-# this large are staged in shards that mke2fs fills quickly, and moved back into place by debugfs
+# this large are staged in shards that mke2fs fills quickly, and their entries moved back into place
 # (see _unshard).
 LARGE_DIRECTORY = 4000
 SUBPROCESS_TIMEOUT = 3600
