@@ -366,12 +366,14 @@ def host_tree(root: Path) -> dict[str, bytes | str]:
 @pytest.mark.parametrize("fs_type", ["ext2", "ext4"])
 def test_flat_directory(tmp: Path, fs_type: str) -> None:
     """One directory of thousands of entries (mke2fs -d alone is quadratic in it: such a directory is
-    staged in shards and moved back by debugfs) comes out whole and e2fsck-clean: every file with its
-    contents, names debugfs cannot quote, subdirectories, symlinks and hard links."""
+    staged in shards and its blocks written anew from theirs) comes out whole and e2fsck-clean: every
+    file with its contents, names with quotes, backslashes, a line break or bytes that are not UTF-8
+    (moved as bytes), subdirectories, symlinks and hard links."""
     root = tmp / "flat"
     root.mkdir()
     contents = {f"file {i:05d} \u00e9t\u00e9": (b"%d\n" % i if i % 7 == 0 else b"") for i in range(4500)}
-    contents.update({'a "quoted" name': b"q", "back\\slash": b"b", os.fsdecode(b"latin1 \xe9"): b"l"})
+    contents.update({'a "quoted" name': b"q", "back\\slash": b"b", os.fsdecode(b"latin1 \xe9"): b"l",
+                     "line\nbreak": b"n"})
     for name, data in contents.items():
         (root / name).write_bytes(data)
     (root / "sub").mkdir()
