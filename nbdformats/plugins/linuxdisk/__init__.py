@@ -17,9 +17,11 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
 from functools import partial
 
@@ -27,7 +29,7 @@ from ...api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents,
 from ...api.errors import ConfigError, NBDError
 from ...api.params import Bool, Enum, Param, ParamType, Path, RelativeSize, String
 from ...api.progress import progress
-from ...formats import ext2dir, gpt
+from ...formats import ext2dir, ext2inodes, gpt
 from .._sparse import data_and_holes
 from . import tree
 from .tree import TreeStats
@@ -134,9 +136,9 @@ class LinuxDiskPlugin(Plugin):
             if stats is not None:
                 source = self.dirs[0]
             else:  # a merge, or a large directory to stage in shards (they need dir_index)
-                shards = _has_dir_index(program, self.fs_type, tmpdir)
+                shards, direct = _probe_features(program, self.fs_type, tmpdir)
                 staging = source = tempfile.mkdtemp(prefix="linuxdisk-merge-", dir=tmpdir)
-                stats = tree.stage(self.dirs, staging, LARGE_DIRECTORY, shards)
+                stats = tree.stage(self.dirs, staging, LARGE_DIRECTORY, shards, direct)
             for path, count in stats.slow_directories:
                 log.warning("linuxdisk: %s holds %d entries: mke2fs -d reads the whole directory to add each "
                             "entry, so the build takes time growing with the square of that count (minutes for "
@@ -369,7 +371,8 @@ def _unshard(image: str, fd: int, sharded: list[tree.ShardedDirectory]) -> None:
                               f"its shards: {' / '.join(errors[:3]) or _last_lines(result.stdout)}")
         return re.split(rb"^debugfs: [^\n]*\n", result.stdout, flags=re.M)[1:]
 
-    sb = ext2dir.Superblock.parse(os.pread(fd, 1024, ext2dir.SUPERBLOCK_OFFSET))
+    superblock = os.pread(fd, 1024, ext2dir.SUPERBLOCK_OFFSET)
+    sb = ext2dir.Superblock.parse(superblock)
     tops = [os.fsencode("/" + directory.relative) for directory in sharded]
     directories: list[int] = []
     shard_inodes: list[dict[bytes, int]] = []
@@ -403,6 +406,16 @@ def _unshard(image: str, fd: int, sharded: list[tree.ShardedDirectory]) -> None:
         if len(own) - 2 - len(kept) != len(shard_numbers):
             raise ConfigError(f"linuxdisk: /{directory.relative} does not hold each of its shards once")
         moved: list[tuple[int, int, bytes]] = []
+        if directory.direct:  # written before debugfs opens the image for writing (it reads the bitmaps then)
+            geometry = ext2inodes.Geometry.parse(superblock)
+            if geometry is None:
+                raise ConfigError("linuxdisk: the filesystem mke2fs made has checksums the probe did not show "
+                                  "(please report)")
+            numbers = ext2inodes.allocate(geometry, lambda length, offset: os.pread(fd, length, offset),
+                                          lambda data, offset: _pwrite_all(fd, data, offset),
+                                          [st for _, st in directory.direct], number, int(time.time()))
+            moved += [(inode, ext2inodes.FILE_TYPES[stat.S_IFMT(st.st_mode)], os.fsencode(name))
+                      for inode, (name, st) in zip(numbers, directory.direct)]
         for shard, names in directory.shards:
             entries = read(found[os.fsencode(shard)])[2:]
             if sorted(name for _, _, name in entries) != sorted(map(os.fsencode, names)):
@@ -424,7 +437,7 @@ def _unshard(image: str, fd: int, sharded: list[tree.ShardedDirectory]) -> None:
             raise ConfigError(f"linuxdisk: debugfs expand_dir gave inode {number} {len(blocks)} blocks, "
                               f"not {len(data) // sb.block_size}")
         for k, block in enumerate(blocks):
-            os.pwrite(fd, data[k * sb.block_size:(k + 1) * sb.block_size], block * sb.block_size)
+            _pwrite_all(fd, data[k * sb.block_size:(k + 1) * sb.block_size], block * sb.block_size)
 
     indexed = run([e2fsck, "-fyD", image])
     unexpected = [line for line in indexed.stdout.decode(errors="replace").splitlines()
@@ -437,6 +450,12 @@ def _unshard(image: str, fd: int, sharded: list[tree.ShardedDirectory]) -> None:
     if checked.returncode != 0:
         raise ConfigError(f"linuxdisk: the filesystem is not clean after moving entries out of the shards "
                           f"of a large directory (please report): {_last_lines(checked.stdout)}")
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 # What e2fsck -fyD prints when all it does is index directories (and, on ext4, make the extent
@@ -470,8 +489,9 @@ def _directory_layout(stat_text: bytes, block_size: int) -> tuple[int, int, list
     return int(size.group(1)), int(generation.group(1)), [mapped[k] for k in range(count)]
 
 
-def _has_dir_index(program: str, fs_type: str, tmpdir: str) -> bool:
-    """Whether mke2fs gives this type the dir_index feature (a hashed index for directories):
+def _probe_features(program: str, fs_type: str, tmpdir: str) -> tuple[bool, bool]:
+    """Whether mke2fs gives this type the dir_index feature (a hashed index for directories), and
+    whether formats/ext2inodes.py can write its inodes (no checksums: ext2 and ext3 by default):
     asked of a small filesystem made and thrown away (mke2fs.conf and MKE2FS_CONFIG decide)."""
     fd, path = _anonymous_file(tmpdir)
     try:
@@ -481,7 +501,9 @@ def _has_dir_index(program: str, fs_type: str, tmpdir: str) -> bool:
                               env=env, timeout=SUBPROCESS_TIMEOUT)
         features = subprocess.run([find_program("debugfs"), "-R", "features", path], capture_output=True,
                                   pass_fds=(fd,), env=env, timeout=SUBPROCESS_TIMEOUT)
-        return made.returncode == 0 and "dir_index" in features.stdout.decode(errors="replace").split()
+        if made.returncode != 0 or "dir_index" not in features.stdout.decode(errors="replace").split():
+            return False, False
+        return True, ext2inodes.Geometry.parse(os.pread(fd, 1024, ext2dir.SUPERBLOCK_OFFSET)) is not None
     finally:
         os.close(fd)
         if not path.startswith("/proc/"):
