@@ -501,6 +501,69 @@ def test_flat_directory_inodes_and_metadata(tmp: Path, fs_type: str, size: str |
     assert int(re.search(r"Flags: 0x([0-9a-f]+)", root_stat).group(1), 16) & 0x1000  # indexed (htree)
 
 
+@pytest.mark.parametrize("fs_type", ["ext2", "ext3"])
+def test_direct_inodes_are_those_mke2fs_writes(tmp: Path, fs_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On ext2/ext3 a large directory's metadata-only entries are not staged: their inodes are
+    written by formats/ext2inodes.py.  Each must be the inode mke2fs -d writes for the same source
+    (debugfs stat alike but for the inode number and the creation time), spread over several block
+    groups; entries with data, symlinks and hard links still come through the shards."""
+    monkeypatch.setattr(linuxdisk, "LARGE_DIRECTORY", 40)
+    root = tmp / "src"
+    root.mkdir()
+    kinds = ["empty", "setuid", "fifo", "socket-like", "data", "symlink"]
+    for i in range(3000):
+        path = root / f"n{i:04d}"
+        kind = kinds[i % len(kinds)]
+        if kind == "fifo":
+            os.mkfifo(path, 0o620)
+        elif kind == "symlink":
+            os.symlink(f"target{i}", path)
+        else:
+            path.write_bytes(b"data %d" % i if kind == "data" else b"")
+            os.chmod(path, {"setuid": 0o4750, "socket-like": 0o444}.get(kind, 0o640))
+        os.utime(path, ns=(1_100_000_000_123_456_789 + i, 1_200_000_000_987_654_321 + i), follow_symlinks=False)
+    os.link(root / "n0000", root / "n0000-link")  # a hard link: through a shard
+    if IS_ROOT:
+        os.mknod(root / "chr", 0o20640, os.makedev(4, 300))  # minor > 255: the new encoding
+        os.mknod(root / "blk", 0o60600, os.makedev(7, 1))
+        os.chown(root / "n0001", 70000, 80000)  # ids beyond 16 bits
+    plugin = linuxdisk.LinuxDiskPlugin()
+    plugin.dirs, plugin.fs_type, plugin.label, plugin.uuid = [str(root)], fs_type, None, None
+    plugin.size = (True, 64 << 20)  # size=+64M: several block groups
+    plugin.partition, plugin.writable, plugin.mke2fs = "none", False, "mke2fs"
+    plugin.get_ready()
+    image = tmp / "fs.img"
+    try:
+        assert plugin.fd is not None
+        image.write_bytes(os.pread(plugin.fd, plugin.fs_size, 0))
+    finally:
+        plugin.cleanup()
+    run(["e2fsck", "-fn", image])
+    reference = tmp / "reference.img"  # the same files by mke2fs -d alone (the tree is small enough)
+    with open(reference, "wb") as f:
+        f.truncate(plugin.fs_size)
+    run(["mke2fs", "-q", "-F", "-t", fs_type, "-N", "4000", "-d", root, reference])
+    def metadata_only(name: str) -> bool:
+        return name in ("chr", "blk") or name.startswith("n") and name != "n0000" and len(name) == 5 and \
+            kinds[int(name[1:]) % len(kinds)] not in ("data", "symlink")
+    names = sorted(name for name in os.listdir(root) if metadata_only(name))  # staged ones have the ctime
+    assert len(names) >= 1999                                                # of their staging link
+    script = "".join(f"stat {quote('/' + name)}\n" for name in names)
+    ours, theirs = (re.split(rb"^debugfs: [^\n]*\n", subprocess_stdout(["debugfs", "-f", "-", str(path)], script),
+                             flags=re.M)[1:] for path in (image, reference))
+    def comparable(text: bytes) -> bytes:
+        text = re.sub(rb"Inode: \d+", b"Inode: N", text)
+        text = re.sub(rb"crtime: .*\n", b"", text)
+        return re.sub(rb"Inode checksum: .*\n", b"", text)
+    differing = [name for name, a, b in zip(names, ours, theirs) if comparable(a) != comparable(b)]
+    assert len(ours) == len(names) and not differing, (differing[:3], ours[names.index(differing[0])]
+                                                       if differing else b"")
+    inodes = {name: entry[0] for name, entry in ((p[1:], e) for p, e in listing(str(image)).items())}
+    per_group = int(re.search(rb"Inodes per group:\s+(\d+)", debugfs(str(image), "stats")).group(1))
+    assert len({(inodes[name] - 1) // per_group for name in names}) >= 2  # spread over block groups
+    assert inodes["n0000"] == inodes["n0000-link"]
+
+
 def subprocess_stdout(argv: list[str], script: str) -> bytes:
     return subprocess.run(argv, input=script.encode(), capture_output=True, check=True, timeout=60,
                           env=dict(os.environ, PATH="/usr/sbin:/sbin:" + os.environ.get("PATH", ""))).stdout
