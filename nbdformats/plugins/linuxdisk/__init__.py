@@ -6,8 +6,9 @@ regions: the protective MBR and primary GPT padded to 1 MiB and the backup GPT a
 in-memory buffers, the partition in between is read straight from the temp file with
 preadv into the client's buffer.  Several `dir=` are merged through a staging tree of
 hard links (see tree.py).  A directory of LARGE_DIRECTORY entries or more is staged too, in
-shards that mke2fs fills quickly; then its blocks are written anew holding the shards' entries,
-the shards dropped by debugfs, and e2fsck -D indexes it (_unshard).
+shards that mke2fs fills quickly (on ext2/ext3 but for its entries that are nothing but an inode,
+which are written into the image directly); then its blocks are written anew holding all those
+entries, the shards dropped by debugfs, and e2fsck -D indexes it (_unshard).
 """
 
 from __future__ import annotations
@@ -347,10 +348,11 @@ def _unshard(image: str, fd: int, sharded: list[tree.ShardedDirectory]) -> None:
     """Move the entries of directories staged in shards back into them, and remove the shards.
 
     debugfs tells the inode numbers of each directory and its shards (`ls -p`) and where their
-    blocks are (`stat`); the entries are read from the shards' blocks, and the directory's blocks
-    are written anew, linear (formats/ext2dir.py), holding its own entries but the shards' and
-    every entry of every shard: with debugfs adding them one by one (`ln`), 100,000 entries took
-    seconds.  debugfs drops each shard whole (link count 0, `kill_file` frees its inode and
+    blocks are (`stat`).  The inodes of the entries not staged (ShardedDirectory.direct) are
+    written into free inodes (formats/ext2inodes.py).  The entries are read from the shards'
+    blocks, and the directory's blocks are written anew, linear (formats/ext2dir.py), holding its
+    own entries but the shards', every entry of every shard and the directly written ones: with
+    debugfs adding them one by one (`ln`), 100,000 entries took seconds.  debugfs drops each shard whole (link count 0, `kill_file` frees its inode and
     blocks) and gives the directory the blocks it needs (`expand_dir`); the inodes keep the link
     counts mke2fs gave them, so hard links stay right.  `e2fsck -fyD` then gives the directory
     its hashed index (htree); it must find nothing but that to do, and `e2fsck -fn` checks the
@@ -411,9 +413,12 @@ def _unshard(image: str, fd: int, sharded: list[tree.ShardedDirectory]) -> None:
             if geometry is None:
                 raise ConfigError("linuxdisk: the filesystem mke2fs made has checksums the probe did not show "
                                   "(please report)")
-            numbers = ext2inodes.allocate(geometry, lambda length, offset: os.pread(fd, length, offset),
-                                          lambda data, offset: _pwrite_all(fd, data, offset),
-                                          [st for _, st in directory.direct], number, int(time.time()))
+            try:
+                numbers = ext2inodes.allocate(geometry, lambda length, offset: os.pread(fd, length, offset),
+                                              lambda data, offset: _pwrite_all(fd, data, offset),
+                                              [st for _, st in directory.direct], number, int(time.time()))
+            except ValueError as e:  # -N gave mke2fs room for every entry: not expected
+                raise ConfigError(f"linuxdisk: writing the inodes of /{directory.relative}: {e} (please report)")
             moved += [(inode, ext2inodes.FILE_TYPES[stat.S_IFMT(st.st_mode)], os.fsencode(name))
                       for inode, (name, st) in zip(numbers, directory.direct)]
         for shard, names in directory.shards:

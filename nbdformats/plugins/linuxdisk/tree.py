@@ -8,7 +8,8 @@ xattrs and hard links carried by the inode itself); only when the kernel refuses
 (another filesystem, or protected_hardlinks for a file we do not own) is it copied,
 sparse-aware, with its metadata.  Staged directories get their source's metadata.  A large
 directory's non-directories are staged in shards (ShardedDirectory), which the plugin undoes in
-the built filesystem.
+the built filesystem; where the plugin can write inodes itself (ext2/ext3), those that are
+nothing but their inode are not staged at all (ShardedDirectory.direct).
 """
 
 from __future__ import annotations
