@@ -351,12 +351,13 @@ def _unshard(image: str, fd: int, sharded: list[tree.ShardedDirectory]) -> None:
     blocks are (`stat`).  The inodes of the entries not staged (ShardedDirectory.direct) are
     written into free inodes (formats/ext2inodes.py).  The entries are read from the shards'
     blocks, and the directory's blocks are written anew, linear (formats/ext2dir.py), holding its
-    own entries but the shards', every entry of every shard and the directly written ones: with
-    debugfs adding them one by one (`ln`), 100,000 entries took seconds.  debugfs drops each shard whole (link count 0, `kill_file` frees its inode and
-    blocks) and gives the directory the blocks it needs (`expand_dir`); the inodes keep the link
-    counts mke2fs gave them, so hard links stay right.  `e2fsck -fyD` then gives the directory
-    its hashed index (htree); it must find nothing but that to do, and `e2fsck -fn` checks the
-    result: the build fails rather than serve a filesystem this step got wrong.
+    own entries but the shards', every entry of every shard and the directly written ones (debugfs
+    adding them one by one with `ln` took seconds for 100,000).  debugfs drops each shard whole
+    (link count 0, `kill_file` frees its inode and blocks) and gives the directory the blocks it
+    needs (`expand_dir`); the inodes keep the link counts mke2fs gave them, so hard links stay
+    right.  `e2fsck -fyD` then gives the directory its hashed index (htree); it must find nothing
+    but that to do, and `e2fsck -fn` checks the result: the build fails rather than serve a
+    filesystem these steps got wrong.
     """
     e2fsck, debugfs = find_program("e2fsck"), find_program("debugfs")
     def run(argv: list[str], script: bytes = b"") -> subprocess.CompletedProcess[bytes]:
