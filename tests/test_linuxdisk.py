@@ -501,7 +501,7 @@ def test_flat_directory_inodes_and_metadata(tmp: Path, fs_type: str, size: str |
     assert int(re.search(r"Flags: 0x([0-9a-f]+)", root_stat).group(1), 16) & 0x1000  # indexed (htree)
 
 
-@pytest.mark.parametrize("fs_type", ["ext2", "ext3"])
+@pytest.mark.parametrize("fs_type", ["ext2", "ext3", "ext4"])
 def test_direct_inodes_are_those_mke2fs_writes(tmp: Path, fs_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """On ext2/ext3 a large directory's metadata-only entries are not staged: their inodes are
     written by formats/ext2inodes.py.  Each must be the inode mke2fs -d writes for the same source
