@@ -408,6 +408,28 @@ def test_large_directory_without_dir_index(tmp: Path, monkeypatch: pytest.Monkey
     assert len([p for p in listing(str(tmp / "fs.img")) if p.startswith("/f")]) == 4000
 
 
+def test_large_directory_all_staged_where_inodes_cannot_be_written(tmp: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """ext4 with uninit_bg instead of metadata_csum (CRC-16 group descriptor checksums, which
+    formats/ext2inodes.py does not write): every entry goes through the shards, so the empty files
+    carry the ctime of their staging link rather than the source's; the result is whole and clean."""
+    root = tmp / "flat"
+    root.mkdir()
+    for i in range(4000):
+        (root / f"f{i}").touch()
+    source_ctime = int(os.lstat(root / "f7").st_ctime)
+    time.sleep(1.1)  # a staging link's ctime is later
+    config = tmp / "mke2fs.conf"
+    config.write_text(Path("/etc/mke2fs.conf").read_text().replace("metadata_csum,", "uninit_bg,"))
+    monkeypatch.setenv("MKE2FS_CONFIG", str(config))
+    image, _, log = copy_out(tmp, "linuxdisk", str(root), "partition=none", "type=ext4")
+    run(["e2fsck", "-fn", image])
+    assert "square" not in log
+    assert b"uninit_bg" in debugfs(str(image), "features")
+    assert {p for p in listing(str(image)) if p.startswith("/f")} == {f"/f{i}" for i in range(4000)}
+    assert int(re.search(rb" ctime: 0x([0-9a-f]+)", debugfs(str(image), "stat /f7")).group(1), 16) > source_ctime
+
+
 def test_large_directories_in_shards_merged(tmp: Path, monkeypatch: pytest.MonkeyPatch,
                                            caplog: pytest.LogCaptureFixture) -> None:
     """Shards at every depth and in merged trees (with a low threshold, in process): a directory

@@ -1,14 +1,15 @@
-"""ext2/ext3 inodes that hold nothing but their metadata, written straight into an image.
+"""ext2/3/4 inodes that hold nothing but their metadata, written straight into an image.
 
 An empty regular file, a fifo, a socket or a device node has no blocks: its inode is all there
 is.  linuxdisk writes the inodes of a large directory's such entries itself (mke2fs -d costs time
-growing with the square of the number of hard links it meets, and staging them takes one each);
-only on filesystems without group descriptor or metadata checksums, with 32-byte group
-descriptors (ext2 and ext3 as e2fsprogs makes them by default), where an inode is its bytes in
-the inode table, a bit in the group's inode bitmap and the free counts.  The inode is the one
+growing with the square of the number of hard links it meets, and staging them takes one each):
+its bytes in the inode table, a bit in the group's inode bitmap, the free counts, and with
+metadata_csum (ext4's default) the checksums of the inode, the bitmap, the group descriptor and
+the superblock, a lazily initialized group's bitmap and unused-inode count.  Not with inline_data,
+nor with uninit_bg's CRC-16 descriptor checksums (Geometry.parse says None).  The inode is the one
 mke2fs -d writes (e2fsprogs 1.47 misc/create_inode.c, lib/ext2fs/alloc.c ext2fs_write_new_inode):
-mode, owner, times in seconds from the source, one link, and for 256-byte inodes
-i_extra_isize 32 and i_crtime the build time.
+mode, owner, times in seconds from the source, one link, an empty extent tree for a regular file
+where extents are on, and for inodes over 128 bytes i_extra_isize 32 and i_crtime the build time.
 """
 
 from __future__ import annotations

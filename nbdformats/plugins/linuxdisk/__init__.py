@@ -6,7 +6,7 @@ regions: the protective MBR and primary GPT padded to 1 MiB and the backup GPT a
 in-memory buffers, the partition in between is read straight from the temp file with
 preadv into the client's buffer.  Several `dir=` are merged through a staging tree of
 hard links (see tree.py).  A directory of LARGE_DIRECTORY entries or more is staged too, in
-shards that mke2fs fills quickly (on ext2/ext3 but for its entries that are nothing but an inode,
+shards that mke2fs fills quickly (but for its entries that are nothing but an inode,
 which are written into the image directly); then its blocks are written anew holding all those
 entries, the shards dropped by debugfs, and e2fsck -D indexes it (_unshard).
 """
@@ -497,7 +497,7 @@ def _directory_layout(stat_text: bytes, block_size: int) -> tuple[int, int, list
 
 def _probe_features(program: str, fs_type: str, tmpdir: str) -> tuple[bool, bool]:
     """Whether mke2fs gives this type the dir_index feature (a hashed index for directories), and
-    whether formats/ext2inodes.py can write its inodes (no checksums: ext2 and ext3 by default):
+    whether formats/ext2inodes.py can write its inodes (all three types by default):
     asked of a small filesystem made and thrown away (mke2fs.conf and MKE2FS_CONFIG decide)."""
     fd, path = _anonymous_file(tmpdir)
     try:

@@ -8,7 +8,7 @@ xattrs and hard links carried by the inode itself); only when the kernel refuses
 (another filesystem, or protected_hardlinks for a file we do not own) is it copied,
 sparse-aware, with its metadata.  Staged directories get their source's metadata.  A large
 directory's non-directories are staged in shards (ShardedDirectory), which the plugin undoes in
-the built filesystem; where the plugin can write inodes itself (ext2/ext3), those that are
+the built filesystem; where the plugin can write inodes itself (formats/ext2inodes.py), those that are
 nothing but their inode are not staged at all (ShardedDirectory.direct).
 """
 
@@ -68,7 +68,7 @@ class _Walker:
         self.staging = staging
         self.large = large  # directories of this many entries or more: staged in shards (scan: stop)
         self.shards = shards  # whether they can be (else they are only reported as slow)
-        # Whether the plugin can write inodes itself (ext2/ext3 without checksums): then a large
+        # Whether the plugin can write inodes itself (formats/ext2inodes.py): then a large
         # directory's entries that are nothing but their metadata are not staged at all.
         self.direct = direct
         self.stats = TreeStats()
