@@ -523,13 +523,19 @@ def test_flat_directory_inodes_and_metadata(tmp: Path, fs_type: str, size: str |
     assert int(re.search(r"Flags: 0x([0-9a-f]+)", root_stat).group(1), 16) & 0x1000  # indexed (htree)
 
 
-@pytest.mark.parametrize("fs_type", ["ext2", "ext3", "ext4"])
-def test_direct_inodes_are_those_mke2fs_writes(tmp: Path, fs_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fs_type, grow", [("ext2", True), ("ext3", True), ("ext4", True), ("ext4", False)])
+def test_direct_inodes_are_those_mke2fs_writes(tmp: Path, fs_type: str, grow: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """On ext2/ext3 a large directory's metadata-only entries are not staged: their inodes are
     written by formats/ext2inodes.py.  Each must be the inode mke2fs -d writes for the same source
     (debugfs stat alike but for the inode number and the creation time), spread over several block
-    groups; entries with data, symlinks and hard links still come through the shards."""
+    groups with size=+64M (the other case: 128-byte inodes, no room for the creation time or the
+    checksum's high half); entries with data, symlinks and hard links still come through the shards."""
     monkeypatch.setattr(linuxdisk, "LARGE_DIRECTORY", 40)
+    if not grow:
+        config = tmp / "mke2fs.conf"
+        config.write_text(re.sub(r"inode_size = \d+", "inode_size = 128", Path("/etc/mke2fs.conf").read_text()))
+        monkeypatch.setenv("MKE2FS_CONFIG", str(config))
     root = tmp / "src"
     root.mkdir()
     kinds = ["empty", "setuid", "fifo", "socket-like", "data", "symlink"]
@@ -551,7 +557,7 @@ def test_direct_inodes_are_those_mke2fs_writes(tmp: Path, fs_type: str, monkeypa
         os.chown(root / "n0001", 70000, 80000)  # ids beyond 16 bits
     plugin = linuxdisk.LinuxDiskPlugin()
     plugin.dirs, plugin.fs_type, plugin.label, plugin.uuid = [str(root)], fs_type, None, None
-    plugin.size = (True, 64 << 20)  # size=+64M: several block groups
+    plugin.size = (True, 64 << 20) if grow else None  # size=+64M: several block groups
     plugin.partition, plugin.writable, plugin.mke2fs = "none", False, "mke2fs"
     plugin.get_ready()
     image = tmp / "fs.img"
@@ -582,7 +588,11 @@ def test_direct_inodes_are_those_mke2fs_writes(tmp: Path, fs_type: str, monkeypa
                                                        if differing else b"")
     inodes = {name: entry[0] for name, entry in ((p[1:], e) for p, e in listing(str(image)).items())}
     per_group = int(re.search(rb"Inodes per group:\s+(\d+)", debugfs(str(image), "stats")).group(1))
-    assert len({(inodes[name] - 1) // per_group for name in names}) >= 2  # spread over block groups
+    inode_size = int(re.search(rb"Inode size:\s+(\d+)", debugfs(str(image), "stats")).group(1))
+    if grow:
+        assert len({(inodes[name] - 1) // per_group for name in names}) >= 2  # spread over block groups
+    else:
+        assert inode_size == 128
     assert inodes["n0000"] == inodes["n0000-link"]
 
 
