@@ -6,7 +6,9 @@ regions: the protective MBR and primary GPT padded to 1 MiB and the backup GPT a
 in-memory buffers, the partition in between is read straight from the temp file with
 preadv into the client's buffer.  Several `dir=` are merged through a staging tree of
 hard links (see tree.py).  A directory of LARGE_DIRECTORY entries or more is staged too, in
-shards that mke2fs fills quickly, and moved back into place by e2fsck -D and debugfs (_unshard).
+shards that mke2fs fills quickly (but for its entries that are nothing but an inode,
+which are written into the image directly); then its blocks are written anew holding all those
+entries, the shards dropped by debugfs, and e2fsck -D indexes it (_unshard).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
 from functools import partial
 
@@ -26,7 +30,7 @@ from ...api.chain import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, NATIVE, Extents,
 from ...api.errors import ConfigError, NBDError
 from ...api.params import Bool, Enum, Param, ParamType, Path, RelativeSize, String
 from ...api.progress import progress
-from ...formats import gpt
+from ...formats import ext2dir, ext2inodes, gpt
 from .._sparse import data_and_holes
 from . import tree
 from .tree import TreeStats
@@ -41,7 +45,7 @@ RESERVED_INODES = 11  # EXT2_GOOD_OLD_FIRST_INO: inodes 1-10 are reserved, 11 is
 DEFAULT_TMPDIR = "/var/tmp"  # large files do not belong in /tmp (often RAM), as nbdkit
 # mke2fs -d adds each entry by looking its name up in the directory and then finding room for it,
 # both by reading the whole directory: a directory of n entries costs time in n squared.  Directories
-# this large are staged in shards that mke2fs fills quickly, and moved back into place by debugfs
+# this large are staged in shards that mke2fs fills quickly, and their entries moved back into place
 # (see _unshard).
 LARGE_DIRECTORY = 4000
 SUBPROCESS_TIMEOUT = 3600
@@ -133,9 +137,9 @@ class LinuxDiskPlugin(Plugin):
             if stats is not None:
                 source = self.dirs[0]
             else:  # a merge, or a large directory to stage in shards (they need dir_index)
-                shards = _has_dir_index(program, self.fs_type, tmpdir)
+                shards, direct = _probe_features(program, self.fs_type, tmpdir)
                 staging = source = tempfile.mkdtemp(prefix="linuxdisk-merge-", dir=tmpdir)
-                stats = tree.stage(self.dirs, staging, LARGE_DIRECTORY, shards)
+                stats = tree.stage(self.dirs, staging, LARGE_DIRECTORY, shards, direct)
             for path, count in stats.slow_directories:
                 log.warning("linuxdisk: %s holds %d entries: mke2fs -d reads the whole directory to add each "
                             "entry, so the build takes time growing with the square of that count (minutes for "
@@ -343,47 +347,157 @@ def _anonymous_file(directory: str) -> tuple[int, str]:
 def _unshard(image: str, fd: int, sharded: list[tree.ShardedDirectory]) -> None:
     """Move the entries of directories staged in shards back into them, and remove the shards.
 
-    `e2fsck -fD` first gives each such directory a hashed index (htree), so that debugfs `ln`
-    adds an entry in time logarithmic in the directory's size; each shard is then dropped whole
-    (link count 0, `kill_file` frees its inode and blocks, `unlink` its entry), which leaves
-    every moved entry's inode with the link count mke2fs gave it.  `e2fsck -fn` checks the
-    result: the build fails rather than serve a filesystem this step got wrong.
+    debugfs tells the inode numbers of each directory and its shards (`ls -p`) and where their
+    blocks are (`stat`).  The inodes of the entries not staged (ShardedDirectory.direct) are
+    written into free inodes (formats/ext2inodes.py).  The entries are read from the shards'
+    blocks, and the directory's blocks are written anew, linear (formats/ext2dir.py), holding its
+    own entries but the shards', every entry of every shard and the directly written ones (debugfs
+    adding them one by one with `ln` took seconds for 100,000).  debugfs drops each shard whole
+    (link count 0, `kill_file` frees its inode and blocks) and gives the directory the blocks it
+    needs (`expand_dir`); the inodes keep the link counts mke2fs gave them, so hard links stay
+    right.  `e2fsck -fyD` then gives the directory its hashed index (htree); it must find nothing
+    but that to do, and `e2fsck -fn` checks the result: the build fails rather than serve a
+    filesystem these steps got wrong.
     """
     e2fsck, debugfs = find_program("e2fsck"), find_program("debugfs")
     def run(argv: list[str], script: bytes = b"") -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(argv, input=script, capture_output=True, pass_fds=(fd,),
-                              env=dict(os.environ, LC_ALL="C"), timeout=SUBPROCESS_TIMEOUT)
+                              env=dict(os.environ, LC_ALL="C", DEBUGFS_PAGER="__none__"),
+                              timeout=SUBPROCESS_TIMEOUT)
+    def commands(script: bytes, writable: bool = False) -> list[bytes]:
+        """The output of each command of a debugfs script (it echoes "debugfs: COMMAND" before each)."""
+        result = run([debugfs, *(["-w"] if writable else []), "-f", "/dev/stdin", image], script)
+        errors = [line for line in result.stderr.decode(errors="replace").splitlines()
+                  if line.strip() and not line.startswith("debugfs ")]
+        if result.returncode != 0 or errors:
+            raise ConfigError(f"linuxdisk: debugfs failed while moving the entries of a large directory out of "
+                              f"its shards: {' / '.join(errors[:3]) or _last_lines(result.stdout)}")
+        return re.split(rb"^debugfs: [^\n]*\n", result.stdout, flags=re.M)[1:]
+
+    superblock = os.pread(fd, 1024, ext2dir.SUPERBLOCK_OFFSET)
+    sb = ext2dir.Superblock.parse(superblock)
+    tops = [os.fsencode("/" + directory.relative) for directory in sharded]
+    directories: list[int] = []
+    shard_inodes: list[dict[bytes, int]] = []
+    for directory, listing in zip(sharded, commands(b"".join(b'ls -p "%s"\n' % top for top in tops))):
+        found: dict[bytes, int] = {}  # "ls -p" lines: /inode/mode/uid/gid/name/size/
+        for match in re.finditer(rb"^/(\d+)/\d+/\d+/\d+/(\.|\.linuxdisk-shard-[^/\n]*)/\d*/$", listing, re.M):
+            found[match.group(2)] = int(match.group(1))  # a shard's name is 255 bytes: no other name holds one
+        missing = [shard for shard, _ in directory.shards if os.fsencode(shard) not in found]
+        if b"." not in found or missing:
+            raise ConfigError(f"linuxdisk: debugfs does not list {missing[:1] or '.'} in /{directory.relative}")
+        directories.append(found.pop(b"."))
+        shard_inodes.append(found)
+    everything = directories + [number for found in shard_inodes for number in found.values()]
+    layout = dict(zip(everything, (_directory_layout(text, sb.block_size) for text in
+                                   commands(b"".join(b"stat <%d>\n" % number for number in everything)))))
+
+    def read(number: int) -> list[tuple[int, int, bytes]]:
+        blocks = layout[number][2]
+        data = b"".join(os.pread(fd, sb.block_size, block * sb.block_size) for block in blocks)
+        return [item for k in range(len(blocks))
+                for item in ext2dir.entries(data[k * sb.block_size:(k + 1) * sb.block_size], sb.block_size)]
+
+    script = bytearray()
+    contents = []
+    for directory, number, found in zip(sharded, directories, shard_inodes):
+        shard_numbers = set(found.values())
+        own = read(number)
+        if [name for _, _, name in own[:2]] != [b".", b".."]:
+            raise ConfigError(f"linuxdisk: /{directory.relative} does not begin with . and ..")
+        kept = [item for item in own[2:] if item[0] not in shard_numbers]
+        if len(own) - 2 - len(kept) != len(shard_numbers):
+            raise ConfigError(f"linuxdisk: /{directory.relative} does not hold each of its shards once")
+        moved: list[tuple[int, int, bytes]] = []
+        if directory.direct:  # written before debugfs opens the image for writing (it reads the bitmaps then)
+            geometry = ext2inodes.Geometry.parse(superblock)
+            if geometry is None:
+                raise ConfigError("linuxdisk: the filesystem mke2fs made has checksums the probe did not show "
+                                  "(please report)")
+            try:
+                numbers = ext2inodes.allocate(geometry, lambda length, offset: os.pread(fd, length, offset),
+                                              lambda data, offset: _pwrite_all(fd, data, offset),
+                                              [st for _, st in directory.direct], number, int(time.time()))
+            except ValueError as e:  # -N gave mke2fs room for every entry: not expected
+                raise ConfigError(f"linuxdisk: writing the inodes of /{directory.relative}: {e} (please report)")
+            moved += [(inode, ext2inodes.FILE_TYPES[stat.S_IFMT(st.st_mode)], os.fsencode(name))
+                      for inode, (name, st) in zip(numbers, directory.direct)]
+        for shard, names in directory.shards:
+            entries = read(found[os.fsencode(shard)])[2:]
+            if sorted(name for _, _, name in entries) != sorted(map(os.fsencode, names)):
+                raise ConfigError(f"linuxdisk: the shard {shard} of /{directory.relative} does not hold "
+                                  "the entries staged in it (please report)")
+            moved += entries
+        generation = layout[number][1]
+        data = ext2dir.pack(own[:2] + kept + moved, sb, number, generation, min_blocks=len(layout[number][2]))
+        contents.append((number, data))
+        for shard_number in shard_numbers:
+            script += b"sif <%d> links_count 0\nkill_file <%d>\n" % (shard_number, shard_number)
+        script += b"expand_dir <%d>\n" % number * (len(data) // sb.block_size - len(layout[number][2]))
+        script += b"sif <%d> links_count %d\n" % (number, directory.links)
+    commands(bytes(script), writable=True)
+    grown = commands(b"".join(b"stat <%d>\n" % number for number, _ in contents))
+    for (number, data), text in zip(contents, grown):
+        blocks = _directory_layout(text, sb.block_size)[2]
+        if len(blocks) * sb.block_size != len(data):
+            raise ConfigError(f"linuxdisk: debugfs expand_dir gave inode {number} {len(blocks)} blocks, "
+                              f"not {len(data) // sb.block_size}")
+        for k, block in enumerate(blocks):
+            _pwrite_all(fd, data[k * sb.block_size:(k + 1) * sb.block_size], block * sb.block_size)
 
     indexed = run([e2fsck, "-fyD", image])
-    if indexed.returncode not in (0, 1):  # 1: directories were optimized
-        raise ConfigError(f"linuxdisk: e2fsck -fD failed while indexing directories: "
-                          f"{_last_lines(indexed.stdout + indexed.stderr)}")
-    script = bytearray()
-    for directory in sharded:
-        top = os.fsencode("/" + directory.relative)
-        for shard, names in directory.shards:
-            script += b'cd "%s/%s"\n' % (top.rstrip(b"/"), os.fsencode(shard))
-            for name in names:
-                script += b'ln "%s" "%s"\n' % (os.fsencode(name), top)
-        script += b"cd /\n"
-        for shard, _ in directory.shards:
-            path = b"%s/%s" % (top.rstrip(b"/"), os.fsencode(shard))
-            script += b'sif "%s" links_count 0\nkill_file "%s"\nunlink "%s"\n' % (path, path, path)
-        script += b'sif "%s" links_count %d\n' % (top, directory.links)
-    moved = run([debugfs, "-w", "-f", "/dev/stdin", image], bytes(script))
-    errors = [line for line in moved.stderr.decode(errors="replace").splitlines()
-              if line.strip() and not line.startswith("debugfs ")]
-    if moved.returncode != 0 or errors:
-        raise ConfigError(f"linuxdisk: debugfs failed moving entries out of the shards of a large "
-                          f"directory: {' / '.join(errors[:3]) or _last_lines(moved.stdout)}")
+    unexpected = [line for line in indexed.stdout.decode(errors="replace").splitlines()
+                  if line.strip() and not _E2FSCK_ROUTINE.fullmatch(line)]
+    if indexed.returncode not in (0, 1) or unexpected:  # 1: directories were optimized
+        raise ConfigError(f"linuxdisk: e2fsck -fD found more to do than indexing directories after the entries "
+                          f"of a large directory were moved out of its shards (please report): "
+                          f"{' / '.join(unexpected[:3]) or _last_lines(indexed.stdout + indexed.stderr)}")
     checked = run([e2fsck, "-fn", image])
     if checked.returncode != 0:
         raise ConfigError(f"linuxdisk: the filesystem is not clean after moving entries out of the shards "
                           f"of a large directory (please report): {_last_lines(checked.stdout)}")
 
 
-def _has_dir_index(program: str, fs_type: str, tmpdir: str) -> bool:
-    """Whether mke2fs gives this type the dir_index feature (a hashed index for directories):
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+# What e2fsck -fyD prints when all it does is index directories (and, on ext4, make the extent
+# tree of a directory the index shrank shorter).
+_E2FSCK_ROUTINE = re.compile(r"Pass \d[A-Z]?: .*|.*\*\*\*\*\* FILE SYSTEM WAS MODIFIED \*\*\*\*\*|"
+                             r"\S.*: \d+/\d+ files \(.*\), \d+/\d+ blocks|"
+                             r"Inode \d+ extent tree \(at level \d+\) could be (shorter|narrower)\.  Optimize\? yes")
+INDEX_FL, INLINE_DATA_FL = 0x1000, 0x10000000  # i_flags: a hashed index, data inside the inode
+
+
+def _directory_layout(stat_text: bytes, block_size: int) -> tuple[int, int, list[int]]:
+    """(size, generation, its blocks in order) of a linear directory, from debugfs `stat`."""
+    text = stat_text.decode(errors="replace")
+    size = re.search(r"\bSize: (\d+)", text)
+    generation = re.search(r"\bGeneration: (\d+)", text)
+    flags = re.search(r"\bFlags: 0x([0-9a-fA-F]+)", text)
+    if not (size and generation and flags and "Type: directory" in text):
+        raise ConfigError(f"linuxdisk: cannot read debugfs stat: {text[:200]!r}")
+    if int(flags.group(1), 16) & (INDEX_FL | INLINE_DATA_FL):
+        raise ConfigError("linuxdisk: a directory made by mke2fs -d is indexed or inline (please report)")
+    mapped: dict[int, int] = {}
+    listing = text.split("EXTENTS:", 1)[-1] if "EXTENTS:" in text else text.split("BLOCKS:", 1)[-1]
+    for first, last, uninit, start, _ in re.findall(r"\((\d+)(?:-(\d+))?(\[u\])?\):(\d+)(?:-(\d+))?", listing):
+        if uninit:
+            raise ConfigError("linuxdisk: a directory has uninitialized blocks (please report)")
+        for k in range(int(first), int(last or first) + 1):
+            mapped[k] = int(start) + k - int(first)
+    count = int(size.group(1)) // block_size
+    if int(size.group(1)) % block_size or sorted(mapped) != list(range(count)):
+        raise ConfigError(f"linuxdisk: a directory's blocks are not what its size says (please report)")
+    return int(size.group(1)), int(generation.group(1)), [mapped[k] for k in range(count)]
+
+
+def _probe_features(program: str, fs_type: str, tmpdir: str) -> tuple[bool, bool]:
+    """Whether mke2fs gives this type the dir_index feature (a hashed index for directories), and
+    whether formats/ext2inodes.py can write its inodes (all three types by default):
     asked of a small filesystem made and thrown away (mke2fs.conf and MKE2FS_CONFIG decide)."""
     fd, path = _anonymous_file(tmpdir)
     try:
@@ -393,7 +507,9 @@ def _has_dir_index(program: str, fs_type: str, tmpdir: str) -> bool:
                               env=env, timeout=SUBPROCESS_TIMEOUT)
         features = subprocess.run([find_program("debugfs"), "-R", "features", path], capture_output=True,
                                   pass_fds=(fd,), env=env, timeout=SUBPROCESS_TIMEOUT)
-        return made.returncode == 0 and "dir_index" in features.stdout.decode(errors="replace").split()
+        if made.returncode != 0 or "dir_index" not in features.stdout.decode(errors="replace").split():
+            return False, False
+        return True, ext2inodes.Geometry.parse(os.pread(fd, 1024, ext2dir.SUPERBLOCK_OFFSET)) is not None
     finally:
         os.close(fd)
         if not path.startswith("/proc/"):
