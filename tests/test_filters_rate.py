@@ -191,13 +191,14 @@ def read_seconds(uri: str, size: int, script: str = READER) -> float:
     return float(nbdsh(uri, script.format(size=size), timeout=90).stdout)
 
 
-def test_25_mib_at_10_mbit_takes_at_least_18_seconds(tmp):
-    # nbdkit's own test: 200 Mbit at 10 Mbit/s with a full 2 s bucket takes >= 18 s.
+def test_10_mib_at_10_mbit_takes_at_least_6_seconds(tmp):
+    # nbdkit's own test (test-rate.sh, run as it is in tests/nbdkit_suite) reads 200 Mbit; the
+    # same at 80 Mbit: at 10 Mbit/s with a full 2 s bucket (20 Mbit at once) it takes >= 6 s.
     # (Data, not a sparse disk: holes are sent as tiny hole replies and cost nothing.)
-    disk = random_file(tmp / "disk", 25 * MIB)
+    disk = random_file(tmp / "disk", 10 * MIB)
     with serve("--filter=rate", "file", str(disk), "rate=10M") as srv:
-        elapsed = read_seconds(srv.uri, 25 * MIB)
-    assert elapsed >= 17.0
+        elapsed = read_seconds(srv.uri, 10 * MIB)
+    assert elapsed >= 5.5
 
 
 # 8M = 1 MiB/s; 0.25 s of burst; each client reads 1.5 MiB: alone ~1.25 s, sharing ~2.75 s.
