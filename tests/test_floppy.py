@@ -345,12 +345,13 @@ def test_directories_are_encoded_at_first_read_from_what_the_scan_saw(tmp: Path)
     assert raised.value.errno == errno.ENOENT
     vanished: list[str] = []
 
-    def tolerant(path: str, offset: int, view: memoryview) -> None:
-        if os.path.exists(path):
-            read_host(path, offset, view)
-        else:
-            vanished.append(os.path.basename(path))
-            view[:] = bytes(len(view))
+    def tolerant(reads: list[tuple[str, int, memoryview]]) -> None:
+        for path, offset, view in reads:
+            if os.path.exists(path):
+                read_host(path, offset, view)
+            else:
+                vanished.append(os.path.basename(path))
+                view[:] = bytes(len(view))
 
     buf = bytearray(image.size)
     image.read(memoryview(buf), 0, tolerant)
@@ -485,8 +486,8 @@ def test_scan_takes_plain_directories_in_bulk_as_entry_by_entry(tmp: Path, monke
 
 
 def test_c_extension_lists_and_stats_as_os_does(source) -> None:
-    """_scandir.list_and_stat: os.listdir's names (sorted) and os.lstat's fields, times to the bit."""
-    scandir = pytest.importorskip("nbdformats.plugins.floppy._scandir")
+    """_hostio.list_and_stat: os.listdir's names (sorted) and os.lstat's fields, times to the bit."""
+    scandir = pytest.importorskip("nbdformats.plugins.floppy._hostio")
     root, expected = source
     for directory in [root, *(root / path for path, data in expected.items() if data is None)]:
         names, *columns = scandir.list_and_stat(str(directory))
@@ -497,6 +498,38 @@ def test_c_extension_lists_and_stats_as_os_does(source) -> None:
                                                          st.st_atime, st.st_mtime, 0], name
     with pytest.raises(FileNotFoundError):
         scandir.list_and_stat(str(root / "no such directory"))
+
+
+@pytest.mark.parametrize("with_extension", [True, False])
+def test_host_files_of_a_request_are_read_as_os_preadv_reads_them(tmp: Path, monkeypatch, with_extension) -> None:
+    """read_hosts, with the C extension (every file of a request read with the GIL released
+    once) and without it: the same bytes, and the same errors for a file gone, shorter than
+    at start-up, or replaced by a symlink (never followed)."""
+    from nbdformats.api.errors import NBDError
+    from nbdformats.plugins.floppy import plugin
+    if with_extension:
+        pytest.importorskip("nbdformats.plugins.floppy._hostio")
+    else:
+        monkeypatch.setattr(plugin, "_read_files", None)
+    contents = {f"f{i}": os.urandom(i * 300) for i in range(1, 8)}
+    for name, data in contents.items():
+        (tmp / name).write_bytes(data)
+    buf = bytearray(sum(len(d) - 100 for d in contents.values()))
+    reads, at = [], 0
+    for name, data in contents.items():
+        reads.append((str(tmp / name), 100, memoryview(buf)[at:at + len(data) - 100]))
+        at += len(data) - 100
+    plugin.read_hosts(reads)
+    assert bytes(buf) == b"".join(data[100:] for data in contents.values())
+    (tmp / "link").symlink_to(tmp / "f1")
+    for path, error, message in ((tmp / "gone", errno.ENOENT, os.strerror(errno.ENOENT)),
+                                 (tmp / "f3", errno.EIO, "shorter than when the server started"),
+                                 (tmp / "link", errno.ELOOP, os.strerror(errno.ELOOP))):
+        view = memoryview(bytearray(2000))
+        with pytest.raises(NBDError) as raised:
+            plugin.read_hosts([(str(tmp / "f2"), 0, view[:600]), (str(path), 0, view[600:])])
+        assert raised.value.errno == error and str(path) in str(raised.value) and message in str(raised.value)
+        assert bytes(view[:600]) == contents["f2"]  # the other reads of the request were made
 
 
 def test_scan_reports_entries_that_cannot_be_stat_ed(tmp: Path) -> None:

@@ -3,8 +3,8 @@
 The layout (every directory's size and place, every file's clusters) is fixed at start-up;
 a directory's entries are encoded when a request first reads its clusters, then kept
 (FAT12/16's fixed root directory is encoded at start-up).  The FAT is generated per
-request; file data comes from the host through `read_host`, called with (path, file
-offset, buffer to fill) only when a request touches a file's clusters.
+request; file data comes from the host through `read_hosts`, called once per request with
+the (path, file offset, buffer to fill) of every file whose clusters the request touches.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ...formats.fat.names import (LONG_NAME_UNITS_PER_SLOT, MAX_LONG_NAME, Short
 from .tree import DirNode, FileNode
 
 MAX_DIRECTORY_ENTRIES = 65536  # spec section 6: a directory may not grow past 2 MiB
-ReadHost = Callable[[str, int, memoryview], None]
+ReadHosts = Callable[[list[tuple[str, int, memoryview]]], None]
 # (path, offset, length) -> (offset, length, is data) ranges of a host file, for its holes.
 HostRanges = Callable[[str, int, int], list[tuple[int, int, bool]]]
 SPARSE_CHECK_MIN = 1 << 20  # host files at least this big are asked for their holes
@@ -431,8 +431,9 @@ class FatImage:
 
     # -- Reading -----------------------------------------------------------------------
 
-    def read(self, buf: memoryview, offset: int, read_host: ReadHost) -> None:
+    def read(self, buf: memoryview, offset: int, read_hosts: ReadHosts) -> None:
         """Fill `buf` with the disk's bytes from `offset` (within the disk)."""
+        host_reads: list[tuple[str, int, memoryview]] = []  # made in one go at the end
         end = offset + len(buf)
         position = offset
         regions, starts = self._regions, self._region_starts
@@ -455,11 +456,14 @@ class FatImage:
             elif kind == _FAT:
                 view[:] = self.fat.read(position - start, len(view))
             else:
-                self._read_data(view, position - start, read_host)
+                self._read_data(view, position - start, host_reads)
             position = stop
+        if host_reads:
+            read_hosts(host_reads)
 
-    def _read_data(self, view: memoryview, offset: int, read_host: ReadHost) -> None:
-        """Allocated clusters from byte `offset` of the data region."""
+    def _read_data(self, view: memoryview, offset: int, host_reads: list[tuple[str, int, memoryview]]) -> None:
+        """Allocated clusters from byte `offset` of the data region; the parts of host files
+        are added to `host_reads`, for the caller to read."""
         cluster_size = self.geometry.cluster_size
         starts, sizes, directories, files = self._starts, self._sizes, self._directories, self._files
         while len(view):
@@ -475,7 +479,7 @@ class FatImage:
                 else:
                     generated = files.generated.get(index - len(directories))
                     if generated is None:  # a host file, read at request time
-                        read_host(files.path(index - len(directories)), object_offset, part[:filled])
+                        host_reads.append((files.path(index - len(directories)), object_offset, part[:filled]))
                     else:
                         part[:filled] = generated[object_offset:object_offset + filled]
             if filled < len(part):

@@ -22,6 +22,11 @@ from .tree import DirNode, FileNode, TreeError, add_file, scan
 if TYPE_CHECKING:
     from . import syslinux  # imported when booting is asked for
 
+try:
+    from ._hostio import read_files as _read_files  # the GIL released: see _hostio.c
+except ImportError:  # not built: os.open and os.preadv, file by file
+    _read_files = None  # type: ignore[assignment]
+
 log = logging.getLogger("nbdformats.floppy")
 
 FLOPPY_1440K = 1440 * 1024
@@ -40,13 +45,31 @@ def read_host(path: str, offset: int, view: memoryview) -> None:
         while len(view):
             n = os.preadv(fd, [view], offset)
             if n == 0:
-                raise NBDError(errno.EIO, f"{path}: the file is shorter than when the server started")
+                raise _shorter(path)
             view = view[n:]
             offset += n
     except OSError as e:
         raise NBDError(e.errno or errno.EIO, f"{path}: {e.strerror}") from None
     finally:
         os.close(fd)
+
+
+def _shorter(path: str) -> NBDError:
+    return NBDError(errno.EIO, f"{path}: the file is shorter than when the server started")
+
+
+def read_hosts(reads: list[tuple[str, int, memoryview]]) -> None:
+    """read_host for each (path, offset, view) of a request: with the C extension all of them
+    with the GIL released once (see _hostio.c), else one by one."""
+    if _read_files is None:
+        for path, offset, view in reads:
+            read_host(path, offset, view)
+        return
+    failed = _read_files(reads)
+    if failed is not None:
+        index, error = failed
+        path = reads[index][0]
+        raise _shorter(path) if not error else NBDError(error, f"{path}: {os.strerror(error)}")
 
 
 def host_ranges(path: str, offset: int, length: int) -> list[tuple[int, int, bool]]:
@@ -168,7 +191,7 @@ class FloppyPlugin(Plugin):
         from . import syslinux
         blank = FatImage(DirNode("", "", 0, 0, 0), fat="12", size=FLOPPY_1440K, label=None)
         buf = bytearray(blank.size)
-        blank.read(memoryview(buf), 0, read_host)
+        blank.read(memoryview(buf), 0, read_hosts)
         try:
             files = syslinux.installer_files(bytes(buf))
         except syslinux.SyslinuxError as e:
@@ -195,7 +218,7 @@ class FloppyPlugin(Plugin):
             return True  # read-only: every connection sees the same bytes
 
         def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-            self.image.read(buf, offset, read_host)
+            self.image.read(buf, offset, read_hosts)
 
         def extents(self, count: int, offset: int, flags: int, extents: Extents) -> None:
             for start, length, kind in self.image.extents(offset, count, host_ranges):

@@ -32,7 +32,7 @@ LOOKAHEAD = 4
 READERS = 1  # threads reading them
 
 try:
-    from ._scandir import list_and_stat as _list_and_stat  # the GIL released: see _scandir.c
+    from ._hostio import list_and_stat as _list_and_stat  # the GIL released: see _hostio.c
 except ImportError:  # not built: os.listdir and os.lstat, on the scan's own thread
     _list_and_stat = None  # type: ignore[assignment]
 
@@ -169,7 +169,7 @@ def scan(directories: list[str], warn: Warn, on_complete: Callable[[DirNode], No
 
 
 def _read_directory(real_dir: str) -> Listing:
-    """A listing by os.listdir and os.lstat (what _scandir.list_and_stat gives)."""
+    """A listing by os.listdir and os.lstat (what _hostio.list_and_stat gives)."""
     # lstat() relative to the directory: no walk of the whole path per entry.
     dir_fd = os.open(real_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -1,4 +1,5 @@
-# The C extension _scandir.c (see its comment).
+# The C extension _hostio.c (see its comment).
 
 def list_and_stat(path: str, /) -> tuple[list[str], list[int], list[int], list[int], list[float], list[float],
                                          list[float], list[int]]: ...
+def read_files(reads: list[tuple[str, int, memoryview]], /) -> tuple[int, int] | None: ...
