@@ -2,7 +2,7 @@
 expected-pass.txt is one pytest test and must pass.  A test listed with `needs NAME,...` runs once
 this build has those plugins and filters (nbdkit's tests probe for filters with the null plugin).
 
-The tests run three at a time, as nbdkit's `make check -j` runs them: they mostly wait (their
+The tests run four at a time, as nbdkit's `make check -j` runs them: they mostly wait (their
 start_nbdkit polls for the pid file once a second), and each uses files and sockets of its own.
 The longest start first, so that the last ones to finish are short."""
 
@@ -20,7 +20,7 @@ from nbdformats.registry import names
 LISTS = {name: harness.read_list(harness.HERE / f"{name}.txt")
          for name in ("expected-pass", "known-failures", "out-of-scope")}
 EXPECTED = LISTS["expected-pass"]
-WORKERS = 3
+WORKERS = 4
 # The longest tests (dozens of server starts or a timed transfer each), started first.
 LONGEST = ["test-data-format.sh", "test-data-bad.sh", "test-luks-copy.sh", "test-readahead-copy.sh",
            "test-luks-info.sh", "test-partition1.sh", "test-luks-copy-zero.sh", "test-fua.sh",
