@@ -430,6 +430,25 @@ def test_large_directory_all_staged_where_inodes_cannot_be_written(tmp: Path,
     assert int(re.search(rb" ctime: 0x([0-9a-f]+)", debugfs(str(image), "stat /f7")).group(1), 16) > source_ctime
 
 
+def unpartitioned(dirs: list[Path], fs_type: str, size: tuple[bool, int] | None = None) -> linuxdisk.LinuxDiskPlugin:
+    """The plugin configured in-process: these dirs, partition=none, read-only, no label or uuid."""
+    plugin = linuxdisk.LinuxDiskPlugin()
+    plugin.dirs, plugin.fs_type, plugin.label, plugin.uuid, plugin.size = [str(d) for d in dirs], fs_type, None, None, size
+    plugin.partition, plugin.writable, plugin.mke2fs = "none", False, "mke2fs"
+    return plugin
+
+
+def build_image(plugin: linuxdisk.LinuxDiskPlugin, image: Path) -> None:
+    """Build the filesystem (get_ready), copy it to `image`, and check it with e2fsck -fn."""
+    plugin.get_ready()
+    try:
+        assert plugin.fd is not None
+        image.write_bytes(os.pread(plugin.fd, plugin.fs_size, 0))
+    finally:
+        plugin.cleanup()
+    run(["e2fsck", "-fn", image])
+
+
 def test_large_directories_in_shards_merged(tmp: Path, monkeypatch: pytest.MonkeyPatch,
                                            caplog: pytest.LogCaptureFixture) -> None:
     """Shards at every depth and in merged trees (with a low threshold, in process): a directory
@@ -445,17 +464,8 @@ def test_large_directories_in_shards_merged(tmp: Path, monkeypatch: pytest.Monke
             (top / "a" / 'q"d' / f"{top.name}{i}").write_bytes(b"x")
     (site / "a" / "b" / "base3").write_bytes(b"site wins")
     image = tmp / "fs.img"
-    plugin = linuxdisk.LinuxDiskPlugin()
-    plugin.dirs, plugin.fs_type, plugin.label, plugin.uuid, plugin.size = [str(base), str(site)], "ext4", None, None, None
-    plugin.partition, plugin.writable, plugin.mke2fs = "none", False, "mke2fs"
     with caplog.at_level("WARNING"):
-        plugin.get_ready()
-    try:
-        assert plugin.fd is not None
-        image.write_bytes(os.pread(plugin.fd, plugin.fs_size, 0))
-    finally:
-        plugin.cleanup()
-    run(["e2fsck", "-fn", image])
+        build_image(unpartitioned([base, site], "ext4"), image)
     expected = host_tree(base)
     expected.update(host_tree(site))
     assert dumped(image, tmp) == expected and expected["a/b/base3"] == b"site wins"
@@ -555,18 +565,9 @@ def test_direct_inodes_are_those_mke2fs_writes(tmp: Path, fs_type: str, grow: bo
         os.mknod(root / "chr", 0o20640, os.makedev(4, 300))  # minor > 255: the new encoding
         os.mknod(root / "blk", 0o60600, os.makedev(7, 1))
         os.chown(root / "n0001", 70000, 80000)  # ids beyond 16 bits
-    plugin = linuxdisk.LinuxDiskPlugin()
-    plugin.dirs, plugin.fs_type, plugin.label, plugin.uuid = [str(root)], fs_type, None, None
-    plugin.size = (True, 64 << 20) if grow else None  # size=+64M: several block groups
-    plugin.partition, plugin.writable, plugin.mke2fs = "none", False, "mke2fs"
-    plugin.get_ready()
+    plugin = unpartitioned([root], fs_type, (True, 64 << 20) if grow else None)  # size=+64M: several block groups
     image = tmp / "fs.img"
-    try:
-        assert plugin.fd is not None
-        image.write_bytes(os.pread(plugin.fd, plugin.fs_size, 0))
-    finally:
-        plugin.cleanup()
-    run(["e2fsck", "-fn", image])
+    build_image(plugin, image)
     reference = tmp / "reference.img"  # the same files by mke2fs -d alone (the tree is small enough)
     with open(reference, "wb") as f:
         f.truncate(plugin.fs_size)
@@ -615,9 +616,7 @@ def test_unexpected_e2fsck_repairs_fail_the_build(tmp: Path, monkeypatch: pytest
         data[-1] ^= 0xFF  # the last block's checksum
         return bytes(data)
     monkeypatch.setattr(linuxdisk.ext2dir, "pack", spoiled)
-    plugin = linuxdisk.LinuxDiskPlugin()
-    plugin.dirs, plugin.fs_type, plugin.label, plugin.uuid, plugin.size = [str(root)], "ext4", None, None, None
-    plugin.partition, plugin.writable, plugin.mke2fs = "none", False, "mke2fs"
+    plugin = unpartitioned([root], "ext4")
     with pytest.raises(ConfigError, match="found more to do than indexing.*checksum"):
         plugin.get_ready()
     plugin.cleanup()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .crc32c import TABLE
+from .crc32c import crc32c_le, crc32c_rows
 
 SUPERBLOCK_OFFSET = 1024
 INCOMPAT_FILETYPE = 0x0002
@@ -26,7 +26,6 @@ RO_COMPAT_METADATA_CSUM = 0x0400
 TAIL_SIZE = 12
 TAIL_FILE_TYPE = 0xDE  # det_reserved_ft: marks the checksum tail
 _ENTRY = struct.Struct("<IHBB")
-_TABLE = np.array(TABLE, dtype=np.uint32)
 
 
 @dataclass(frozen=True)
@@ -44,27 +43,17 @@ class Superblock:
             raise ValueError("not an ext2/3/4 superblock")
         log_block_size, = struct.unpack_from("<I", data, 0x18)
         incompat, ro_compat = struct.unpack_from("<II", data, 0x60)
-        if incompat & INCOMPAT_CSUM_SEED:
-            seed, = struct.unpack_from("<I", data, 0x270)
-        else:
-            seed = crc32c_le(0xFFFFFFFF, data[0x68:0x78])
         return cls(1024 << log_block_size, bool(incompat & INCOMPAT_FILETYPE),
-                   bool(ro_compat & RO_COMPAT_METADATA_CSUM), bool(incompat & INCOMPAT_INLINE_DATA), seed)
+                   bool(ro_compat & RO_COMPAT_METADATA_CSUM), bool(incompat & INCOMPAT_INLINE_DATA),
+                   checksum_seed(data))
 
 
-def crc32c_le(crc: int, data: bytes) -> int:
-    """e2fsprogs' ext2fs_crc32c_le: CRC-32C continued from `crc`, without the final inversion."""
-    for byte in data:
-        crc = TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc
-
-
-def _crc32c_rows(seed: int, rows: np.ndarray) -> np.ndarray:
-    """crc32c_le(seed, row) for every row of a 2-D uint8 array at once (one table step per column)."""
-    crc = np.full(rows.shape[0], seed, dtype=np.uint32)
-    for column in rows.T:
-        crc = _TABLE[(crc ^ column) & 0xFF] ^ (crc >> 8)
-    return crc
+def checksum_seed(superblock: bytes) -> int:
+    """metadata_csum's seed: s_checksum_seed with the csum_seed feature, else crc32c_le(~0, s_uuid)."""
+    incompat, = struct.unpack_from("<I", superblock, 0x60)
+    if incompat & INCOMPAT_CSUM_SEED:
+        return struct.unpack_from("<I", superblock, 0x270)[0]
+    return crc32c_le(0xFFFFFFFF, superblock[0x68:0x78])
 
 
 def _rec_len(raw: int, block_size: int) -> int:
@@ -122,7 +111,7 @@ def pack(items: list[tuple[int, int, bytes]], sb: Superblock, inode: int, genera
     if sb.metadata_csum:
         blocks = np.frombuffer(bytes(out), dtype=np.uint8).reshape(-1, size)
         seed = crc32c_le(crc32c_le(sb.csum_seed, struct.pack("<I", inode)), struct.pack("<I", generation))
-        crcs = _crc32c_rows(seed, blocks[:, :room])
+        crcs = crc32c_rows(seed, blocks[:, :room])
         for index, crc in enumerate(crcs.tolist()):
             struct.pack_into("<I", out, index * size + room + 8, crc)
     return bytes(out)

@@ -22,16 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .crc32c import TABLE
-
-_TABLE = np.array(TABLE, dtype=np.uint32)
+from .crc32c import crc32c_le, crc32c_rows
+from .ext2dir import INCOMPAT_INLINE_DATA, RO_COMPAT_METADATA_CSUM, checksum_seed
 
 INCOMPAT_EXTENTS = 0x0040
 INCOMPAT_64BIT = 0x0080
-INCOMPAT_INLINE_DATA = 0x8000
-INCOMPAT_CSUM_SEED = 0x2000
 RO_COMPAT_GDT_CSUM = 0x0010
-RO_COMPAT_METADATA_CSUM = 0x0400
 GOOD_OLD_INODE_SIZE = 128
 EXTRA_ISIZE = 32  # sizeof(struct ext2_inode_large) - 128 in e2fsprogs 1.47
 EXTENTS_FL = 0x80000
@@ -72,10 +68,7 @@ class Geometry:
             blocks_count |= struct.unpack_from("<I", sb, 0x150)[0] << 32
             if desc_size < 64:
                 return None
-        seed = None
-        if metadata_csum:
-            seed = struct.unpack_from("<I", sb, 0x270)[0] if incompat & INCOMPAT_CSUM_SEED else \
-                crc32c_le(0xFFFFFFFF, sb[0x68:0x78])
+        seed = checksum_seed(sb) if metadata_csum else None
         block_size = 1024 << log_block_size
         groups = -(-(blocks_count - first_data_block) // blocks_per_group)
         return cls(block_size, inodes_per_group, inode_size, first_ino, groups,
@@ -112,27 +105,13 @@ def inode_bytes(st: os.stat_result, size: int, now: int, extents: bool = False) 
     return base + extra + bytes(size - len(base) - len(extra))
 
 
-def crc32c_le(crc: int, data: bytes) -> int:
-    """e2fsprogs' ext2fs_crc32c_le: CRC-32C continued from `crc`, without the final inversion."""
-    for byte in data:
-        crc = TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc
-
-
-def _crc32c_rows(seed: int, rows: np.ndarray) -> np.ndarray:
-    crc = np.full(rows.shape[0], seed, dtype=np.uint32)
-    for column in rows.T:
-        crc = _TABLE[(crc ^ column) & 0xFF] ^ (crc >> 8)
-    return crc
-
-
 def _checksum_inodes(g: "Geometry", numbers: list[int], inodes: bytearray) -> None:
     """ext2fs_inode_csum for each inode (all with generation 0), at once: lo half at 0x7C, hi at 0x82."""
     assert g.csum_seed is not None
     rows = np.zeros((len(numbers), 8 + g.inode_size), dtype=np.uint8)
     rows[:, :4] = np.array(numbers, dtype="<u4").view(np.uint8).reshape(-1, 4)
     rows[:, 8:] = np.frombuffer(bytes(inodes), dtype=np.uint8).reshape(-1, g.inode_size)
-    crcs = _crc32c_rows(g.csum_seed, rows).tolist()
+    crcs = crc32c_rows(g.csum_seed, rows).tolist()
     for k, crc in enumerate(crcs):
         struct.pack_into("<H", inodes, k * g.inode_size + 0x7C, crc & 0xFFFF)
         if g.inode_size > GOOD_OLD_INODE_SIZE:
