@@ -23,6 +23,12 @@ SMALL_ALLOWANCE = 256 * 1024  # per connection, not charged to the server: small
 # When the server's budget empties after holding this much, freed buffers go back to the kernel:
 # glibc keeps up to its trim threshold (256 MiB, server/listeners.py tune_malloc) for reuse.
 RETURN_MEMORY_AFTER = 128 * 1024 * 1024
+# The trim runs this long after the budget empties: a buffer's room is given back just before the
+# buffer itself is freed (by that thread, or by another connection's thread a moment later), and a
+# trim at the instant of emptying missed those, leaving up to a few requests' worth in the heap.
+RETURN_MEMORY_DELAY = 0.5
+_trim_lock = threading.Lock()
+_trim_timer: "threading.Timer | None" = None
 
 
 def return_free_memory() -> None:
@@ -31,6 +37,24 @@ def return_free_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def return_free_memory_soon() -> None:
+    """return_free_memory() RETURN_MEMORY_DELAY from now, once however often this is called."""
+    global _trim_timer
+    with _trim_lock:
+        if _trim_timer is not None:
+            return
+        _trim_timer = threading.Timer(RETURN_MEMORY_DELAY, _trim_when_due)
+        _trim_timer.daemon = True
+        _trim_timer.start()
+
+
+def _trim_when_due() -> None:
+    global _trim_timer
+    with _trim_lock:
+        _trim_timer = None
+    return_free_memory()
 
 
 class Budget:
@@ -99,4 +123,4 @@ class Budget:
         if extra and self.parent is not None:
             self.parent.release(extra)
         if emptied_after_much and self.parent is None:
-            return_free_memory()
+            return_free_memory_soon()
