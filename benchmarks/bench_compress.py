@@ -10,7 +10,9 @@ with 1 MiB frames).  Each server variant is started fresh and timed for:
   full read  nbdcopy of the whole disk to null: (4 connections where the server offers
              multi-conn), on the same running server;
 and the bytes read are checked against the source in the first round (sha256 of a full copy,
-not timed).  Variants take turns round by round; medians of the rounds and ratios to nbdkit's
+not timed).  Start to copied is the two together: a server started to copy a disk out.  Last,
+benchmarks/inflaters.py times the gzip index pass and a sequential read in-process with each
+inflate (zlib-ng's and the system zlib's).  Variants take turns round by round; medians of the rounds and ratios to nbdkit's
 filter for the same file are printed, and the raw results saved under benchmarks/results/
 (benchmarks/tables.py makes the docs tables from them).  nbdkit's gzip inflates everything to
 a temporary file before the first answer; ours indexes at start (or loads gzip-index=, or
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -150,7 +153,15 @@ def main() -> None:
         ratio = f"{row['mib_per_s'] / reference['mib_per_s']:.2f}x" if reference and reference is not row else ""
         print(f"{row['label']:42} {row['first_4k_s']:8.2f}s {row['full_read_s']:9.2f}s {row['mib_per_s']:7.0f} "
               f"{ratio:>10}")
-    run.save({"medians": medians, "rounds": raw, "compressed_bytes": sizes, "first_read_offset": offset})
+    # The inflates on their own, in-process: the gzip index pass and a sequential read behind it.
+    inflaters = json.loads(subprocess.run([NBDFORMATS[0], str(ROOT / "benchmarks" / "inflaters.py"), str(files["gz"]),
+                                           str(args.rounds)], check=True, capture_output=True, text=True,
+                                          timeout=3600, env=dict(ENV, PYTHONPATH=str(ROOT))).stdout)
+    print("\nin-process gzip inflate, medians:")
+    for name, m in inflaters.items():
+        print(f"  {name:8} index pass {m['index_s']:6.2f}s  sequential read behind it {m['read_s']:6.2f}s")
+    run.save({"medians": medians, "rounds": raw, "compressed_bytes": sizes, "first_read_offset": offset,
+              "inflaters": inflaters})
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

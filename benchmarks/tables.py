@@ -13,6 +13,7 @@ results file.  Nothing is copied by hand.
 from __future__ import annotations
 
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -133,21 +134,44 @@ def stripe_table(record: dict[str, Any]) -> str:
 
 def compress_table(fmt: str) -> Callable[[dict[str, Any]], str]:
     """One format's variants of bench_compress.py: time to the first 4 KiB from server start, full
-    read speed, and the full read against nbdkit's filter on the same file (where nbdkit has one)."""
+    read speed, start to copied (the median over rounds of both together), and the full read and
+    start to copied against nbdkit's filter on the same file (where nbdkit has one)."""
     def table(record: dict[str, Any]) -> str:
         rows = [r for r in record["results"]["medians"] if r["format"] == fmt]
+        rounds = record["results"]["rounds"]
         reference = next((r for r in rows if r["server"] == "nbdkit"), None)
         size = record["arguments"]["size_mib"]
-        lines = [f"| {size} MiB image | first 4 KiB from start (s) | full read (MiB/s) |"
-                 + (" full read vs nbdkit |" if reference else ""), "|---|---|---|" + ("---|" if reference else "")]
+
+        def start_to_copied(row: dict[str, Any]) -> float:
+            r = rounds[row["label"]]
+            return statistics.median(a + b for a, b in zip(r["first_4k_s"], r["full_read_s"]))
+
+        lines = [f"| {size} MiB image | first 4 KiB from start (s) | full read (MiB/s) | start to copied (s) |"
+                 + (" full read / start to copied vs nbdkit |" if reference else ""),
+                 "|---|---|---|---|" + ("---|" if reference else "")]
         for r in rows:
-            line = f"| {r['label']} | {r['first_4k_s']:.2f} | {r['mib_per_s']:.0f} |"
+            line = f"| {r['label']} | {r['first_4k_s']:.2f} | {r['mib_per_s']:.0f} | {start_to_copied(r):.2f} |"
             if reference:
-                line += "" if r is reference else f" {r['mib_per_s'] / reference['mib_per_s']:.2f}x"
+                if r is not reference:
+                    line += (f" {r['mib_per_s'] / reference['mib_per_s']:.2f}x /"
+                             f" {start_to_copied(reference) / start_to_copied(r):.2f}x")
                 line += " |"
             lines.append(line)
         return "\n".join(lines) + "\n\n" + source_line(record)
     return table
+
+
+def inflaters_table(record: dict[str, Any]) -> str:
+    """bench_compress.py's in-process gzip inflate: index pass and sequential read per inflate."""
+    inflaters = record["results"].get("inflaters")
+    if not inflaters:
+        return "*The newest run of `compress` predates this table: run bench_compress.py again.*"
+    size = record["arguments"]["size_mib"]
+    lines = [f"| inflate ({size} MiB image, in-process) | index pass (s) | sequential read behind it (s) |",
+             "|---|---|---|"]
+    for name, m in inflaters.items():
+        lines.append(f"| {name} | {m['index_s']:.2f} | {m['read_s']:.2f} |")
+    return "\n".join(lines) + "\n\n" + source_line(record)
 
 
 def luks_servers_table(record: dict[str, Any]) -> str:
@@ -220,6 +244,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "compress-gzip": ("compress", compress_table("gzip")),
     "compress-xz": ("compress", compress_table("xz")),
     "compress-zstd": ("compress", compress_table("zstd")),
+    "compress-inflaters": ("compress", inflaters_table),
     "luks-servers": ("luks", luks_servers_table),
     "luks-cipher": ("luks", luks_cipher_table),
     "ceph-rbd": ("ceph-rbd", two_server_table("rbd bench (librbd)", "nbdformats rbd")),
