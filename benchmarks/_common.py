@@ -33,6 +33,13 @@ def compile_package() -> None:
 compile_package()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, all its threads, so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 class Server:
     """`argv` (a server serving on the Unix socket `sock`) started in a session of its own, its
     output to `log` (or discarded); stopped on leaving the `with` block."""

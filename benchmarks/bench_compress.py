@@ -8,7 +8,8 @@ with 1 MiB frames).  Each server variant is started fresh and timed for:
   first 4K   server start to the first 4 KiB read at a random offset answered (start-up work
              such as indexing, plus the read itself);
   full read  nbdcopy of the whole disk to null: (4 connections where the server offers
-             multi-conn), on the same running server;
+             multi-conn), on the same running server, with the server's CPU time (user and
+             system, all threads) during it;
 and the bytes read are checked against the source in the first round (sha256 of a full copy,
 not timed).  Start to copied is the two together: a server started to copy a disk out.  Last,
 benchmarks/inflaters.py times the gzip index pass and a sequential read in-process with each
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import nbd
 
-from _common import ENV, NBDFORMATS, ROOT, MiB, Server, nbdcopy_sha256, timed
+from _common import ENV, NBDFORMATS, ROOT, MiB, Server, cpu_seconds, nbdcopy_sha256, timed
 from _results import Run
 
 sys.path.insert(0, str(ROOT))
@@ -124,7 +125,8 @@ def main() -> None:
     sizes = {key: path.stat().st_size for key, path in files.items()}
     print(f"{args.size_mib} MiB image: gzip {sizes['gz'] // MiB} MiB, xz {sizes['xz'] // MiB} MiB, "
           f"zstd {sizes['zst'] // MiB} MiB; first read at offset {offset}; load average {os.getloadavg()[0]:.2f}")
-    raw: dict[str, dict[str, list[float]]] = {label: {"first_4k_s": [], "full_read_s": []} for label, _, _ in variants}
+    raw: dict[str, dict[str, list[float]]] = {label: {"first_4k_s": [], "full_read_s": [], "full_read_cpu_s": []}
+                                              for label, _, _ in variants}
     for round_number in range(args.rounds):
         print(f"round {round_number + 1}/{args.rounds}", flush=True)
         for label, _, argv in variants:
@@ -134,25 +136,29 @@ def main() -> None:
             with server:
                 if data != source[offset:offset + 4096]:
                     raise server.fail("the first 4 KiB read differs from the source")
+                cpu_before = cpu_seconds(server.proc.pid)
                 full = timed("nbdcopy", server.uri, "null:")
+                full_cpu = cpu_seconds(server.proc.pid) - cpu_before
                 if round_number == 0 and nbdcopy_sha256(server.uri) != digest:
                     raise server.fail("the full read differs from the source")
             raw[label]["first_4k_s"].append(first)
             raw[label]["full_read_s"].append(full)
-            print(f"  {label:42} {first:8.2f}s {full:9.2f}s", flush=True)
+            raw[label]["full_read_cpu_s"].append(full_cpu)
+            print(f"  {label:42} {first:8.2f}s {full:9.2f}s  server CPU {full_cpu:6.2f}s", flush=True)
 
     medians = []
     for label, fmt, _ in variants:
         first, full = statistics.median(raw[label]["first_4k_s"]), statistics.median(raw[label]["full_read_s"])
         medians.append({"label": label, "format": fmt, "server": label.split()[0], "first_4k_s": first,
-                        "full_read_s": full, "mib_per_s": args.size_mib / full})
+                        "full_read_s": full, "mib_per_s": args.size_mib / full,
+                        "full_read_cpu_s": statistics.median(raw[label]["full_read_cpu_s"])})
     print(f"\nmedians of {args.rounds} rounds (load average now {os.getloadavg()[0]:.2f}):")
-    print(f"{'variant':42} {'first 4K':>9} {'full read':>10} {'MiB/s':>7} {'vs nbdkit':>10}")
+    print(f"{'variant':42} {'first 4K':>9} {'full read':>10} {'MiB/s':>7} {'vs nbdkit':>10} {'server CPU':>11}")
     for row in medians:
         reference = next((r for r in medians if r["format"] == row["format"] and r["server"] == "nbdkit"), None)
         ratio = f"{row['mib_per_s'] / reference['mib_per_s']:.2f}x" if reference and reference is not row else ""
         print(f"{row['label']:42} {row['first_4k_s']:8.2f}s {row['full_read_s']:9.2f}s {row['mib_per_s']:7.0f} "
-              f"{ratio:>10}")
+              f"{ratio:>10} {row['full_read_cpu_s']:10.2f}s")
     # The inflates on their own, in-process: the gzip index pass and a sequential read behind it.
     inflaters = json.loads(subprocess.run([NBDFORMATS[0], str(ROOT / "benchmarks" / "inflaters.py"), str(files["gz"]),
                                            str(args.rounds)], check=True, capture_output=True, text=True,

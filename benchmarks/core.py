@@ -30,7 +30,7 @@ import time
 
 import nbd
 
-from _common import NBDFORMATS, Server, timed
+from _common import NBDFORMATS, Server, cpu_seconds, timed
 from _results import Run
 
 BLOCK = 4096
@@ -76,13 +76,6 @@ def random_io(uri: str, write: bool, depth: int, count: int, size: int) -> float
     elapsed = time.perf_counter() - start
     h.shutdown()
     return count / elapsed
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process, all its threads, so far (/proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def run_workloads(server: Server, source: str, size: int, count: int) -> dict[str, dict[str, float]]:

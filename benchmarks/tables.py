@@ -146,11 +146,14 @@ def compress_table(fmt: str) -> Callable[[dict[str, Any]], str]:
             r = rounds[row["label"]]
             return statistics.median(a + b for a, b in zip(r["first_4k_s"], r["full_read_s"]))
 
-        lines = [f"| {size} MiB image | first 4 KiB from start (s) | full read (MiB/s) | start to copied (s) |"
+        with_cpu = all("full_read_cpu_s" in r for r in rows)
+        lines = [f"| {size} MiB image | first 4 KiB from start (s) | full read (MiB/s) |"
+                 + (" server CPU in the full read (s) |" if with_cpu else "") + " start to copied (s) |"
                  + (" full read / start to copied vs nbdkit |" if reference else ""),
-                 "|---|---|---|---|" + ("---|" if reference else "")]
+                 "|---|---|---|---|" + ("---|" if with_cpu else "") + ("---|" if reference else "")]
         for r in rows:
-            line = f"| {r['label']} | {r['first_4k_s']:.2f} | {r['mib_per_s']:.0f} | {start_to_copied(r):.2f} |"
+            line = (f"| {r['label']} | {r['first_4k_s']:.2f} | {r['mib_per_s']:.0f} |"
+                    + (f" {r['full_read_cpu_s']:.2f} |" if with_cpu else "") + f" {start_to_copied(r):.2f} |")
             if reference:
                 if r is not reference:
                     line += (f" {r['mib_per_s'] / reference['mib_per_s']:.2f}x /"
