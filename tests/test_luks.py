@@ -605,6 +605,26 @@ def test_key_derivation_over_the_time_limit_is_not_run(tmp, keyfile):
     assert time.monotonic() - started < 10
 
 
+def test_cost_estimates_count_cpu_time_not_a_stalled_wall_clock(monkeypatch):
+    """The estimate of a keyslot's derivation time comes from a 20 ms benchmark.  Timed by the wall
+    clock, one preemption on a loaded machine (nbdkit's test-luks-info.sh, four tests at once) made
+    qemu-img's 2 s keyslot (8,264,312 PBKDF2-SHA256 iterations, 64-byte key) look like 444 s, over
+    the 60 s limit.  Here the wall clock jumps a second at every reading: the estimate must not
+    move, as it counts this thread's CPU time."""
+    from nbdformats.formats.luks import kdf
+    real = time.perf_counter
+    jumps = iter(range(1, 1_000_000))
+    monkeypatch.setattr(kdf.time, "perf_counter", lambda: real() + next(jumps))
+    kdf._pbkdf2_seconds_per_block.cache_clear()
+    kdf._argon2_seconds_per_kib_pass.cache_clear()
+    try:
+        assert kdf.Pbkdf2("sha256", 8_264_312, b"salt").estimated_seconds(64) < 60
+        assert kdf.Argon2("argon2id", 4, 1 << 20, 4, b"salt" * 4).estimated_seconds(32) < 60  # cryptsetup's 1 GiB, 4 passes
+    finally:
+        kdf._pbkdf2_seconds_per_block.cache_clear()
+        kdf._argon2_seconds_per_kib_pass.cache_clear()
+
+
 def test_iteration_counts_openssl_cannot_run_are_refused_clearly(tmp, keyfile):
     """2^31 and more (LUKS1 fields are 32 bits) used to end in an OverflowError traceback."""
     image = make_cryptsetup_image(tmp, keyfile, "luks1-default")

@@ -5,7 +5,7 @@ more memory than the machine has.  The limits follow cryptsetup's (lib/utils_pbk
 crypt_pbkdf_get_limits): PBKDF2 iterations up to 2^32-1, Argon2 memory up to 4 GiB and never
 more than half the physical memory (pbkdf_adjusted_phys_memory_kb).  cryptsetup bounds no
 time when it opens a keyslot; it writes keyslots that take about 2 s (--iter-time 2000).  So
-each derivation's time is estimated from a short benchmark on this machine
+each derivation's time is estimated from a short benchmark of CPU time on this machine
 (`estimated_seconds`) and the caller refuses what its time budget does not allow.  PBKDF2
 counts of 2^31 and more are refused: OpenSSL's PKCS5_PBKDF2_HMAC takes an int.
 """
@@ -46,6 +46,9 @@ MAX_ARGON2_MEMORY_KIB = 4 * 1024 * 1024  # cryptsetup's maximum
 MAX_ARGON2_LANES = 0xFFFFFF  # the Argon2 specification's (RFC 9106, 3.1)
 MAX_ARGON2_TIME = 0xFFFFFFFF
 BENCHMARK_SECONDS = 0.02  # each benchmark runs about this long, once per hash or KDF
+# The benchmarks count this thread's CPU time, not the wall clock: on a loaded machine one
+# preemption during a 20 ms benchmark made a 4 s keyslot look like 444 s (and refused it).
+_cpu_clock = time.thread_time
 
 
 def argon2_memory_limit_kib() -> int:
@@ -62,9 +65,9 @@ def _pbkdf2_seconds_per_block(name: str) -> float:
     """Seconds per iteration and output block of hashlib's PBKDF2 with this hash, measured."""
     iterations = 1024
     while True:
-        started = time.perf_counter()
+        started = _cpu_clock()
         hashlib.pbkdf2_hmac(name, b"benchmark", b"salt" * 4, iterations, hashlib.new(name).digest_size)
-        elapsed = time.perf_counter() - started
+        elapsed = _cpu_clock() - started
         if elapsed >= BENCHMARK_SECONDS or iterations >= 1 << 24:
             return elapsed / iterations
         iterations *= 4
@@ -75,9 +78,9 @@ def _argon2_seconds_per_kib_pass(variant: str) -> float:
     """Seconds Argon2 takes per KiB of memory and pass (one lane), measured."""
     memory_kib = 1024
     while True:
-        started = time.perf_counter()
+        started = _cpu_clock()
         Argon2(variant, 1, memory_kib, 1, b"benchmark salt16").derive(b"benchmark", 32)
-        elapsed = time.perf_counter() - started
+        elapsed = _cpu_clock() - started
         if elapsed >= BENCHMARK_SECONDS or memory_kib >= 1 << 18:
             return elapsed / memory_kib
         memory_kib *= 4
