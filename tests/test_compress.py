@@ -374,6 +374,33 @@ def test_read_ahead_bounded_in_process(units, monkeypatch, name) -> None:
     assert not [t for t in threading.enumerate() if t.name == "decompress-read-ahead"]
 
 
+def test_no_read_ahead_while_connections_keep_the_cores_busy(units, monkeypatch) -> None:
+    """With as many connections reading as there are read-ahead threads, nothing is decoded ahead:
+    each connection's own decoding keeps the cores busy (nbdcopy's four connections, each copying
+    its own region, made the read-ahead decode the next region's first units again).  When one
+    connection closes, a sequential reader gets its read-ahead back."""
+    from nbdformats.filters import _decompress
+    monkeypatch.setattr(_decompress.READ_AHEAD, "workers", 2)
+    layer = open_filter("xz", units["xz"])
+    handle = next(h for h in _layer_handles(layer) if isinstance(getattr(h, "source", None), _decompress.BlockSource))
+    source, first = handle.source, handle.reader
+    second = lambda offset, length: first(offset, length)  # noqa: E731  (another connection's reader)
+    ahead = []
+    monkeypatch.setattr(source, "prefetch", lambda unit, reader: (ahead.append(unit.number), source.withdraw(unit)))
+    data, buf = units["xz_data"], bytearray(256 * 1024)
+    source.read_into(memoryview(buf), 0, second)
+    for offset in range(0, 4 << 20, len(buf)):
+        source.read_into(memoryview(buf), offset, first)
+        assert buf == data[offset:offset + len(buf)]
+    assert ahead == []
+    source.release(second)
+    for offset in range(4 << 20, 8 << 20, len(buf)):
+        source.read_into(memoryview(buf), offset, first)
+    _decompress.READ_AHEAD.stop()
+    assert ahead, "one connection reading sequentially: the next units are decoded ahead"
+    layer.close()
+
+
 def _layer_handles(layer: Layer):
     """The handles of a chain opened in process, top first."""
     while layer is not None:

@@ -301,7 +301,11 @@ class BlockSource:
 
     Once a read passes the middle of a unit, the next units are decoded ahead by the server's
     read-ahead threads (READ_AHEAD), up to one per core and at most max_depth - 1, so a
-    sequential reader finds them ready.  Units being decoded ahead count in the cache limit
+    sequential reader finds them ready.  Only while fewer connections read the source than
+    there are read-ahead threads: with as many, each connection's own decoding keeps every core
+    busy, and nbdcopy's connections, each copying its own 128 MiB region, made the read-ahead
+    decode the first units of the next region, long read and evicted, a second time (3 of 32
+    units of a 512 MiB xz image).  Units being decoded ahead count in the cache limit
     from the moment they are queued: cached plus ahead stays within max_depth units (or
     MIN_CACHE_BYTES), the least recently used units going first.  Beyond that, memory holds
     only the units that requests are decoding themselves (at most one per request thread).
@@ -326,12 +330,14 @@ class BlockSource:
         self.reserved: dict[int, int] = {}  # units queued or being decoded ahead: number -> size
         self.reserved_bytes = 0
         self.failed: set[int] = set()  # units whose read-ahead failed: not tried ahead again
+        self.readers: set[int] = set()  # the connections that have read (ids of their readers)
 
     def read_into(self, buf: memoryview, offset: int, reader: Reader) -> None:
         end = offset + len(buf)
         if end > self.size:
             raise NBDError(errno.EIO, f"{self.name}: read beyond the end ({self.size} bytes)")
         index = bisect.bisect_right(self.outs, offset) - 1
+        self.readers.add(id(reader))
         position = offset
         while position < end:
             unit = self.units[index]
@@ -341,13 +347,14 @@ class BlockSource:
                 self._spill(unit).read_into(target, lo, reader)
             else:
                 target[:] = memoryview(self._unit_data(unit, reader))[lo:hi]
-                if hi * 2 > unit.size and self.ahead > 0:
+                if hi * 2 > unit.size and self.ahead > 0 and len(self.readers) < READ_AHEAD.workers:
                     self._read_ahead(index + 1, reader)
             position += hi - lo
             index += 1
 
     def release(self, reader: Reader) -> None:
         """The connection reading through `reader` closes: no read-ahead uses it afterwards."""
+        self.readers.discard(id(reader))
         READ_AHEAD.release(reader)
 
     def _over_limit(self, units: int, size: int) -> bool:
