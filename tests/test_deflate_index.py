@@ -8,6 +8,7 @@ import io
 import random
 import struct
 import threading
+import time
 import zipfile
 import zlib
 
@@ -253,3 +254,49 @@ def test_stream_reports_truncation_behind_the_frontier(inflater) -> None:
     assert read(damaged, 0, 100_000) == DATA[:100_000]
     with pytest.raises(DeflateError, match="truncated at offset"):
         read(damaged, 0, len(DATA))
+
+
+def test_a_gap_jumped_by_a_later_read_is_kept_for_the_earlier_one(inflater, monkeypatch) -> None:
+    """Two threads of one connection take its sequential reads out of order: the later read
+    continues the parked stream over the earlier one's range, which is kept for it instead of
+    being decoded again from a checkpoint (it was, for up to half an image per nbdcopy).  The
+    earlier read, arriving while the gap is being decoded, waits for it."""
+    blob = gzip.compress(random.Random(5).randbytes(4 << 20), 6)  # stored blocks: input ~ output
+    expected = gzip.decompress(blob)
+    index = DeflateIndex(reader(blob), 0, len(blob), None, raw=False, span=16 << 20)
+    index.build()
+    created = []
+
+    class Counted(deflate_index._Stream):
+        def __init__(self, *args) -> None:
+            created.append(args[1].out)
+            super().__init__(*args)
+
+    monkeypatch.setattr(deflate_index, "_Stream", Counted)
+    KiB = 1024
+    assert read(index, 0, 256 * KiB) == expected[:256 * KiB]  # parks a stream at 256 KiB
+    # In order: 768 KiB-1 MiB first (jumping 256-768 KiB), then 512-768 KiB from the kept gap.
+    assert read(index, 768 * KiB, 256 * KiB) == expected[768 * KiB:1024 * KiB]
+    assert read(index, 512 * KiB, 256 * KiB) == expected[512 * KiB:768 * KiB]
+    assert created == [0]
+    # Concurrently: the later read's stream is held up inside the gap; the earlier read waits for it.
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(offset: int, length: int) -> bytes:
+        entered.set()
+        go.wait(10)
+        return blob[offset:offset + length]
+
+    later, earlier = bytearray(256 * KiB), bytearray(256 * KiB)
+    jumper = threading.Thread(target=index.read_into, args=(memoryview(later), 2048 * KiB, held_up))
+    jumper.start()
+    assert entered.wait(10)
+    waiter = threading.Thread(target=index.read_into, args=(memoryview(earlier), 1536 * KiB))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive(), "the earlier read should wait for the gap, not start a stream"
+    go.set()
+    jumper.join(10)
+    waiter.join(10)
+    assert later == expected[2048 * KiB:2304 * KiB] and earlier == expected[1536 * KiB:1792 * KiB]
+    assert created == [0]
