@@ -300,3 +300,35 @@ def test_a_gap_jumped_by_a_later_read_is_kept_for_the_earlier_one(inflater, monk
     waiter.join(10)
     assert later == expected[2048 * KiB:2304 * KiB] and earlier == expected[1536 * KiB:1792 * KiB]
     assert created == [0]
+
+
+def test_a_read_waits_for_a_busy_stream_that_stops_at_its_offset(inflater) -> None:
+    """A parked stream lies behind a read and a busy one will stop right where the read starts:
+    the read waits for the busy one rather than decoding the distance from the parked one."""
+    blob = gzip.compress(random.Random(6).randbytes(2 << 20), 6)
+    expected = gzip.decompress(blob)
+    index = DeflateIndex(reader(blob), 0, len(blob), None, raw=False, span=16 << 20)
+    index.build()
+    KiB = 1024
+    read(index, 0, 256 * KiB)  # a stream parked at 256 KiB
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(offset: int, length: int) -> bytes:
+        entered.set()
+        go.wait(10)
+        return blob[offset:offset + length]
+
+    first, second = bytearray(256 * KiB), bytearray(256 * KiB)
+    busy = threading.Thread(target=index.read_into, args=(memoryview(first), 256 * KiB, held_up))
+    busy.start()
+    assert entered.wait(10)
+    assert read(index, 0, 128 * KiB) == expected[:128 * KiB]  # a second stream, parked at 128 KiB
+    waiter = threading.Thread(target=index.read_into, args=(memoryview(second), 512 * KiB))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive(), "the read should wait for the stream that stops at its offset"
+    go.set()
+    busy.join(10)
+    waiter.join(10)
+    assert first == expected[256 * KiB:512 * KiB] and second == expected[512 * KiB:768 * KiB]
+    assert sorted(s.out for s in index._parked) == [128 * KiB, 768 * KiB]

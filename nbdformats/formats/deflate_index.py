@@ -498,9 +498,9 @@ class DeflateIndex:
         when the bytes were copied into `buf` from a gap another read jumped over.
 
         A sequential reader with many requests in flight (nbdcopy) would otherwise start a
-        stream from a checkpoint for each request: when a busy stream will stop between the
-        checkpoint and `offset`, continuing it decodes less, and when it is decoding a gap that
-        holds [offset, end), its bytes will be kept: wait for it.
+        stream from a checkpoint for each request: when a busy stream will stop closer to `offset`
+        than the best parked stream (or the checkpoint), continuing it decodes less, and when it
+        is decoding a gap that holds [offset, end), its bytes will be kept: wait for it.
         """
         with self._idle:
             while True:
@@ -514,14 +514,17 @@ class DeflateIndex:
                 for stream in self._parked:
                     if point.out <= stream.out <= offset and (best is None or stream.out > best.out):
                         best = stream
-                if best is not None:
+                # Wait for a busy stream that will stop closer to `offset` than where we would
+                # start, or that is decoding a gap holding [offset, end).
+                closest = best.out if best is not None else point.out - 1
+                if closest == offset or not any(
+                        closest < stop <= offset or (taken <= offset and end <= start and start - taken <= GAP_KEPT)
+                        for taken, start, stop in self._busy.values()):
+                    if best is None:
+                        break
                     self._parked.remove(best)
                     self._busy[best] = (best.out, offset, end)
                     return best
-                if not any(point.out <= stop <= offset
-                           or (taken <= offset and end <= start and start - taken <= GAP_KEPT)
-                           for taken, start, stop in self._busy.values()):
-                    break
                 self._idle.wait()
         new = _Stream(self, point)
         with self._idle:
