@@ -717,6 +717,10 @@ def serve(opts: Options, plugin_name: str, filters: list[str], plugin_args: list
     debug_flags = [parse_debug_flag(text) for text in opts.items("debug")]
     set_stdio_in_use(config.single)  # before the components read their parameters (sh -, passphrase=-)
     chain = build_chain(plugin_name, filters, plugin_args, debug_flags)
+    # Before get_ready: start-up work (a gzip index pass reads 256 KiB at a time) allocates the
+    # same buffers the server does, and with glibc's defaults each is a fresh mmap to fault in.
+    from .server.listeners import tune_malloc
+    tune_malloc()
     try:
         chain.get_ready()
     except ConfigError:
@@ -751,7 +755,7 @@ def serve(opts: Options, plugin_name: str, filters: list[str], plugin_args: list
 
 def _listen_and_serve(opts: Options, settings, config, identity, run_cmd: str | None, private_dir: str | None,
                       foreground: bool) -> int:
-    from .server.listeners import make_listeners, tune_malloc
+    from .server.listeners import make_listeners
     from .server.privileges import drop_privileges
 
     listeners = []
@@ -789,7 +793,6 @@ def _listen_and_serve(opts: Options, settings, config, identity, run_cmd: str | 
     pidfile = opts.text("pidfile")
     if pidfile is not None:
         write_pidfile(pidfile)
-    tune_malloc()
     return asyncio.run(_serve(settings, config, listeners, captive))
 
 

@@ -207,7 +207,7 @@ class _Stream:
         self.ring_filled = 0  # valid bytes in the ring (up to RING)
         self.out = point.out
         self.in_pos = point.in_
-        self.in_buf: bytearray | None = None
+        self.in_buf: bytes | None = None
         self.finished = False
         self.raw_member = not point.header  # inside a member entered mid-stream (raw inflate)
         # CRC-32 of everything decoded, when it covers the whole stream and one is expected.
@@ -243,8 +243,10 @@ class _Stream:
         data = self.reader(offset, length) if length > 0 else b""
         if not data:
             return False
-        self.in_buf = bytearray(data)
-        self.strm.next_in = ctypes.addressof((ctypes.c_char * len(data)).from_buffer(self.in_buf))
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        self.in_buf = data  # kept alive while inflate reads it: next_in points into it (no copy)
+        self.strm.next_in = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
         self.strm.avail_in = len(data)
         self.in_pos = offset + len(data)
         return True
