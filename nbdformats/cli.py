@@ -719,6 +719,8 @@ def serve(opts: Options, plugin_name: str, filters: list[str], plugin_args: list
     chain = build_chain(plugin_name, filters, plugin_args, debug_flags)
     # Before get_ready: start-up work (a gzip index pass reads 256 KiB at a time) allocates the
     # same buffers the server does, and with glibc's defaults each is a fresh mmap to fault in.
+    # What the start-up work freed then goes back to the kernel (tune_malloc keeps 256 MiB).
+    from .server.budget import return_free_memory
     from .server.listeners import tune_malloc
     tune_malloc()
     try:
@@ -727,6 +729,7 @@ def serve(opts: Options, plugin_name: str, filters: list[str], plugin_args: list
         raise
     except OSError as e:
         raise ConfigError(f"{plugin_name}: {e}") from None
+    return_free_memory()
 
     settings = ServerSettings(
         chain=chain, readonly=opts.flag("readonly"), tls=tls_mode, tls_context=context,
