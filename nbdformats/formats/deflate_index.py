@@ -5,7 +5,7 @@ zlib module cannot stop at deflate block boundaries nor resume mid-byte, so we c
 directly: inflate(Z_BLOCK) stops after each block, `data_type` says how many bits of the last
 byte are unused, and inflatePrime + inflateSetDictionary restart there.  The inflate is
 zlib-ng's where python-zlib-ng is installed (a dependency: its extension module exports
-zlib-ng's zng_* functions), the system zlib's otherwise: about three times as fast, for the
+zlib-ng's zng_* functions), the system zlib's otherwise: three to four times as fast, for the
 index pass and for reads (benchmarks/inflaters.py; it was also faster than ISA-L's inflate,
 used here before for reads).  Both make the same checkpoints: they stop at the same blocks.
 
