@@ -256,7 +256,9 @@ def test_mirror_hung_leg_times_out_and_is_rebuilt_when_it_resumes(tmp_path, legs
         wait_for(lambda: in_sync(state, b), 60, "server 1 to be rebuilt")
         nbd.flush()
         assert a.read_all(tmp_path) == expected and b.read_all(tmp_path) == expected
-        assert re.search(r"server 1 \(.*\) rebuilt in .*MiB of data copied", srv.stderr())
+        # The state file says in-sync a moment before the rebuild's summary is logged.
+        wait_for(lambda: re.search(r"server 1 \(.*\) rebuilt in .*MiB of data copied", srv.stderr()), 10,
+                 "the rebuild's summary")
 
 
 class RandomWriter(threading.Thread):
@@ -495,7 +497,9 @@ def test_mirror_rebuilds_a_new_empty_server_and_keeps_holes(tmp_path, legs):
     with serve(*mirror_args([a, b, c], f"state={state}")) as srv:
         assert re.search(r"starting without server 1 .*\(stale\)", srv.stderr())
         wait_for(lambda: in_sync(state, b) and in_sync(state, c), 60, "the new copies to be rebuilt")
-        assert re.search(r"server 2 .* rebuilt in .*: 2 MiB of data copied .*, 14 MiB zeroed", srv.stderr())
+        # The state file says in-sync a moment before the rebuild's summary is logged.
+        wait_for(lambda: re.search(r"server 2 .* rebuilt in .*: 2 MiB of data copied .*, 14 MiB zeroed", srv.stderr()),
+                 10, "server 2's rebuild summary")
     expected = data + bytes(8 * MIB) + data + bytes(6 * MIB)
     maps = []
     for leg in (a, b, c):
