@@ -369,9 +369,9 @@ class DeflateIndex:
         self._outs = [0]  # checkpoint output offsets, for bisect
         self._lock = threading.Lock()  # checkpoints, the frontier's progress
         self._idle = threading.Condition(threading.Lock())  # parked and busy streams
-        # Streams in use -> (where each was taken, the offset its read starts at, where it will stop).
+        # Streams in use -> (the gap [from, to) it will keep, empty if none; where it will stop).
         self._busy: dict[_Stream, tuple[int, int, int]] = {}
-        self._gaps: OrderedDict[int, bytes] = OrderedDict()  # output offset -> bytes a stream jumped over
+        self._gaps: OrderedDict[int, bytearray] = OrderedDict()  # output offset -> bytes a stream jumped over
         self._frontier_lock = threading.Lock()  # the frontier stream (decoding forward)
         self._frontier: _Stream | None = None
         self._frontier_done = False
@@ -399,16 +399,17 @@ class DeflateIndex:
                     if offset >= frontier.out:
                         self._run(frontier, reader, end, buf, offset, frontier=True)
                         return
-        stream = self._take_stream(buf, offset, end)
-        if stream is None:  # copied from a gap another read jumped over
+        taken = self._take_stream(buf, offset, end)
+        if taken is None:  # copied from a gap another read jumped over
             return
+        stream, keep_gap = taken
         try:
-            gap_start = stream.out
-            if 0 < offset - gap_start <= GAP_KEPT:
+            if keep_gap:
+                gap_start = stream.out
                 gap = bytearray(offset - gap_start)
                 self._run(stream, reader, offset, memoryview(gap), gap_start, frontier=False)
                 with self._idle:
-                    self._gaps[gap_start] = bytes(gap)
+                    self._gaps[gap_start] = gap
                     if len(self._gaps) > KEPT_GAPS:
                         self._gaps.popitem(last=False)
                     self._idle.notify_all()
@@ -495,9 +496,11 @@ class DeflateIndex:
             self.checkpoints.append(point)
             self._outs.append(point.out)
 
-    def _take_stream(self, buf: memoryview, offset: int, end: int) -> _Stream | None:
-        """The closest parked stream at or before `offset`, else a new one at a checkpoint; None
-        when the bytes were copied into `buf` from a gap another read jumped over.
+    def _take_stream(self, buf: memoryview, offset: int, end: int) -> tuple[_Stream, bool] | None:
+        """The closest parked stream at or before `offset`, else a new one at a checkpoint, and
+        whether to keep the gap up to `offset` (a parked stream's, up to GAP_KEPT: a random read
+        from a checkpoint keeps nothing); None when the bytes were copied into `buf` from a gap
+        another read jumped over.
 
         A sequential reader with many requests in flight (nbdcopy) would otherwise start a
         stream from a checkpoint for each request: when a busy stream will stop closer to `offset`
@@ -519,19 +522,19 @@ class DeflateIndex:
                 # Wait for a busy stream that will stop closer to `offset` than where we would
                 # start, or that is decoding a gap holding [offset, end).
                 closest = best.out if best is not None else point.out - 1
-                if closest == offset or not any(
-                        closest < stop <= offset or (taken <= offset and end <= start and start - taken <= GAP_KEPT)
-                        for taken, start, stop in self._busy.values()):
+                if closest == offset or not any(closest < stop <= offset or (kept_from <= offset and end <= kept_to)
+                                                for kept_from, kept_to, stop in self._busy.values()):
                     if best is None:
                         break
                     self._parked.remove(best)
-                    self._busy[best] = (best.out, offset, end)
-                    return best
+                    keep_gap = 0 < offset - best.out <= GAP_KEPT
+                    self._busy[best] = (best.out, offset, end) if keep_gap else (offset, offset, end)
+                    return best, keep_gap
                 self._idle.wait()
         new = _Stream(self, point)
         with self._idle:
-            self._busy[new] = (point.out, offset, end)
-        return new
+            self._busy[new] = (offset, offset, end)
+        return new, False
 
     def _release(self, stream: _Stream, park: bool) -> None:
         evicted = None
