@@ -256,15 +256,37 @@ def test_stream_reports_truncation_behind_the_frontier(inflater) -> None:
         read(damaged, 0, len(DATA))
 
 
+def indexed_random_gzip(seed: int, size: int) -> tuple[bytes, bytes, DeflateIndex]:
+    """A gzip file of random bytes (stored blocks: input ~ output), its contents, and a built index
+    with one checkpoint."""
+    blob = gzip.compress(random.Random(seed).randbytes(size), 6)
+    index = DeflateIndex(reader(blob), 0, len(blob), None, raw=False, span=16 << 20)
+    index.build()
+    return blob, gzip.decompress(blob), index
+
+
+def held_up_read(index: DeflateIndex, blob: bytes, buf: bytearray, offset: int) -> tuple[threading.Thread, threading.Event]:
+    """A read on a thread of its own whose stream waits, inside its first input read, until the
+    returned event is set (the read has begun when this returns)."""
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(offset: int, length: int) -> bytes:
+        entered.set()
+        go.wait(10)
+        return blob[offset:offset + length]
+
+    thread = threading.Thread(target=index.read_into, args=(memoryview(buf), offset, held_up))
+    thread.start()
+    assert entered.wait(10)
+    return thread, go
+
+
 def test_a_gap_jumped_by_a_later_read_is_kept_for_the_earlier_one(inflater, monkeypatch) -> None:
     """Two threads of one connection take its sequential reads out of order: the later read
     continues the parked stream over the earlier one's range, which is kept for it instead of
     being decoded again from a checkpoint (it was, for up to half an image per nbdcopy).  The
     earlier read, arriving while the gap is being decoded, waits for it."""
-    blob = gzip.compress(random.Random(5).randbytes(4 << 20), 6)  # stored blocks: input ~ output
-    expected = gzip.decompress(blob)
-    index = DeflateIndex(reader(blob), 0, len(blob), None, raw=False, span=16 << 20)
-    index.build()
+    blob, expected, index = indexed_random_gzip(5, 4 << 20)
     created = []
 
     class Counted(deflate_index._Stream):
@@ -280,17 +302,8 @@ def test_a_gap_jumped_by_a_later_read_is_kept_for_the_earlier_one(inflater, monk
     assert read(index, 512 * KiB, 256 * KiB) == expected[512 * KiB:768 * KiB]
     assert created == [0]
     # Concurrently: the later read's stream is held up inside the gap; the earlier read waits for it.
-    entered, go = threading.Event(), threading.Event()
-
-    def held_up(offset: int, length: int) -> bytes:
-        entered.set()
-        go.wait(10)
-        return blob[offset:offset + length]
-
     later, earlier = bytearray(256 * KiB), bytearray(256 * KiB)
-    jumper = threading.Thread(target=index.read_into, args=(memoryview(later), 2048 * KiB, held_up))
-    jumper.start()
-    assert entered.wait(10)
+    jumper, go = held_up_read(index, blob, later, 2048 * KiB)
     waiter = threading.Thread(target=index.read_into, args=(memoryview(earlier), 1536 * KiB))
     waiter.start()
     time.sleep(0.2)
@@ -305,23 +318,11 @@ def test_a_gap_jumped_by_a_later_read_is_kept_for_the_earlier_one(inflater, monk
 def test_a_read_waits_for_a_busy_stream_that_stops_at_its_offset(inflater) -> None:
     """A parked stream lies behind a read and a busy one will stop right where the read starts:
     the read waits for the busy one rather than decoding the distance from the parked one."""
-    blob = gzip.compress(random.Random(6).randbytes(2 << 20), 6)
-    expected = gzip.decompress(blob)
-    index = DeflateIndex(reader(blob), 0, len(blob), None, raw=False, span=16 << 20)
-    index.build()
+    blob, expected, index = indexed_random_gzip(6, 2 << 20)
     KiB = 1024
     read(index, 0, 256 * KiB)  # a stream parked at 256 KiB
-    entered, go = threading.Event(), threading.Event()
-
-    def held_up(offset: int, length: int) -> bytes:
-        entered.set()
-        go.wait(10)
-        return blob[offset:offset + length]
-
     first, second = bytearray(256 * KiB), bytearray(256 * KiB)
-    busy = threading.Thread(target=index.read_into, args=(memoryview(first), 256 * KiB, held_up))
-    busy.start()
-    assert entered.wait(10)
+    busy, go = held_up_read(index, blob, first, 256 * KiB)
     assert read(index, 0, 128 * KiB) == expected[:128 * KiB]  # a second stream, parked at 128 KiB
     waiter = threading.Thread(target=index.read_into, args=(memoryview(second), 512 * KiB))
     waiter.start()
